@@ -1,0 +1,18 @@
+"""fa4-inductor: FlashAttention-4 for eager PyTorch and ``torch.compile``.
+
+``fa4_inductor.enable()`` routes attention to FA4: compiled graphs get their
+attention sites rewritten into ``torch.ops.fa4`` calls, eager SDPA's flash
+kernels are overridden, and whatever FA4 can't serve stays on PyTorch's
+kernels with a recorded reason. ``fa4_inductor.explain(fn, *args)`` shows
+what happened at every attention site.
+"""
+
+from . import ops  # noqa: F401  (registers torch.ops.fa4)
+from . import stats
+from .api import Settings, disable, enable, enabled, settings
+from .support import AttentionCall, unsupported_reason
+
+__all__ = [
+    "AttentionCall", "Settings", "disable", "enable", "enabled", "settings", "stats",
+    "unsupported_reason",
+]

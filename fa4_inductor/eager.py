@@ -1,0 +1,182 @@
+"""Eager override: SDPA runs FA4, or the stock kernel with a reason.
+
+While active, three kernels per routed device are replaced through
+``torch.library.Library(..., "IMPL")``:
+
+* ``aten::scaled_dot_product_attention`` at the ``Autograd<Device>`` key.
+  SDPA picks its backend in C++ (on sm90 it prefers cuDNN), so overriding
+  the flash kernels alone would rarely run; this kernel sends every call
+  FA4 can serve (unless the caller disabled flash with ``sdpa_kernel``) to
+  the differentiable ``fa4.flash_attn_fwd`` op, and the rest to the
+  composite kernel registered before.
+* the flash forward and backward kernels, for code that calls them directly
+  (``_scaled_dot_product_flash_attention[_backward]`` on CUDA, the
+  ``_for_cpu`` pair on CPU, where they run the reference implementation).
+
+Each replacement first asks
+:func:`fa4_inductor.support.unsupported_reason`; if FA4 can't serve the call
+it calls the kernel that was registered before (``torch.library.get_kernel``),
+counts the fallback and logs the reason. Removing the override destroys the
+library, which restores the stock kernels exactly.
+
+The override is also registered in PyTorch's flash-attention registry under
+:data:`REGISTRY_NAME`, so ``torch.nn.attention.activate_flash_attention_impl``
+can switch it on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import fa4_adapter, stats
+from ._torch_private import destroy_library
+from .support import AttentionCall, unsupported_reason
+
+REGISTRY_NAME = "fa4_inductor"
+
+_SDPA = "aten::scaled_dot_product_attention"
+_CUDA_FWD = "aten::_scaled_dot_product_flash_attention"
+_CUDA_BWD = "aten::_scaled_dot_product_flash_attention_backward"
+_CPU_FWD = "aten::_scaled_dot_product_flash_attention_for_cpu"
+_CPU_BWD = "aten::_scaled_dot_product_flash_attention_for_cpu_backward"
+
+
+def _scale(query: torch.Tensor, scale: float | None) -> float:
+    return scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+
+
+def _reason(devices, query, key, value, dropout_p, is_causal, has_mask=False, enable_gqa=True) -> str | None:
+    """Why FA4 can't serve this aten call (the flash kernels take GQA as given)."""
+    try:
+        call = AttentionCall.from_tensors(
+            query, key, value, dropout_p=dropout_p, is_causal=is_causal,
+            has_attn_mask=has_mask, enable_gqa=enable_gqa,
+        )
+    except ValueError as exc:
+        return str(exc)
+    return unsupported_reason(call, devices)
+
+
+def _bshd(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t.transpose(1, 2) for t in tensors)
+
+
+def _grads_bhsd(dout, query, key, value, out, lse, scale, is_causal):
+    dq, dk, dv = torch.ops.fa4.flash_attn_bwd(
+        *_bshd(dout, query, key, value, out), lse, _scale(query, scale), is_causal,
+    )
+    return _bshd(dq, dk, dv)
+
+
+def _sdpa(stock, devices):
+    def impl(keyset, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+             *, scale=None, enable_gqa=False):
+        reason = _reason(devices, query, key, value, dropout_p, is_causal, attn_mask is not None, enable_gqa)
+        if reason is None and not torch.backends.cuda.flash_sdp_enabled():
+            reason = "flash SDPA backend disabled by the caller (sdpa_kernel)"
+        if reason is not None:
+            stats.record_eager("fallback", _SDPA, reason)
+            return stock.call_boxed(keyset, query, key, value, attn_mask, dropout_p, is_causal,
+                                    scale=scale, enable_gqa=enable_gqa)
+        stats.record_eager("fa4", _SDPA)
+        out, _ = torch.ops.fa4.flash_attn_fwd(*_bshd(query, key, value), _scale(query, scale), is_causal)
+        return out.transpose(1, 2)
+    return impl
+
+
+def _cuda_forward(stock, devices):
+    def impl(keyset, query, key, value, dropout_p=0.0, is_causal=False,
+             return_debug_mask=False, *, scale=None):
+        reason = _reason(devices, query, key, value, dropout_p, is_causal)
+        if reason is None and return_debug_mask:
+            reason = "return_debug_mask=True"
+        if reason is not None:
+            stats.record_eager("fallback", _CUDA_FWD, reason)
+            return stock.call_boxed(keyset, query, key, value, dropout_p, is_causal,
+                                    return_debug_mask, scale=scale)
+        stats.record_eager("fa4", _CUDA_FWD)
+        out = torch.empty_like(query)  # the strides the meta kernel promises
+        _, lse = fa4_adapter.forward(
+            *_bshd(query, key, value), softmax_scale=_scale(query, scale), causal=is_causal,
+            window_left=-1, window_right=-1, softcap=0.0, seqused_k=None,
+            out=out.transpose(1, 2),
+        )
+        rng_state = torch.zeros((2,), dtype=torch.uint64, device=query.device)
+        unused = torch.zeros((), dtype=torch.uint64, device=query.device)
+        debug_mask = torch.empty(0, dtype=query.dtype, device=query.device)
+        return (out, lse, None, None, query.shape[2], key.shape[2], rng_state, unused, debug_mask)
+    return impl
+
+
+def _cuda_backward(stock, devices):
+    def impl(keyset, grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k,
+             max_q, max_k, dropout_p, is_causal, philox_seed, philox_offset, *, scale=None):
+        reason = _reason(devices, query, key, value, dropout_p, is_causal)
+        if reason is not None:
+            stats.record_eager("fallback", _CUDA_BWD, reason)
+            return stock.call_boxed(keyset, grad_out, query, key, value, out, logsumexp,
+                                    cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
+                                    philox_seed, philox_offset, scale=scale)
+        stats.record_eager("fa4", _CUDA_BWD)
+        return _grads_bhsd(grad_out, query, key, value, out, logsumexp, scale, is_causal)
+    return impl
+
+
+def _cpu_forward(stock, devices):
+    def impl(keyset, query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+        reason = _reason(devices, query, key, value, dropout_p, is_causal, attn_mask is not None)
+        if reason is not None:
+            stats.record_eager("fallback", _CPU_FWD, reason)
+            return stock.call_boxed(keyset, query, key, value, dropout_p, is_causal,
+                                    attn_mask=attn_mask, scale=scale)
+        stats.record_eager("fa4", _CPU_FWD)
+        out, lse = torch.ops.fa4.flash_attn_fwd(*_bshd(query, key, value), _scale(query, scale), is_causal)
+        # The stock CPU kernel returns a contiguous B,H,S,D output and a B,S,H-major lse.
+        return out.transpose(1, 2).contiguous(), lse.transpose(1, 2).contiguous().transpose(1, 2)
+    return impl
+
+
+def _cpu_backward(stock, devices):
+    def impl(keyset, grad_out, query, key, value, out, logsumexp, dropout_p, is_causal,
+             *, attn_mask=None, scale=None):
+        reason = _reason(devices, query, key, value, dropout_p, is_causal, attn_mask is not None)
+        if reason is not None:
+            stats.record_eager("fallback", _CPU_BWD, reason)
+            return stock.call_boxed(keyset, grad_out, query, key, value, out, logsumexp,
+                                    dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+        stats.record_eager("fa4", _CPU_BWD)
+        return _grads_bhsd(grad_out, query, key, value, out, logsumexp.contiguous(), scale, is_causal)
+    return impl
+
+
+# device -> (op, kernel factory, dispatch key)
+_OVERRIDES: dict[str, tuple[tuple[str, Callable, str], ...]] = {
+    "cuda": ((_SDPA, _sdpa, "AutogradCUDA"), (_CUDA_FWD, _cuda_forward, "CUDA"), (_CUDA_BWD, _cuda_backward, "CUDA")),
+    "cpu": ((_SDPA, _sdpa, "AutogradCPU"), (_CPU_FWD, _cpu_forward, "CPU"), (_CPU_BWD, _cpu_backward, "CPU")),
+}
+
+
+class EagerOverride:
+    """Handle of an active override; :meth:`remove` restores the stock kernels."""
+
+    def __init__(self, devices: Sequence[str]):
+        self.devices = tuple(devices)
+        self._library: torch.library.Library | None = torch.library.Library("aten", "IMPL")
+        for device in self.devices:
+            for op, make_impl, key in _OVERRIDES[device]:
+                stock = torch.library.get_kernel(op, key)
+                self._library.impl(op.split("::")[1], make_impl(stock, self.devices), key, with_keyset=True)
+
+    def remove(self) -> None:
+        """Restore the stock kernels (idempotent)."""
+        if self._library is not None:
+            destroy_library(self._library)
+            self._library = None
+
+
+def register_with_pytorch(activate: Callable[[], object]) -> None:
+    """Make ``activate_flash_attention_impl(REGISTRY_NAME)`` call ``activate``."""
+    torch.nn.attention.register_flash_attention_impl(REGISTRY_NAME, register_fn=activate)

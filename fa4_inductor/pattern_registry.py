@@ -1,0 +1,129 @@
+"""Registry of attention patterns and the pass that applies them to a graph.
+
+A pattern (one per idiom family, in the top-level ``patterns/`` folder,
+installed as ``fa4_inductor.patterns``) declares what it matches (an
+Inductor ``pattern_matcher`` expression), what it emits, and an ``analyze``
+step that is the extra check: it returns a :class:`SiteDecision` with the
+FA4 parameters, or the reason the site stays on the stock path. Every
+analyzed site leaves a :class:`~fa4_inductor.stats.SiteRecord`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch._inductor.pattern_matcher import Match, PatternExpr, PatternMatcherPass, register_graph_pattern
+
+from . import stats
+
+
+@dataclasses.dataclass
+class RewriteContext:
+    """What a pattern needs to know about the compilation at hand."""
+
+    devices: tuple[str, ...]
+    arch_major: int | None = None  # None: detect from the device
+    graph_name: str = "graph"
+    records: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class SiteDecision:
+    """A pattern's verdict on one site: FA4 parameters, or a fallback reason."""
+
+    node: torch.fx.Node
+    reason: str | None
+    features: dict[str, Any]
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPattern:
+    """One idiom: what it matches, what it emits, its check and its rewrite."""
+
+    name: str
+    matches: str
+    emits: str
+    pattern: PatternExpr
+    analyze: Callable[[Match, RewriteContext], SiteDecision]
+    rewrite: Callable[[Match, SiteDecision], None]
+
+
+_PATTERNS: list[AttentionPattern] = []
+_graph_ids = itertools.count()
+
+
+def register(pattern: AttentionPattern) -> AttentionPattern:
+    """Add a pattern; patterns are tried in registration order."""
+    if any(p.name == pattern.name for p in _PATTERNS):
+        raise ValueError(f"attention pattern {pattern.name!r} is registered twice")
+    _PATTERNS.append(pattern)
+    return pattern
+
+
+def registered_patterns() -> Sequence[AttentionPattern]:
+    """The registered patterns, in the order they are tried."""
+    from . import patterns  # noqa: F401  (registers the built-in patterns)
+
+    return tuple(_PATTERNS)
+
+
+def _source_location(node: torch.fx.Node) -> tuple[str | None, str | None]:
+    """('file:line', module path) of the user code that made ``node``."""
+    location = None
+    for line in (node.meta.get("stack_trace") or "").splitlines():
+        line = line.strip()
+        if line.startswith('File "'):
+            path, _, rest = line[len('File "'):].partition('", line ')
+            location = f"{path}:{rest.split(',')[0]}"
+    module_stack = node.meta.get("nn_module_stack") or {}
+    module_path = None
+    if module_stack:
+        module_path = list(module_stack.values())[-1][0]
+    return location, module_path
+
+
+def _record(pattern: AttentionPattern, decision: SiteDecision, context: RewriteContext) -> None:
+    location, module_path = _source_location(decision.node)
+    record = stats.SiteRecord(
+        graph=context.graph_name,
+        node=decision.node.name,
+        target=getattr(decision.node.target, "__name__", str(decision.node.target)),
+        pattern=pattern.name,
+        decision="fallback" if decision.reason else "fa4",
+        reason=decision.reason,
+        location=location,
+        module_path=module_path,
+        features=decision.features,
+    )
+    context.records.append(record)
+    stats.record_site(record)
+
+
+def _pass_for(context: RewriteContext) -> PatternMatcherPass:
+    matcher = PatternMatcherPass(pass_name="fa4_inductor")
+    for pattern in registered_patterns():
+        decisions: dict[torch.fx.Node, SiteDecision] = {}
+
+        def check(match: Match, pattern=pattern, decisions=decisions) -> bool:
+            decision = pattern.analyze(match, context)
+            _record(pattern, decision, context)
+            decisions[decision.node] = decision
+            return decision.reason is None
+
+        def replace(match: Match, *args, pattern=pattern, decisions=decisions, **kwargs) -> None:
+            pattern.rewrite(match, decisions.pop(match.output_node()))
+
+        register_graph_pattern(pattern.pattern, extra_check=check, pass_dict=matcher)(replace)
+    return matcher
+
+
+def rewrite_graph(graph: torch.fx.Graph, context: RewriteContext) -> list[stats.SiteRecord]:
+    """Apply every registered pattern to ``graph``; return the site records."""
+    context.graph_name = f"{context.graph_name}_{next(_graph_ids)}"
+    _pass_for(context).apply(graph)
+    return context.records

@@ -1,0 +1,93 @@
+"""Counters and per-site records of what the plugin did, and why not.
+
+Eager calls are counted (``eager.fa4`` / ``eager.fallback`` and one
+counter per reason); graph rewrites leave one :class:`SiteRecord` per
+attention site, which :func:`fa4_inductor.explain` and the ``TORCH_LOGS``
+artifact read. Each distinct fallback reason is logged once at INFO, every
+occurrence at DEBUG, under the ``fa4_inductor`` logger.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+from typing import Any
+
+import torch
+
+log = logging.getLogger("fa4_inductor")
+
+counters: collections.Counter = collections.Counter()
+fallback_reasons: collections.Counter = collections.Counter()
+_site_records: collections.deque = collections.deque(maxlen=10_000)
+_logged_reasons: set[tuple[str, str]] = set()
+_lock = threading.Lock()
+
+
+@dataclasses.dataclass
+class SiteRecord:
+    """One attention site of a compiled graph and what became of it."""
+
+    graph: str
+    node: str
+    target: str
+    pattern: str | None
+    decision: str  # "fa4" or "fallback"
+    reason: str | None
+    location: str | None
+    module_path: str | None
+    features: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of this record."""
+        return dataclasses.asdict(self)
+
+
+def record_eager(decision: str, op: str, reason: str | None = None) -> None:
+    """Count one eager call routed to FA4 (``decision="fa4"``) or to the stock kernel.
+
+    Calls made while Dynamo traces (on fake tensors) are not eager calls and
+    are not counted.
+    """
+    if torch.compiler.is_compiling():
+        return
+    with _lock:
+        counters[f"eager.{decision}"] += 1
+        if reason is None:
+            return
+        fallback_reasons[(op, reason)] += 1
+        first = (op, reason) not in _logged_reasons
+        _logged_reasons.add((op, reason))
+    (log.info if first else log.debug)("eager %s -> stock kernel: %s", op, reason)
+
+
+def record_site(record: SiteRecord) -> None:
+    """Keep a compiled site's record, count it and log the decision."""
+    with _lock:
+        _site_records.append(record)
+        counters[f"compile.{record.decision}"] += 1
+        if record.pattern:
+            counters[f"pattern.{record.pattern}.{record.decision}"] += 1
+        if record.reason:
+            fallback_reasons[(record.target, record.reason)] += 1
+    if record.decision == "fa4":
+        log.info("rewrote %s (%s) at %s -> fa4 %s", record.node, record.pattern, record.location, record.features)
+    else:
+        log.info("left %s at %s on the stock path: %s", record.node, record.location, record.reason)
+
+
+def site_records() -> list[SiteRecord]:
+    """All site records kept so far (oldest first)."""
+    with _lock:
+        return list(_site_records)
+
+
+def reset() -> None:
+    """Clear counters, reasons and site records."""
+    with _lock:
+        counters.clear()
+        fallback_reasons.clear()
+        _site_records.clear()
+        _logged_reasons.clear()

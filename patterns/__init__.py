@@ -1,0 +1,7 @@
+"""Built-in attention patterns, one module per idiom family.
+
+Importing this package registers them with
+:mod:`fa4_inductor.pattern_registry`, in the order they are tried.
+"""
+
+from . import sdpa, aten_sdpa  # noqa: F401

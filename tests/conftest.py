@@ -1,0 +1,24 @@
+"""Shared fixtures: a clean plugin state and fresh Dynamo caches per test."""
+
+import pytest
+import torch
+
+import fa4_inductor
+from fa4_inductor import stats
+
+
+@pytest.fixture(autouse=True)
+def clean_state():
+    fa4_inductor.disable()
+    stats.reset()
+    torch._dynamo.reset()
+    yield
+    fa4_inductor.disable()
+
+
+@pytest.fixture
+def no_compile_cache():
+    """Compile for real (the rewrite only runs on a cache miss)."""
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        yield

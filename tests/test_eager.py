@@ -1,0 +1,129 @@
+"""Eager override and the public enable/disable API (CPU routing to the reference)."""
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._inductor import config as inductor_config
+
+import fa4_inductor
+from fa4_inductor import eager, fa4_adapter, stats
+
+
+def _qkv(dtype=torch.bfloat16, heads_kv=4):
+    torch.manual_seed(0)
+    shapes = [(2, 4, 9, 16), (2, heads_kv, 9, 16), (2, heads_kv, 9, 16)]
+    return [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+
+
+def _sdpa_with_grads(q, k, v, **kwargs):
+    out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    return out, grads
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(is_causal=True), dict(scale=0.3), dict(enable_gqa=True)], ids=str)
+def test_eager_sdpa_routes_to_fa4_and_matches_stock(kwargs):
+    q, k, v = _qkv(heads_kv=2 if kwargs.get("enable_gqa") else 4)
+    want, want_grads = _sdpa_with_grads(q, k, v, **kwargs)
+    with fa4_inductor.enabled(compile=False, devices=("cpu",)):
+        got, got_grads = _sdpa_with_grads(q, k, v, **kwargs)
+    assert stats.counters["eager.fa4"] == 1 and stats.counters["eager.fallback"] == 0
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("kwargs, dtype, reason", [
+    (dict(dropout_p=0.3), torch.bfloat16, "dropout"),
+    (dict(), torch.float32, "dtype torch.float32"),
+    (dict(attn_mask=torch.ones(9, 9, dtype=torch.bool)), torch.bfloat16, "attn_mask"),
+])
+def test_eager_falls_back_with_reason(kwargs, dtype, reason):
+    q, k, v = _qkv(dtype)
+    with fa4_inductor.enabled(compile=False, devices=("cpu",)):
+        out = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert torch.isfinite(out).all()
+    assert stats.counters["eager.fa4"] == 0 and stats.counters["eager.fallback"] >= 1
+    assert any(reason in r for (_, r) in stats.fallback_reasons), stats.fallback_reasons
+
+
+def test_sdpa_kernel_restriction_is_respected():
+    q, k, v = _qkv()
+    with fa4_inductor.enabled(compile=False, devices=("cpu",)):
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            F.scaled_dot_product_attention(q, k, v)
+    assert any("sdpa_kernel" in r for (_, r) in stats.fallback_reasons)
+
+
+def test_direct_aten_flash_call_is_overridden():
+    q, k, v = (t.detach() for t in _qkv())
+    want = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=True)
+    with fa4_inductor.enabled(compile=False, devices=("cpu",)):
+        got = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=True)
+    assert stats.counters["eager.fa4"] == 1
+    torch.testing.assert_close(got[0], want[0], atol=2e-2, rtol=2e-2)
+    assert got[0].stride() == want[0].stride() and got[1].stride() == want[1].stride()
+
+
+def test_enable_disable_round_trip_restores_pytorch():
+    q, k, v = _qkv()
+    before = torch.library.get_kernel("aten::scaled_dot_product_attention", "AutogradCPU")
+    user_pass = inductor_config.pre_grad_custom_pass
+    for _ in range(3):
+        assert fa4_inductor.enable(devices=("cpu",)) is True
+        assert fa4_inductor.enable(devices=("cpu",)) is True  # idempotent
+        assert inductor_config.pre_grad_custom_pass is not user_pass
+        fa4_inductor.disable()
+        fa4_inductor.disable()
+        assert inductor_config.pre_grad_custom_pass is user_pass
+    F.scaled_dot_product_attention(q, k, v)
+    assert stats.counters["eager.fa4"] == 0
+    after = torch.library.get_kernel("aten::scaled_dot_product_attention", "AutogradCPU")
+    assert repr(before) == repr(after)
+
+
+def test_enabled_context_restores_previous_settings():
+    fa4_inductor.enable(compile=False, devices=("cpu",))
+    with fa4_inductor.enabled(compile=True, eager=False, devices=("cpu",)):
+        assert fa4_inductor.settings() == fa4_inductor.Settings(True, False, ("cpu",))
+    assert fa4_inductor.settings() == fa4_inductor.Settings(False, True, ("cpu",))
+
+
+def test_enable_is_thread_safe():
+    errors = []
+
+    def toggle():
+        try:
+            for _ in range(20):
+                fa4_inductor.enable(devices=("cpu",))
+                fa4_inductor.disable()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=toggle) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and fa4_inductor.settings() is None
+
+
+def test_without_fa4_cuda_only_enable_warns_once_and_changes_nothing(monkeypatch, caplog):
+    monkeypatch.setattr(fa4_adapter, "unavailable_reason", lambda: "flash-attn-4 is not importable (test)")
+    monkeypatch.setattr(fa4_inductor.api, "_warned_unavailable", False)
+    pass_before = inductor_config.pre_grad_custom_pass
+    with caplog.at_level("WARNING", logger="fa4_inductor"):
+        assert fa4_inductor.enable() is False
+        assert fa4_inductor.enable() is False
+    assert sum("not importable" in r.message for r in caplog.records) == 1
+    assert fa4_inductor.settings() is None and inductor_config.pre_grad_custom_pass is pass_before
+
+
+def test_unknown_device_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown"):
+        fa4_inductor.enable(devices=("tpu",))
+
+
+def test_registered_in_pytorch_flash_registry():
+    assert eager.REGISTRY_NAME in torch.nn.attention.list_flash_attention_impls()

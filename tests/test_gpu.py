@@ -1,0 +1,190 @@
+"""GPU tests: real FA4 kernels on sm90+ (skipped without a GPU and FA4).
+
+Numerics follow PyTorch's flash-attention tests: FA4's error against a
+float64 reference must stay within a small multiple of the error of the
+same math done in bf16. Results are also written to $FA4_GPU_RESULTS (JSON
+lines) when set, for the closing notes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fa4_inductor
+from fa4_inductor import fa4_adapter, stats
+from fa4_inductor.reference import visible_keys
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available() or fa4_adapter.unavailable_reason():
+    pytest.skip("needs a CUDA GPU and flash-attn-4", allow_module_level=True)
+if torch.cuda.get_device_capability()[0] not in fa4_adapter.SUPPORTED_ARCH_MAJORS:
+    pytest.skip("FA4 needs sm90/sm100", allow_module_level=True)
+
+FA2_OR_CUDNN = ("pytorch_flash", "flash_fwd_kernel", "flash_bwd", "cudnn", "fmha_cutlass", "efficient")
+
+
+def _report(name: str, **values) -> None:
+    path = os.environ.get("FA4_GPU_RESULTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": name, **values}) + "\n")
+
+
+def _math_attention(q, k, v, dtype, *, scale, causal=False, window=(-1, -1), softcap=0.0):
+    """B,S,H,D attention in ``dtype`` with autograd (the bf16 / fp64 yardsticks)."""
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    visible = visible_keys(q.shape[0], q.shape[1], k.shape[1], causal=causal, window_left=window[0],
+                           window_right=window[1], seqused_k=None, device=q.device)
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+    return (p @ vh).transpose(1, 2)
+
+
+def _leaves(*shapes, dtype=torch.bfloat16):
+    return [torch.randn(s, device="cuda", dtype=dtype).requires_grad_(True) for s in shapes]
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+CASES = [
+    dict(d=64, causal=False), dict(d=128, causal=True), dict(d=128, causal=False, hkv=2),
+    dict(d=64, window=(64, 0)), dict(d=128, window=(32, 16)), dict(d=128, softcap=30.0, causal=True),
+    dict(d=256, causal=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_fa4_op_matches_fp64_reference(case):
+    torch.manual_seed(0)
+    b, s, h, d = 2, 512, 8, case["d"]
+    hkv = case.get("hkv", h)
+    q, k, v = _leaves((b, s, h, d), (b, s, hkv, d), (b, s, hkv, d))
+    scale = 1 / math.sqrt(d)
+    window = case.get("window", (-1, -1))
+    params = dict(scale=scale, causal=case.get("causal", False), window=window, softcap=case.get("softcap", 0.0))
+    out, lse = torch.ops.fa4.flash_attn_fwd(q, k, v, scale, params["causal"], window[0], window[1], params["softcap"])
+    dout = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), dout)
+    ref = _math_attention(q, k, v, torch.float64, **params)
+    ref_grads = _grads(ref, (q, k, v), dout.double())
+    low = _math_attention(q, k, v, torch.bfloat16, **params)
+    low_grads = _grads(low, (q, k, v), dout)
+    errors = {}
+    for name, got, want, lowp in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), (low, *low_grads)):
+        err = (got.double() - want).abs().max().item()
+        err_low = (lowp.double() - want).abs().max().item()
+        rel = ((got.double() - want).norm() / want.norm()).item()
+        errors[name] = dict(max_err=err, bf16_math_max_err=err_low, rel_err=rel)
+        assert math.isfinite(err)
+        assert err <= 3 * err_low + 1e-3, (name, err, err_low)
+    assert lse.shape == (b, h, s) and lse.dtype == torch.float32
+    _report("fa4_vs_fp64", case=case, errors=errors)
+
+
+def _kernel_names(fn) -> list[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _attention_kernels(names):
+    return [n for n in names if any(t in n.lower() for t in ("flash", "fmha", "attention", "cudnn"))]
+
+
+def test_eager_override_runs_fa4_and_falls_back_with_reason():
+    torch.manual_seed(0)
+    q, k, v = (t.transpose(1, 2) for t in _leaves(*[(2, 1024, 8, 128)] * 3))
+    stats.reset()
+    with fa4_inductor.enabled(compile=False, eager=True):
+        def step():
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out.sum().backward()
+            return out
+        names = _kernel_names(step)
+        out = step()
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            dropped = _kernel_names(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=0.1))
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    _report("eager_override", kernels=sorted(set(names)), dropout_kernels=sorted(set(dropped)),
+            counters=dict(stats.counters), rel_err=((out.double() - ref).norm() / ref.norm()).item())
+    assert stats.counters["eager.fa4"] >= 2
+    assert not any(t in n for n in names for t in ("pytorch_flash", "flash_fwd_kernel")), names
+    assert any("dropout" in r for (_, r) in stats.fallback_reasons), stats.fallback_reasons
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+class Block(torch.nn.Module):
+    """qkv projection -> SDPA -> out projection, like a transformer layer's attention."""
+
+    def __init__(self, dim, heads, causal=True):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = torch.nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x):
+        b, s, dim = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, dim // self.heads).unbind(2)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=self.causal)
+        return self.proj(o.transpose(1, 2).reshape(b, s, dim))
+
+
+def test_compiled_block_runs_fa4_forward_and_backward():
+    torch.manual_seed(0)
+    block = Block(1024, 8).cuda().bfloat16()
+    x = torch.randn(2, 2048, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    stats.reset()
+    torch._dynamo.reset()
+    with fa4_inductor.enabled(compile=True, eager=False):
+        compiled = torch.compile(block, fullgraph=True)
+
+        def step():
+            out = compiled(x)
+            out.float().square().mean().backward()
+            return out
+        step()
+        names = _kernel_names(step)
+    ref = block.double()(x.double())
+    block.bfloat16()
+    out = compiled(x)
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    _report("compiled_block", kernels=sorted(set(_attention_kernels(names))), rel_err=rel,
+            counters=dict(stats.counters))
+    assert stats.counters["compile.fa4"] >= 1
+    assert not any(t in n.lower() for n in names for t in FA2_OR_CUDNN if "cute" not in n.lower()), names
+    assert rel < 2e-2
+
+
+def test_compiled_dynamic_lengths_reuse_graph_and_kernel():
+    torch.manual_seed(0)
+    block = Block(512, 4).cuda().bfloat16()
+    torch._dynamo.reset()
+    with fa4_inductor.enabled(compile=True, eager=False):
+        compiled = torch.compile(block, dynamic=True, fullgraph=True)
+        compiled(torch.randn(1, 256, 512, device="cuda", dtype=torch.bfloat16))
+        frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        import time
+        start = time.perf_counter()
+        for s in (384, 1000, 2048):
+            compiled(torch.randn(1, s, 512, device="cuda", dtype=torch.bfloat16))
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    _report("dynamic_lengths", new_lengths_seconds=elapsed)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
+    assert elapsed < 1.0, "a new sequence length recompiled the graph or the FA4 kernel"
