@@ -10,9 +10,10 @@ what happened at every attention site.
 from . import ops  # noqa: F401  (registers torch.ops.fa4)
 from . import stats
 from .api import Settings, disable, enable, enabled, settings
+from .explain import Report, explain
 from .support import AttentionCall, unsupported_reason
 
 __all__ = [
-    "AttentionCall", "Settings", "disable", "enable", "enabled", "settings", "stats",
+    "AttentionCall", "Report", "Settings", "disable", "enable", "enabled", "explain", "settings", "stats",
     "unsupported_reason",
 ]

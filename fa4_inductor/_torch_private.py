@@ -17,3 +17,18 @@ def destroy_library(library: torch.library.Library) -> None:
     reference defers it to the garbage collector).
     """
     library._destroy()
+
+
+def trace_artifact(name: str, payload_fn) -> None:
+    """Emit a string artifact into ``TORCH_TRACE`` output (read by tlparse).
+
+    ``torch._logging.trace_structured`` is the only way into the structured
+    trace; it does nothing (and calls nothing) when tracing is off.
+    """
+    from torch._logging import trace_structured
+
+    trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": name, "encoding": "string"},
+        payload_fn=payload_fn,
+    )

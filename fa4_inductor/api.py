@@ -2,8 +2,8 @@
 
 State changes are serialized by one lock. ``enable`` is idempotent: the same
 settings twice change nothing, new settings replace the old ones. Without
-an importable FA4, CUDA is dropped from the routed devices with one
-warning; if nothing is left, PyTorch is left untouched.
+an importable FA4 (or without CUDA), CUDA is dropped from the routed
+devices with one warning; if nothing is left, PyTorch is left untouched.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Iterator, Sequence
+
+import torch
 
 from . import fa4_adapter, inductor_pass
 from .eager import EagerOverride, register_with_pytorch
@@ -48,7 +50,7 @@ def _usable_devices(devices: Sequence[str]) -> tuple[str, ...]:
     unknown = [d for d in devices if d not in _KNOWN_DEVICES]
     if unknown:
         raise ValueError(f"devices {unknown} unknown; choose from {_KNOWN_DEVICES}")
-    reason = fa4_adapter.unavailable_reason()
+    reason = fa4_adapter.unavailable_reason() or (None if torch.cuda.is_available() else "CUDA is not available")
     if "cuda" in devices and reason:
         if not _warned_unavailable:
             _warned_unavailable = True

@@ -30,7 +30,7 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from . import fa4_adapter
+from . import fa4_adapter, graph_dump
 from .pattern_registry import RewriteContext, rewrite_graph
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,11 @@ class FA4AttentionPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         if self.previous is not None:
             self.previous(graph)
-        rewrite_graph(graph, RewriteContext(devices=self.devices, arch_major=self.arch_major))
+        before = graph_dump.graph_code(graph) if graph_dump.wanted() else None
+        context = RewriteContext(devices=self.devices, arch_major=self.arch_major)
+        records = rewrite_graph(graph, context)
+        if before is not None and records:
+            graph_dump.emit(graph_dump.GraphDump(context.graph_name, before, graph_dump.graph_code(graph)))
 
     def uuid(self) -> str | None:
         previous_uuid = None

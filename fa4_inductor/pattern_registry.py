@@ -27,6 +27,11 @@ class RewriteContext:
 
     devices: tuple[str, ...]
     arch_major: int | None = None  # None: detect from the device
+    # Judge every site as if its tensors were on a CUDA GPU of ``arch_major``
+    # (``explain`` on a machine without one).
+    assume_cuda: bool = False
+    # Count and log the sites (off for ``explain``, which only reports).
+    publish: bool = True
     graph_name: str = "graph"
     records: list = dataclasses.field(default_factory=list)
 
@@ -72,7 +77,7 @@ def registered_patterns() -> Sequence[AttentionPattern]:
     return tuple(_PATTERNS)
 
 
-def _source_location(node: torch.fx.Node) -> tuple[str | None, str | None]:
+def source_location(node: torch.fx.Node) -> tuple[str | None, str | None]:
     """('file:line', module path) of the user code that made ``node``."""
     location = None
     for line in (node.meta.get("stack_trace") or "").splitlines():
@@ -88,7 +93,7 @@ def _source_location(node: torch.fx.Node) -> tuple[str | None, str | None]:
 
 
 def _record(pattern: AttentionPattern, decision: SiteDecision, context: RewriteContext) -> None:
-    location, module_path = _source_location(decision.node)
+    location, module_path = source_location(decision.node)
     record = stats.SiteRecord(
         graph=context.graph_name,
         node=decision.node.name,
@@ -101,7 +106,8 @@ def _record(pattern: AttentionPattern, decision: SiteDecision, context: RewriteC
         features=decision.features,
     )
     context.records.append(record)
-    stats.record_site(record)
+    if context.publish:
+        stats.record_site(record)
 
 
 def _pass_for(context: RewriteContext) -> PatternMatcherPass:
@@ -125,5 +131,7 @@ def _pass_for(context: RewriteContext) -> PatternMatcherPass:
 def rewrite_graph(graph: torch.fx.Graph, context: RewriteContext) -> list[stats.SiteRecord]:
     """Apply every registered pattern to ``graph``; return the site records."""
     context.graph_name = f"{context.graph_name}_{next(_graph_ids)}"
+    order = {node.name: i for i, node in enumerate(graph.nodes)}
     _pass_for(context).apply(graph)
+    context.records.sort(key=lambda r: order.get(r.node, len(order)))
     return context.records

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -77,6 +78,8 @@ def decide(
         q, k, v, dropout_p=constants["dropout_p"] or 0.0, is_causal=bool(constants["is_causal"]),
         enable_gqa=bool(constants["enable_gqa"]),
     )
+    if context.assume_cuda:
+        call = dataclasses.replace(call, device=torch.device("cuda"))
     reason = unsupported_reason(call, context.devices, arch_major=context.arch_major)
     features["causal"] = bool(constants["is_causal"])
     softmax_scale = constants["scale"]

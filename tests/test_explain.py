@@ -1,0 +1,115 @@
+"""Inspection: explain() reports, the CLI, JSON round trips, TORCH_LOGS and graph dumps."""
+
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fa4_inductor
+from fa4_inductor import Report, explain, stats
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _qkv(h=4, hkv=4, d=64, dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    return (torch.randn(1, h, 8, d, dtype=dtype), torch.randn(1, hkv, 8, d, dtype=dtype),
+            torch.randn(1, hkv, 8, d, dtype=dtype))
+
+
+def test_known_sites_give_exact_records():
+    def fn(q, k, v, kg, vg):
+        causal = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        gqa = F.scaled_dot_product_attention(q, kg, vg, enable_gqa=True)
+        dropped = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+        manual = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+        return causal + gqa + dropped + manual
+    q, k, v = _qkv()
+    _, kg, vg = _qkv(hkv=2)
+    report = explain(fn, q, k, v, kg, vg)
+    rows = [(r.pattern, r.decision, r.features.get("causal"), r.features.get("gqa_ratio")) for r in report.records]
+    assert rows == [("sdpa", "fa4", True, 1), ("sdpa", "fa4", False, 2), ("sdpa", "fallback", False, 1),
+                    (None, "fallback", None, None)]
+    assert "dropout_p=0.1" in report.records[2].reason
+    files, lines = zip(*(r.location.rsplit(":", 1) for r in report.records))
+    assert all(f.endswith("test_explain.py") for f in files)
+    first = int(lines[0])
+    assert [int(n) for n in lines] == [first, first + 1, first + 2, first + 3]  # the four lines of fn
+    assert report.records[0].features["q_shape"] == "(1, 4, 8, 64)"
+    assert "2 of 4 attention sites run FA4 on sm90" in str(report)
+    assert stats.counters["compile.fa4"] == 0  # explaining is not compiling
+
+
+def test_arch_changes_the_verdict():
+    q, k, v = _qkv(d=256)
+    fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    assert explain(fn, q, k, v, arch="sm90").records[0].decision == "fa4"
+    sm100 = explain(fn, q, k, v, arch="sm100").records[0]
+    assert sm100.decision == "fa4"  # (256, 256) has an sm100 kernel
+    q, k, v = _qkv(d=192)
+    assert "sm100" in explain(fn, q, k, v, arch="sm100").records[0].reason
+    assert "not routed" in explain(fn, q, k, v, arch=None, devices=("cuda",)).records[0].reason
+
+
+def test_json_round_trip():
+    q, k, v = _qkv()
+    report = explain(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v)
+    again = Report.from_json(report.to_json())
+    assert again.records == report.records and again.graphs == report.graphs
+    assert json.loads(report.to_json())["records"][0]["decision"] == "fa4"
+    assert "fa4.flash_attn_fwd" in report.graphs[0].after and "scaled_dot_product" in report.graphs[0].before
+
+
+def test_bad_arch_is_a_value_error():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="sm90"):
+        explain(lambda q: q, q, arch="hopper")
+
+
+def test_cli_explain_writes_report_json_and_graphs(tmp_path):
+    script = tmp_path / "model.py"
+    script.write_text(
+        "import torch, torch.nn.functional as F\n"
+        "def build():\n"
+        "    q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)\n"
+        "    return (lambda q: F.scaled_dot_product_attention(q, q, q, is_causal=True)), (q,)\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "fa4_inductor", "explain", f"{script}:build", "--json", str(tmp_path / "r.json"),
+         "--dump-graphs", str(tmp_path / "graphs")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "1 of 1 attention sites run FA4 on sm90" in done.stdout
+    assert Report.from_json((tmp_path / "r.json").read_text()).records[0].decision == "fa4"
+    assert "fa4.flash_attn_fwd" in (tmp_path / "graphs" / "graph0_after.py").read_text()
+
+
+@pytest.mark.usefixtures("no_compile_cache")
+def test_torch_logs_show_rewrites_and_graph_dumps():
+    script = (
+        "import torch, torch.nn.functional as F, fa4_inductor\n"
+        "fa4_inductor.enable(devices=('cpu',), eager=False)\n"
+        "q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)\n"
+        "torch.compile(lambda q: F.scaled_dot_product_attention(q, q, q, dropout_p=0.0, is_causal=True))(q)\n"
+        "torch.compile(lambda q, m: F.scaled_dot_product_attention(q, q, q, attn_mask=m))(q, torch.ones(8, 8, dtype=torch.bool))\n")
+    env = dict(os.environ, TORCH_LOGS="+fa4_inductor", TORCHINDUCTOR_FX_GRAPH_CACHE="0",
+               TORCHINDUCTOR_AUTOGRAD_CACHE="0")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rewrote" in done.stderr and "-> fa4" in done.stderr
+    assert "left" in done.stderr and "attn_mask" in done.stderr
+    assert "after the fa4 rewrite" in done.stderr and "flash_attn_fwd" in done.stderr
+
+
+def test_example_script_defines_build():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import tiny_llama
+    finally:
+        sys.path.pop(0)
+    model, (ids,) = tiny_llama.build()
+    assert ids.shape == (2, 64) and isinstance(model, torch.nn.Module)
