@@ -78,14 +78,15 @@ def erase_if_unused(nodes: list[Node]) -> None:
     Used to drop subgraphs a rewrite made dead (a mask the kernel now
     computes itself). In-place methods and impure calls are kept.
     """
-    pending = list(nodes)
+    pending, erased = list(nodes), set()
     while pending:
         node = pending.pop()
-        if node.users or node.op not in ("call_function", "call_method") or node.is_impure():
+        if node in erased or node.users or node.op not in ("call_function", "call_method") or node.is_impure():
             continue
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
         if name.endswith("_") and not name.endswith("__"):
             continue  # in-place
         inputs = [n for n in node.all_input_nodes]
         node.graph.erase_node(node)
+        erased.add(node)
         pending.extend(inputs)

@@ -78,9 +78,11 @@ class Report:
         return "\n".join(lines)
 
 
-def _unmatched_softmax_records(graph: torch.fx.Graph, graph_name: str) -> list[SiteRecord]:
+def _unmatched_softmax_records(graph: torch.fx.Graph, graph_name: str, known: set[str]) -> list[SiteRecord]:
     records = []
     for node in graph.nodes:
+        if node.name in known:
+            continue
         is_softmax = (node.op == "call_function" and node.target in _SOFTMAX) or \
             (node.op == "call_method" and node.target == "softmax")
         if is_softmax:
@@ -104,7 +106,7 @@ def explain(model_or_fn, *args, arch: str | None = "sm90", devices=("cuda", "cpu
         context = RewriteContext(devices=tuple(devices), arch_major=arch_major, assume_cuda=arch is not None,
                                  graph_name="explain", publish=False)
         records = rewrite_graph(gm.graph, context)
-        records += _unmatched_softmax_records(gm.graph, context.graph_name)
+        records += _unmatched_softmax_records(gm.graph, context.graph_name, {r.anchor or r.node for r in records})
         gm.recompile()
         report.records.extend(records)
         report.graphs.append(graph_dump.GraphDump(context.graph_name, before, graph_dump.graph_code(gm.graph)))

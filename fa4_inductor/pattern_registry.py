@@ -44,17 +44,23 @@ class SiteDecision:
     reason: str | None
     features: dict[str, Any]
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Graph nodes the rewrite needs (operands found by the analysis, nodes to drop).
+    captured: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionPattern:
-    """One idiom: what it matches, what it emits, its check and its rewrite."""
+    """One idiom: what it matches, what it emits, its check and its rewrite.
+
+    ``pattern`` is one ``pattern_matcher`` expression or a tuple of them;
+    ``analyze`` returns None for a match that is no attention site at all.
+    """
 
     name: str
     matches: str
     emits: str
-    pattern: PatternExpr
-    analyze: Callable[[Match, RewriteContext], SiteDecision]
+    pattern: PatternExpr | tuple[PatternExpr, ...]
+    analyze: Callable[[Match, RewriteContext], SiteDecision | None]
     rewrite: Callable[[Match, SiteDecision], None]
 
 
@@ -92,7 +98,7 @@ def source_location(node: torch.fx.Node) -> tuple[str | None, str | None]:
     return location, module_path
 
 
-def _record(pattern: AttentionPattern, decision: SiteDecision, context: RewriteContext) -> None:
+def _record(pattern: AttentionPattern, decision: SiteDecision, context: RewriteContext, anchor: torch.fx.Node) -> None:
     location, module_path = source_location(decision.node)
     record = stats.SiteRecord(
         graph=context.graph_name,
@@ -104,10 +110,9 @@ def _record(pattern: AttentionPattern, decision: SiteDecision, context: RewriteC
         location=location,
         module_path=module_path,
         features=decision.features,
+        anchor=anchor.name if anchor is not decision.node else None,
     )
     context.records.append(record)
-    if context.publish:
-        stats.record_site(record)
 
 
 def _pass_for(context: RewriteContext) -> PatternMatcherPass:
@@ -117,14 +122,18 @@ def _pass_for(context: RewriteContext) -> PatternMatcherPass:
 
         def check(match: Match, pattern=pattern, decisions=decisions) -> bool:
             decision = pattern.analyze(match, context)
-            _record(pattern, decision, context)
-            decisions[decision.node] = decision
+            if decision is None:
+                return False
+            _record(pattern, decision, context, match.output_node())
+            decisions[match.output_node()] = decision
             return decision.reason is None
 
         def replace(match: Match, *args, pattern=pattern, decisions=decisions, **kwargs) -> None:
             pattern.rewrite(match, decisions.pop(match.output_node()))
 
-        register_graph_pattern(pattern.pattern, extra_check=check, pass_dict=matcher)(replace)
+        expressions = pattern.pattern if isinstance(pattern.pattern, tuple) else (pattern.pattern,)
+        for expression in expressions:
+            register_graph_pattern(expression, extra_check=check, pass_dict=matcher)(replace)
     return matcher
 
 
@@ -134,4 +143,7 @@ def rewrite_graph(graph: torch.fx.Graph, context: RewriteContext) -> list[stats.
     order = {node.name: i for i, node in enumerate(graph.nodes)}
     _pass_for(context).apply(graph)
     context.records.sort(key=lambda r: order.get(r.node, len(order)))
+    if context.publish:
+        for record in context.records:
+            stats.record_site(record)
     return context.records

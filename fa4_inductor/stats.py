@@ -39,6 +39,7 @@ class SiteRecord:
     location: str | None
     module_path: str | None
     features: dict[str, Any]
+    anchor: str | None = None  # the node the pattern matched on, when not ``node``
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of this record."""

@@ -72,16 +72,15 @@ def analyze_forward(match: Match, context: RewriteContext) -> SiteDecision:
         or _output_reason(node, allowed)
     return decide(
         node, context, kw["query"], kw["key"], kw["value"], dropout_p=kw.get("dropout_p", 0.0),
-        is_causal=kw.get("is_causal", False), scale=kw.get("scale"), enable_gqa=True, mask_reason=reason,
+        is_causal=kw.get("is_causal", False), scale=kw.get("scale"), enable_gqa=True, blocker=reason,
     )
 
 
 def rewrite_forward(match: Match, decision: SiteDecision) -> None:
     """Replace the aten forward by an FA4 call; rewire output and logsumexp."""
-    node = decision.node
-    kw = normalized_kwargs(node)
+    node, captured = decision.node, decision.captured
     with node.graph.inserting_before(node):
-        out, lse = fa4_attention(node.graph, kw["query"], kw["key"], kw["value"], decision.params)
+        out, lse = fa4_attention(node.graph, captured["query"], captured["key"], captured["value"], decision.params)
     _rewire(node, {0: out, 1: lse})
 
 
@@ -93,7 +92,7 @@ def analyze_backward(match: Match, context: RewriteContext) -> SiteDecision:
         or _output_reason(node, {0, 1, 2})
     return decide(
         node, context, kw["query"], kw["key"], kw["value"], dropout_p=kw.get("dropout_p", 0.0),
-        is_causal=kw.get("is_causal", False), scale=kw.get("scale"), enable_gqa=True, mask_reason=reason,
+        is_causal=kw.get("is_causal", False), scale=kw.get("scale"), enable_gqa=True, blocker=reason,
     )
 
 

@@ -10,7 +10,8 @@ import torch
 from torch.fx import Node
 from torch.fx.operator_schemas import normalize_function
 
-from fa4_inductor.emit import example_value
+from fa4_inductor.emit import erase_if_unused, example_value, fa4_attention
+from fa4_inductor.mask_analysis import NotAnalyzable, analyze_mask
 from fa4_inductor.pattern_registry import RewriteContext, SiteDecision
 from fa4_inductor.support import AttentionCall, unsupported_reason
 
@@ -23,6 +24,51 @@ def normalized_kwargs(node: Node) -> dict[str, Any]:
     if normalized is None:
         raise ValueError(f"cannot normalize the arguments of {node.target}")
     return dict(normalized.kwargs)
+
+
+def _is_method_or_fn(node: Any, name: str) -> bool:
+    if not isinstance(node, Node):
+        return False
+    if node.op == "call_method":
+        return node.target == name
+    return node.op == "call_function" and getattr(node.target, "__name__", None) == name
+
+
+def strip_kv_repeat(node: Node) -> tuple[Node, int]:
+    """See through a GQA repeat of K or V; return (un-repeated node, repeat factor).
+
+    Recognizes ``repeat_kv`` (``x[:, :, None].expand(B, Hkv, r, S, D).reshape(B, Hkv * r, S, D)``,
+    also written with ``unsqueeze(2)``) and ``repeat_interleave(r, dim=1)``. Returns
+    ``(node, 1)`` for anything else.
+    """
+    if _is_method_or_fn(node, "repeat_interleave"):
+        source, repeats = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        if isinstance(source, Node) and isinstance(repeats, int) and dim == 1:
+            return source, repeats
+        return node, 1
+    if not (_is_method_or_fn(node, "reshape") or _is_method_or_fn(node, "view")):
+        return node, 1
+    expanded = node.args[0]
+    if not _is_method_or_fn(expanded, "expand"):
+        return node, 1
+    inserted = expanded.args[0]
+    if _is_method_or_fn(inserted, "unsqueeze") and inserted.args[1:] in ((2,), (-3,)):
+        source = inserted.args[0]
+    elif _is_method_or_fn(inserted, "getitem") and inserted.args[1] == (slice(None), slice(None), None):
+        source = inserted.args[0]
+    elif _is_method_or_fn(inserted, "getitem") and inserted.args[1] == (slice(None), slice(None), None, slice(None), slice(None)):
+        source = inserted.args[0]
+    else:
+        return node, 1
+    base, out, mid = example_value(source), example_value(node), example_value(expanded)
+    if not all(isinstance(t, torch.Tensor) for t in (base, out, mid)) or base.dim() != 4 or mid.dim() != 5:
+        return node, 1
+    b, hkv, s, d = base.shape
+    repeats = mid.shape[2]
+    if tuple(mid.shape) != (b, hkv, repeats, s, d) or tuple(out.shape) != (b, hkv * repeats, s, d):
+        return node, 1
+    return source, int(repeats)
 
 
 def _constant(name: str, value: Any, kinds: tuple[type, ...]) -> tuple[Any, str | None]:
@@ -48,45 +94,79 @@ def decide(
     is_causal: Any = False,
     scale: Any = None,
     enable_gqa: Any = False,
-    mask_reason: str | None = None,
+    attn_mask: Node | None = None,
+    softcap: float = 0.0,
+    blocker: str | None = None,
 ) -> SiteDecision:
     """Decide one SDPA-style site (B,H,S,D operands) for FA4.
 
-    ``mask_reason`` is the reason an attention mask could not be expressed
-    in FA4 terms, if the site has such a mask.
+    GQA repeats of ``key``/``value`` are seen through; ``attn_mask`` is
+    analyzed into causal/window parameters; ``blocker`` is a reason found
+    by the caller that rules the site out. The decision's ``captured``
+    holds the operands the rewrite uses and the nodes that become dead.
     """
+    key, k_repeats = strip_kv_repeat(key)
+    value, v_repeats = strip_kv_repeat(value)
     q, k, v = (example_value(n) for n in (query, key, value))
     features: dict[str, Any] = {}
+    captured: dict[str, Any] = {"query": query, "key": key, "value": value, "dead": []}
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-        return SiteDecision(node, "query/key/value have no tensor metadata", features)
+        return SiteDecision(node, "query/key/value have no tensor metadata", features, captured=captured)
     d, hq, hk = q.shape[-1], q.shape[1], k.shape[1]
     features.update(
         dtype=str(q.dtype).replace("torch.", ""), head_dim=int(d) if isinstance(d, int) else str(d),
         q_shape=_shape_text(q), k_shape=_shape_text(k), v_shape=_shape_text(v),
         gqa_ratio=(hq // hk) if isinstance(hq, int) and isinstance(hk, int) and hk else None,
-        causal=False, window=None, softcap=None, padding=False,
+        gqa_repeat_removed=k_repeats > 1, causal=False, window=None, softcap=softcap or None, padding=False,
     )
-    reason = mask_reason
+    reason = blocker
+    if k_repeats != v_repeats:
+        reason = reason or "key and value are repeated differently"
     constants = {}
     for name, val, kinds in (("dropout_p", dropout_p, (int, float)), ("is_causal", is_causal, (bool,)),
                              ("scale", scale, (int, float)), ("enable_gqa", enable_gqa, (bool,))):
         constants[name], bad = _constant(name, val, kinds)
         reason = reason or bad
+    causal, window = bool(constants["is_causal"]), (-1, -1)
+    if attn_mask is not None and reason is None:
+        try:
+            structure, mask_nodes = analyze_mask(attn_mask, q.shape[2], k.shape[2])
+            causal, window = structure.causal, (structure.window_left, structure.window_right)
+            captured["dead"] = [attn_mask, *mask_nodes]
+            features["mask"] = "full" if structure.is_full else "analyzed"
+        except NotAnalyzable as exc:
+            reason = f"attn_mask not expressible in FA4: {exc}"
     if reason:
-        return SiteDecision(node, reason, features)
+        return SiteDecision(node, reason, features, captured=captured)
+    # SDPA's is_causal flag is top-left aligned; a mask-derived structure is already FA4's.
     call = AttentionCall.from_tensors(
         q, k, v, dropout_p=constants["dropout_p"] or 0.0, is_causal=bool(constants["is_causal"]),
-        enable_gqa=bool(constants["enable_gqa"]),
+        enable_gqa=bool(constants["enable_gqa"]) or k_repeats > 1,
     )
     if context.assume_cuda:
         call = dataclasses.replace(call, device=torch.device("cuda"))
     reason = unsupported_reason(call, context.devices, arch_major=context.arch_major)
-    features["causal"] = bool(constants["is_causal"])
+    features.update(causal=causal, window=None if window == (-1, -1) else window)
     softmax_scale = constants["scale"]
     if softmax_scale is None and isinstance(d, int):
         softmax_scale = 1.0 / math.sqrt(d)
     params = dict(
-        softmax_scale=float(softmax_scale or 0.0), causal=features["causal"],
-        window_left=-1, window_right=-1, softcap=0.0, seqused_k=None,
+        softmax_scale=float(softmax_scale or 0.0), causal=causal,
+        window_left=window[0], window_right=window[1], softcap=float(softcap), seqused_k=None,
     )
-    return SiteDecision(node, reason, features, params)
+    return SiteDecision(node, reason, features, params, captured)
+
+
+def replace_with_fa4(decision: SiteDecision, output: Node) -> Node:
+    """Emit the decided FA4 call before ``output``, route its users there, drop dead nodes.
+
+    Returns the node of FA4's logsumexp (for patterns whose site exposes it).
+    """
+    graph = output.graph
+    captured = decision.captured
+    with graph.inserting_before(output):
+        out, lse = fa4_attention(graph, captured["query"], captured["key"], captured["value"], decision.params)
+    output.replace_all_uses_with(out)
+    graph.erase_node(output)
+    erase_if_unused([*captured["dead"], *captured.get("replaced", [])])
+    return lse

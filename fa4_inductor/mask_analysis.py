@@ -1,0 +1,339 @@
+"""Prove what an attention mask built inside the graph is: full, causal, a window.
+
+Real model code (Hugging Face ``transformers`` under ``torch.compile``)
+materializes its mask from index arithmetic: ``arange`` vectors, broadcast
+by indexing with ``None``, compared (``kv_idx <= q_idx``), combined with
+``&``/``|``/``~``, expanded to (B, 1, S_q, S_kv), sometimes turned into an
+additive 0/-inf float mask with ``where``/``masked_fill``. This module
+evaluates that subgraph symbolically: every tensor becomes a sympy
+expression of its own axis indices, so the mask at the attention site is a
+boolean formula in (b, h, i, j). If the formula is a conjunction of bounds
+``L <= j - i <= U`` it is FA4's ``causal``/``window_size_left/right``
+(bottom-right aligned): ``right = U - (S_kv - S_q)``,
+``left = (S_kv - S_q) - L``. Anything else (a tensor lookup such as a
+padding mask, a bound on ``i`` or ``j`` alone, a dependence on batch or
+head) is reported with the reason, and the mask stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Any
+
+import sympy
+import torch
+from torch.fx import Node
+
+_I, _J, _B, _H = sympy.symbols("q_idx kv_idx batch head", integer=True)
+
+
+class NotAnalyzable(Exception):
+    """The mask uses something this analysis does not model (message says what)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexTensor:
+    """A tensor given by a formula of its axis indices ``x0, x1, ...``.
+
+    ``additive`` marks a float mask where ``expr`` is the condition under
+    which the entry is 0 (kept) rather than -inf (masked).
+    """
+
+    expr: Any
+    ndim: int
+    additive: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskStructure:
+    """FA4 parameters equivalent to a mask (windows: -1 = unbounded)."""
+
+    causal: bool
+    window_left: int
+    window_right: int
+
+    @property
+    def is_full(self) -> bool:
+        return not self.causal and self.window_left < 0 and self.window_right < 0
+
+
+def _axis(k: int) -> sympy.Symbol:
+    return sympy.Symbol(f"x{k}", integer=True)
+
+
+def _sym(value: Any) -> Any:
+    """A Python/Sym int or float as a sympy number/expression."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return value.node.expr
+    if isinstance(value, bool):
+        return sympy.true if value else sympy.false
+    if isinstance(value, (int, float)):
+        if value == -math.inf:
+            return sympy.S.NegativeInfinity
+        return sympy.Integer(value) if isinstance(value, int) else sympy.Float(value)
+    raise NotAnalyzable(f"unsupported constant {value!r}")
+
+
+def _shift(t: IndexTensor, ndim: int) -> Any:
+    """Right-align ``t`` to ``ndim`` axes (broadcasting): rename its axis symbols."""
+    offset = ndim - t.ndim
+    if offset == 0 or not isinstance(t.expr, sympy.Basic):
+        return t.expr
+    return t.expr.xreplace({_axis(k): _axis(k + offset) for k in range(t.ndim)})
+
+
+def _broadcast(*values: Any) -> tuple[list[Any], int]:
+    ndim = max((v.ndim for v in values if isinstance(v, IndexTensor)), default=0)
+    exprs = [_shift(v, ndim) if isinstance(v, IndexTensor) else _sym(v) for v in values]
+    return exprs, ndim
+
+
+def _example(node: Any) -> Any:
+    if isinstance(node, Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def _method_or_fn(node: Node) -> str:
+    if node.op == "call_method":
+        return node.target
+    target = node.target
+    return getattr(target, "__name__", str(target))
+
+
+_COMPARE = {"le": sympy.Le, "lt": sympy.Lt, "ge": sympy.Ge, "gt": sympy.Gt, "eq": sympy.Eq, "ne": sympy.Ne,
+            "__le__": sympy.Le, "__lt__": sympy.Lt, "__ge__": sympy.Ge, "__gt__": sympy.Gt}
+_ARITH = {"add": operator.add, "sub": operator.sub, "__add__": operator.add, "__sub__": operator.sub,
+          "mul": operator.mul, "__mul__": operator.mul, "__radd__": operator.add}
+_LOGIC = {"and_": sympy.And, "__and__": sympy.And, "logical_and": sympy.And, "bitwise_and": sympy.And,
+          "or_": sympy.Or, "__or__": sympy.Or, "logical_or": sympy.Or, "bitwise_or": sympy.Or}
+_NOT = {"invert", "__invert__", "logical_not", "bitwise_not"}
+# Ops that change neither values nor the index formula (broadcast/cast/copy).
+_PASSTHROUGH = {"expand", "expand_as", "to", "bool", "contiguous", "clone", "detach", "type_as"}
+_NEW_TRUE = {"ones", "ones_like", "new_ones"}
+
+
+class _Evaluator:
+    def __init__(self):
+        self.cache: dict[Node, Any] = {}
+        self.visited: list[Node] = []
+
+    def value(self, arg: Any) -> Any:
+        if isinstance(arg, Node):
+            if arg not in self.cache:
+                self.cache[arg] = self._node(arg)
+                self.visited.append(arg)
+            return self.cache[arg]
+        if isinstance(arg, (int, float, bool, torch.SymInt, torch.SymFloat)):
+            return arg
+        if arg is None or isinstance(arg, (torch.dtype, torch.device, str)):
+            return arg
+        raise NotAnalyzable(f"unsupported argument {arg!r}")
+
+    def _node(self, node: Node) -> Any:
+        example = _example(node)
+        if node.op in ("placeholder", "get_attr"):
+            if isinstance(example, (torch.SymInt, int)):
+                return example
+            raise NotAnalyzable(f"the mask reads the tensor input '{node.name}' (e.g. a padding mask)")
+        if node.op not in ("call_function", "call_method"):
+            raise NotAnalyzable(f"unsupported node {node.op} {node.target}")
+        if isinstance(example, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float)):
+            return example  # a size computation: its value is known symbolically
+        name = _method_or_fn(node)
+        if node.target is operator.getitem:
+            return self._getitem(self.value(node.args[0]), node.args[1], _example(node.args[0]))
+        if name == "tensor" and len(node.args) == 1 and isinstance(node.args[0], (int, float, bool)):
+            return node.args[0]  # torch.tensor(0.0): a scalar
+        if name in _NEW_TRUE:
+            return IndexTensor(sympy.true, len(example.shape))
+        args = [self.value(a) for a in node.args]
+        kwargs = {k: self.value(v) for k, v in node.kwargs.items()}
+        if name == "arange":
+            return self._arange(args)
+        if name in _COMPARE or name in _ARITH or name in _LOGIC:
+            return self._binary(name, args)
+        if name in _NOT:
+            (x,), ndim = _broadcast(args[0])
+            return IndexTensor(sympy.Not(x), ndim)
+        if name in _PASSTHROUGH:
+            return self._passthrough(args[0], example)
+        if name == "unsqueeze":
+            return self._unsqueeze(args[0], args[1] if len(args) > 1 else kwargs["dim"])
+        if name in ("where",):
+            return self._where(*args)
+        if name == "masked_fill":
+            return self._masked_fill(*args)
+        raise NotAnalyzable(f"the mask uses {name}, which the analysis does not model")
+
+    @staticmethod
+    def _arange(args):
+        numbers = [a for a in args if not isinstance(a, (torch.dtype, torch.device, str)) and a is not None]
+        if len(numbers) == 1:
+            start, end = 0, numbers[0]
+        elif len(numbers) == 2:
+            start, end = numbers
+        else:
+            raise NotAnalyzable("arange with a step")
+        del end
+        return IndexTensor(_sym(start) + _axis(0), 1)
+
+    @staticmethod
+    def _binary(name, args):
+        if len(args) != 2:
+            raise NotAnalyzable(f"{name} with {len(args)} arguments")
+        (a, b), ndim = _broadcast(*args)
+        if name in _COMPARE:
+            return IndexTensor(_COMPARE[name](a, b), ndim)
+        if name in _LOGIC:
+            return IndexTensor(_LOGIC[name](a, b), ndim)
+        return IndexTensor(_ARITH[name](a, b), ndim)
+
+    @staticmethod
+    def _passthrough(value, example):
+        if not isinstance(value, IndexTensor):
+            raise NotAnalyzable("cast of a non-index value")
+        ndim = len(example.shape) if isinstance(example, torch.Tensor) else value.ndim
+        return IndexTensor(_shift(value, ndim), ndim, value.additive)
+
+    @staticmethod
+    def _getitem(value, index, example=None):
+        if not isinstance(value, IndexTensor):
+            raise NotAnalyzable("indexing of a non-index value")
+        index = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, Node) for i in index):
+            raise NotAnalyzable("the mask gathers from a tensor (e.g. padding_mask[batch_idx, kv_idx])")
+        mapping, out_axis, in_axis = {}, 0, 0
+        for item in index:
+            if item is None:
+                out_axis += 1
+            elif isinstance(item, slice) and item.step in (None, 1):
+                # out[k] = in[k + start]
+                start = item.start or 0
+                if not isinstance(start, int):
+                    raise NotAnalyzable(f"mask slice start {start!r}")
+                if start < 0:
+                    if example is None:
+                        raise NotAnalyzable("negative mask slice without shape")
+                    start += example.shape[in_axis]
+                mapping[_axis(in_axis)] = _axis(out_axis) + _sym(start)
+                in_axis += 1
+                out_axis += 1
+            elif item is Ellipsis:
+                raise NotAnalyzable("Ellipsis in mask indexing")
+            else:
+                raise NotAnalyzable(f"mask indexing with {item!r}")
+        for _ in range(in_axis, value.ndim):  # trailing axes kept
+            mapping[_axis(in_axis)] = _axis(out_axis)
+            in_axis += 1
+            out_axis += 1
+        return IndexTensor(value.expr.xreplace(mapping), out_axis, value.additive)
+
+    @staticmethod
+    def _unsqueeze(value, dim):
+        if not isinstance(value, IndexTensor) or not isinstance(dim, int):
+            raise NotAnalyzable("unsqueeze of a non-index value")
+        dim = dim if dim >= 0 else dim + value.ndim + 1
+        return _Evaluator._getitem(value, tuple([slice(None)] * dim + [None]))
+
+    @staticmethod
+    def _additive(keep_value, drop_value) -> bool:
+        keep, drop = _sym(keep_value), _sym(drop_value)
+        # Masked entries: -inf or a huge negative (Hugging Face uses torch.finfo(dtype).min).
+        return bool(keep.is_zero) and (drop == sympy.S.NegativeInfinity or (drop.is_number and float(drop) <= -1e30))
+
+    def _where(self, cond, a, b):
+        if not isinstance(cond, IndexTensor):
+            raise NotAnalyzable("where with a non-index condition")
+        if isinstance(a, IndexTensor) or isinstance(b, IndexTensor):
+            raise NotAnalyzable("where selecting between tensors")
+        if self._additive(a, b):
+            return IndexTensor(cond.expr, cond.ndim, additive=True)
+        if self._additive(b, a):
+            return IndexTensor(sympy.Not(cond.expr), cond.ndim, additive=True)
+        raise NotAnalyzable(f"where({a!r}, {b!r}) is not a 0/-inf mask")
+
+    def _masked_fill(self, base, cond, fill):
+        if not isinstance(base, IndexTensor) or not isinstance(cond, IndexTensor):
+            raise NotAnalyzable("masked_fill of non-index values")
+        if base.expr is not sympy.true or not self._additive(0, fill):
+            raise NotAnalyzable("masked_fill that is not zeros filled with -inf")
+        (c,), ndim = _broadcast(cond)
+        return IndexTensor(sympy.Not(c), max(ndim, base.ndim), additive=True)
+
+
+def _bounds(expr) -> tuple[Any, Any]:
+    """(L, U) with expr == (L <= j - i <= U); None for a missing side."""
+    lower, upper = None, None
+    atoms = expr.args if isinstance(expr, sympy.And) else (expr,)
+    for atom in atoms:
+        if atom is sympy.true:
+            continue
+        if not isinstance(atom, (sympy.Le, sympy.Lt, sympy.Ge, sympy.Gt)):
+            raise NotAnalyzable(f"mask condition {atom} is not a bound on kv_idx - q_idx")
+        # Normalize to ``poly <= 0`` / ``poly < 0``.
+        poly = sympy.expand(atom.lhs - atom.rhs if isinstance(atom, (sympy.Le, sympy.Lt)) else atom.rhs - atom.lhs)
+        strict = isinstance(atom, (sympy.Lt, sympy.Gt))
+        cj, ci = poly.coeff(_J), poly.coeff(_I)
+        rest = sympy.expand(poly - cj * _J - ci * _I)
+        if cj == 0 or cj != -ci or rest.has(_I, _J, _B, _H):
+            raise NotAnalyzable(f"mask condition {atom} is not a bound on kv_idx - q_idx")
+        # cj * (j - i) + rest <= 0  (or < 0)
+        bound = -rest / cj
+        if strict:
+            bound = bound - 1 if cj > 0 else bound + 1
+        if cj > 0:
+            upper = bound if upper is None else sympy.Min(upper, bound)
+        else:
+            lower = bound if lower is None else sympy.Max(lower, bound)
+    return lower, upper
+
+
+def _static_window(value, name: str) -> int:
+    value = sympy.simplify(value)
+    if not value.is_Integer:
+        raise NotAnalyzable(f"window {name} = {value} is not a constant")
+    if int(value) < 0:
+        raise NotAnalyzable(f"window {name} = {int(value)} is negative")
+    return int(value)
+
+
+def analyze_mask(mask: Node, q_len, kv_len) -> tuple[MaskStructure, list[Node]]:
+    """Prove the structure of ``mask`` (a node broadcastable to (B, H, S_q, S_kv)).
+
+    Returns the FA4 parameters and the nodes the analysis read (candidates
+    for removal once the mask is no longer used). Raises
+    :class:`NotAnalyzable` with the reason otherwise.
+    """
+    example = _example(mask)
+    if not isinstance(example, torch.Tensor):
+        raise NotAnalyzable("the mask has no tensor metadata")
+    if example.dtype != torch.bool and not example.is_floating_point():
+        raise NotAnalyzable(f"mask dtype {example.dtype}")
+    evaluator = _Evaluator()
+    value = evaluator.value(mask)
+    if not isinstance(value, IndexTensor):
+        raise NotAnalyzable("the mask is not a tensor")
+    if example.is_floating_point() and not value.additive:
+        raise NotAnalyzable("float mask that is not a 0/-inf mask")
+    (expr,), _ = _broadcast(IndexTensor(value.expr, value.ndim))
+    expr = sympy.sympify(expr).xreplace(
+        {_axis(value.ndim - 4 + k): s for k, s in enumerate((_B, _H, _I, _J)) if value.ndim - 4 + k >= 0})
+    if value.ndim > 4:
+        raise NotAnalyzable("mask has more than 4 dims")
+    expr = sympy.simplify_logic(expr) if expr.has(sympy.Or, sympy.Not) else expr
+    if expr.has(_B) or expr.has(_H):
+        raise NotAnalyzable("the mask depends on the batch or head index")
+    if expr is sympy.false:
+        raise NotAnalyzable("the mask hides every key")
+    lower, upper = _bounds(expr)
+    offset = sympy.simplify(_sym(kv_len) - _sym(q_len))
+    if offset != 0 and (offset >= 0) is not sympy.true:
+        raise NotAnalyzable("S_kv may be shorter than S_q (rows without keys)")
+    right = -1 if upper is None else _static_window(upper - offset, "right")
+    left = -1 if lower is None else _static_window(offset - lower, "left")
+    causal = right == 0 and left < 0
+    structure = MaskStructure(causal=causal, window_left=left, window_right=-1 if causal else right)
+    return structure, evaluator.visited

@@ -1,0 +1,125 @@
+"""Real clients: tiny Hugging Face models (random weights, no hub) compiled with the plugin on CPU.
+
+Every attention site must be rewritten (or fall back for the stated, correct
+reason), and logits and gradients must match the uncompiled model.
+"""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fa4_inductor  # noqa: E402
+from fa4_inductor import stats  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("no_compile_cache")
+
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, max_position_embeddings=64)
+
+
+def _build(name: str, impl: str):
+    if name == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON, num_key_value_heads=2, attn_implementation=impl))
+    if name == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(
+            **COMMON, num_key_value_heads=2, sliding_window=8, attn_implementation=impl))
+    if name == "gemma2":
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            **COMMON, num_key_value_heads=2, head_dim=16, sliding_window=8, attn_implementation=impl))
+    if name == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON, num_key_value_heads=2, attn_implementation=impl))
+    if name == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, attn_implementation=impl))
+    if name == "bert":
+        return transformers.BertModel(transformers.BertConfig(
+            vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=64, attn_implementation=impl))
+    raise ValueError(name)
+
+
+# (model, expected per-site features): every site of these runs FA4.
+EXPECTED = {
+    "llama": [dict(causal=True, window=None, gqa_ratio=2)] * 2,
+    "qwen2": [dict(causal=True, window=None, gqa_ratio=2)] * 2,
+    "mistral": [dict(causal=False, window=(7, 0), gqa_ratio=2)] * 2,
+    "gpt2": [dict(causal=True, window=None, gqa_ratio=1)] * 2,
+}
+SOFTCAP = {"sdpa": None, "eager": 50.0}  # HF's SDPA path drops Gemma2's softcap; eager applies it
+
+
+def _output(model, ids, kwargs):
+    out = model(ids, **kwargs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def _logits_and_grads(model, ids, kwargs, call=None):
+    """Logits of ``call`` (default: ``model``) and the gradients of ``model``'s parameters."""
+    model.zero_grad(set_to_none=True)
+    logits = _output(model if call is None else call, ids, kwargs)
+    logits.float().square().mean().backward()
+    return logits.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "qwen2", "gpt2"])
+def test_decoder_sites_run_fa4_and_match_eager(name, impl):
+    torch.manual_seed(0)
+    model = _build(name, impl).to(torch.bfloat16).eval()  # eval: dropout off, grads still flow
+    ids = torch.randint(0, 128, (2, 24))
+    want, want_grads = _logits_and_grads(model, ids, {})
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got, got_grads = _logits_and_grads(model, ids, {}, call=torch.compile(model))
+    records = stats.site_records()
+    assert [r.decision for r in records] == ["fa4", "fa4"], [(r.node, r.reason) for r in records]
+    expected = EXPECTED.get(name) or [dict(causal=False, window=(7, 0), softcap=SOFTCAP[impl]),
+                                      dict(causal=True, window=None, softcap=SOFTCAP[impl])]
+    for record, features in zip(records, expected):
+        assert {k: record.features[k] for k in features} == features
+        assert record.pattern == ("sdpa" if impl == "sdpa" else "eager_attention")
+    assert _rel(got, want) < 2e-2
+    assert got_grads.keys() == want_grads.keys()
+    for key in want_grads:
+        assert _rel(got_grads[key], want_grads[key]) < 5e-2, key
+
+
+def test_no_mask_tensor_left_in_compiled_graph():
+    torch.manual_seed(0)
+    model = _build("mistral", "sdpa").to(torch.bfloat16).eval()
+    ids = torch.randint(0, 128, (2, 24))
+    from torch._inductor.utils import run_and_get_code
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)), torch.no_grad():
+        _, codes = run_and_get_code(torch.compile(model), ids)
+    code = "\n".join(codes)
+    assert code.count("fa4.flash_attn_fwd.default(") == 2
+    # No (B, 1, S, S) boolean mask and no repeated K/V (B, H, S, D) buffer is built.
+    assert "torch.bool" not in code and "(2, 1, 24, 24)" not in code
+
+
+def test_gpt2_training_dropout_falls_back_with_reason():
+    torch.manual_seed(0)
+    model = _build("gpt2", "sdpa").to(torch.bfloat16).train()
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        torch.compile(model)(torch.randint(0, 128, (2, 16)))
+    records = stats.site_records()
+    assert len(records) == 2 and all(r.decision == "fallback" and "dropout_p=0.1" in r.reason for r in records)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_bert_padding_mask_falls_back_and_stays_exact(impl):
+    torch.manual_seed(0)
+    model = _build("bert", impl).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    want = _output(model, ids, {"attention_mask": mask})
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = _output(torch.compile(model), ids, {"attention_mask": mask})
+    records = stats.site_records()
+    assert len(records) == 2 and all(r.decision == "fallback" and "padding" in r.reason for r in records)
+    assert _rel(got.float(), want.float()) < 2e-2

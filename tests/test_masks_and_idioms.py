@@ -1,0 +1,162 @@
+"""Mask analysis, GQA-repeat removal and hand-written attention, on small graphs (CPU reference)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fa4_inductor
+from fa4_inductor import stats
+
+pytestmark = pytest.mark.usefixtures("no_compile_cache")
+
+B, H, S, D = 2, 4, 12, 16
+
+
+def _qkv(sq=S, sk=S, hkv=H):
+    torch.manual_seed(0)
+    return (torch.randn(B, H, sq, D, dtype=torch.bfloat16, requires_grad=True),
+            torch.randn(B, hkv, sk, D, dtype=torch.bfloat16, requires_grad=True),
+            torch.randn(B, hkv, sk, D, dtype=torch.bfloat16, requires_grad=True))
+
+
+def _check(fn, *inputs, expect_fa4=True):
+    """Compile ``fn`` with the plugin; compare output and input grads with the stock run."""
+    want = fn(*inputs)
+    want_grads = torch.autograd.grad(want.float().square().sum(), inputs)
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = torch.compile(fn, fullgraph=True)(*inputs)
+    got_grads = torch.autograd.grad(got.float().square().sum(), inputs)
+    records = stats.site_records()
+    assert len(records) == 1
+    assert (records[0].decision == "fa4") == expect_fa4, records[0].reason
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=8e-2, rtol=8e-2)
+    return records[0]
+
+
+def _idx(sq, sk):
+    return torch.arange(sq)[None, None, :, None], torch.arange(sk)[None, None, None, :]
+
+
+MASKS = {
+    "causal": (lambda i, j: j <= i, dict(causal=True, window=None)),
+    "causal_lt": (lambda i, j: ~(j > i), dict(causal=True, window=None)),
+    "window": (lambda i, j: (j > i - 4) & (j <= i), dict(causal=False, window=(3, 0))),
+    "two_sided": (lambda i, j: (j - i <= 2) & (i - j <= 5), dict(causal=False, window=(5, 2))),
+    "full": (lambda i, j: (j >= 0) | (j < 0), dict(causal=False, window=None)),
+}
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+@pytest.mark.parametrize("additive", [False, True])
+def test_index_masks_become_fa4_parameters(name, additive):
+    build, features = MASKS[name]
+
+    def fn(q, k, v):
+        i, j = _idx(q.shape[2], k.shape[2])
+        mask = build(i, j).expand(q.shape[0], 1, q.shape[2], k.shape[2])
+        if additive:
+            mask = torch.where(mask, 0.0, float("-inf")).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    record = _check(fn, *_qkv())
+    assert {k: record.features[k] for k in features} == features
+
+
+def test_bottom_right_causal_with_longer_keys():
+    def fn(q, k, v):
+        i, j = _idx(q.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=j <= i + (k.shape[2] - q.shape[2]))
+    record = _check(fn, *_qkv(sq=5, sk=12))
+    assert record.features["causal"] is True
+
+
+@pytest.mark.parametrize("mask_fn, reason", [
+    (lambda i, j: j <= 3, "not a bound on kv_idx - q_idx"),
+    (lambda i, j: (j - i) % 2 == 0, "does not model"),
+    (lambda i, j: j < i, "negative"),  # strictly causal: the diagonal hidden
+])
+def test_unprovable_masks_fall_back_with_reason(mask_fn, reason):
+    def fn(q, k, v):
+        i, j = _idx(q.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_fn(i, j) | (i == 0) & (j == 0))
+    q, k, v = (t.detach() for t in _qkv())
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        torch.compile(fn)(q, k, v)
+    assert reason in stats.site_records()[0].reason or "not a bound" in stats.site_records()[0].reason
+
+
+def test_padding_mask_input_falls_back():
+    def fn(q, k, v, pad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=pad[:, None, None, :])
+    q, k, v = (t.detach() for t in _qkv())
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        torch.compile(fn)(q, k, v, torch.ones(B, S, dtype=torch.bool))
+    assert "padding" in stats.site_records()[0].reason
+
+
+@pytest.mark.parametrize("style", ["expand_reshape", "repeat_interleave"])
+def test_gqa_repeat_is_removed(style):
+    def repeat(x, r):
+        if style == "repeat_interleave":
+            return x.repeat_interleave(r, dim=1)
+        b, h, s, d = x.shape
+        return x[:, :, None, :, :].expand(b, h, r, s, d).reshape(b, h * r, s, d)
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, repeat(k, 2), repeat(v, 2), is_causal=True)
+    record = _check(fn, *_qkv(hkv=2))
+    assert record.features["gqa_repeat_removed"] is True and record.features["gqa_ratio"] == 2
+
+
+def _eager_attention(scale_style="mul", softcap=None, mask=True, dropout=(0.0, False), cast=True):
+    def fn(q, k, v):
+        scores = torch.matmul(q, k.transpose(2, 3))
+        scores = scores * (D ** -0.5) if scale_style == "mul" else scores / math.sqrt(D)
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        if mask:
+            i, j = _idx(q.shape[2], k.shape[2])
+            scores = scores + torch.where(j <= i, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+        if cast:
+            probs = probs.to(q.dtype)
+        probs = F.dropout(probs, p=dropout[0], training=dropout[1])
+        return torch.matmul(probs, v)
+    return fn
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(scale_style="div"), dict(softcap=3.0), dict(mask=False),
+                                    dict(dropout=(0.1, False))], ids=str)
+def test_hand_written_attention_becomes_fa4(kwargs):
+    record = _check(_eager_attention(**kwargs), *_qkv())
+    assert record.pattern == "eager_attention"
+    assert record.features["causal"] is kwargs.get("mask", True)
+    assert record.features["softcap"] == kwargs.get("softcap")
+
+
+def test_hand_written_attention_with_training_dropout_falls_back():
+    q, k, v = (t.detach() for t in _qkv())
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        torch.compile(_eager_attention(dropout=(0.1, True)))(q, k, v)
+    assert "dropout_p=0.1" in stats.site_records()[0].reason
+
+
+def test_attention_weights_used_elsewhere_fall_back():
+    def fn(q, k, v):
+        probs = torch.softmax(q @ k.transpose(-2, -1) * 0.25, dim=-1)
+        return probs @ v, probs
+    q, k, v = (t.detach() for t in _qkv())
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        torch.compile(fn)(q, k, v)
+    assert "users" in stats.site_records()[0].reason
+
+
+def test_non_attention_softmax_is_not_a_site():
+    def fn(x):
+        return torch.softmax(x, dim=-1)
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        torch.compile(fn)(torch.randn(4, 8))
+    assert stats.site_records() == []
