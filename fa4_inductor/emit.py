@@ -26,16 +26,18 @@ def example_value(node: Any) -> Any:
     return node
 
 
-def _call(graph: Graph, target, args: tuple, kwargs: dict | None = None) -> Node:
+def call_with_meta(graph: Graph, target, args: tuple, kwargs: dict | None = None) -> Node:
     """Insert ``target(*args, **kwargs)`` and record its fake result as metadata."""
     kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)
     fake_args = [example_value(a) for a in args]
     fake_mode = next((getattr(a, "fake_mode", None) for a in fake_args if getattr(a, "fake_mode", None)), None)
+    fake_kwargs = {k: example_value(v) for k, v in kwargs.items()}
     if fake_mode is not None:
         with fake_mode:
-            value = target(*fake_args, **{k: example_value(v) for k, v in kwargs.items()})
-        node.meta["example_value"] = value
+            node.meta["example_value"] = target(*fake_args, **fake_kwargs)
+    elif not any(isinstance(a, torch.Tensor) for a in (*fake_args, *fake_kwargs.values())):
+        node.meta["example_value"] = target(*fake_args, **fake_kwargs)  # scalar (SymFloat) arithmetic
     return node
 
 
@@ -52,11 +54,11 @@ def fa4_attention(
     after q, k, v (softmax_scale, causal, window_left, window_right,
     softcap, seqused_k). Call inside ``graph.inserting_before(...)``.
     """
-    q, k, v = (_call(graph, torch.transpose, (t, 1, 2)) for t in (query, key, value))
-    result = _call(graph, torch.ops.fa4.flash_attn_fwd.default, (q, k, v), params)
-    out_bshd = _call(graph, operator.getitem, (result, 0))
-    lse = _call(graph, operator.getitem, (result, 1))
-    return _call(graph, torch.transpose, (out_bshd, 1, 2)), lse
+    q, k, v = (call_with_meta(graph, torch.transpose, (t, 1, 2)) for t in (query, key, value))
+    result = call_with_meta(graph, torch.ops.fa4.flash_attn_fwd.default, (q, k, v), params)
+    out_bshd = call_with_meta(graph, operator.getitem, (result, 0))
+    lse = call_with_meta(graph, operator.getitem, (result, 1))
+    return call_with_meta(graph, torch.transpose, (out_bshd, 1, 2)), lse
 
 
 def fa4_attention_backward(
@@ -66,10 +68,10 @@ def fa4_attention_backward(
 ) -> tuple[Node, Node, Node]:
     """Emit FA4 backward from B,H,S,D (dout, q, k, v, out) nodes and lse; return B,H,S,D grads."""
     *bhsd, lse = args
-    bshd = [_call(graph, torch.transpose, (t, 1, 2)) for t in bhsd]
-    result = _call(graph, torch.ops.fa4.flash_attn_bwd.default, (*bshd, lse), params)
-    grads = (_call(graph, operator.getitem, (result, i)) for i in range(3))
-    return tuple(_call(graph, torch.transpose, (g, 1, 2)) for g in grads)
+    bshd = [call_with_meta(graph, torch.transpose, (t, 1, 2)) for t in bhsd]
+    result = call_with_meta(graph, torch.ops.fa4.flash_attn_bwd.default, (*bshd, lse), params)
+    grads = (call_with_meta(graph, operator.getitem, (result, i)) for i in range(3))
+    return tuple(call_with_meta(graph, torch.transpose, (g, 1, 2)) for g in grads)
 
 
 def erase_if_unused(nodes: list[Node]) -> None:

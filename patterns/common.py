@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Any
 
 import torch
 from torch.fx import Node
 from torch.fx.operator_schemas import normalize_function
 
-from fa4_inductor.emit import erase_if_unused, example_value, fa4_attention
+from fa4_inductor.emit import call_with_meta, erase_if_unused, example_value, fa4_attention
 from fa4_inductor.mask_analysis import NotAnalyzable, analyze_mask
 from fa4_inductor.pattern_registry import RewriteContext, SiteDecision
 from fa4_inductor.support import AttentionCall, unsupported_reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Reciprocal:
+    """A scale written as ``/ s`` with ``s`` a graph scalar: the rewrite emits ``1 / s``."""
+
+    divisor: Node
 
 
 def normalized_kwargs(node: Node) -> dict[str, Any]:
@@ -71,12 +79,21 @@ def strip_kv_repeat(node: Node) -> tuple[Node, int]:
     return source, int(repeats)
 
 
-def _constant(name: str, value: Any, kinds: tuple[type, ...]) -> tuple[Any, str | None]:
+def _constant(name: str, value: Any, kinds: tuple[type, ...], graph_scalar_ok: bool = False) -> tuple[Any, str | None]:
+    if graph_scalar_ok and isinstance(value, Reciprocal):
+        return value, None
     if isinstance(value, Node):
+        if graph_scalar_ok and isinstance(example_value(value), (torch.SymFloat, torch.SymInt)):
+            return value, None  # a graph scalar (dynamic float): passed to the op as is
         return None, f"{name} is computed in the graph, not a constant"
     if value is not None and not isinstance(value, kinds):
         return None, f"{name}={value!r} has unexpected type {type(value).__name__}"
     return value, None
+
+
+def _as_float(value: Any) -> Any:
+    """Python numbers become floats; graph scalars and deferred scales stay as they are."""
+    return float(value) if isinstance(value, (int, float)) else value
 
 
 def _shape_text(value) -> str:
@@ -117,15 +134,17 @@ def decide(
         dtype=str(q.dtype).replace("torch.", ""), head_dim=int(d) if isinstance(d, int) else str(d),
         q_shape=_shape_text(q), k_shape=_shape_text(k), v_shape=_shape_text(v),
         gqa_ratio=(hq // hk) if isinstance(hq, int) and isinstance(hk, int) and hk else None,
-        gqa_repeat_removed=k_repeats > 1, causal=False, window=None, softcap=softcap or None, padding=False,
+        gqa_repeat_removed=k_repeats > 1, causal=False, window=None,
+        softcap=(softcap or None) if isinstance(softcap, (int, float)) else "dynamic", padding=False,
     )
     reason = blocker
     if k_repeats != v_repeats:
         reason = reason or "key and value are repeated differently"
     constants = {}
     for name, val, kinds in (("dropout_p", dropout_p, (int, float)), ("is_causal", is_causal, (bool,)),
-                             ("scale", scale, (int, float)), ("enable_gqa", enable_gqa, (bool,))):
-        constants[name], bad = _constant(name, val, kinds)
+                             ("scale", scale, (int, float)), ("enable_gqa", enable_gqa, (bool,)),
+                             ("softcap", softcap, (int, float))):
+        constants[name], bad = _constant(name, val, kinds, graph_scalar_ok=name in ("scale", "softcap"))
         reason = reason or bad
     causal, window = bool(constants["is_causal"]), (-1, -1)
     if attn_mask is not None and reason is None:
@@ -151,8 +170,8 @@ def decide(
     if softmax_scale is None and isinstance(d, int):
         softmax_scale = 1.0 / math.sqrt(d)
     params = dict(
-        softmax_scale=float(softmax_scale or 0.0), causal=causal,
-        window_left=window[0], window_right=window[1], softcap=float(softcap), seqused_k=None,
+        softmax_scale=_as_float(softmax_scale), causal=causal,
+        window_left=window[0], window_right=window[1], softcap=_as_float(constants["softcap"]), seqused_k=None,
     )
     return SiteDecision(node, reason, features, params, captured)
 
@@ -165,6 +184,9 @@ def replace_with_fa4(decision: SiteDecision, output: Node) -> Node:
     graph = output.graph
     captured = decision.captured
     with graph.inserting_before(output):
+        if isinstance(decision.params["softmax_scale"], Reciprocal):
+            divisor = decision.params["softmax_scale"].divisor
+            decision.params["softmax_scale"] = call_with_meta(graph, operator.truediv, (1.0, divisor))
         out, lse = fa4_attention(graph, captured["query"], captured["key"], captured["value"], decision.params)
     output.replace_all_uses_with(out)
     graph.erase_node(output)

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from torch._inductor.pattern_matcher import CallFunctionVarArgs, CallMethodVarArgs, Match
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from fa4_inductor.emit import example_value
 from fa4_inductor.pattern_registry import AttentionPattern, RewriteContext, SiteDecision, register
 
-from .common import decide, replace_with_fa4
+from .common import Reciprocal, decide, replace_with_fa4
 
 SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
 
@@ -55,13 +56,23 @@ def _single_user(node: Node) -> Node:
     return next(iter(node.users))
 
 
-def _constant_operand(node: Node) -> tuple[Node, float] | None:
-    """For ``x * c`` / ``c * x`` return (x, c); None otherwise."""
+def _scalar(value: Any) -> Any:
+    """A Python number, or a graph node holding a scalar (``dynamic=True`` turns module
+    float attributes into ``.item()`` nodes); None for anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(example_value(value), (torch.SymFloat, torch.SymInt)):
+        return value
+    return None
+
+
+def _constant_operand(node: Node) -> tuple[Node, Any] | None:
+    """For ``x * c`` / ``c * x`` (c a scalar) return (x, c); None otherwise."""
     a, b = node.args[:2]
-    if isinstance(a, Node) and isinstance(b, (int, float)):
-        return a, float(b)
-    if isinstance(b, Node) and isinstance(a, (int, float)):
-        return b, float(a)
+    if isinstance(a, Node) and _scalar(b) is not None and not isinstance(example_value(a), (torch.SymFloat, torch.SymInt)):
+        return a, b
+    if isinstance(b, Node) and _scalar(a) is not None:
+        return b, a
     return None
 
 
@@ -97,8 +108,9 @@ def _peel_scale(node: Node) -> dict[str, Any]:
     found: dict[str, Any] = {"mask": None, "softcap": 0.0, "scale": 1.0}
     if _is(node, "mul", "__mul__") and _constant_operand(node):
         node, found["scale"] = _constant_operand(node)
-    elif _is(node, "div", "truediv", "__truediv__") and isinstance(node.args[1], (int, float)):
-        found["scale"] = 1.0 / float(node.args[1])
+    elif _is(node, "div", "truediv", "__truediv__") and _scalar(node.args[1]) is not None:
+        divisor = node.args[1]
+        found["scale"] = 1.0 / divisor if isinstance(divisor, (int, float)) else Reciprocal(divisor)
         node = node.args[0]
     if not (_is(node, "matmul") or (node.op == "call_function" and node.target is operator.matmul)):
         raise NoMatch("the scores are not matmul(q, k^T)")
@@ -118,8 +130,13 @@ def _peel_output(softmax: Node) -> tuple[Node, Node, float]:
         node = _single_user(node)
     if _is(node, "dropout"):
         p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
-        if not isinstance(p, (int, float)) or not isinstance(training, bool):
+        if _scalar(p) is None or not isinstance(training, bool):
             raise NoMatch("dropout with a computed p or training flag")
+        if isinstance(p, Node):
+            # A dynamic float attribute: decide on its value, with a guard so the
+            # compiled graph is reused only while p stays what it was.
+            value = example_value(p)
+            p = 0.0 if guard_or_false(value == 0) else float(value.node.hint)
         dropout_p = float(p) if training else 0.0
         node = _single_user(node)
     if not ((_is(node, "matmul") or (node.op == "call_function" and node.target is operator.matmul))):

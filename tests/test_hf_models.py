@@ -123,3 +123,17 @@ def test_bert_padding_mask_falls_back_and_stays_exact(impl):
     records = stats.site_records()
     assert len(records) == 2 and all(r.decision == "fallback" and "padding" in r.reason for r in records)
     assert _rel(got.float(), want.float()) < 2e-2
+
+
+def test_gemma2_eager_dynamic_shapes_graph_scalars():
+    """dynamic=True turns Gemma2's float attributes (scale, softcap, dropout p) into graph scalars."""
+    torch.manual_seed(0)
+    model = _build("gemma2", "eager").to(torch.bfloat16).eval()
+    ids = torch.randint(0, 128, (2, 24))
+    want = _output(model, ids, {})
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = _output(torch.compile(model, dynamic=True), ids, {})
+    records = stats.site_records()
+    assert [r.decision for r in records] == ["fa4", "fa4"], [r.reason for r in records]
+    assert all(r.features["softcap"] == "dynamic" for r in records)
+    assert _rel(got.float(), want.float()) < 2e-2

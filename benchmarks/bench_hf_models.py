@@ -1,0 +1,162 @@
+"""Hugging Face models (random weights, from configs) on one GPU: stock torch.compile vs fa4_inductor.
+
+For each model and sequence length (bf16, B=2): a training step (forward + backward of the LM
+loss) and an inference forward, each compiled stock and with the plugin, side by side in one
+process. Checks the plugin's logits against the uncompiled model, counts FA4 kernels with the
+profiler, and records peak memory. Writes JSON and markdown to --out.
+Usage: python benchmarks/bench_hf_models.py --out benchmarks/results --models llama mistral --seq 2048 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import pathlib
+import statistics
+
+import torch
+import transformers
+
+import fa4_inductor
+
+LAYERS, HIDDEN, HEADS, KV_HEADS, VOCAB = 4, 2048, 16, 4, 32000
+
+
+def build(name: str) -> torch.nn.Module:
+    """A 4-layer model of the family; Gemma2 on HF's eager path, where its softcap exists."""
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=LAYERS,
+                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=16384,
+                  attn_implementation="eager" if name == "gemma2" else "sdpa")
+    if name == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    if name == "mistral":
+        return transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=1024))
+    if name == "gemma2":
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            **common, head_dim=HIDDEN // HEADS, sliding_window=1024))
+    if name == "qwen2":
+        return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    raise ValueError(name)
+
+
+def _median_ms(fn, reps: int = 10) -> float:
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _attention_kernels(fn) -> dict[str, int]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    counts: dict = {"fa4": 0, "other_attention": 0, "other_names": []}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.name.lower()
+        if "flash_attncute" in name:
+            counts["fa4"] += 1
+        elif not name.startswith("triton_") and any(t in name for t in ("fmha", "flash", "cudnn", "attention", "efficient")):
+            # (Inductor's Triton kernels are named after the ops they fuse, e.g. "..._flash_attn_fwd_...")
+            counts["other_attention"] += 1
+            if e.name[:120] not in counts["other_names"]:
+                counts["other_names"].append(e.name[:120])
+    return counts
+
+
+def _measure(step, reference) -> dict:
+    try:
+        logits = step().float()
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return {"ms": _median_ms(step), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "kernels": _attention_kernels(step),
+                "rel_err_vs_eager": ((logits - reference).norm() / reference.norm()).item()}
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"ms": float("nan"), "peak_gib": float("nan"), "kernels": {}, "rel_err_vs_eager": float("nan"),
+                "oom": True}
+
+
+def run(name: str, seqs: list[int]) -> list[dict]:
+    """All rows of one model: per mode, one dynamic-shape compile per variant, reused for every S."""
+    torch.manual_seed(0)
+    model = build(name).cuda().to(torch.bfloat16)
+    inputs = {s: torch.randint(0, VOCAB, (2, s), device="cuda") for s in seqs}
+    references = {}
+    for s, ids in inputs.items():
+        try:
+            with torch.no_grad():
+                references[s] = model(ids).logits.float()
+        except torch.OutOfMemoryError:
+            references[s] = None
+            torch.cuda.empty_cache()
+    rows = {(mode, s): {"model": name, "S": s, "mode": mode} for mode in ("train", "infer") for s in seqs}
+    for mode in ("train", "infer"):
+        for variant, on in (("stock", False), ("plugin", True)):
+            torch._dynamo.reset()
+            with fa4_inductor.enabled(compile=True, eager=False) if on else contextlib.nullcontext():
+                compiled = torch.compile(model, dynamic=True)
+                for s, ids in inputs.items():
+                    def step(ids=ids):
+                        if mode == "train":
+                            out = compiled(ids, labels=ids)
+                            out.loss.backward()
+                            model.zero_grad(set_to_none=True)
+                            return out.logits
+                        with torch.no_grad():
+                            return compiled(ids).logits
+                    reference = references[s] if references[s] is not None else torch.ones(1, device="cuda")
+                    for key, value in _measure(step, reference).items():
+                        rows[(mode, s)][f"{variant}_{key}"] = value
+    for row in rows.values():
+        row["speedup"] = row["stock_ms"] / row["plugin_ms"]
+        print(json.dumps(row), flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return list(rows.values())
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Hugging Face models, stock torch.compile vs fa4_inductor ({result['device']})", "",
+             f"torch {result['torch']}, transformers {result['transformers']}; bf16, B=2, {LAYERS} layers, "
+             f"hidden {HIDDEN}, {HEADS} heads (D=128), {KV_HEADS} KV heads, sliding window 1024 (Mistral, Gemma2); "
+             "median of 10 steps (CUDA events). 'train' = forward + backward of the LM loss.", "",
+             "| model | S | mode | stock ms | plugin ms | speedup | FA4 kernels (plugin) | other attention kernels (plugin) | peak GiB stock | peak GiB plugin | rel err plugin vs eager | rel err stock vs eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['S']} | {r['mode']} | {r['stock_ms']:.2f} | {r['plugin_ms']:.2f} | {r['speedup']:.2f}x | "
+            f"{r['plugin_kernels'].get('fa4')} | {r['plugin_kernels'].get('other_attention')} | {r['stock_peak_gib']:.2f} | "
+            f"{r['plugin_peak_gib']:.2f} | {r['plugin_rel_err_vs_eager']:.2e} | {r['stock_rel_err_vs_eager']:.2e} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--models", nargs="+", default=["llama", "mistral", "gemma2", "qwen2"])
+    parser.add_argument("--seq", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--tag", default="hf_models")
+    args = parser.parse_args()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "rows": []}
+    for name in args.models:
+        result["rows"] += run(name, args.seq)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{args.tag}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
