@@ -117,9 +117,10 @@ def run(name: str, seqs: list[int]) -> list[dict]:
                     reference = references[s] if references[s] is not None else torch.ones(1, device="cuda")
                     for key, value in _measure(step, reference).items():
                         rows[(mode, s)][f"{variant}_{key}"] = value
-    for row in rows.values():
-        row["speedup"] = row["stock_ms"] / row["plugin_ms"]
-        print(json.dumps(row), flush=True)
+        for s in seqs:
+            row = rows[(mode, s)]
+            row["speedup"] = row["stock_ms"] / row["plugin_ms"]
+            print(json.dumps(row), flush=True)
     del model
     torch.cuda.empty_cache()
     return list(rows.values())
