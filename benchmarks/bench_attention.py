@@ -7,7 +7,8 @@ fa4_inductor enabled), forward and forward+backward. Blocks: a compiled
 attention block (qkv projection -> SDPA -> out projection), stock
 ``torch.compile`` vs with the plugin, forward+backward.
 
-Medians of ``triton.testing.do_bench``. Writes JSON and markdown to --out.
+Each variant is timed in ROUNDS interleaved rounds (one ``triton.testing.do_bench``
+median per round) and the median round is reported, so clock drift hits all variants alike. Writes JSON and markdown to --out.
 Usage: python benchmarks/bench_attention.py --out benchmarks/results
 """
 
@@ -18,6 +19,7 @@ import contextlib
 import json
 import pathlib
 import platform
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,8 @@ from triton.testing import do_bench
 
 import fa4_inductor
 from fa4_inductor import fa4_adapter
+
+ROUNDS = 5  # interleaved timing rounds per variant; each round is one do_bench median
 
 
 def _tflops(flops: float, ms: float) -> float:
@@ -93,14 +97,16 @@ def kernel_row(d: int, s: int, causal: bool) -> dict:
     # The plugin must stay enabled while timing: a compiled function that
     # recompiles (here: for no_grad) after disable() gets no rewrite.
     with fa4_inductor.enabled(compile=True, eager=False):
-        for name, (fn, inputs) in variants.items():
-            with torch.no_grad():
-                ms = _time(fn)
-            row[f"{name}_fwd_ms"] = ms
-            row[f"{name}_fwd_tflops"] = _tflops(flops, ms)
-            ms = _time(_fwd_bwd(fn, inputs))
-            row[f"{name}_fwdbwd_ms"] = ms
-            row[f"{name}_fwdbwd_tflops"] = _tflops(3.5 * flops, ms)
+        samples = {(name, mode): [] for name in variants for mode in ("fwd", "fwdbwd")}
+        for _ in range(ROUNDS):  # interleaved rounds: clock drift hits every variant alike
+            for name, (fn, inputs) in variants.items():
+                with torch.no_grad():
+                    samples[(name, "fwd")].append(_time(fn))
+                samples[(name, "fwdbwd")].append(_time(_fwd_bwd(fn, inputs)))
+        for (name, mode), times in samples.items():
+            ms = statistics.median(times)
+            row[f"{name}_{mode}_ms"] = ms
+            row[f"{name}_{mode}_tflops"] = _tflops(flops * (3.5 if mode == "fwdbwd" else 1), ms)
         row["plugin_kernels"] = _attention_kernels(variants["plugin_compiled"][0])
     row["plugin_vs_fa4_fwd"] = row["plugin_compiled_fwd_ms"] / row["fa4_direct_fwd_ms"]
     row["plugin_vs_fa4_fwdbwd"] = row["plugin_compiled_fwdbwd_ms"] / row["fa4_direct_fwdbwd_ms"]
@@ -127,12 +133,18 @@ def block_row(d: int, s: int, causal: bool) -> dict:
     dim, b = 2048, 16384 // s
     block = Block(dim, dim // d, causal).cuda().bfloat16()
     x = torch.randn(b, s, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    times = {}
+    steps = {}
     for name, on in (("stock", False), ("plugin", True)):
-        torch._dynamo.reset()
         with fa4_inductor.enabled(compile=True, eager=False) if on else contextlib.nullcontext():
-            compiled = torch.compile(block, fullgraph=True)
-            times[name] = _time(_fwd_bwd(lambda: compiled(x), [x, *block.parameters()]))
+            # A fresh compile per variant; each compiled artifact keeps the graph it was built with.
+            compiled = torch.compile(Block.forward.__get__(block), fullgraph=True)
+            steps[name] = _fwd_bwd(lambda compiled=compiled: compiled(x), [x, *block.parameters()])
+            steps[name]()
+    samples = {name: [] for name in steps}
+    for _ in range(ROUNDS):
+        for name, step in steps.items():
+            samples[name].append(_time(step))
+    times = {name: statistics.median(v) for name, v in samples.items()}
     return {"D": d, "S": s, "B": b, "causal": causal, "stock_fwdbwd_ms": times["stock"],
             "plugin_fwdbwd_ms": times["plugin"], "speedup": times["stock"] / times["plugin"]}
 

@@ -188,3 +188,28 @@ def test_compiled_dynamic_lengths_reuse_graph_and_kernel():
     _report("dynamic_lengths", new_lengths_seconds=elapsed)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames
     assert elapsed < 1.0, "a new sequence length recompiled the graph or the FA4 kernel"
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_reduce_overhead_captures_fa4_in_cuda_graphs(training):
+    torch.manual_seed(0)
+    block = Block(1024, 8).cuda().bfloat16()
+    x = torch.randn(2, 1024, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=training)
+    torch._dynamo.reset()
+    stats.reset()
+    with fa4_inductor.enabled(compile=True, eager=False), torch.set_grad_enabled(training):
+        compiled = torch.compile(block, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # warm-up, record, replay
+            torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(x)
+            if training:
+                out.float().square().mean().backward()
+        names = _kernel_names(lambda: (torch.compiler.cudagraph_mark_step_begin(), compiled(x)))
+        ref = block(x).detach()
+    skipped = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    rel = ((out.detach().double() - ref.double()).norm() / ref.double().norm()).item()
+    _report("reduce_overhead", training=training, cudagraph_skips=skipped, rel_err=rel,
+            kernels=sorted(set(_attention_kernels(names))))
+    assert stats.counters["compile.fa4"] >= 1
+    assert skipped == 0, "Inductor skipped CUDA graphs"
+    assert rel < 1e-2
