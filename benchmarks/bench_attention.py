@@ -133,18 +133,14 @@ def block_row(d: int, s: int, causal: bool) -> dict:
     dim, b = 2048, 16384 // s
     block = Block(dim, dim // d, causal).cuda().bfloat16()
     x = torch.randn(b, s, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    steps = {}
+    times = {}
     for name, on in (("stock", False), ("plugin", True)):
+        # A fresh Dynamo cache per variant: two compiles of one forward would share cache entries.
+        torch._dynamo.reset()
         with fa4_inductor.enabled(compile=True, eager=False) if on else contextlib.nullcontext():
-            # A fresh compile per variant; each compiled artifact keeps the graph it was built with.
-            compiled = torch.compile(Block.forward.__get__(block), fullgraph=True)
-            steps[name] = _fwd_bwd(lambda compiled=compiled: compiled(x), [x, *block.parameters()])
-            steps[name]()
-    samples = {name: [] for name in steps}
-    for _ in range(ROUNDS):
-        for name, step in steps.items():
-            samples[name].append(_time(step))
-    times = {name: statistics.median(v) for name, v in samples.items()}
+            compiled = torch.compile(block, fullgraph=True)
+            step = _fwd_bwd(lambda: compiled(x), [x, *block.parameters()])
+            times[name] = statistics.median(_time(step) for _ in range(ROUNDS))
     return {"D": d, "S": s, "B": b, "causal": causal, "stock_fwdbwd_ms": times["stock"],
             "plugin_fwdbwd_ms": times["plugin"], "speedup": times["stock"] / times["plugin"]}
 
