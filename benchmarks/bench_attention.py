@@ -133,7 +133,7 @@ def block_row(d: int, s: int, causal: bool) -> dict:
     dim, b = 2048, 16384 // s
     block = Block(dim, dim // d, causal).cuda().bfloat16()
     x = torch.randn(b, s, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    times = {}
+    times, kernels = {}, {}
     for name, on in (("stock", False), ("plugin", True)):
         # A fresh Dynamo cache per variant: two compiles of one forward would share cache entries.
         torch._dynamo.reset()
@@ -141,7 +141,8 @@ def block_row(d: int, s: int, causal: bool) -> dict:
             compiled = torch.compile(block, fullgraph=True)
             step = _fwd_bwd(lambda: compiled(x), [x, *block.parameters()])
             times[name] = statistics.median(_time(step) for _ in range(ROUNDS))
-    return {"D": d, "S": s, "B": b, "causal": causal, "stock_fwdbwd_ms": times["stock"],
+            kernels[name] = _attention_kernels(step)
+    return {"D": d, "S": s, "B": b, "causal": causal, "kernels": kernels, "stock_fwdbwd_ms": times["stock"],
             "plugin_fwdbwd_ms": times["plugin"], "speedup": times["stock"] / times["plugin"]}
 
 
