@@ -114,3 +114,19 @@ def test_example_script_defines_build():
         sys.path.pop(0)
     model, (ids,) = tiny_llama.build()
     assert ids.shape == (2, 64) and isinstance(model, torch.nn.Module)
+
+
+def test_masked_hf_model_report():
+    """The README's example model: materialized causal mask + repeat_kv, both seen through."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import tiny_llama
+    finally:
+        sys.path.pop(0)
+    model, (ids,) = tiny_llama.build()
+    report = explain(model, ids[:, :16], arch="sm90")
+    assert [(r.pattern, r.decision) for r in report.records] == [("sdpa", "fa4")] * 2
+    for record in report.records:
+        assert record.features["causal"] is True and record.features["mask"] == "analyzed"
+        assert record.features["gqa_ratio"] == 2 and record.features["gqa_repeat_removed"] is True
+        assert record.module_path.endswith(("layers.0.self_attn", "layers.1.self_attn"))

