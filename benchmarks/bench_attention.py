@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
 import fa4_inductor
+from examples.attention_block import AttentionBlock
 from fa4_inductor import fa4_adapter
 
 ROUNDS = 5  # interleaved timing rounds per variant; each round is one do_bench median
@@ -113,25 +114,10 @@ def kernel_row(d: int, s: int, causal: bool) -> dict:
     return row
 
 
-class Block(torch.nn.Module):
-    def __init__(self, dim: int, heads: int, causal: bool):
-        super().__init__()
-        self.heads, self.causal = heads, causal
-        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = torch.nn.Linear(dim, dim, bias=False)
-
-    def forward(self, x):
-        b, s, dim = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.heads, dim // self.heads).unbind(2)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=self.causal)
-        return self.proj(o.transpose(1, 2).reshape(b, s, dim))
-
-
 def block_row(d: int, s: int, causal: bool) -> dict:
     """Compiled attention block, fwd+bwd: stock torch.compile vs with the plugin."""
     dim, b = 2048, 16384 // s
-    block = Block(dim, dim // d, causal).cuda().bfloat16()
+    block = AttentionBlock(dim, dim // d, causal).cuda().bfloat16()
     x = torch.randn(b, s, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     times, kernels = {}, {}
     for name, on in (("stock", False), ("plugin", True)):

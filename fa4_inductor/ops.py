@@ -49,6 +49,12 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, seqused_k: Tensor | None) -> None
         raise ValueError(f"seqused_k must be a 1-D int32 tensor, got {seqused_k.dtype} {tuple(seqused_k.shape)}")
 
 
+def _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k) -> dict:
+    """The attention options as keyword arguments of the adapter and the reference."""
+    return dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left,
+                window_right=window_right, softcap=softcap, seqused_k=seqused_k)
+
+
 @torch.library.custom_op(f"{_OP_NS}::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(
     q: Tensor,
@@ -63,10 +69,7 @@ def flash_attn_fwd(
 ) -> tuple[Tensor, Tensor]:
     """FA4 attention forward on B,S,H,D tensors; returns (out, lse)."""
     _validate(q, k, v, seqused_k)
-    params = dict(
-        softmax_scale=softmax_scale, causal=causal, window_left=window_left,
-        window_right=window_right, softcap=softcap, seqused_k=seqused_k,
-    )
+    params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k)
     if q.device.type == "cuda":
         return fa4_adapter.forward(q, k, v, **params)
     if q.device.type == "cpu":
@@ -101,10 +104,7 @@ def flash_attn_bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """FA4 attention backward; returns contiguous (dq, dk, dv)."""
     _validate(q, k, v, seqused_k)
-    params = dict(
-        softmax_scale=softmax_scale, causal=causal, window_left=window_left,
-        window_right=window_right, softcap=softcap, seqused_k=seqused_k,
-    )
+    params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k)
     if q.device.type == "cuda":
         grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
         fa4_adapter.backward(dout, q, k, v, out, lse, **params, dq=grads[0], dk=grads[1], dv=grads[2])

@@ -95,7 +95,7 @@ def _peel_scores(scores: Node) -> dict[str, Any]:
         raise NoMatch("no attention scores under the mask addition")
     capped = _constant_operand(node) if _is(node, "mul", "__mul__") else None
     if capped and _is(capped[0], "tanh"):
-        (tanh, cap), inner = capped, capped[0].args[0]
+        cap, inner = capped[1], capped[0].args[0]
         if not (_is(inner, "div", "truediv", "__truediv__") and inner.args[1] == cap and isinstance(inner.args[0], Node)):
             raise NoMatch("tanh that is not a softcap tanh(x / c) * c")
         found = _peel_scale(inner.args[0])

@@ -1,10 +1,16 @@
 """Shared fixtures: a clean plugin state and fresh Dynamo caches per test."""
 
+import pathlib
+import sys
+
 import pytest
 import torch
 
 import fa4_inductor
 from fa4_inductor import stats
+
+# The repository root, so tests can import the example models (``examples.*``).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,6 @@
 """Inspection: explain() reports, the CLI, JSON round trips, TORCH_LOGS and graph dumps."""
 
 import json
-import logging
 import os
 import pathlib
 import subprocess
@@ -11,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fa4_inductor
 from fa4_inductor import Report, explain, stats
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -107,22 +105,16 @@ def test_torch_logs_show_rewrites_and_graph_dumps():
 
 
 def test_example_script_defines_build():
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import tiny_llama
-    finally:
-        sys.path.pop(0)
+    from examples import tiny_llama
+
     model, (ids,) = tiny_llama.build()
     assert ids.shape == (2, 64) and isinstance(model, torch.nn.Module)
 
 
 def test_masked_hf_model_report():
     """The README's example model: materialized causal mask + repeat_kv, both seen through."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import tiny_llama
-    finally:
-        sys.path.pop(0)
+    from examples import tiny_llama
+
     model, (ids,) = tiny_llama.build()
     report = explain(model, ids[:, :16], arch="sm90")
     assert [(r.pattern, r.decision) for r in report.records] == [("sdpa", "fa4")] * 2

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import fa4_inductor
+from examples.attention_block import AttentionBlock
 from fa4_inductor import fa4_adapter, stats
 from fa4_inductor.reference import visible_keys
 
@@ -128,26 +129,9 @@ def test_eager_override_runs_fa4_and_falls_back_with_reason():
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
 
 
-class Block(torch.nn.Module):
-    """qkv projection -> SDPA -> out projection, like a transformer layer's attention."""
-
-    def __init__(self, dim, heads, causal=True):
-        super().__init__()
-        self.heads, self.causal = heads, causal
-        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = torch.nn.Linear(dim, dim, bias=False)
-
-    def forward(self, x):
-        b, s, dim = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.heads, dim // self.heads).unbind(2)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=self.causal)
-        return self.proj(o.transpose(1, 2).reshape(b, s, dim))
-
-
 def test_compiled_block_runs_fa4_forward_and_backward():
     torch.manual_seed(0)
-    block = Block(1024, 8).cuda().bfloat16()
+    block = AttentionBlock(1024, 8).cuda().bfloat16()
     x = torch.randn(2, 2048, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     stats.reset()
     torch._dynamo.reset()
@@ -173,7 +157,7 @@ def test_compiled_block_runs_fa4_forward_and_backward():
 
 def test_compiled_dynamic_lengths_reuse_graph_and_kernel():
     torch.manual_seed(0)
-    block = Block(512, 4).cuda().bfloat16()
+    block = AttentionBlock(512, 4).cuda().bfloat16()
     torch._dynamo.reset()
     with fa4_inductor.enabled(compile=True, eager=False):
         compiled = torch.compile(block, dynamic=True, fullgraph=True)
@@ -195,7 +179,7 @@ def test_compiled_dynamic_lengths_reuse_graph_and_kernel():
            "of CUDAGraphs that has been overwritten by a subsequent run' (seen 2026-11-23)", strict=False))])
 def test_reduce_overhead_captures_fa4_in_cuda_graphs(training):
     torch.manual_seed(0)
-    block = Block(1024, 8).cuda().bfloat16()
+    block = AttentionBlock(1024, 8).cuda().bfloat16()
     x = torch.randn(2, 1024, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=training)
     torch._dynamo.reset()
     stats.reset()
