@@ -122,3 +122,18 @@ def test_masked_hf_model_report():
         assert record.features["causal"] is True and record.features["mask"] == "analyzed"
         assert record.features["gqa_ratio"] == 2 and record.features["gqa_repeat_removed"] is True
         assert record.module_path.endswith(("layers.0.self_attn", "layers.1.self_attn"))
+
+
+def test_torch_trace_has_graph_artifacts(tmp_path):
+    script = (
+        "import torch, torch.nn.functional as F, fa4_inductor\n"
+        "fa4_inductor.enable(devices=('cpu',), eager=False)\n"
+        "q = torch.randn(1, 2, 8, 64, dtype=torch.bfloat16)\n"
+        "torch.compile(lambda q: F.scaled_dot_product_attention(q, q, q, is_causal=True))(q)\n")
+    env = dict(os.environ, TORCH_TRACE=str(tmp_path), TORCHINDUCTOR_FX_GRAPH_CACHE="0",
+               TORCHINDUCTOR_AUTOGRAD_CACHE="0")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trace = "\n".join(p.read_text() for p in tmp_path.iterdir())
+    assert '"name": "fa4_inductor_before"' in trace and '"name": "fa4_inductor_after"' in trace
+    assert "flash_attn_fwd" in trace
