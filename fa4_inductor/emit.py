@@ -26,6 +26,17 @@ def example_value(node: Any) -> Any:
     return node
 
 
+def op_name(node: Any) -> str | None:
+    """The method or function name a call node invokes (``"transpose"``, ``"le"``), else None."""
+    if not isinstance(node, Node):
+        return None
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", None)
+    return None
+
+
 def call_with_meta(graph: Graph, target, args: tuple, kwargs: dict | None = None) -> Node:
     """Insert ``target(*args, **kwargs)`` and record its fake result as metadata."""
     kwargs = kwargs or {}

@@ -26,6 +26,8 @@ import sympy
 import torch
 from torch.fx import Node
 
+from .emit import op_name
+
 _I, _J, _B, _H = sympy.symbols("q_idx kv_idx batch head", integer=True)
 
 
@@ -96,13 +98,6 @@ def _example(node: Any) -> Any:
     return node
 
 
-def _method_or_fn(node: Node) -> str:
-    if node.op == "call_method":
-        return node.target
-    target = node.target
-    return getattr(target, "__name__", str(target))
-
-
 _COMPARE = {"le": sympy.Le, "lt": sympy.Lt, "ge": sympy.Ge, "gt": sympy.Gt, "eq": sympy.Eq, "ne": sympy.Ne,
             "__le__": sympy.Le, "__lt__": sympy.Lt, "__ge__": sympy.Ge, "__gt__": sympy.Gt}
 _ARITH = {"add": operator.add, "sub": operator.sub, "__add__": operator.add, "__sub__": operator.sub,
@@ -142,7 +137,7 @@ class _Evaluator:
             raise NotAnalyzable(f"unsupported node {node.op} {node.target}")
         if isinstance(example, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float)):
             return example  # a size computation: its value is known symbolically
-        name = _method_or_fn(node)
+        name = op_name(node) or str(node.target)
         if node.target is operator.getitem:
             return self._getitem(self.value(node.args[0]), node.args[1], _example(node.args[0]))
         if name == "tensor" and len(node.args) == 1 and isinstance(node.args[0], (int, float, bool)):

@@ -11,7 +11,7 @@ import torch
 from torch.fx import Node
 from torch.fx.operator_schemas import normalize_function
 
-from fa4_inductor.emit import call_with_meta, erase_if_unused, example_value, fa4_attention
+from fa4_inductor.emit import call_with_meta, erase_if_unused, example_value, fa4_attention, op_name
 from fa4_inductor.mask_analysis import NotAnalyzable, analyze_mask
 from fa4_inductor.pattern_registry import RewriteContext, SiteDecision
 from fa4_inductor.support import AttentionCall, unsupported_reason
@@ -34,14 +34,6 @@ def normalized_kwargs(node: Node) -> dict[str, Any]:
     return dict(normalized.kwargs)
 
 
-def _is_method_or_fn(node: Any, name: str) -> bool:
-    if not isinstance(node, Node):
-        return False
-    if node.op == "call_method":
-        return node.target == name
-    return node.op == "call_function" and getattr(node.target, "__name__", None) == name
-
-
 def strip_kv_repeat(node: Node) -> tuple[Node, int]:
     """See through a GQA repeat of K or V; return (un-repeated node, repeat factor).
 
@@ -49,23 +41,22 @@ def strip_kv_repeat(node: Node) -> tuple[Node, int]:
     also written with ``unsqueeze(2)``) and ``repeat_interleave(r, dim=1)``. Returns
     ``(node, 1)`` for anything else.
     """
-    if _is_method_or_fn(node, "repeat_interleave"):
+    if op_name(node) == "repeat_interleave":
         source, repeats = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
         if isinstance(source, Node) and isinstance(repeats, int) and dim == 1:
             return source, repeats
         return node, 1
-    if not (_is_method_or_fn(node, "reshape") or _is_method_or_fn(node, "view")):
+    if op_name(node) not in ("reshape", "view"):
         return node, 1
     expanded = node.args[0]
-    if not _is_method_or_fn(expanded, "expand"):
+    if op_name(expanded) != "expand":
         return node, 1
     inserted = expanded.args[0]
-    if _is_method_or_fn(inserted, "unsqueeze") and inserted.args[1:] in ((2,), (-3,)):
+    if op_name(inserted) == "unsqueeze" and inserted.args[1:] in ((2,), (-3,)):
         source = inserted.args[0]
-    elif _is_method_or_fn(inserted, "getitem") and inserted.args[1] == (slice(None), slice(None), None):
-        source = inserted.args[0]
-    elif _is_method_or_fn(inserted, "getitem") and inserted.args[1] == (slice(None), slice(None), None, slice(None), slice(None)):
+    elif op_name(inserted) == "getitem" and inserted.args[1] in (
+            (slice(None), slice(None), None), (slice(None), slice(None), None, slice(None), slice(None))):
         source = inserted.args[0]
     else:
         return node, 1
@@ -176,19 +167,15 @@ def decide(
     return SiteDecision(node, reason, features, params, captured)
 
 
-def replace_with_fa4(decision: SiteDecision, output: Node) -> Node:
-    """Emit the decided FA4 call before ``output``, route its users there, drop dead nodes.
-
-    Returns the node of FA4's logsumexp (for patterns whose site exposes it).
-    """
+def replace_with_fa4(decision: SiteDecision, output: Node) -> None:
+    """Emit the decided FA4 call before ``output``, route its users there, drop dead nodes."""
     graph = output.graph
     captured = decision.captured
     with graph.inserting_before(output):
         if isinstance(decision.params["softmax_scale"], Reciprocal):
             divisor = decision.params["softmax_scale"].divisor
             decision.params["softmax_scale"] = call_with_meta(graph, operator.truediv, (1.0, divisor))
-        out, lse = fa4_attention(graph, captured["query"], captured["key"], captured["value"], decision.params)
+        out, _ = fa4_attention(graph, captured["query"], captured["key"], captured["value"], decision.params)
     output.replace_all_uses_with(out)
     graph.erase_node(output)
     erase_if_unused([*captured["dead"], *captured.get("replaced", [])])
-    return lse

@@ -24,7 +24,7 @@ from torch._inductor.pattern_matcher import CallFunctionVarArgs, CallMethodVarAr
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
-from fa4_inductor.emit import example_value
+from fa4_inductor.emit import example_value, op_name
 from fa4_inductor.pattern_registry import AttentionPattern, RewriteContext, SiteDecision, register
 
 from .common import Reciprocal, decide, replace_with_fa4
@@ -34,16 +34,6 @@ SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
 
 class NoMatch(Exception):
     """The code around this softmax is not (this kind of) attention."""
-
-
-def _name(node: Any) -> str | None:
-    if not isinstance(node, Node):
-        return None
-    if node.op == "call_method":
-        return node.target
-    if node.op == "call_function":
-        return getattr(node.target, "__name__", None)
-    return None
 
 
 def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
@@ -77,7 +67,11 @@ def _constant_operand(node: Node) -> tuple[Node, Any] | None:
 
 
 def _is(node: Any, *names: str) -> bool:
-    return _name(node) in names
+    return op_name(node) in names
+
+
+def _is_matmul(node: Node) -> bool:
+    return _is(node, "matmul") or (node.op == "call_function" and node.target is operator.matmul)
 
 
 def _peel_scores(scores: Node) -> dict[str, Any]:
@@ -106,13 +100,14 @@ def _peel_scores(scores: Node) -> dict[str, Any]:
 
 def _peel_scale(node: Node) -> dict[str, Any]:
     found: dict[str, Any] = {"mask": None, "softcap": 0.0, "scale": 1.0}
-    if _is(node, "mul", "__mul__") and _constant_operand(node):
-        node, found["scale"] = _constant_operand(node)
+    scaled = _constant_operand(node) if _is(node, "mul", "__mul__") else None
+    if scaled:
+        node, found["scale"] = scaled
     elif _is(node, "div", "truediv", "__truediv__") and _scalar(node.args[1]) is not None:
         divisor = node.args[1]
         found["scale"] = 1.0 / divisor if isinstance(divisor, (int, float)) else Reciprocal(divisor)
         node = node.args[0]
-    if not (_is(node, "matmul") or (node.op == "call_function" and node.target is operator.matmul)):
+    if not _is_matmul(node):
         raise NoMatch("the scores are not matmul(q, k^T)")
     query, key_t = node.args[:2]
     if _is(key_t, "transpose") and sorted(int(d) % 4 for d in key_t.args[1:3]) == [2, 3]:
@@ -139,7 +134,7 @@ def _peel_output(softmax: Node) -> tuple[Node, Node, float]:
             p = 0.0 if guard_or_false(value == 0) else float(value.node.hint)
         dropout_p = float(p) if training else 0.0
         node = _single_user(node)
-    if not ((_is(node, "matmul") or (node.op == "call_function" and node.target is operator.matmul))):
+    if not _is_matmul(node):
         raise NoMatch("the probabilities do not feed matmul(p, v)")
     return node, node.args[1], dropout_p
 
