@@ -6,6 +6,9 @@ the job; when PyTorch grows a public one, only this module changes.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -32,3 +35,37 @@ def trace_artifact(name: str, payload_fn) -> None:
         metadata_fn=lambda: {"name": name, "encoding": "string"},
         payload_fn=payload_fn,
     )
+
+
+@contextlib.contextmanager
+def fresh_fake_mode() -> Iterator[None]:
+    """A new ``FakeTensorMode`` in which tensors get concrete sizes, outside any active one.
+
+    FA4 compiles kernels under fake tensors but needs concrete sizes; the
+    fake tensors a fake impl receives during tracing may have symbolic ones.
+    ``FakeTensorMode`` and ``unset_fake_temporarily`` (step out of the
+    tracer's mode) live in ``torch._subclasses``: there is no public API.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+
+    with unset_fake_temporarily(), FakeTensorMode():
+        yield
+
+
+def concrete_fake_like(tensor: torch.Tensor, fallback: int = 4096) -> torch.Tensor:
+    """A tensor like ``tensor`` with symbolic sizes and strides replaced by their hints.
+
+    Call inside :func:`fresh_fake_mode`. The hint (the size Dynamo saw) comes
+    from ``torch.fx.experimental.symbolic_shapes``: ``optimization_hint`` in
+    torch >= 2.12, ``hint_int`` before. Unbacked sizes take ``fallback``.
+    """
+    from torch.fx.experimental import symbolic_shapes
+
+    hint = getattr(symbolic_shapes, "optimization_hint", None) or symbolic_shapes.hint_int
+
+    def concrete(value) -> int:
+        return value if isinstance(value, int) else hint(value, fallback=fallback)
+
+    sizes = [concrete(s) for s in tensor.shape]
+    strides = [concrete(s) for s in tensor.stride()]
+    return torch.empty_strided(sizes, strides, dtype=tensor.dtype, device=tensor.device)

@@ -9,18 +9,37 @@ its forward and backward entry points. Everything else in the package calls
 The tested version is :data:`TESTED_FA4_VERSION`; other versions are used
 if their entry points have the parameters we pass, else they are reported
 as unusable with the reason.
+
+Three things keep FA4's costs out of the training loop:
+
+- Forward calls replay a cached launch plan (:mod:`.launch_plan`) instead
+  of FA4's per-call Python.
+- :func:`precompile_forward` / :func:`precompile_backward` build the kernels
+  under fake tensors, so the op's fake impls compile them while
+  ``torch.compile`` compiles the graph, not on the first step.
+- FA4's on-disk kernel cache is switched on (unless the user set it), so a
+  second process loads kernels instead of compiling them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.metadata
 import inspect
 import logging
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
+
+from . import launch_plan
+from ._torch_private import concrete_fake_like, fresh_fake_mode
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +64,35 @@ class FA4Unavailable(RuntimeError):
     """FA4 is not installed or its API does not match what the adapter needs."""
 
 
+_DISK_CACHE_FLAG = "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"
+_DISK_CACHE_DIR = "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR"
+
+
+def _default_cache_dir() -> pathlib.Path:
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "fa4_inductor" / "cute_dsl"
+
+
+def _configure_disk_cache() -> None:
+    """Turn on FA4's persistent kernel cache unless the user decided; FA4 reads it at import."""
+    if "flash_attn.cute.cache_utils" in sys.modules:
+        if os.environ.get(_DISK_CACHE_FLAG) != "1":
+            log.info("flash_attn.cute was imported before fa4_inductor without %s=1: "
+                     "FA4 kernels are not cached on disk", _DISK_CACHE_FLAG)
+        return
+    os.environ.setdefault(_DISK_CACHE_FLAG, "1")
+    os.environ.setdefault(_DISK_CACHE_DIR, str(_default_cache_dir()))
+
+
+def disk_cache_dir() -> str | None:
+    """Where FA4 keeps compiled kernels across processes, or None when it doesn't."""
+    return os.environ.get(_DISK_CACHE_DIR) if os.environ.get(_DISK_CACHE_FLAG) == "1" else None
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> tuple[ModuleType | None, str | None]:
     """Import FA4 once; return (module, None) or (None, reason)."""
+    _configure_disk_cache()
     try:
         module = importlib.import_module(_FA4_MODULE)
     except Exception as exc:  # ImportError, or a CUDA/DSL init error of a broken install
@@ -117,6 +162,36 @@ def _window(value: int) -> int | None:
     return None if value < 0 else value
 
 
+_FORWARD_PLANS = launch_plan.PlanCache()
+
+
+@contextlib.contextmanager
+def _recording(entry_point) -> Iterator[launch_plan.Recorder]:
+    """Wrap one FA4 entry point's compile cache in a recorder for this call."""
+    recorder = launch_plan.Recorder(entry_point.compile_cache)
+    entry_point.compile_cache = recorder
+    try:
+        yield recorder
+    finally:
+        entry_point.compile_cache = recorder.inner
+
+
+def _fa4_forward(q, k, v, out, lse, *, softmax_scale, causal, window_left, window_right, softcap, seqused_k):
+    """FA4's own forward entry point, writing into ``out`` and ``lse``."""
+    _module()._flash_attn_fwd(
+        q, k, v,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        softcap=softcap or None,
+        window_size_left=_window(window_left),
+        window_size_right=_window(window_right),
+        seqused_k=seqused_k,
+        return_lse=True,
+        out=out,
+        lse=lse,
+    )
+
+
 def forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -130,26 +205,108 @@ def forward(
     seqused_k: torch.Tensor | None,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FA4 forward on B,S,H,D tensors; returns (out B,S,H,Dv, lse fp32 B,H,S).
+    """FA4 forward on real B,S,H,D CUDA tensors; returns (out B,S,H,Dv, lse fp32 B,H,S).
 
-    ``out``, if given, is an aligned B,S,H,Dv buffer FA4 writes into.
+    ``out``, if given, is an aligned B,S,H,Dv buffer FA4 writes into. Calls
+    replay the launch plan of their key once one has been learned.
     """
-    result = _module()._flash_attn_fwd(
-        q, k, v,
-        softmax_scale=softmax_scale,
-        causal=causal,
-        softcap=softcap or None,
-        window_size_left=_window(window_left),
-        window_size_right=_window(window_right),
-        seqused_k=seqused_k,
-        return_lse=True,
-        out=out,
-    )
-    # 4.0.0b36 returns (out, lse, p, row_max, o_lo); earlier betas (out, lse).
-    out, lse = result[0], result[1]
-    if lse is None:
-        raise FA4Unavailable(f"flash-attn-4 {version()} returned no logsumexp with return_lse=True")
+    batch, seqlen_q, heads = q.shape[:3]
+    if out is None:
+        out = torch.empty((batch, seqlen_q, heads, v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    params = dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left,
+                  window_right=window_right, softcap=softcap, seqused_k=seqused_k)
+    key = launch_plan.plan_key(q, k, v, params)
+    plan = _FORWARD_PLANS.get(key) if key is not None else None
+    tensors = (q, k, v, out, lse, seqused_k)
+    if plan:
+        plan.launch(tensors)
+        return out, lse
+    if plan is None:
+        _fa4_forward(q, k, v, out, lse, **params)
+        return out, lse
+    entry_point = _module()._flash_attn_fwd
+    with _recording(entry_point) as recorder:
+        _fa4_forward(q, k, v, out, lse, **params)
+    learned = launch_plan.plan_from(recorder, tensors)
+    if learned is not launch_plan.UNDECIDED:
+        _FORWARD_PLANS.put(key, learned)
+        log.debug("FA4 forward launch plan %s for %s", "learned" if learned else "not replayable", key)
     return out, lse
+
+
+def forward_plans() -> launch_plan.PlanCache:
+    """The forward launch plans learned in this process."""
+    return _FORWARD_PLANS
+
+
+def _fake_inputs(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [concrete_fake_like(t) if t is not None else None for t in tensors]
+
+
+def _timed_precompile(what: str, describe: str, build) -> float:
+    start = time.perf_counter()
+    try:
+        build()
+    except Exception as exc:  # the real call will raise it; compiling the graph must not
+        log.warning("fa4_inductor: could not precompile the FA4 %s kernel (%s): %s: %s",
+                    what, describe, type(exc).__name__, exc)
+        return 0.0
+    seconds = time.perf_counter() - start
+    if seconds > 0.2:
+        log.info("fa4_inductor: compiled FA4 %s kernel (%s) in %.1f s", what, describe, seconds)
+    return seconds
+
+
+def _describe(q, k, params) -> str:
+    flags = [f"{q.dtype}".replace("torch.", ""), f"d={q.shape[-1]}", f"heads={q.shape[2]}/{k.shape[2]}"]
+    flags += [name for name in ("causal",) if params["causal"]]
+    if params["window_left"] >= 0 or params["window_right"] >= 0:
+        flags.append(f"window=({params['window_left']}, {params['window_right']})")
+    if params["softcap"]:
+        flags.append(f"softcap={params['softcap']}")
+    return ", ".join(flags)
+
+
+_precompiled: set = set()
+
+
+def _precompile_once(what: str, q, k, v, params: dict, build) -> float:
+    key = (what, q.dtype, tuple(q.shape[2:]), k.shape[2], v.shape[-1], params["causal"],
+           params["window_left"] >= 0, params["window_right"] >= 0, bool(params["softcap"]),
+           params["seqused_k"] is None)
+    if key in _precompiled or unavailable_reason() is not None:
+        return 0.0
+    _precompiled.add(key)
+    return _timed_precompile(what, _describe(q, k, params), build)
+
+
+def precompile_forward(q, k, v, **params) -> float:
+    """Compile (or load from disk) FA4's forward kernel for these (fake) inputs; return seconds.
+
+    Symbolic sizes are replaced by their hints. Nothing is launched.
+    """
+    def build():
+        fq, fk, fv, fseq = _fake_inputs(q, k, v, params["seqused_k"])
+        out = torch.empty((*fq.shape[:3], fv.shape[-1]), dtype=fq.dtype, device=fq.device)
+        lse = torch.empty((fq.shape[0], fq.shape[2], fq.shape[1]), dtype=torch.float32, device=fq.device)
+        _fa4_forward(fq, fk, fv, out, lse, **{**params, "seqused_k": fseq})
+    return _precompile_once("forward", q, k, v, params, lambda: _in_fresh_fake_mode(build))
+
+
+def precompile_backward(dout, q, k, v, out, lse, **params) -> float:
+    """Compile (or load from disk) FA4's backward kernels for these (fake) inputs; return seconds."""
+    def build():
+        fdout, fq, fk, fv, fout, flse, fseq = _fake_inputs(dout, q, k, v, out, lse, params["seqused_k"])
+        grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (fq, fk, fv)]
+        backward(fdout, fq, fk, fv, fout, flse, **{**params, "seqused_k": fseq},
+                 dq=grads[0], dk=grads[1], dv=grads[2])
+    return _precompile_once("backward", q, k, v, params, lambda: _in_fresh_fake_mode(build))
+
+
+def _in_fresh_fake_mode(build) -> None:
+    with fresh_fake_mode():
+        build()
 
 
 def backward(

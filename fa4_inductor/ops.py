@@ -8,13 +8,23 @@ contiguous B,S,H,Dv tensor in q's dtype, ``lse`` the float32 natural-log
 logsumexp, contiguous B,H,S; the gradients are new contiguous tensors shaped
 like q, k, v. Windows use -1 for "unbounded" and softcap 0.0 for "off".
 
-On CUDA the ops call FA4 through :mod:`fa4_inductor.fa4_adapter`; on CPU
+``flash_attn_fwd`` is the differentiable op that graphs and users call. It
+is ``CompositeImplicitAutograd``: AOTAutograd traces through it into
+``fa4.flash_attn_fwd_kernel`` (forward) and ``fa4.flash_attn_bwd``
+(backward), ops with no Python autograd kernel. So a compiled graph calls
+FA4 through the dispatcher's C++ path only, not through a Python autograd
+wrapper on every call (``torch.library.custom_op`` and ``register_autograd``
+cost ~20-50 µs a call, more than a small attention kernel).
+
+On CUDA the kernels call FA4 through :mod:`fa4_inductor.fa4_adapter`; on CPU
 they run :mod:`fa4_inductor.reference`. Fake impls give exact shapes,
-dtypes and strides (symbolic sizes included), and the forward op is
-differentiable through ``register_autograd``.
+dtypes and strides (symbolic sizes included); on CUDA they also compile the
+FA4 kernels the graph will need, while the graph compiles.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -55,83 +65,103 @@ def _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k
                 window_right=window_right, softcap=softcap, seqused_k=seqused_k)
 
 
-@torch.library.custom_op(f"{_OP_NS}::flash_attn_fwd", mutates_args=())
-def flash_attn_fwd(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    softmax_scale: float,
-    causal: bool = False,
-    window_left: int = -1,
-    window_right: int = -1,
-    softcap: float = 0.0,
-    seqused_k: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """FA4 attention forward on B,S,H,D tensors; returns (out, lse)."""
-    _validate(q, k, v, seqused_k)
-    params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k)
-    if q.device.type == "cuda":
-        return fa4_adapter.forward(q, k, v, **params)
-    if q.device.type == "cpu":
-        return reference.attention_forward(q, k, v, **params)
-    raise ValueError(f"fa4::flash_attn_fwd has no kernel for device {q.device}")
+_ARGS = ("float softmax_scale, bool causal=False, int window_left=-1, int window_right=-1, "
+         "float softcap=0.0, Tensor? seqused_k=None")
+_TAGS = (torch.Tag.pt2_compliant_tag,)
+
+_library = torch.library.Library(_OP_NS, "DEF")
+_library.define(f"flash_attn_fwd(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)", tags=_TAGS)
+_library.define(f"flash_attn_fwd_kernel(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)", tags=_TAGS)
+_library.define(
+    f"flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_ARGS}) "
+    "-> (Tensor, Tensor, Tensor)", tags=_TAGS,
+)
 
 
-@flash_attn_fwd.register_fake
-def _flash_attn_fwd_fake(q, k, v, softmax_scale, causal=False, window_left=-1,
-                         window_right=-1, softcap=0.0, seqused_k=None):
+def _precompile_wanted(q: Tensor) -> bool:
+    return q.device.type == "cuda" and os.environ.get("FA4_INDUCTOR_PRECOMPILE", "1") != "0"
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Forward on ``flash_attn_fwd_kernel``, backward on ``flash_attn_bwd``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k):
+        out, lse = torch.ops.fa4.flash_attn_fwd_kernel.default(
+            q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k)
+        ctx.save_for_backward(q, k, v, out, lse, seqused_k)
+        ctx.params = (softmax_scale, causal, window_left, window_right, softcap)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, seqused_k = ctx.saved_tensors
+        dq, dk, dv = torch.ops.fa4.flash_attn_bwd.default(dout, q, k, v, out, lse, *ctx.params, seqused_k)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool = False,
+                   window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+                   seqused_k: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """FA4 attention forward on B,S,H,D tensors; returns (out, lse); differentiable in q, k, v."""
     _validate(q, k, v, seqused_k)
+    args = (q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FlashAttention.apply(*args)
+    return torch.ops.fa4.flash_attn_fwd_kernel.default(*args)
+
+
+def _forward_kernel_cuda(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1,
+                         softcap=0.0, seqused_k=None):
+    return fa4_adapter.forward(q, k, v, **_params(softmax_scale, causal, window_left, window_right,
+                                                  softcap, seqused_k))
+
+
+def _forward_kernel_cpu(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1,
+                        softcap=0.0, seqused_k=None):
+    _validate(q, k, v, seqused_k)
+    return reference.attention_forward(
+        q, k, v, **_params(softmax_scale, causal, window_left, window_right, softcap, seqused_k))
+
+
+def _forward_kernel_fake(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1,
+                         softcap=0.0, seqused_k=None):
+    _validate(q, k, v, seqused_k)
+    if _precompile_wanted(q):
+        fa4_adapter.precompile_forward(
+            q, k, v, **_params(softmax_scale, causal, window_left, window_right, softcap, seqused_k))
     batch, seqlen_q, heads = q.shape[:3]
     out = q.new_empty((batch, seqlen_q, heads, v.shape[-1]))
     lse = q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
     return out, lse
 
 
-@torch.library.custom_op(f"{_OP_NS}::flash_attn_bwd", mutates_args=())
-def flash_attn_bwd(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    softmax_scale: float,
-    causal: bool = False,
-    window_left: int = -1,
-    window_right: int = -1,
-    softcap: float = 0.0,
-    seqused_k: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """FA4 attention backward; returns contiguous (dq, dk, dv)."""
+def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal=False, window_left=-1,
+                     window_right=-1, softcap=0.0, seqused_k=None):
     _validate(q, k, v, seqused_k)
     params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k)
-    if q.device.type == "cuda":
-        grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-        fa4_adapter.backward(dout, q, k, v, out, lse, **params, dq=grads[0], dk=grads[1], dv=grads[2])
-        return grads
     if q.device.type == "cpu":
         return reference.attention_backward(dout, q, k, v, **params)
-    raise ValueError(f"fa4::flash_attn_bwd has no kernel for device {q.device}")
+    grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    fa4_adapter.backward(dout, q, k, v, out, lse, **params, dq=grads[0], dk=grads[1], dv=grads[2])
+    return grads
 
 
-@flash_attn_bwd.register_fake
-def _flash_attn_bwd_fake(dout, q, k, v, out, lse, softmax_scale, causal=False,
-                         window_left=-1, window_right=-1, softcap=0.0, seqused_k=None):
+def _backward_kernel_fake(dout, q, k, v, out, lse, softmax_scale, causal=False, window_left=-1,
+                          window_right=-1, softcap=0.0, seqused_k=None):
+    _validate(q, k, v, seqused_k)
+    if _precompile_wanted(q):
+        fa4_adapter.precompile_backward(
+            dout, q, k, v, out, lse,
+            **_params(softmax_scale, causal, window_left, window_right, softcap, seqused_k))
     return tuple(t.new_empty(t.shape) for t in (q, k, v))
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, seqused_k)
-    ctx.params = (softmax_scale, causal, window_left, window_right, softcap)
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, seqused_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fa4.flash_attn_bwd(dout, q, k, v, out, lse, *ctx.params, seqused_k)
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+_library.impl("flash_attn_fwd", flash_attn_fwd, "CompositeImplicitAutograd")
+_library.impl("flash_attn_fwd_kernel", _forward_kernel_cuda, "CUDA")
+_library.impl("flash_attn_fwd_kernel", _forward_kernel_cpu, "CPU")
+_library.impl("flash_attn_bwd", _backward_kernel, "CUDA")
+_library.impl("flash_attn_bwd", _backward_kernel, "CPU")
+torch.library.register_fake(f"{_OP_NS}::flash_attn_fwd_kernel", _forward_kernel_fake, lib=_library)
+torch.library.register_fake(f"{_OP_NS}::flash_attn_bwd", _backward_kernel_fake, lib=_library)

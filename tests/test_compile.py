@@ -69,7 +69,7 @@ def test_backward_graph_runs_fa4_backward():
         from torch._inductor.utils import run_and_get_code
         _, codes = run_and_get_code(lambda: compiled(x).sum().backward())
         seen = "\n".join(codes)
-    assert "torch.ops.fa4.flash_attn_fwd.default" in seen and "torch.ops.fa4.flash_attn_bwd.default" in seen
+    assert "torch.ops.fa4.flash_attn_fwd_kernel.default" in seen and "torch.ops.fa4.flash_attn_bwd.default" in seen
     assert "scaled_dot_product" not in seen
 
 
@@ -78,7 +78,7 @@ def test_layout_folds_no_copies_around_fa4():
     with fa4_inductor.enabled(eager=False, devices=("cpu",)), torch.no_grad():
         from torch._inductor.utils import run_and_get_code
         _, (code,) = run_and_get_code(torch.compile(model), x)
-    call = next(line for line in code.splitlines() if "fa4.flash_attn_fwd.default(" in line)
+    call = next(line for line in code.splitlines() if "fa4.flash_attn_fwd_kernel.default(" in line)
     # q/k/v reach FA4 as views of the projection outputs (reinterpret_tensor of an mm buffer) ...
     assert call.count("reinterpret_tensor(buf") == 3
     # ... and no pointwise copy kernel is generated at all: only the matmuls and FA4 remain.

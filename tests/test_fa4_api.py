@@ -18,11 +18,20 @@ def test_fa4_is_installed_and_matches_adapter():
     assert fa4_adapter.version() == fa4_adapter.TESTED_FA4_VERSION
 
 
-@pytest.mark.skipif(fa4_adapter.unavailable_reason() is not None, reason="flash-attn-4 not importable")
-def test_adapter_compiles_sm90_kernels_under_fake_tensors():
-    env = dict(os.environ, FLASH_ATTENTION_ARCH="sm_90", CUTE_DSL_ARCH="sm_90a", FLASH_ATTENTION_NUM_SMS="132")
+def _run_fake_compile(cache_dir) -> dict:
+    env = dict(os.environ, FLASH_ATTENTION_ARCH="sm_90", CUTE_DSL_ARCH="sm_90a", FLASH_ATTENTION_NUM_SMS="132",
+               FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED="1", FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=str(cache_dir))
     done = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["out"] == [2, 256, 8, 128] and result["lse"] == [2, 8, 256]
-    assert result["lse_dtype"] == "torch.float32"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(fa4_adapter.unavailable_reason() is not None, reason="flash-attn-4 not importable")
+def test_precompile_builds_sm90_kernels_under_fake_tensors_and_caches_them_on_disk(tmp_path):
+    first = _run_fake_compile(tmp_path)
+    assert first["forward_s"] > 0.2 and first["backward_s"] > 0.2, first  # really compiled
+    assert first["again_s"] == 0.0, "the same config was precompiled twice"
+    assert {"fwd", "bwd", "bwd_pre", "bwd_post"} <= set(first["disk_cache"]), first
+    assert first["seqlen_classes_ok"], "FA4's compile key depends on the query length beyond seqlen_class"
+    second = _run_fake_compile(tmp_path)  # a new process: kernels come from disk, no JIT
+    assert second["forward_s"] < 0.5 and second["backward_s"] < 0.5, second

@@ -1,0 +1,182 @@
+"""Cached launch plans: call FA4's compiled forward kernel without FA4's per-call Python.
+
+FA4's entry point redoes on every call what a compile key already fixes:
+argument checks, tile and scheduler heuristics, a compile key of ~60 fields,
+its hash. That host work (~20 µs on an H100 host) dwarfs a small attention
+kernel. A plan keeps, per :func:`plan_key`, the compiled kernel FA4 chose and
+the arguments it launched with; later calls allocate the outputs and launch
+the kernel directly.
+
+A plan is learned from FA4 itself: the first call of a key runs FA4's entry
+point with its compile cache wrapped by a :class:`Recorder`, which notes the
+kernel FA4 picked and the launch arguments. Tensor arguments become slots
+filled per call; every other argument must be fixed by the key. A launch
+that uses a tensor FA4 allocated itself (split-KV partials, scheduler
+metadata) can't be replayed, and the key is marked to always take FA4's
+path.
+
+Seqlens are not in the key on sm90: there FA4's choices depend on the query
+length only through "does it fit one M block" (``seqlen_class``), which the
+CPU test checks against FA4's own compile keys. On other archs the exact
+shapes are in the key, so a plan is only ever replayed for the call it was
+learned from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import torch
+
+# Names of the tensors a plan can take per call, in slot order.
+SLOT_NAMES = ("q", "k", "v", "out", "lse", "seqused_k")
+
+# Query lengths up to this (times the GQA group) each get their own plan;
+# FA4's tiles are at most 256 rows, so longer queries all behave alike.
+_SMALL_SEQLEN = 256
+
+
+def seqlen_class(seqlen_q: int, group: int) -> tuple[int, int]:
+    """The part of the query length FA4's kernel choice depends on."""
+    return min(seqlen_q, _SMALL_SEQLEN + 1), min(seqlen_q * group, _SMALL_SEQLEN + 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def plan_key(q, k, v, params: dict[str, Any], arch_major: int | None = None) -> Hashable | None:
+    """Everything FA4's launch depends on besides the tensors' data; None if not plannable."""
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return None  # FA4 copies such inputs; its own path handles them
+    batch, seqlen_q, heads, head_dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    if batch == 0 or seqlen_q == 0 or seqlen_k == 0:
+        return None  # FA4 returns early without a launch
+    arch = arch_major if arch_major is not None else _arch_major(q.device.index)
+    shapes = seqlen_class(seqlen_q, heads // heads_kv) if arch == 9 else (batch, seqlen_q, seqlen_k)
+    broadcast = tuple(tuple(s == 0 for s in t.stride()) for t in (q, k, v))
+    seqused_k = params["seqused_k"]
+    return (
+        arch, q.device.index, q.dtype, heads, heads_kv, head_dim, v.shape[-1], broadcast, shapes,
+        params["softmax_scale"], params["causal"], params["window_left"], params["window_right"],
+        params["softcap"], seqused_k is None,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """A compiled FA4 kernel and its launch arguments, tensors left as slots."""
+
+    kernel: Callable[..., Any]
+    args: tuple[Any, ...]
+    slots: tuple[tuple[int, int], ...]  # (argument position, index into SLOT_NAMES)
+
+    def launch(self, tensors: Sequence[torch.Tensor | None]) -> None:
+        """Launch the kernel on the current stream with this call's tensors."""
+        args = list(self.args)
+        for position, slot in self.slots:
+            tensor = tensors[slot]
+            args[position] = tensor.detach() if tensor.requires_grad else tensor
+        self.kernel(*args)
+
+
+class Recorder:
+    """Stands in for one FA4 compile cache during one call of this thread.
+
+    Records the compile key FA4 computed, whether it was cached already, and
+    the arguments FA4 launched the kernel with. Other threads pass through.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.owner = threading.get_ident()
+        self.key: Hashable | None = None
+        self.was_cached: bool | None = None
+        self.kernel: Callable[..., Any] | None = None
+        self.launch_args: tuple[Any, ...] | None = None
+
+    def _mine(self) -> bool:
+        return threading.get_ident() == self.owner
+
+    def __contains__(self, key) -> bool:
+        found = key in self.inner
+        if self._mine() and self.key is None:
+            self.key, self.was_cached = key, found
+        return found
+
+    def __setitem__(self, key, fn) -> None:
+        self.inner[key] = fn
+
+    def __getitem__(self, key):
+        fn = self.inner[key]
+        if not self._mine():
+            return fn
+
+        def launch(*args):
+            self.kernel, self.launch_args = fn, args
+            return fn(*args)
+
+        return launch
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+# What ``plan_from`` returns when this call can't tell (two of its tensors
+# are one buffer, so a slot is ambiguous): learn again on a later call.
+UNDECIDED = object()
+
+
+def plan_from(recorder: Recorder, tensors: Sequence[torch.Tensor | None]) -> LaunchPlan | None | object:
+    """Turn what a recorder saw into a plan, None if never replayable, or UNDECIDED."""
+    if recorder.kernel is None or recorder.launch_args is None:
+        return None
+    args, slots = list(recorder.launch_args), []
+    for position, arg in enumerate(args):
+        if not isinstance(arg, torch.Tensor):
+            continue
+        matches = [i for i, t in enumerate(tensors) if t is not None and _same_view(arg, t)]
+        if not matches:
+            return None  # a buffer FA4 allocated itself
+        if len(matches) > 1:
+            return UNDECIDED
+        slots.append((position, matches[0]))
+        args[position] = None
+    return LaunchPlan(recorder.kernel, tuple(args), tuple(slots))
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
+class PlanCache:
+    """Plans by key; ``None`` marks a key whose launches can't be replayed."""
+
+    def __init__(self):
+        self._plans: dict[Hashable, LaunchPlan | None] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> LaunchPlan | None | bool:
+        """The plan, None if the key is unplannable, False if not learned yet."""
+        return self._plans.get(key, False)
+
+    def put(self, key: Hashable, plan: LaunchPlan | None) -> None:
+        """Store what was learned for ``key``."""
+        with self._lock:
+            self._plans[key] = plan
+
+    def keys(self) -> list[Hashable]:
+        """The keys learned so far (for tests and inspection)."""
+        return list(self._plans)
+
+    def clear(self) -> None:
+        """Forget every plan."""
+        with self._lock:
+            self._plans.clear()

@@ -1,0 +1,136 @@
+"""Launch plans: which calls share a plan, and learning/replaying one through the adapter (CPU stand-in for FA4)."""
+
+import types
+
+import pytest
+import torch
+
+from fa4_inductor import fa4_adapter, launch_plan
+
+
+def _params(**overrides):
+    params = dict(softmax_scale=0.125, causal=True, window_left=-1, window_right=-1, softcap=0.0, seqused_k=None)
+    return {**params, **overrides}
+
+
+def _qkv(batch=2, seqlen=512, heads=8, heads_kv=2, head_dim=64, dtype=torch.bfloat16, seqlen_k=None):
+    seqlen_k = seqlen if seqlen_k is None else seqlen_k
+    return (torch.empty(batch, seqlen, heads, head_dim, dtype=dtype),
+            torch.empty(batch, seqlen_k, heads_kv, head_dim, dtype=dtype),
+            torch.empty(batch, seqlen_k, heads_kv, head_dim, dtype=dtype))
+
+
+def _key(arch=9, params=None, **shape):
+    return launch_plan.plan_key(*_qkv(**shape), params or _params(), arch_major=arch)
+
+
+@pytest.mark.parametrize("other", [dict(seqlen=4096), dict(seqlen=300, seqlen_k=9000), dict(batch=7)], ids=str)
+def test_new_sequence_length_or_batch_reuses_the_sm90_plan(other):
+    assert _key(**other) == _key()
+
+
+@pytest.mark.parametrize("other", [
+    dict(dtype=torch.float16), dict(head_dim=128), dict(heads=16), dict(heads_kv=8), dict(seqlen=64),
+    dict(params=_params(causal=False)), dict(params=_params(softmax_scale=0.1)),
+    dict(params=_params(window_left=128)), dict(params=_params(softcap=30.0)),
+    dict(params=_params(seqused_k=torch.ones(2, dtype=torch.int32))),
+], ids=lambda o: str({k: v for k, v in o.items()}))
+def test_new_dtype_head_dim_or_option_needs_a_new_plan(other):
+    assert _key(**other) != _key()
+
+
+def test_short_queries_get_a_plan_per_length():
+    assert _key(seqlen=1) != _key(seqlen=2)
+    assert launch_plan.seqlen_class(1, 4) != launch_plan.seqlen_class(64, 4)
+    assert launch_plan.seqlen_class(300, 1) == launch_plan.seqlen_class(8192, 4)
+
+
+def test_other_archs_key_on_exact_shapes():
+    assert _key(arch=10, seqlen=4096) != _key(arch=10)
+    assert _key(arch=10, batch=3) != _key(arch=10)
+
+
+def test_inputs_fa4_would_copy_or_skip_are_not_planned():
+    q, k, v = _qkv()
+    assert launch_plan.plan_key(q.transpose(-1, -2), k, v, _params(), arch_major=9) is None
+    assert launch_plan.plan_key(*_qkv(seqlen=0), _params(), arch_major=9) is None
+
+
+def _stand_in_fa4(extra_buffer=False):
+    """Mimics FA4's entry point: compute a key, compile once, launch with (q, k, v, out, lse, scale, ...)."""
+    fa4 = types.SimpleNamespace(compiles=0, launches=[])
+
+    def kernel(q, k, v, out, lse, scale, none, seqused_k, scratch):
+        fa4.launches.append((q, k, v, out, lse, scale, seqused_k))
+        out.copy_(q * scale)
+        lse.fill_(1.0)
+
+    def entry_point(q, k, v, *, softmax_scale, out, lse, seqused_k=None, **_):
+        cache = entry_point.compile_cache
+        key = (q.dtype, q.shape[-1])
+        if key not in cache:
+            fa4.compiles += 1
+            cache[key] = kernel
+        scratch = torch.empty(1) if extra_buffer else None
+        cache[key](q, k, v, out, lse, softmax_scale, None, seqused_k, scratch)
+
+    entry_point.compile_cache = {}
+    fa4._flash_attn_fwd = entry_point
+    return fa4
+
+
+@pytest.fixture
+def plans(monkeypatch):
+    monkeypatch.setattr(launch_plan, "_arch_major", lambda index: 9)
+    monkeypatch.setattr(fa4_adapter, "_FORWARD_PLANS", launch_plan.PlanCache())
+    return lambda fa4: monkeypatch.setattr(fa4_adapter, "_module", lambda: fa4)
+
+
+def _forward(q, k, v, **overrides):
+    return fa4_adapter.forward(q, k, v, **_params(**overrides))
+
+
+def test_adapter_learns_a_plan_then_replays_it_without_fa4(plans):
+    stand_in = _stand_in_fa4()
+    plans(stand_in)
+    q, k, v = (torch.randn(2, 512, 4, 16) for _ in range(3))
+    out, _ = _forward(q, k, v)
+    assert len(fa4_adapter.forward_plans().keys()) == 1 and stand_in.compiles == 1
+    stand_in._flash_attn_fwd = None  # a replay must not go through FA4's entry point
+    q2, k2, v2 = (torch.randn(3, 1024, 4, 16) for _ in range(3))  # new batch and length: same plan
+    out2, lse2 = _forward(q2, k2, v2)
+    launched = stand_in.launches[-1]
+    assert launched[0] is q2 and launched[1] is k2 and launched[2] is v2 and launched[5] == 0.125
+    torch.testing.assert_close(out2, q2 * 0.125)
+    assert lse2.shape == (3, 4, 1024) and len(fa4_adapter.forward_plans().keys()) == 1
+
+
+def test_launch_with_a_buffer_fa4_allocated_is_never_replayed(plans):
+    stand_in = _stand_in_fa4(extra_buffer=True)
+    plans(stand_in)
+    q, k, v = (torch.randn(1, 8, 2, 16) for _ in range(3))
+    _forward(q, k, v)
+    _forward(q, k, v)
+    plans = fa4_adapter.forward_plans()
+    assert [plans.get(key) for key in plans.keys()] == [None] and len(stand_in.launches) == 2
+
+
+def test_one_buffer_in_two_slots_defers_learning(plans):
+    plans(_stand_in_fa4())
+    q = torch.randn(1, 8, 2, 16)
+    _forward(q, q, q)
+    assert fa4_adapter.forward_plans().keys() == []
+    _forward(q, q.clone(), q.clone())
+    assert len(fa4_adapter.forward_plans().keys()) == 1
+
+
+def test_recorder_ignores_other_threads():
+    import threading
+
+    recorder = launch_plan.Recorder({"key": lambda *args: "launched"})
+    result = []
+    thread = threading.Thread(target=lambda: result.append(("key" in recorder, recorder["key"](1))))
+    thread.start()
+    thread.join()
+    assert result == [(True, "launched")] and recorder.key is None and recorder.launch_args is None
+
