@@ -210,28 +210,32 @@ def forward(
     ``out``, if given, is an aligned B,S,H,Dv buffer FA4 writes into. Calls
     replay the launch plan of their key once one has been learned.
     """
-    batch, seqlen_q, heads = q.shape[:3]
+    batch, seqlen_q, heads, _ = q.shape
     if out is None:
-        out = torch.empty((batch, seqlen_q, heads, v.shape[-1]), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
-    params = dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left,
-                  window_right=window_right, softcap=softcap, seqused_k=seqused_k)
-    key = launch_plan.plan_key(q, k, v, params)
-    plan = _FORWARD_PLANS.get(key) if key is not None else None
+        out = q.new_empty((batch, seqlen_q, heads, v.shape[-1]))
+    lse = q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
     tensors = (q, k, v, out, lse, seqused_k)
-    if plan:
-        plan.launch(tensors)
+    signature = launch_plan.call_signature(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
+                                           seqused_k)
+
+    def params() -> dict:  # built only off the fast path
+        return dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left,
+                    window_right=window_right, softcap=softcap, seqused_k=seqused_k)
+
+    found = _FORWARD_PLANS.find(signature, lambda: launch_plan.plan_key(q, k, v, params()))
+    if isinstance(found, launch_plan.LaunchPlan):
+        found.launch(tensors)
         return out, lse
-    if plan is None:
-        _fa4_forward(q, k, v, out, lse, **params)
+    if found is None:
+        _fa4_forward(q, k, v, out, lse, **params())
         return out, lse
     entry_point = _module()._flash_attn_fwd
     with _recording(entry_point) as recorder:
-        _fa4_forward(q, k, v, out, lse, **params)
+        _fa4_forward(q, k, v, out, lse, **params())
     learned = launch_plan.plan_from(recorder, tensors)
     if learned is not launch_plan.UNDECIDED:
-        _FORWARD_PLANS.put(key, learned)
-        log.debug("FA4 forward launch plan %s for %s", "learned" if learned else "not replayable", key)
+        _FORWARD_PLANS.put(found.key, signature, learned)
+        log.debug("FA4 forward launch plan %s for %s", "learned" if learned else "not replayable", found.key)
     return out, lse
 
 

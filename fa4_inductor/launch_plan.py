@@ -156,27 +156,68 @@ def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.dtype == b.dtype)
 
 
-class PlanCache:
-    """Plans by key; ``None`` marks a key whose launches can't be replayed."""
+def call_signature(q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k) -> Hashable:
+    """The exact identity of a call's launch (shapes included): cheap to build, unlike ``plan_key``."""
+    return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.get_device(),
+            softmax_scale, causal, window_left, window_right, softcap, seqused_k is None)
 
-    def __init__(self):
+
+class PlanCache:
+    """Plans by plan key, plus a front index by exact call signature.
+
+    The front index turns a repeated call into one dict lookup; a new shape
+    computes the plan key once and, if that key's plan exists, indexes it
+    under the new signature too (no FA4 call). ``None`` marks a key whose
+    launches can't be replayed.
+    """
+
+    def __init__(self, max_signatures: int = 4096):
         self._plans: dict[Hashable, LaunchPlan | None] = {}
+        self._by_signature: dict[Hashable, LaunchPlan | None] = {}
+        self._max_signatures = max_signatures
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable) -> LaunchPlan | None | bool:
-        """The plan, None if the key is unplannable, False if not learned yet."""
-        return self._plans.get(key, False)
+    def find(self, signature: Hashable, compute_key: Callable[[], Hashable | None]) -> LaunchPlan | None | Hashable:
+        """The plan for this call, None if it must take FA4's path, else the plan key to learn."""
+        plan = self._by_signature.get(signature, False)
+        if plan is not False:
+            return plan
+        key = compute_key()
+        plan = self._plans.get(key, False) if key is not None else None
+        if plan is False:
+            return _ToLearn(key)
+        self._index(signature, plan)
+        return plan
 
-    def put(self, key: Hashable, plan: LaunchPlan | None) -> None:
-        """Store what was learned for ``key``."""
+    def put(self, key: Hashable, signature: Hashable, plan: LaunchPlan | None) -> None:
+        """Store what was learned for ``key`` (first seen with ``signature``)."""
         with self._lock:
             self._plans[key] = plan
+        self._index(signature, plan)
+
+    def _index(self, signature: Hashable, plan: LaunchPlan | None) -> None:
+        with self._lock:
+            if len(self._by_signature) >= self._max_signatures:
+                self._by_signature.clear()  # bounded under endlessly varying shapes
+            self._by_signature[signature] = plan
+
+    def get(self, key: Hashable) -> LaunchPlan | None | bool:
+        """The plan of a plan key, None if unplannable, False if not learned yet."""
+        return self._plans.get(key, False)
 
     def keys(self) -> list[Hashable]:
-        """The keys learned so far (for tests and inspection)."""
+        """The plan keys learned so far (for tests and inspection)."""
         return list(self._plans)
 
     def clear(self) -> None:
         """Forget every plan."""
         with self._lock:
             self._plans.clear()
+            self._by_signature.clear()
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToLearn:
+    """``PlanCache.find``'s answer when the call's plan key has no plan yet."""
+
+    key: Hashable

@@ -114,8 +114,8 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal
 
 def _forward_kernel_cuda(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1,
                          softcap=0.0, seqused_k=None):
-    return fa4_adapter.forward(q, k, v, **_params(softmax_scale, causal, window_left, window_right,
-                                                  softcap, seqused_k))
+    return fa4_adapter.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, window_left=window_left,
+                               window_right=window_right, softcap=softcap, seqused_k=seqused_k)
 
 
 def _forward_kernel_cpu(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1,

@@ -202,9 +202,11 @@ def test_reduce_overhead_captures_fa4_in_cuda_graphs(training):
     torch.manual_seed(0)
     block = AttentionBlock(1024, 8).cuda().bfloat16()
     x = torch.randn(2, 1024, 1024, device="cuda", dtype=torch.bfloat16)
-    ref = block(x).detach()
+    with torch.set_grad_enabled(training):
+        ref = block(x)
     if training:
         ref.float().square().mean().backward()
+    ref = ref.detach()
     ref_grads = [p.grad.clone() for p in block.parameters()] if training else []
     torch._dynamo.reset()
     stats.reset()
