@@ -4,6 +4,8 @@ For each model and sequence length (bf16, B=2): a training step (forward + backw
 loss) and an inference forward, each compiled stock and with the plugin, side by side in one
 process. Checks the plugin's logits against the uncompiled model, counts FA4 kernels with the
 profiler, and records peak memory. Writes JSON and markdown to --out.
+With --left-pad F, batch row 1 is left-padded over a fraction F of its positions (an attention_mask,
+labels -100 there) and errors are measured on the unpadded positions.
 Usage: python benchmarks/bench_hf_models.py --out benchmarks/results --models llama mistral --seq 2048 8192
 """
 
@@ -71,9 +73,9 @@ def _attention_kernels(fn) -> dict[str, int]:
     return counts
 
 
-def _measure(step, reference) -> dict:
+def _measure(step, reference, valid) -> dict:
     try:
-        logits = step().float()
+        logits = step().float()[valid]
         step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -86,36 +88,45 @@ def _measure(step, reference) -> dict:
                 "oom": True}
 
 
-def run(name: str, seqs: list[int]) -> list[dict]:
+def _padding(s: int, left_pad: float) -> torch.Tensor:
+    mask = torch.ones(2, s, dtype=torch.long, device="cuda")
+    mask[1, : int(s * left_pad)] = 0
+    return mask
+
+
+def run(name: str, seqs: list[int], left_pad: float = 0.0) -> list[dict]:
     """All rows of one model: per mode, one dynamic-shape compile per variant, reused for every S."""
     torch.manual_seed(0)
     model = build(name).cuda().to(torch.bfloat16)
     inputs = {s: torch.randint(0, VOCAB, (2, s), device="cuda") for s in seqs}
+    masks = {s: _padding(s, left_pad) for s in seqs}
+    extra = {s: {"attention_mask": masks[s]} if left_pad else {} for s in seqs}
     references = {}
     for s, ids in inputs.items():
         try:
             with torch.no_grad():
-                references[s] = model(ids).logits.float()
+                references[s] = model(ids, **extra[s]).logits.float()[masks[s].bool()]
         except torch.OutOfMemoryError:
             references[s] = None
             torch.cuda.empty_cache()
-    rows = {(mode, s): {"model": name, "S": s, "mode": mode} for mode in ("train", "infer") for s in seqs}
+    rows = {(mode, s): {"model": name, "S": s, "mode": mode, "left_pad": left_pad}
+            for mode in ("train", "infer") for s in seqs}
     for mode in ("train", "infer"):
         for variant, on in (("stock", False), ("plugin", True)):
             torch._dynamo.reset()
             with fa4_inductor.enabled(compile=True, eager=False) if on else contextlib.nullcontext():
                 compiled = torch.compile(model, dynamic=True)
                 for s, ids in inputs.items():
-                    def step(ids=ids):
+                    def step(ids=ids, s=s):
                         if mode == "train":
-                            out = compiled(ids, labels=ids)
+                            out = compiled(ids, labels=ids.masked_fill(masks[s] == 0, -100), **extra[s])
                             out.loss.backward()
                             model.zero_grad(set_to_none=True)
                             return out.logits
                         with torch.no_grad():
-                            return compiled(ids).logits
+                            return compiled(ids, **extra[s]).logits
                     reference = references[s] if references[s] is not None else torch.ones(1, device="cuda")
-                    for key, value in _measure(step, reference).items():
+                    for key, value in _measure(step, reference, masks[s].bool()).items():
                         rows[(mode, s)][f"{variant}_{key}"] = value
         for s in seqs:
             row = rows[(mode, s)]
@@ -128,7 +139,10 @@ def markdown(result: dict) -> str:
     lines = [f"# Hugging Face models, stock torch.compile vs fa4_inductor ({result['device']})", "",
              f"torch {result['torch']}, transformers {result['transformers']}; bf16, B=2, {LAYERS} layers, "
              f"hidden {HIDDEN}, {HEADS} heads (D=128), {KV_HEADS} KV heads, sliding window 1024 (Mistral, Gemma2); "
-             "median of 10 steps (CUDA events). 'train' = forward + backward of the LM loss.", "",
+             "median of 10 steps (CUDA events). 'train' = forward + backward of the LM loss."
+             + (f" Batch row 1 left-padded over {result['rows'][0]['left_pad']:.0%} of its positions "
+                "(attention_mask); errors on unpadded positions." if result["rows"] and result["rows"][0]["left_pad"]
+                else ""), "",
              "| model | S | mode | stock ms | plugin ms | speedup | FA4 kernels (plugin) | other attention kernels (plugin) | peak GiB stock | peak GiB plugin | rel err plugin vs eager | rel err stock vs eager |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -145,11 +159,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["llama", "mistral", "gemma2", "qwen2"])
     parser.add_argument("--seq", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--tag", default="hf_models")
+    parser.add_argument("--left-pad", type=float, default=0.0)
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "transformers": transformers.__version__, "rows": []}
     for name in args.models:
-        result["rows"] += run(name, args.seq)
+        result["rows"] += run(name, args.seq, args.left_pad)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))

@@ -49,11 +49,11 @@ _FA4_MODULE = "flash_attn.cute.interface"
 # Parameters of FA4's private entry points that this adapter passes.
 _FWD_PARAMS = (
     "softmax_scale", "causal", "softcap", "window_size_left", "window_size_right",
-    "seqused_k", "return_lse",
+    "seqused_k", "return_lse", "out", "lse", "mask_mod", "aux_tensors",
 )
 _BWD_PARAMS = (
     "softmax_scale", "causal", "softcap", "window_size_left", "window_size_right",
-    "seqused_k", "deterministic", "dq", "dk", "dv",
+    "seqused_k", "deterministic", "dq", "dk", "dv", "mask_mod", "aux_tensors",
 )
 
 # Architectures (major version) on which FA4 runs forward and backward.
@@ -176,19 +176,55 @@ def _recording(entry_point) -> Iterator[launch_plan.Recorder]:
         entry_point.compile_cache = recorder.inner
 
 
-def _fa4_forward(q, k, v, out, lse, *, softmax_scale, causal, window_left, window_right, softcap, seqused_k):
+@functools.lru_cache(maxsize=None)
+def _key_padding_mask_mod(causal: bool, window_left: int, window_right: int):
+    """A FA4 ``mask_mod`` keeping key ``j`` of batch row ``b`` iff ``aux[0][b, j] != 0``.
+
+    With a mask_mod FA4 drops its own causal/window masking, so they are
+    folded in here, bottom-right aligned like FA4's.
+    """
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute.utils import scalar_to_ssa
+
+    right = 0 if causal else window_right
+
+    @cute.jit
+    def key_padding_mask(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
+        keep = aux_tensors[0]
+        kept = scalar_to_ssa(keep[batch[0], kv_idx[0]], cutlass.Int32) != scalar_to_ssa(0, cutlass.Int32)
+        if cutlass.const_expr(right >= 0 or window_left >= 0):
+            diagonal = q_idx + scalar_to_ssa(seqlen_info.seqlen_k - seqlen_info.seqlen_q, cutlass.Int32)
+            if cutlass.const_expr(right >= 0):
+                kept = kept & (kv_idx <= diagonal + scalar_to_ssa(right, cutlass.Int32))
+            if cutlass.const_expr(window_left >= 0):
+                kept = kept & (kv_idx >= diagonal - scalar_to_ssa(window_left, cutlass.Int32))
+        return kept
+
+    return key_padding_mask
+
+
+def _masking(causal, window_left, window_right, key_padding) -> dict:
+    """FA4 keyword arguments for the masking: built-in causal/window, or a mask_mod for key padding."""
+    if key_padding is None:
+        return dict(causal=causal, window_size_left=_window(window_left), window_size_right=_window(window_right))
+    return dict(causal=False, window_size_left=None, window_size_right=None,
+                mask_mod=_key_padding_mask_mod(causal, window_left, window_right),
+                aux_tensors=[key_padding.to(torch.int32)])
+
+
+def _fa4_forward(q, k, v, out, lse, *, softmax_scale, causal, window_left, window_right, softcap, seqused_k,
+                 key_padding=None):
     """FA4's own forward entry point, writing into ``out`` and ``lse``."""
     _module()._flash_attn_fwd(
         q, k, v,
         softmax_scale=softmax_scale,
-        causal=causal,
         softcap=softcap or None,
-        window_size_left=_window(window_left),
-        window_size_right=_window(window_right),
         seqused_k=seqused_k,
         return_lse=True,
         out=out,
         lse=lse,
+        **_masking(causal, window_left, window_right, key_padding),
     )
 
 
@@ -203,17 +239,23 @@ def forward(
     window_right: int,
     softcap: float,
     seqused_k: torch.Tensor | None,
+    key_padding: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FA4 forward on real B,S,H,D CUDA tensors; returns (out B,S,H,Dv, lse fp32 B,H,S).
 
     ``out``, if given, is an aligned B,S,H,Dv buffer FA4 writes into. Calls
-    replay the launch plan of their key once one has been learned.
+    replay the launch plan of their key once one has been learned (calls
+    with ``key_padding`` always take FA4's entry point).
     """
     batch, seqlen_q, heads, _ = q.shape
     if out is None:
         out = q.new_empty((batch, seqlen_q, heads, v.shape[-1]))
     lse = q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+    if key_padding is not None:
+        _fa4_forward(q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal, window_left=window_left,
+                     window_right=window_right, softcap=softcap, seqused_k=seqused_k, key_padding=key_padding)
+        return out, lse
     tensors = (q, k, v, out, lse, seqused_k)
     signature = launch_plan.call_signature(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
                                            seqused_k)
@@ -269,6 +311,8 @@ def _describe(q, k, params) -> str:
         flags.append(f"window=({params['window_left']}, {params['window_right']})")
     if params["softcap"]:
         flags.append(f"softcap={params['softcap']}")
+    if params.get("key_padding") is not None:
+        flags.append("key padding")
     return ", ".join(flags)
 
 
@@ -277,8 +321,8 @@ _precompiled: set = set()
 
 def _precompile_once(what: str, q, k, v, params: dict, build) -> float:
     key = (what, q.dtype, tuple(q.shape[2:]), k.shape[2], v.shape[-1], params["causal"],
-           params["window_left"] >= 0, params["window_right"] >= 0, bool(params["softcap"]),
-           params["seqused_k"] is None)
+           params["window_left"], params["window_right"], bool(params["softcap"]),
+           params["seqused_k"] is None, params.get("key_padding") is None)
     if key in _precompiled or unavailable_reason() is not None:
         return 0.0
     _precompiled.add(key)
@@ -291,19 +335,20 @@ def precompile_forward(q, k, v, **params) -> float:
     Symbolic sizes are replaced by their hints. Nothing is launched.
     """
     def build():
-        fq, fk, fv, fseq = _fake_inputs(q, k, v, params["seqused_k"])
+        fq, fk, fv, fseq, fpad = _fake_inputs(q, k, v, params["seqused_k"], params.get("key_padding"))
         out = torch.empty((*fq.shape[:3], fv.shape[-1]), dtype=fq.dtype, device=fq.device)
         lse = torch.empty((fq.shape[0], fq.shape[2], fq.shape[1]), dtype=torch.float32, device=fq.device)
-        _fa4_forward(fq, fk, fv, out, lse, **{**params, "seqused_k": fseq})
+        _fa4_forward(fq, fk, fv, out, lse, **{**params, "seqused_k": fseq, "key_padding": fpad})
     return _precompile_once("forward", q, k, v, params, lambda: _in_fresh_fake_mode(build))
 
 
 def precompile_backward(dout, q, k, v, out, lse, **params) -> float:
     """Compile (or load from disk) FA4's backward kernels for these (fake) inputs; return seconds."""
     def build():
-        fdout, fq, fk, fv, fout, flse, fseq = _fake_inputs(dout, q, k, v, out, lse, params["seqused_k"])
+        fdout, fq, fk, fv, fout, flse, fseq, fpad = _fake_inputs(
+            dout, q, k, v, out, lse, params["seqused_k"], params.get("key_padding"))
         grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (fq, fk, fv)]
-        backward(fdout, fq, fk, fv, fout, flse, **{**params, "seqused_k": fseq},
+        backward(fdout, fq, fk, fv, fout, flse, **{**params, "seqused_k": fseq, "key_padding": fpad},
                  dq=grads[0], dk=grads[1], dv=grads[2])
     return _precompile_once("backward", q, k, v, params, lambda: _in_fresh_fake_mode(build))
 
@@ -330,16 +375,15 @@ def backward(
     dq: torch.Tensor,
     dk: torch.Tensor,
     dv: torch.Tensor,
+    key_padding: torch.Tensor | None = None,
 ) -> None:
     """FA4 backward, writing into the given contiguous dq, dk, dv."""
     _module()._flash_attn_bwd(
         q, k, v, out, dout, lse,
         softmax_scale=softmax_scale,
-        causal=causal,
         softcap=softcap,
-        window_size_left=_window(window_left),
-        window_size_right=_window(window_right),
         seqused_k=seqused_k,
         deterministic=torch.are_deterministic_algorithms_enabled(),
         dq=dq, dk=dk, dv=dv,
+        **_masking(causal, window_left, window_right, key_padding),
     )

@@ -140,6 +140,8 @@ def plan_from(recorder: Recorder, tensors: Sequence[torch.Tensor | None]) -> Lau
     args, slots = list(recorder.launch_args), []
     for position, arg in enumerate(args):
         if not isinstance(arg, torch.Tensor):
+            if _holds_tensor(arg):
+                return None  # a tensor inside a structure would be replayed stale
             continue
         matches = [i for i, t in enumerate(tensors) if t is not None and _same_view(arg, t)]
         if not matches:
@@ -149,6 +151,16 @@ def plan_from(recorder: Recorder, tensors: Sequence[torch.Tensor | None]) -> Lau
         slots.append((position, matches[0]))
         args[position] = None
     return LaunchPlan(recorder.kernel, tuple(args), tuple(slots))
+
+
+def _holds_tensor(arg: Any) -> bool:
+    if isinstance(arg, torch.Tensor):
+        return True
+    if isinstance(arg, (tuple, list)):
+        return any(_holds_tensor(a) for a in arg)
+    if dataclasses.is_dataclass(arg) and not isinstance(arg, type):
+        return any(_holds_tensor(getattr(arg, f.name)) for f in dataclasses.fields(arg))
+    return False
 
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:

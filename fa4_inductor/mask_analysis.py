@@ -10,9 +10,11 @@ expression of its own axis indices, so the mask at the attention site is a
 boolean formula in (b, h, i, j). If the formula is a conjunction of bounds
 ``L <= j - i <= U`` it is FA4's ``causal``/``window_size_left/right``
 (bottom-right aligned): ``right = U - (S_kv - S_q)``,
-``left = (S_kv - S_q) - L``. Anything else (a tensor lookup such as a
-padding mask, a bound on ``i`` or ``j`` alone, a dependence on batch or
-head) is reported with the reason, and the mask stays.
+``left = (S_kv - S_q) - L``. A key-padding lookup ``pad[b, j]`` into a
+(B, S_kv) tensor input, and-ed with such bounds, is kept as FA4's
+``key_padding`` operand. Anything else (another tensor lookup, a bound on
+``i`` or ``j`` alone, a dependence on batch or head) is reported with the
+reason, and the mask stays.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from typing import Any
 
 import sympy
 import torch
+from sympy.logic.boolalg import BooleanFunction
 from torch.fx import Node
 
 from .emit import op_name
 
-_I, _J, _B, _H = sympy.symbols("q_idx kv_idx batch head", integer=True)
+_I, _J, _B, _H = sympy.symbols("q_idx kv_idx batch head", integer=True, nonnegative=True)
 
 
 class NotAnalyzable(Exception):
@@ -48,17 +51,32 @@ class IndexTensor:
     additive: bool = False
 
 
+class TensorLookup(BooleanFunction):
+    """``source[i0, i1]`` of a 2-D tensor input, as a boolean: ``TensorLookup(name, i0, i1)``.
+
+    A function (not a symbol) so that axis renames reach its index arguments.
+    """
+
+    nargs = 3
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskStructure:
-    """FA4 parameters equivalent to a mask (windows: -1 = unbounded)."""
+    """FA4 parameters equivalent to a mask (windows: -1 = unbounded).
+
+    ``key_padding`` is the graph node of a (B, S_kv) tensor whose nonzero
+    entries mark the keys each batch row may attend to, or None.
+    """
 
     causal: bool
     window_left: int
     window_right: int
+    key_padding: Node | None = None
 
     @property
     def is_full(self) -> bool:
-        return not self.causal and self.window_left < 0 and self.window_right < 0
+        return (not self.causal and self.window_left < 0 and self.window_right < 0
+                and self.key_padding is None)
 
 
 def _axis(k: int) -> sympy.Symbol:
@@ -106,7 +124,7 @@ _LOGIC = {"and_": sympy.And, "__and__": sympy.And, "logical_and": sympy.And, "bi
           "or_": sympy.Or, "__or__": sympy.Or, "logical_or": sympy.Or, "bitwise_or": sympy.Or}
 _NOT = {"invert", "__invert__", "logical_not", "bitwise_not"}
 # Ops that change neither values nor the index formula (broadcast/cast/copy).
-_PASSTHROUGH = {"expand", "expand_as", "to", "bool", "contiguous", "clone", "detach", "type_as"}
+_PASSTHROUGH = {"expand", "expand_as", "to", "bool", "long", "int", "contiguous", "clone", "detach", "type_as"}
 _NEW_TRUE = {"ones", "ones_like", "new_ones"}
 
 
@@ -114,6 +132,7 @@ class _Evaluator:
     def __init__(self):
         self.cache: dict[Node, Any] = {}
         self.visited: list[Node] = []
+        self.lookup_sources: dict[str, Node] = {}
 
     def value(self, arg: Any) -> Any:
         if isinstance(arg, Node):
@@ -132,13 +151,19 @@ class _Evaluator:
         if node.op in ("placeholder", "get_attr"):
             if isinstance(example, (torch.SymInt, int)):
                 return example
-            raise NotAnalyzable(f"the mask reads the tensor input '{node.name}' (e.g. a padding mask)")
+            if isinstance(example, torch.Tensor) and example.dim() == 2:
+                self.lookup_sources[node.name] = node
+                return IndexTensor(TensorLookup(sympy.Symbol(node.name), _axis(0), _axis(1)), 2)
+            raise NotAnalyzable(f"the mask reads the tensor input '{node.name}' (not a 2-D padding mask)")
         if node.op not in ("call_function", "call_method"):
             raise NotAnalyzable(f"unsupported node {node.op} {node.target}")
         if isinstance(example, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float)):
             return example  # a size computation: its value is known symbolically
         name = op_name(node) or str(node.target)
         if node.target is operator.getitem:
+            index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            if any(isinstance(i, Node) for i in index):
+                return self._gather(self.value(node.args[0]), [self.value(i) for i in index])
             return self._getitem(self.value(node.args[0]), node.args[1], _example(node.args[0]))
         if name == "tensor" and len(node.args) == 1 and isinstance(node.args[0], (int, float, bool)):
             return node.args[0]  # torch.tensor(0.0): a scalar
@@ -198,8 +223,6 @@ class _Evaluator:
         if not isinstance(value, IndexTensor):
             raise NotAnalyzable("indexing of a non-index value")
         index = index if isinstance(index, tuple) else (index,)
-        if any(isinstance(i, Node) for i in index):
-            raise NotAnalyzable("the mask gathers from a tensor (e.g. padding_mask[batch_idx, kv_idx])")
         mapping, out_axis, in_axis = {}, 0, 0
         for item in index:
             if item is None:
@@ -225,6 +248,17 @@ class _Evaluator:
             in_axis += 1
             out_axis += 1
         return IndexTensor(value.expr.xreplace(mapping), out_axis, value.additive)
+
+    @staticmethod
+    def _gather(value, index):
+        """``value[t0, t1, ...]`` with one index tensor per axis (advanced indexing)."""
+        if not isinstance(value, IndexTensor) or len(index) != value.ndim:
+            raise NotAnalyzable("the mask gathers with an index per axis only from index tensors")
+        if not all(isinstance(i, IndexTensor) for i in index):
+            raise NotAnalyzable("the mask gathers with something other than index arithmetic")
+        exprs, ndim = _broadcast(*index)
+        mapping = {_axis(k): e for k, e in enumerate(exprs)}
+        return IndexTensor(value.expr.xreplace(mapping), ndim, value.additive)
 
     @staticmethod
     def _unsqueeze(value, dim):
@@ -308,7 +342,10 @@ def analyze_mask(mask: Node, q_len, kv_len) -> tuple[MaskStructure, list[Node]]:
     if example.dtype != torch.bool and not example.is_floating_point():
         raise NotAnalyzable(f"mask dtype {example.dtype}")
     evaluator = _Evaluator()
-    value = evaluator.value(mask)
+    try:
+        value = evaluator.value(mask)
+    except TypeError as exc:  # sympy refusing a combination (e.g. arithmetic on a boolean lookup)
+        raise NotAnalyzable(f"the mask combines values the analysis can't model ({exc})") from exc
     if not isinstance(value, IndexTensor):
         raise NotAnalyzable("the mask is not a tensor")
     if example.is_floating_point() and not value.additive:
@@ -318,11 +355,19 @@ def analyze_mask(mask: Node, q_len, kv_len) -> tuple[MaskStructure, list[Node]]:
         {_axis(value.ndim - 4 + k): s for k, s in enumerate((_B, _H, _I, _J)) if value.ndim - 4 + k >= 0})
     if value.ndim > 4:
         raise NotAnalyzable("mask has more than 4 dims")
+    expr, key_padding = _key_padding(expr, evaluator.lookup_sources, kv_len)
     expr = sympy.simplify_logic(expr) if expr.has(sympy.Or, sympy.Not) else expr
     if expr.has(_B) or expr.has(_H):
         raise NotAnalyzable("the mask depends on the batch or head index")
     if expr is sympy.false:
         raise NotAnalyzable("the mask hides every key")
+    if key_padding is not None:
+        atoms = expr.args if isinstance(expr, sympy.And) else (expr,)
+        if _KEEP not in atoms:
+            raise NotAnalyzable("the padding lookup is not and-ed with the rest of the mask")
+        expr = sympy.And(*(a for a in atoms if a != _KEEP))
+        if expr.has(_KEEP):
+            raise NotAnalyzable("the padding lookup appears more than once")
     lower, upper = _bounds(expr)
     offset = sympy.simplify(_sym(kv_len) - _sym(q_len))
     if offset != 0 and (offset >= 0) is not sympy.true:
@@ -330,5 +375,28 @@ def analyze_mask(mask: Node, q_len, kv_len) -> tuple[MaskStructure, list[Node]]:
     right = -1 if upper is None else _static_window(upper - offset, "right")
     left = -1 if lower is None else _static_window(offset - lower, "left")
     causal = right == 0 and left < 0
-    structure = MaskStructure(causal=causal, window_left=left, window_right=-1 if causal else right)
-    return structure, evaluator.visited
+    structure = MaskStructure(causal=causal, window_left=left, window_right=-1 if causal else right,
+                              key_padding=key_padding)
+    visited = [n for n in evaluator.visited if n is not key_padding]
+    return structure, visited
+
+
+_KEEP = sympy.Symbol("key_kept")
+
+
+def _key_padding(expr, sources: dict[str, Node], kv_len) -> tuple[Any, Node | None]:
+    """Replace a ``pad[batch, kv_idx]`` lookup by a plain boolean symbol; return the (B, S_kv) source."""
+    lookups = expr.atoms(TensorLookup)
+    if not lookups:
+        return expr, None
+    if len(lookups) > 1:
+        raise NotAnalyzable("the mask reads more than one tensor lookup")
+    (lookup,) = lookups
+    name, first, second = lookup.args
+    source = sources[str(name)]
+    if first != _B or second != _J:
+        raise NotAnalyzable(f"the mask reads '{name}' at [{first}, {second}], not [batch, kv_idx]")
+    columns = _example(source).shape[1]
+    if sympy.simplify(_sym(columns) - _sym(kv_len)) != 0:
+        raise NotAnalyzable(f"padding mask '{name}' has {columns} columns for {kv_len} keys")
+    return expr.xreplace({lookup: _KEEP}), source

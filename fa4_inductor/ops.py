@@ -7,6 +7,8 @@ take B,S,H,D tensors (H_q a multiple of H_kv for GQA/MQA). ``out`` is a new
 contiguous B,S,H,Dv tensor in q's dtype, ``lse`` the float32 natural-log
 logsumexp, contiguous B,H,S; the gradients are new contiguous tensors shaped
 like q, k, v. Windows use -1 for "unbounded" and softcap 0.0 for "off".
+``key_padding`` (B, S_kv, bool) hides the keys where it is false (a padded
+batch); ``seqused_k`` (B, int32) hides keys at or past a per-row length.
 
 ``flash_attn_fwd`` is the differentiable op that graphs and users call. It
 is ``CompositeImplicitAutograd``: AOTAutograd traces through it into
@@ -35,7 +37,8 @@ from .support import FA4_DTYPES
 _OP_NS = "fa4"
 
 
-def _validate(q: Tensor, k: Tensor, v: Tensor, seqused_k: Tensor | None) -> None:
+def _validate(q: Tensor, k: Tensor, v: Tensor, seqused_k: Tensor | None,
+              key_padding: Tensor | None = None) -> None:
     """Raise ValueError naming the bad argument; works on fake tensors."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -57,16 +60,20 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, seqused_k: Tensor | None) -> None
         )
     if seqused_k is not None and (seqused_k.dtype != torch.int32 or seqused_k.dim() != 1):
         raise ValueError(f"seqused_k must be a 1-D int32 tensor, got {seqused_k.dtype} {tuple(seqused_k.shape)}")
+    if key_padding is not None and (key_padding.dtype != torch.bool or key_padding.dim() != 2
+                                    or key_padding.shape[0] != q.shape[0] or key_padding.shape[1] != k.shape[1]):
+        raise ValueError(f"key_padding must be a bool (B, S_kv) = ({q.shape[0]}, {k.shape[1]}) tensor, "
+                         f"got {key_padding.dtype} {tuple(key_padding.shape)}")
 
 
-def _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k) -> dict:
+def _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding) -> dict:
     """The attention options as keyword arguments of the adapter and the reference."""
     return dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left,
-                window_right=window_right, softcap=softcap, seqused_k=seqused_k)
+                window_right=window_right, softcap=softcap, seqused_k=seqused_k, key_padding=key_padding)
 
 
 _ARGS = ("float softmax_scale, bool causal=False, int window_left=-1, int window_right=-1, "
-         "float softcap=0.0, Tensor? seqused_k=None")
+         "float softcap=0.0, Tensor? seqused_k=None, Tensor? key_padding=None")
 _TAGS = (torch.Tag.pt2_compliant_tag,)
 
 _library = torch.library.Library(_OP_NS, "DEF")
@@ -86,51 +93,53 @@ class _FlashAttention(torch.autograd.Function):
     """Forward on ``flash_attn_fwd_kernel``, backward on ``flash_attn_bwd``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k):
+    def forward(ctx, q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding):
         out, lse = torch.ops.fa4.flash_attn_fwd_kernel.default(
-            q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k)
-        ctx.save_for_backward(q, k, v, out, lse, seqused_k)
+            q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding)
+        ctx.save_for_backward(q, k, v, out, lse, seqused_k, key_padding)
         ctx.params = (softmax_scale, causal, window_left, window_right, softcap)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, seqused_k = ctx.saved_tensors
-        dq, dk, dv = torch.ops.fa4.flash_attn_bwd.default(dout, q, k, v, out, lse, *ctx.params, seqused_k)
-        return dq, dk, dv, None, None, None, None, None, None
+        q, k, v, out, lse, seqused_k, key_padding = ctx.saved_tensors
+        dq, dk, dv = torch.ops.fa4.flash_attn_bwd.default(dout, q, k, v, out, lse, *ctx.params, seqused_k,
+                                                           key_padding)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool = False,
                    window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
-                   seqused_k: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   seqused_k: Tensor | None = None, key_padding: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """FA4 attention forward on B,S,H,D tensors; returns (out, lse); differentiable in q, k, v."""
-    _validate(q, k, v, seqused_k)
-    args = (q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k)
+    _validate(q, k, v, seqused_k, key_padding)
+    args = (q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _FlashAttention.apply(*args)
     return torch.ops.fa4.flash_attn_fwd_kernel.default(*args)
 
 
 def _forward_kernel_cuda(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1,
-                         softcap=0.0, seqused_k=None):
+                         softcap=0.0, seqused_k=None, key_padding=None):
     return fa4_adapter.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, window_left=window_left,
-                               window_right=window_right, softcap=softcap, seqused_k=seqused_k)
+                               window_right=window_right, softcap=softcap, seqused_k=seqused_k,
+                               key_padding=key_padding)
 
 
 def _forward_kernel_cpu(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1,
-                        softcap=0.0, seqused_k=None):
-    _validate(q, k, v, seqused_k)
+                        softcap=0.0, seqused_k=None, key_padding=None):
+    _validate(q, k, v, seqused_k, key_padding)
     return reference.attention_forward(
-        q, k, v, **_params(softmax_scale, causal, window_left, window_right, softcap, seqused_k))
+        q, k, v, **_params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding))
 
 
 def _forward_kernel_fake(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1,
-                         softcap=0.0, seqused_k=None):
-    _validate(q, k, v, seqused_k)
+                         softcap=0.0, seqused_k=None, key_padding=None):
+    _validate(q, k, v, seqused_k, key_padding)
     if _precompile_wanted(q):
         fa4_adapter.precompile_forward(
-            q, k, v, **_params(softmax_scale, causal, window_left, window_right, softcap, seqused_k))
+            q, k, v, **_params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding))
     batch, seqlen_q, heads = q.shape[:3]
     out = q.new_empty((batch, seqlen_q, heads, v.shape[-1]))
     lse = q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
@@ -138,9 +147,9 @@ def _forward_kernel_fake(q, k, v, softmax_scale, causal=False, window_left=-1, w
 
 
 def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal=False, window_left=-1,
-                     window_right=-1, softcap=0.0, seqused_k=None):
-    _validate(q, k, v, seqused_k)
-    params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k)
+                     window_right=-1, softcap=0.0, seqused_k=None, key_padding=None):
+    _validate(q, k, v, seqused_k, key_padding)
+    params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding)
     if q.device.type == "cpu":
         return reference.attention_backward(dout, q, k, v, **params)
     grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
@@ -149,12 +158,12 @@ def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal=False, windo
 
 
 def _backward_kernel_fake(dout, q, k, v, out, lse, softmax_scale, causal=False, window_left=-1,
-                          window_right=-1, softcap=0.0, seqused_k=None):
-    _validate(q, k, v, seqused_k)
+                          window_right=-1, softcap=0.0, seqused_k=None, key_padding=None):
+    _validate(q, k, v, seqused_k, key_padding)
     if _precompile_wanted(q):
         fa4_adapter.precompile_backward(
             dout, q, k, v, out, lse,
-            **_params(softmax_scale, causal, window_left, window_right, softcap, seqused_k))
+            **_params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding))
     return tuple(t.new_empty(t.shape) for t in (q, k, v))
 
 

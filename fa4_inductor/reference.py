@@ -10,8 +10,9 @@ Semantics copied from FA4: causal and sliding windows are aligned to the
 bottom-right corner (query ``i`` sees key ``j`` iff
 ``i + S_k - S_q - left <= j <= i + S_k - S_q + right``); softcap applies
 ``c * tanh(s / c)`` to the scaled scores; GQA shares each key/value head
-among ``H_q / H_kv`` query heads; keys at or past ``seqused_k[b]`` are
-ignored; a query row with no visible key gives zeros and ``lse = -inf``.
+among ``H_q / H_kv`` query heads; keys at or past ``seqused_k[b]``, and
+keys ``j`` with ``key_padding[b, j]`` false, are ignored; a query row with
+no visible key gives zeros and ``lse = -inf``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def visible_keys(
     window_right: int,
     seqused_k: torch.Tensor | None,
     device: torch.device,
+    key_padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean (B, 1, S_q, S_k) mask of the keys each query may attend to."""
     if causal:
@@ -48,6 +50,8 @@ def visible_keys(
     visible = visible.expand(batch, 1, seqlen_q, seqlen_k)
     if seqused_k is not None:
         visible = visible & (k_idx < seqused_k.to(device).view(batch, 1, 1, 1))
+    if key_padding is not None:
+        visible = visible & key_padding.to(device=device, dtype=torch.bool).view(batch, 1, 1, seqlen_k)
     return visible
 
 
@@ -75,10 +79,10 @@ def _group_sum(grad_bhsd: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return grad_bhsd.view(b, kv_heads, hq // kv_heads, s, d).sum(dim=2).transpose(1, 2)
 
 
-def _visible(q, k, causal, window_left, window_right, seqused_k):
+def _visible(q, k, causal, window_left, window_right, seqused_k, key_padding):
     return visible_keys(
         q.shape[0], q.shape[1], k.shape[1], causal=causal, window_left=window_left,
-        window_right=window_right, seqused_k=seqused_k, device=q.device,
+        window_right=window_right, seqused_k=seqused_k, device=q.device, key_padding=key_padding,
     )
 
 
@@ -93,10 +97,11 @@ def attention_forward(
     window_right: int = -1,
     softcap: float = 0.0,
     seqused_k: torch.Tensor | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference forward: (out B,S,H,Dv in q's dtype, lse B,H,S float32)."""
     ct = _compute_dtype(q.dtype)
-    visible = _visible(q, k, causal, window_left, window_right, seqused_k)
+    visible = _visible(q, k, causal, window_left, window_right, seqused_k, key_padding)
     out, lse, _, _ = _attention(q.to(ct), k.to(ct), v.to(ct), softmax_scale, softcap, visible)
     return out.to(q.dtype).contiguous(), lse.to(torch.float32).contiguous()
 
@@ -113,6 +118,7 @@ def attention_backward(
     window_right: int = -1,
     softcap: float = 0.0,
     seqused_k: torch.Tensor | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference backward: gradients of :func:`attention_forward`'s output.
 
@@ -122,7 +128,7 @@ def attention_backward(
     """
     ct = _compute_dtype(q.dtype)
     qc, kc, vc, doc = (t.to(ct) for t in (q, k, v, dout))
-    visible = _visible(q, k, causal, window_left, window_right, seqused_k)
+    visible = _visible(q, k, causal, window_left, window_right, seqused_k, key_padding)
     out, _, probs, capped_tanh = _attention(qc, kc, vc, softmax_scale, softcap, visible)
     group = q.shape[2] // k.shape[2]
     do_h = doc.transpose(1, 2)

@@ -143,7 +143,9 @@ def decide(
             structure, mask_nodes = analyze_mask(attn_mask, q.shape[2], k.shape[2])
             causal, window = structure.causal, (structure.window_left, structure.window_right)
             captured["dead"] = [attn_mask, *mask_nodes]
+            captured["key_padding"] = structure.key_padding
             features["mask"] = "full" if structure.is_full else "analyzed"
+            features["padding"] = structure.key_padding is not None
         except NotAnalyzable as exc:
             reason = f"attn_mask not expressible in FA4: {exc}"
     if reason:
@@ -163,6 +165,7 @@ def decide(
     params = dict(
         softmax_scale=_as_float(softmax_scale), causal=causal,
         window_left=window[0], window_right=window[1], softcap=_as_float(constants["softcap"]), seqused_k=None,
+        key_padding=captured.get("key_padding"),
     )
     return SiteDecision(node, reason, features, params, captured)
 
@@ -175,6 +178,8 @@ def replace_with_fa4(decision: SiteDecision, output: Node) -> None:
         if isinstance(decision.params["softmax_scale"], Reciprocal):
             divisor = decision.params["softmax_scale"].divisor
             decision.params["softmax_scale"] = call_with_meta(graph, operator.truediv, (1.0, divisor))
+        if decision.params["key_padding"] is not None:  # a 0/1 or bool (B, S_kv) input: FA4 takes bool
+            decision.params["key_padding"] = call_with_meta(graph, torch.ne, (decision.params["key_padding"], 0))
         out, _ = fa4_attention(graph, captured["query"], captured["key"], captured["value"], decision.params)
     output.replace_all_uses_with(out)
     graph.erase_node(output)

@@ -73,7 +73,7 @@ def _window(value):
 
 
 def main() -> None:
-    """Precompile one causal GQA config (fwd + bwd), probe FA4's keys, print JSON."""
+    """Precompile a causal GQA config, with and without key padding (fwd + bwd), probe FA4's keys; print JSON."""
     params = _params()
     with fresh_fake_mode():
         q, k, v = _qkv(2, 256, 8, 2)
@@ -83,10 +83,16 @@ def main() -> None:
     fwd_seconds = fa4_adapter.precompile_forward(q, k, v, **params)
     bwd_seconds = fa4_adapter.precompile_backward(out, q, k, v, out, lse, **params)
     again = fa4_adapter.precompile_forward(q, k, v, **params)
+    with fresh_fake_mode():
+        key_padding = torch.empty(2, 256, dtype=torch.bool, device="cuda")
+    padded = {**params, "key_padding": key_padding}
+    padding_s = (fa4_adapter.precompile_forward(q, k, v, **padded)
+                 + fa4_adapter.precompile_backward(out, q, k, v, out, lse, **padded))
     cache_dir = fa4_adapter.disk_cache_dir()
     cached = sorted(p.parent.name for p in pathlib.Path(cache_dir).rglob("*.o")) if cache_dir else []
     print(json.dumps({
         "forward_s": round(fwd_seconds, 2), "backward_s": round(bwd_seconds, 2), "again_s": again,
+        "key_padding_s": round(padding_s, 2),
         "total_s": round(time.perf_counter() - start, 1), "disk_cache": cached,
         "seqlen_classes_ok": seqlen_classes_match_fa4_keys(), "fa4": fa4_adapter.version(),
     }))

@@ -38,8 +38,8 @@ def _report(name: str, **values) -> None:
             f.write(json.dumps({"test": name, **values}) + "\n")
 
 
-def _math_attention(q, k, v, dtype, *, scale, causal=False, window=(-1, -1), softcap=0.0):
-    """B,S,H,D attention in ``dtype`` with autograd (the bf16 / fp64 yardsticks)."""
+def _math_attention(q, k, v, dtype, *, scale, causal=False, window=(-1, -1), softcap=0.0, key_padding=None):
+    """B,S,H,D attention in ``dtype`` with autograd (the bf16 / fp64 yardsticks); empty rows give zeros."""
     q, k, v = (t.to(dtype) for t in (q, k, v))
     group = q.shape[2] // k.shape[2]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -48,8 +48,9 @@ def _math_attention(q, k, v, dtype, *, scale, causal=False, window=(-1, -1), sof
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     visible = visible_keys(q.shape[0], q.shape[1], k.shape[1], causal=causal, window_left=window[0],
-                           window_right=window[1], seqused_k=None, device=q.device)
-    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+                           window_right=window[1], seqused_k=None, device=q.device, key_padding=key_padding)
+    empty = ~visible.any(dim=-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")).masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     return (p @ vh).transpose(1, 2)
 
 
@@ -65,7 +66,19 @@ CASES = [
     dict(d=64, causal=False), dict(d=128, causal=True), dict(d=128, causal=False, hkv=2),
     dict(d=64, window=(64, 0)), dict(d=128, window=(32, 16)), dict(d=128, softcap=30.0, causal=True),
     dict(d=256, causal=True),
+    dict(d=128, causal=True, padding="left"), dict(d=128, hkv=2, padding="right"),
+    dict(d=64, window=(64, 0), hkv=2, padding="left"),
 ]
+
+
+def _key_padding(b, s, side):
+    """Batch row 1 padded on ``side`` (a quarter of its keys), row 0 full; None without padding."""
+    if side is None:
+        return None
+    pad = torch.ones(b, s, dtype=torch.bool, device="cuda")
+    pad[1, : s // 4] = side != "left"
+    pad[1, -(s // 4):] = side == "left"
+    return pad
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
@@ -76,8 +89,11 @@ def test_fa4_op_matches_fp64_reference(case):
     q, k, v = _leaves((b, s, h, d), (b, s, hkv, d), (b, s, hkv, d))
     scale = 1 / math.sqrt(d)
     window = case.get("window", (-1, -1))
-    params = dict(scale=scale, causal=case.get("causal", False), window=window, softcap=case.get("softcap", 0.0))
-    out, lse = torch.ops.fa4.flash_attn_fwd(q, k, v, scale, params["causal"], window[0], window[1], params["softcap"])
+    key_padding = _key_padding(b, s, case.get("padding"))
+    params = dict(scale=scale, causal=case.get("causal", False), window=window, softcap=case.get("softcap", 0.0),
+                  key_padding=key_padding)
+    out, lse = torch.ops.fa4.flash_attn_fwd(q, k, v, scale, params["causal"], window[0], window[1], params["softcap"],
+                                           key_padding=key_padding)
     dout = torch.randn_like(out)
     grads = _grads(out, (q, k, v), dout)
     ref = _math_attention(q, k, v, torch.float64, **params)

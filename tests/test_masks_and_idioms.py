@@ -88,13 +88,67 @@ def test_unprovable_masks_fall_back_with_reason(mask_fn, reason):
     assert reason in stats.site_records()[0].reason or "not a bound" in stats.site_records()[0].reason
 
 
-def test_padding_mask_input_falls_back():
+def _padding(right=True):
+    pad = torch.ones(B, S, dtype=torch.bool)
+    if right:
+        pad[1, 8:] = False
+    else:
+        pad[1, :5] = False
+    return pad
+
+
+PADDED = {
+    "alone": (lambda i, j, b, pad: pad[:, None, None, :], False),
+    "gather_and_causal": (lambda i, j, b, pad: (j <= i) & pad[b, j], True),
+    "int_mask_and_causal": (lambda i, j, b, pad: pad.long().bool()[b, j] & (j <= i), True),
+}
+
+
+@pytest.mark.parametrize("right", [True, False], ids=["right_padded", "left_padded"])
+@pytest.mark.parametrize("additive", [False, True])
+@pytest.mark.parametrize("name", list(PADDED))
+def test_key_padding_masks_become_fa4_key_padding(name, additive, right):
+    build, causal = PADDED[name]
+
     def fn(q, k, v, pad):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=pad[:, None, None, :])
+        i, j = _idx(q.shape[2], k.shape[2])
+        b = torch.arange(q.shape[0])[:, None, None, None]
+        mask = build(i, j, b, pad).expand(q.shape[0], 1, q.shape[2], k.shape[2])
+        if additive:
+            mask = torch.where(mask, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    pad = _padding(right)
+    # Left padding + causal leaves query rows with no key, where stock and FA4 differ (don't-care rows):
+    # compare the rows that see a key.
+    q, k, v = _qkv()
+    seen = (pad[:, None, None, :] & (torch.ones(S, S, dtype=torch.bool).tril() if causal else True)).any(-1)
+    want = fn(q, k, v, pad) * seen[..., None]
+    want_grads = torch.autograd.grad(want.float().square().sum(), (q, k, v))
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = torch.compile(fn, fullgraph=True)(q, k, v, pad)
+    assert torch.isfinite(got).all() and not got[~seen.expand_as(got[..., 0])].any()  # empty rows are zeros
+    got_grads = torch.autograd.grad(got.float().square().sum(), (q, k, v))
+    (record,) = stats.site_records()
+    assert record.decision == "fa4", record.reason
+    assert record.features["padding"] and record.features["causal"] == causal
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=8e-2, rtol=8e-2)
+
+
+@pytest.mark.parametrize("build, pad, reason", [
+    (lambda i, j, pad: (j <= i) | pad[:, None, None, :], torch.ones(B, S, dtype=torch.bool), "not and-ed"),
+    (lambda i, j, pad: pad[:, None, :, None], torch.ones(B, S, dtype=torch.bool), "not [batch, kv_idx]"),
+    (lambda i, j, pad: pad[:, None], torch.ones(B, S, S, dtype=torch.bool), "not a 2-D padding mask"),
+])
+def test_padding_masks_fa4_cannot_express_fall_back(build, pad, reason):
+    def fn(q, k, v, pad):
+        i, j = _idx(q.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=build(i, j, pad))
     q, k, v = (t.detach() for t in _qkv())
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
-        torch.compile(fn)(q, k, v, torch.ones(B, S, dtype=torch.bool))
-    assert "padding" in stats.site_records()[0].reason
+        torch.compile(fn)(q, k, v, pad)
+    assert reason in stats.site_records()[0].reason
 
 
 @pytest.mark.parametrize("style", ["expand_reshape", "repeat_interleave"])

@@ -130,9 +130,38 @@ def test_fake_impl_shapes_and_strides(dynamic):
     assert all(t.is_contiguous() for t in (dq, dk, dv))
 
 
-def test_opcheck():
+@pytest.mark.parametrize("op", ["flash_attn_fwd", "flash_attn_fwd_kernel"])
+def test_opcheck(op):
     q, k, v = (t.float() for t in _qkv(hkv=2))
-    torch.library.opcheck(torch.ops.fa4.flash_attn_fwd, (q, k, v, 0.3, True, -1, -1, 0.0, None))
+    pad = torch.ones(q.shape[0], k.shape[1], dtype=torch.bool)
+    pad[1, 4:] = False
+    for key_padding in (None, pad):
+        torch.library.opcheck(getattr(torch.ops.fa4, op), (q, k, v, 0.3, True, -1, -1, 0.0, None, key_padding))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_padding_matches_sdpa_with_a_boolean_mask(causal):
+    q, k, v = (t.requires_grad_() for t in _qkv(hkv=2, sq=6, sk=9))
+    pad = torch.ones(2, 9, dtype=torch.bool)
+    pad[0, 7:] = False  # right padding
+    pad[1, :3] = False  # left padding
+    out, _ = torch.ops.fa4.flash_attn_fwd(q, k, v, 0.25, causal, key_padding=pad)
+    mask = pad[:, None, None, :] & (torch.ones(6, 9, dtype=torch.bool).tril(3) if causal else True)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         enable_gqa=True, scale=0.25).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_fully_padded_row_gives_zeros_not_nan():
+    q, k, v = _qkv()
+    pad = torch.ones(2, 7, dtype=torch.bool)
+    pad[1] = False
+    out, lse = torch.ops.fa4.flash_attn_fwd(q, k, v, 0.25, False, key_padding=pad)
+    assert not out[1].any() and torch.isneginf(lse[1]).all() and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -145,6 +174,13 @@ def test_bad_input_raises_value_error_naming_argument(bad, message):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=message):
         torch.ops.fa4.flash_attn_fwd(*bad(q, k, v), 0.3, False)
+
+
+@pytest.mark.parametrize("key_padding", [torch.ones(2, 7), torch.ones(2, 6, dtype=torch.bool),
+                                         torch.ones(7, dtype=torch.bool)], ids=["float", "short", "1-D"])
+def test_bad_key_padding_raises_value_error(key_padding):
+    with pytest.raises(ValueError, match="key_padding must be a bool"):
+        torch.ops.fa4.flash_attn_fwd(*_qkv(), 0.3, False, key_padding=key_padding)
 
 
 def test_reference_is_documented_as_reference():
