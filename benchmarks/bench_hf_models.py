@@ -21,6 +21,7 @@ import torch
 import transformers
 
 import fa4_inductor
+from fa4_inductor import stats
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, VOCAB = 4, 2048, 16, 4, 32000
 
@@ -114,6 +115,7 @@ def run(name: str, seqs: list[int], left_pad: float = 0.0) -> list[dict]:
     for mode in ("train", "infer"):
         for variant, on in (("stock", False), ("plugin", True)):
             torch._dynamo.reset()
+            stats.reset()
             with fa4_inductor.enabled(compile=True, eager=False) if on else contextlib.nullcontext():
                 compiled = torch.compile(model, dynamic=True)
                 for s, ids in inputs.items():
@@ -128,6 +130,9 @@ def run(name: str, seqs: list[int], left_pad: float = 0.0) -> list[dict]:
                     reference = references[s] if references[s] is not None else torch.ones(1, device="cuda")
                     for key, value in _measure(step, reference, masks[s].bool()).items():
                         rows[(mode, s)][f"{variant}_{key}"] = value
+                    # What the rewrite decided per attention site (reasons of fallbacks included).
+                    rows[(mode, s)][f"{variant}_sites"] = sorted({f"{r.decision}: {r.reason or r.pattern}"
+                                                                  for r in stats.site_records()})
         for s in seqs:
             row = rows[(mode, s)]
             row["speedup"] = row["stock_ms"] / row["plugin_ms"]

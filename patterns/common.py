@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.fx.operator_schemas import normalize_function
 
 from fa4_inductor.emit import call_with_meta, erase_if_unused, example_value, fa4_attention, op_name
@@ -70,12 +71,22 @@ def strip_kv_repeat(node: Node) -> tuple[Node, int]:
     return source, int(repeats)
 
 
-def _constant(name: str, value: Any, kinds: tuple[type, ...], graph_scalar_ok: bool = False) -> tuple[Any, str | None]:
+def guarded_value(node: Node) -> float:
+    """The value of a graph scalar (a dynamic float attribute), guarded so the graph is reused only while it holds."""
+    value = example_value(node)
+    return 0.0 if guard_or_false(value == 0) else float(value.node.hint)
+
+
+def _constant(name: str, value: Any, kinds: tuple[type, ...], graph_scalar_ok: bool = False,
+              guard_ok: bool = False) -> tuple[Any, str | None]:
     if graph_scalar_ok and isinstance(value, Reciprocal):
         return value, None
     if isinstance(value, Node):
-        if graph_scalar_ok and isinstance(example_value(value), (torch.SymFloat, torch.SymInt)):
+        scalar = isinstance(example_value(value), (torch.SymFloat, torch.SymInt))
+        if graph_scalar_ok and scalar:
             return value, None  # a graph scalar (dynamic float): passed to the op as is
+        if guard_ok and scalar:
+            return guarded_value(value), None  # decided on its value, e.g. dropout_p of 0.0
         return None, f"{name} is computed in the graph, not a constant"
     if value is not None and not isinstance(value, kinds):
         return None, f"{name}={value!r} has unexpected type {type(value).__name__}"
@@ -135,7 +146,8 @@ def decide(
     for name, val, kinds in (("dropout_p", dropout_p, (int, float)), ("is_causal", is_causal, (bool,)),
                              ("scale", scale, (int, float)), ("enable_gqa", enable_gqa, (bool,)),
                              ("softcap", softcap, (int, float))):
-        constants[name], bad = _constant(name, val, kinds, graph_scalar_ok=name in ("scale", "softcap"))
+        constants[name], bad = _constant(name, val, kinds, graph_scalar_ok=name in ("scale", "softcap"),
+                                         guard_ok=name == "dropout_p")
         reason = reason or bad
     causal, window = bool(constants["is_causal"]), (-1, -1)
     if attn_mask is not None and reason is None:
@@ -160,8 +172,8 @@ def decide(
     reason = unsupported_reason(call, context.devices, arch_major=context.arch_major)
     features.update(causal=causal, window=None if window == (-1, -1) else window)
     softmax_scale = constants["scale"]
-    if softmax_scale is None and isinstance(d, int):
-        softmax_scale = 1.0 / math.sqrt(d)
+    if softmax_scale is None and reason is None:
+        softmax_scale = 1.0 / math.sqrt(int(d))  # FA4 needs a static head dim: int() guards a symbolic one
     params = dict(
         softmax_scale=_as_float(softmax_scale), causal=causal,
         window_left=window[0], window_right=window[1], softcap=_as_float(constants["softcap"]), seqused_k=None,

@@ -22,12 +22,11 @@ from typing import Any
 import torch
 from torch._inductor.pattern_matcher import CallFunctionVarArgs, CallMethodVarArgs, Match
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from fa4_inductor.emit import example_value, op_name
 from fa4_inductor.pattern_registry import AttentionPattern, RewriteContext, SiteDecision, register
 
-from .common import Reciprocal, decide, replace_with_fa4
+from .common import Reciprocal, decide, guarded_value, replace_with_fa4
 
 SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
 
@@ -128,10 +127,7 @@ def _peel_output(softmax: Node) -> tuple[Node, Node, float]:
         if _scalar(p) is None or not isinstance(training, bool):
             raise NoMatch("dropout with a computed p or training flag")
         if isinstance(p, Node):
-            # A dynamic float attribute: decide on its value, with a guard so the
-            # compiled graph is reused only while p stays what it was.
-            value = example_value(p)
-            p = 0.0 if guard_or_false(value == 0) else float(value.node.hint)
+            p = guarded_value(p)  # a dynamic float attribute
         dropout_p = float(p) if training else 0.0
         node = _single_user(node)
     if not _is_matmul(node):

@@ -215,3 +215,22 @@ def test_rewrite_graph_directly_records_sites():
     records = rewrite_graph(graphs[0].graph, RewriteContext(devices=("cpu",)))
     assert [r.decision for r in records] == ["fa4"]
     assert records[0].features["causal"] is True and records[0].features["gqa_ratio"] == 1
+
+
+def test_dynamic_float_dropout_attribute_of_zero_is_guarded_not_a_fallback():
+    """A dropout_p that is a graph scalar (HF's ``attention_dropout`` in train mode under dynamic=True on
+    torch 2.11; computed from one here) is decided on its value with a guard, not sent to the fallback."""
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dropout = 0.0
+
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout * q.shape[0] / 2, is_causal=True)
+
+    q, k, v = (torch.randn(2, 4, 16, 8, dtype=torch.bfloat16) for _ in range(3))
+    with torch._dynamo.config.patch(specialize_float=False), fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = torch.compile(Attention(), dynamic=True, fullgraph=True)(q, k, v)
+    assert [r.decision for r in stats.site_records()][-1] == "fa4", stats.site_records()[-1].reason
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-2, rtol=2e-2)
