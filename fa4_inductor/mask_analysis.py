@@ -28,6 +28,7 @@ import sympy
 import torch
 from sympy.logic.boolalg import BooleanFunction
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .emit import op_name
 
@@ -397,6 +398,8 @@ def _key_padding(expr, sources: dict[str, Node], kv_len) -> tuple[Any, Node | No
     if first != _B or second != _J:
         raise NotAnalyzable(f"the mask reads '{name}' at [{first}, {second}], not [batch, kv_idx]")
     columns = _example(source).shape[1]
-    if sympy.simplify(_sym(columns) - _sym(kv_len)) != 0:
+    # Under dynamic shapes the mask's width and the keys' length are separate symbols, equal
+    # whenever the model runs; a guard makes the compiled graph conditional on that.
+    if not guard_or_false(columns == kv_len):
         raise NotAnalyzable(f"padding mask '{name}' has {columns} columns for {kv_len} keys")
     return expr.xreplace({lookup: _KEEP}), source

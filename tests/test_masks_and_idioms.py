@@ -136,6 +136,31 @@ def test_key_padding_masks_become_fa4_key_padding(name, additive, right):
         torch.testing.assert_close(g, w, atol=8e-2, rtol=8e-2)
 
 
+def test_key_padding_under_dynamic_shapes_guards_mask_width_equals_key_length():
+    """The (B, S) mask input's width is its own symbol under dynamic=True: a guard ties it to S_kv."""
+    def fn(x, pad):
+        q, k, v = x, x * 0.5, x + 1.0  # one input, like q/k/v projected from one hidden state
+        i, j = _idx(q.shape[2], k.shape[2])
+        b = torch.arange(q.shape[0])[:, None, None, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & pad[b, j])
+    x = torch.randn(B, H, S, D, dtype=torch.bfloat16)
+    x2 = torch.randn(B, H, S + 4, D, dtype=torch.bfloat16)
+    pad2 = torch.ones(B, S + 4, dtype=torch.bool)
+    pad2[0, -3:] = False
+    # Without duck shaping, equal sizes of different inputs get different symbols (as HF's mask does).
+    with torch.fx.experimental._config.patch(use_duck_shape=False), \
+            fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        got = compiled(x, _padding(right=False))
+        assert stats.site_records()[-1].decision == "fa4", stats.site_records()[-1].reason
+        got2 = compiled(x2, pad2)
+    assert len(stats.site_records()) == 1, "a new length recompiled"
+    torch.testing.assert_close(got2, fn(x2, pad2), atol=3e-2, rtol=3e-2)
+    seen = _padding(right=False)[:, None, None, :] & torch.ones(S, S, dtype=torch.bool).tril()
+    want = fn(x, _padding(right=False)) * seen.any(-1)[..., None]
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("build, pad, reason", [
     (lambda i, j, pad: (j <= i) | pad[:, None, None, :], torch.ones(B, S, dtype=torch.bool), "not and-ed"),
     (lambda i, j, pad: pad[:, None, :, None], torch.ones(B, S, dtype=torch.bool), "not [batch, kv_idx]"),
