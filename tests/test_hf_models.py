@@ -36,6 +36,10 @@ def _build(name: str, impl: str):
         return transformers.BertModel(transformers.BertConfig(
             vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
             max_position_embeddings=64, attn_implementation=impl))
+    if name == "roberta":
+        return transformers.RobertaModel(transformers.RobertaConfig(
+            vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=64, pad_token_id=1, attn_implementation=impl))
     raise ValueError(name)
 
 
@@ -133,7 +137,7 @@ def _padding_mask(side: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", ["bert", "llama"])
+@pytest.mark.parametrize("name", ["bert", "roberta", "llama"])
 def test_padding_mask_runs_fa4_and_stays_exact(name, impl, side):
     """A padded batch: the (B, S) attention mask becomes FA4's key_padding, forward and backward."""
     torch.manual_seed(0)
