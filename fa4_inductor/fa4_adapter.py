@@ -32,6 +32,7 @@ import logging
 import os
 import pathlib
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from types import ModuleType
@@ -163,6 +164,8 @@ def _window(value: int) -> int | None:
 
 
 _FORWARD_PLANS = launch_plan.PlanCache()
+# Learning swaps an attribute of FA4's entry point: one learner at a time, or two swaps could interleave.
+_LEARNING = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -272,7 +275,7 @@ def forward(
         _fa4_forward(q, k, v, out, lse, **params())
         return out, lse
     entry_point = _module()._flash_attn_fwd
-    with _recording(entry_point) as recorder:
+    with _LEARNING, _recording(entry_point) as recorder:
         _fa4_forward(q, k, v, out, lse, **params())
     learned = launch_plan.plan_from(recorder, tensors)
     if learned is not launch_plan.UNDECIDED:
