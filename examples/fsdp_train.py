@@ -3,7 +3,8 @@
 Each decoder layer is compiled (with the plugin enabled for the plugin run) and wrapped with
 ``fully_shard``; the model is trained for ``--steps`` steps on the same data with and without
 the plugin. Rank 0 prints one JSON line: per-variant losses and median step time, and per rank
-the plugin's attention-site decisions (and, on CUDA, the FA4 kernels the profiler saw).
+the plugin's attention-site decisions (and, on CUDA, the FA4 kernels the profiler saw). Site
+decisions are recorded when a graph is compiled, so a run served from Inductor's cache lists none.
 
 CPU (gloo, the CPU reference kernels):
     python -m torch.distributed.run --nproc-per-node 2 examples/fsdp_train.py --device cpu
