@@ -262,25 +262,28 @@ def forward(
     tensors = (q, k, v, out, lse, seqused_k)
     signature = launch_plan.call_signature(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
                                            seqused_k)
-
-    def params() -> dict:  # built only off the fast path
-        return dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left,
-                    window_right=window_right, softcap=softcap, seqused_k=seqused_k)
-
-    found = _FORWARD_PLANS.find(signature, lambda: launch_plan.plan_key(q, k, v, params()))
-    if isinstance(found, launch_plan.LaunchPlan):
-        found.launch(tensors)
+    plan = _FORWARD_PLANS.by_signature(signature)
+    if plan:
+        plan.launch(tensors)
         return out, lse
-    if found is None:
-        _fa4_forward(q, k, v, out, lse, **params())
+    params = dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left,
+                  window_right=window_right, softcap=softcap, seqused_k=seqused_k)
+    if plan is False:  # a new signature: its plan key may have a plan already
+        key = launch_plan.plan_key(q, k, v, params)
+        plan = _FORWARD_PLANS.by_key(key, signature)
+        if plan:
+            plan.launch(tensors)
+            return out, lse
+    if plan is None:
+        _fa4_forward(q, k, v, out, lse, **params)
         return out, lse
     entry_point = _module()._flash_attn_fwd
     with _LEARNING, _recording(entry_point) as recorder:
-        _fa4_forward(q, k, v, out, lse, **params())
+        _fa4_forward(q, k, v, out, lse, **params)
     learned = launch_plan.plan_from(recorder, tensors)
     if learned is not launch_plan.UNDECIDED:
-        _FORWARD_PLANS.put(found.key, signature, learned)
-        log.debug("FA4 forward launch plan %s for %s", "learned" if learned else "not replayable", found.key)
+        _FORWARD_PLANS.put(key, signature, learned)
+        log.debug("FA4 forward launch plan %s for %s", "learned" if learned else "not replayable", key)
     return out, lse
 
 

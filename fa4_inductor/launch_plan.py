@@ -25,7 +25,6 @@ learned from.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -45,11 +44,6 @@ def seqlen_class(seqlen_q: int, group: int) -> tuple[int, int]:
     return min(seqlen_q, _SMALL_SEQLEN + 1), min(seqlen_q * group, _SMALL_SEQLEN + 1)
 
 
-@functools.lru_cache(maxsize=None)
-def _arch_major(device_index: int) -> int:
-    return torch.cuda.get_device_capability(device_index)[0]
-
-
 def plan_key(q, k, v, params: dict[str, Any], arch_major: int | None = None) -> Hashable | None:
     """Everything FA4's launch depends on besides the tensors' data; None if not plannable."""
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -58,7 +52,11 @@ def plan_key(q, k, v, params: dict[str, Any], arch_major: int | None = None) -> 
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     if batch == 0 or seqlen_q == 0 or seqlen_k == 0:
         return None  # FA4 returns early without a launch
-    arch = arch_major if arch_major is not None else _arch_major(q.device.index)
+    if arch_major is None:
+        from . import support  # not at the top: support imports the adapter, which imports this module
+
+        arch_major = support.cuda_arch_major(q.device.index)
+    arch = arch_major
     shapes = seqlen_class(seqlen_q, heads // heads_kv) if arch == 9 else (batch, seqlen_q, seqlen_k)
     broadcast = tuple(tuple(s == 0 for s in t.stride()) for t in (q, k, v))
     seqused_k = params["seqused_k"]
@@ -189,16 +187,15 @@ class PlanCache:
         self._max_signatures = max_signatures
         self._lock = threading.Lock()
 
-    def find(self, signature: Hashable, compute_key: Callable[[], Hashable | None]) -> LaunchPlan | None | Hashable:
-        """The plan for this call, None if it must take FA4's path, else the plan key to learn."""
-        plan = self._by_signature.get(signature, False)
-        if plan is not False:
-            return plan
-        key = compute_key()
+    def by_signature(self, signature: Hashable) -> LaunchPlan | None | bool:
+        """The plan indexed under this exact call signature, None if unplannable, False if unseen."""
+        return self._by_signature.get(signature, False)
+
+    def by_key(self, key: Hashable | None, signature: Hashable) -> LaunchPlan | None | bool:
+        """The plan of a plan key (None key: unplannable), indexed under ``signature``; False if not learned."""
         plan = self._plans.get(key, False) if key is not None else None
-        if plan is False:
-            return _ToLearn(key)
-        self._index(signature, plan)
+        if plan is not False:
+            self._index(signature, plan)
         return plan
 
     def put(self, key: Hashable, signature: Hashable, plan: LaunchPlan | None) -> None:
@@ -227,9 +224,3 @@ class PlanCache:
             self._plans.clear()
             self._by_signature.clear()
 
-
-@dataclasses.dataclass(frozen=True)
-class _ToLearn:
-    """``PlanCache.find``'s answer when the call's plan key has no plan yet."""
-
-    key: Hashable

@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from fa4_inductor import fa4_adapter, launch_plan
+from fa4_inductor import fa4_adapter, launch_plan, support
 
 
 def _params(**overrides):
@@ -81,7 +81,7 @@ def _stand_in_fa4(extra_buffer=False):
 
 @pytest.fixture
 def plans(monkeypatch):
-    monkeypatch.setattr(launch_plan, "_arch_major", lambda index: 9)
+    monkeypatch.setattr(support, "cuda_arch_major", lambda index: 9)
     monkeypatch.setattr(fa4_adapter, "_FORWARD_PLANS", launch_plan.PlanCache())
     return lambda fa4: monkeypatch.setattr(fa4_adapter, "_module", lambda: fa4)
 
