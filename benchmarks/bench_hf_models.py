@@ -27,7 +27,11 @@ LAYERS, HIDDEN, HEADS, KV_HEADS, VOCAB = 4, 2048, 16, 4, 32000
 
 
 def build(name: str) -> torch.nn.Module:
-    """A 4-layer model of the family; Gemma2 on HF's eager path, where its softcap exists."""
+    """A 4-layer model of the family; Gemma2 on HF's eager path, where its softcap exists.
+
+    GPT-2, BERT and RoBERTa have no GQA (16 KV heads); BERT and RoBERTa are
+    masked LMs (bidirectional attention, the LM loss on every position).
+    """
     common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=LAYERS,
                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=16384,
                   attn_implementation="eager" if name == "gemma2" else "sdpa")
@@ -40,6 +44,18 @@ def build(name: str) -> torch.nn.Module:
             **common, head_dim=HIDDEN // HEADS, sliding_window=1024))
     if name == "qwen2":
         return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    if name == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=16384,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa"))
+    encoder = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=LAYERS,
+                   num_attention_heads=HEADS, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                   attn_implementation="sdpa")
+    if name == "bert":
+        return transformers.BertForMaskedLM(transformers.BertConfig(**encoder, max_position_embeddings=16384))
+    if name == "roberta":
+        return transformers.RobertaForMaskedLM(transformers.RobertaConfig(
+            **encoder, max_position_embeddings=16386, pad_token_id=1))
     raise ValueError(name)
 
 
@@ -168,12 +184,12 @@ def main() -> None:
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "transformers": transformers.__version__, "rows": []}
-    for name in args.models:
-        result["rows"] += run(name, args.seq, args.left_pad)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{args.tag}.md").write_text(markdown(result))
+    for name in args.models:  # results are written after each model, so a run cut short keeps what it measured
+        result["rows"] += run(name, args.seq, args.left_pad)
+        (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{args.tag}.md").write_text(markdown(result))
     print(markdown(result))
 
 

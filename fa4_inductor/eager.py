@@ -8,7 +8,9 @@ While active, three kernels per routed device are replaced through
   the flash kernels alone would rarely run; this kernel sends every call
   FA4 can serve (unless the caller disabled flash with ``sdpa_kernel``) to
   the differentiable ``fa4.flash_attn_fwd`` op, and the rest to the
-  composite kernel registered before.
+  composite kernel registered before. A boolean ``attn_mask`` that varies
+  along batch and keys only (a decoding step's) becomes FA4's
+  ``key_padding``; other masks fall back.
 * the flash forward and backward kernels, for code that calls them directly
   (``_scaled_dot_product_flash_attention[_backward]`` on CUDA, the
   ``_for_cpu`` pair on CPU, where they run the reference implementation).
@@ -60,6 +62,21 @@ def _reason(devices, query, key, value, dropout_p, is_causal, has_mask=False, en
     return unsupported_reason(call, devices)
 
 
+def _key_padding(attn_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
+    """A boolean mask that varies along batch and keys only, as FA4's (B, S_kv) ``key_padding``; else None.
+
+    That is the mask of a decoding step (one query row against a padded or
+    static KV cache), (B, 1, 1, S_kv) in Hugging Face models.
+    """
+    if attn_mask is None or attn_mask.dtype != torch.bool or not 2 <= attn_mask.dim() <= 4:
+        return None
+    batch, kv_len = query.shape[0], key.shape[2]
+    rows, *middle, columns = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    if any(size != 1 for size in middle) or columns != kv_len or rows not in (1, batch):
+        return None
+    return attn_mask.reshape(rows, columns).expand(batch, columns)
+
+
 def _bshd(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.transpose(1, 2) for t in tensors)
 
@@ -74,7 +91,9 @@ def _grads_bhsd(dout, query, key, value, out, lse, scale, is_causal):
 def _sdpa(stock, devices):
     def impl(keyset, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
              *, scale=None, enable_gqa=False):
-        reason = _reason(devices, query, key, value, dropout_p, is_causal, attn_mask is not None, enable_gqa)
+        padding = None if is_causal else _key_padding(attn_mask, query, key)  # with is_causal, stock raises
+        has_mask = attn_mask is not None and padding is None
+        reason = _reason(devices, query, key, value, dropout_p, is_causal, has_mask, enable_gqa)
         if reason is None and not torch.backends.cuda.flash_sdp_enabled():
             reason = "flash SDPA backend disabled by the caller (sdpa_kernel)"
         if reason is not None:
@@ -82,7 +101,8 @@ def _sdpa(stock, devices):
             return stock.call_boxed(keyset, query, key, value, attn_mask, dropout_p, is_causal,
                                     scale=scale, enable_gqa=enable_gqa)
         stats.record_eager("fa4", _SDPA)
-        out, _ = torch.ops.fa4.flash_attn_fwd(*_bshd(query, key, value), _scale(query, scale), is_causal)
+        out, _ = torch.ops.fa4.flash_attn_fwd(*_bshd(query, key, value), _scale(query, scale), is_causal,
+                                              key_padding=padding)
         return out.transpose(1, 2)
     return impl
 

@@ -12,7 +12,8 @@ boolean formula in (b, h, i, j). If the formula is a conjunction of bounds
 (bottom-right aligned): ``right = U - (S_kv - S_q)``,
 ``left = (S_kv - S_q) - L``. A key-padding lookup ``pad[b, j]`` into a
 (B, S_kv) tensor input, and-ed with such bounds, is kept as FA4's
-``key_padding`` operand. Anything else (another tensor lookup, a bound on
+``key_padding`` operand; so is a (B, 1, 1, S_kv) mask input, what a
+decoding step with a static KV cache receives. Anything else (another tensor lookup, a bound on
 ``i`` or ``j`` alone, a dependence on batch or head) is reported with the
 reason, and the mask stays.
 """
@@ -28,7 +29,7 @@ import sympy
 import torch
 from sympy.logic.boolalg import BooleanFunction
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 
 from .emit import op_name
 
@@ -65,8 +66,9 @@ class TensorLookup(BooleanFunction):
 class MaskStructure:
     """FA4 parameters equivalent to a mask (windows: -1 = unbounded).
 
-    ``key_padding`` is the graph node of a (B, S_kv) tensor whose nonzero
-    entries mark the keys each batch row may attend to, or None.
+    ``key_padding`` is the graph node of a (B, S_kv) or (B, 1, 1, S_kv)
+    tensor whose nonzero entries mark the keys each batch row may attend
+    to, or None.
     """
 
     causal: bool
@@ -152,10 +154,9 @@ class _Evaluator:
         if node.op in ("placeholder", "get_attr"):
             if isinstance(example, (torch.SymInt, int)):
                 return example
-            if isinstance(example, torch.Tensor) and example.dim() == 2:
-                self.lookup_sources[node.name] = node
-                return IndexTensor(TensorLookup(sympy.Symbol(node.name), _axis(0), _axis(1)), 2)
-            raise NotAnalyzable(f"the mask reads the tensor input '{node.name}' (not a 2-D padding mask)")
+            if isinstance(example, torch.Tensor) and example.dim() >= 2:
+                return self._input_lookup(node, example)
+            raise NotAnalyzable(f"the mask reads the tensor input '{node.name}' of shape {tuple(example.shape)}")
         if node.op not in ("call_function", "call_method"):
             raise NotAnalyzable(f"unsupported node {node.op} {node.target}")
         if isinstance(example, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float)):
@@ -188,6 +189,17 @@ class _Evaluator:
         if name == "masked_fill":
             return self._masked_fill(*args)
         raise NotAnalyzable(f"the mask uses {name}, which the analysis does not model")
+
+    def _input_lookup(self, node: Node, example: torch.Tensor) -> IndexTensor:
+        """A tensor input read as ``source[first axis, last axis]``: (B, S_kv), or (B, 1, 1, S_kv) as
+        a decoding step's mask is, where every middle axis has size 1."""
+        middle = example.shape[1:-1]
+        if not all(statically_known_true(size == 1) for size in middle):
+            raise NotAnalyzable(f"the mask reads the tensor input '{node.name}' of shape {tuple(example.shape)}, "
+                                "a dense mask (FA4 takes masks that vary along batch and keys only)")
+        self.lookup_sources[node.name] = node
+        ndim = example.dim()
+        return IndexTensor(TensorLookup(sympy.Symbol(node.name), _axis(0), _axis(ndim - 1)), ndim)
 
     @staticmethod
     def _arange(args):
@@ -397,7 +409,7 @@ def _key_padding(expr, sources: dict[str, Node], kv_len) -> tuple[Any, Node | No
     source = sources[str(name)]
     if first != _B or second != _J:
         raise NotAnalyzable(f"the mask reads '{name}' at [{first}, {second}], not [batch, kv_idx]")
-    columns = _example(source).shape[1]
+    columns = _example(source).shape[-1]
     # Under dynamic shapes the mask's width and the keys' length are separate symbols, equal
     # whenever the model runs; a guard makes the compiled graph conditional on that.
     if not guard_or_false(columns == kv_len):

@@ -190,8 +190,12 @@ def replace_with_fa4(decision: SiteDecision, output: Node) -> None:
         if isinstance(decision.params["softmax_scale"], Reciprocal):
             divisor = decision.params["softmax_scale"].divisor
             decision.params["softmax_scale"] = call_with_meta(graph, operator.truediv, (1.0, divisor))
-        if decision.params["key_padding"] is not None:  # a 0/1 or bool (B, S_kv) input: FA4 takes bool
-            decision.params["key_padding"] = call_with_meta(graph, torch.ne, (decision.params["key_padding"], 0))
+        padding = decision.params["key_padding"]
+        if padding is not None:  # a 0/1 or bool (B, S_kv) or (B, 1, 1, S_kv) input: FA4 takes bool (B, S_kv)
+            padding = call_with_meta(graph, torch.ne, (padding, 0))
+            if example_value(padding).dim() > 2:
+                padding = call_with_meta(graph, torch.flatten, (padding, 1))
+            decision.params["key_padding"] = padding
         out, _ = fa4_attention(graph, captured["query"], captured["key"], captured["value"], decision.params)
     output.replace_all_uses_with(out)
     graph.erase_node(output)

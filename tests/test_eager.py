@@ -35,6 +35,30 @@ def test_eager_sdpa_routes_to_fa4_and_matches_stock(kwargs):
         torch.testing.assert_close(g, w, atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 9), (1, 1, 9)], ids=str)
+def test_eager_key_padding_mask_routes_to_fa4(mask_shape):
+    """A bool mask varying along batch and keys only (a decoding step's) runs FA4 as key padding."""
+    q, k, v = _qkv()
+    mask = torch.ones(mask_shape, dtype=torch.bool)
+    mask[..., :3] = False
+    if len(mask_shape) == 4:
+        mask[1, ..., 7:] = False
+    want, want_grads = _sdpa_with_grads(q, k, v, attn_mask=mask)
+    with fa4_inductor.enabled(compile=False, devices=("cpu",)):
+        got, got_grads = _sdpa_with_grads(q, k, v, attn_mask=mask)
+    assert stats.counters["eager.fa4"] == 1 and stats.counters["eager.fallback"] == 0
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=5e-2, rtol=5e-2)
+
+
+def test_eager_mask_with_is_causal_keeps_stock_error():
+    q, k, v = _qkv()
+    with fa4_inductor.enabled(compile=False, devices=("cpu",)), pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(1, 1, 9, dtype=torch.bool), is_causal=True)
+    assert stats.counters["eager.fa4"] == 0
+
+
 @pytest.mark.parametrize("kwargs, dtype, reason", [
     (dict(dropout_p=0.3), torch.bfloat16, "dropout"),
     (dict(), torch.float32, "dtype torch.float32"),

@@ -68,6 +68,7 @@ CASES = [
     dict(d=256, causal=True),
     dict(d=128, causal=True, padding="left"), dict(d=128, hkv=2, padding="right"),
     dict(d=64, window=(64, 0), hkv=2, padding="left"),
+    dict(d=128, hkv=2, sq=1), dict(d=128, hkv=2, sq=1, padding="left"),  # decoding steps
 ]
 
 
@@ -85,8 +86,8 @@ def _key_padding(b, s, side):
 def test_fa4_op_matches_fp64_reference(case):
     torch.manual_seed(0)
     b, s, h, d = 2, 512, 8, case["d"]
-    hkv = case.get("hkv", h)
-    q, k, v = _leaves((b, s, h, d), (b, s, hkv, d), (b, s, hkv, d))
+    hkv, sq = case.get("hkv", h), case.get("sq", s)
+    q, k, v = _leaves((b, sq, h, d), (b, s, hkv, d), (b, s, hkv, d))
     scale = 1 / math.sqrt(d)
     window = case.get("window", (-1, -1))
     key_padding = _key_padding(b, s, case.get("padding"))
@@ -108,7 +109,7 @@ def test_fa4_op_matches_fp64_reference(case):
         errors[name] = dict(max_err=err, bf16_math_max_err=err_low, rel_err=rel)
         assert math.isfinite(err)
         assert err <= 3 * err_low + 1e-3, (name, err, err_low)
-    assert lse.shape == (b, h, s) and lse.dtype == torch.float32
+    assert lse.shape == (b, h, sq) and lse.dtype == torch.float32
     _report("fa4_vs_fp64", case=case, errors=errors)
 
 
@@ -159,6 +160,26 @@ def test_eager_override_runs_fa4_and_falls_back_with_reason():
     assert not any(t in n for n in names for t in ("pytorch_flash", "flash_fwd_kernel")), names
     assert any("dropout" in r for (_, r) in stats.fallback_reasons), stats.fallback_reasons
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_eager_decoding_step_mask_runs_fa4_key_padding():
+    """SDPA with a (B, 1, 1, S_kv) bool mask (a static-cache decoding step) runs FA4, not a stock kernel."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(2, 1, 1, 2048, dtype=torch.bool, device="cuda")
+    mask[0, ..., 1500:] = False
+    mask[1, ..., :300] = False
+    stats.reset()
+    with fa4_inductor.enabled(compile=False, eager=True):
+        names = _kernel_names(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
+    rel = ((out.double() - ref).norm() / ref.norm()).item()
+    _report("eager_decode_key_padding", kernels=sorted(set(_attention_kernels(names))), rel_err=rel)
+    assert stats.counters["eager.fa4"] == 2 and stats.counters["eager.fallback"] == 0, stats.fallback_reasons
+    assert any("flash_attncute" in n.lower() for n in names), names
+    assert rel < 1e-2
 
 
 def test_compiled_block_runs_fa4_forward_and_backward():

@@ -173,3 +173,39 @@ def test_gemma2_eager_dynamic_shapes_graph_scalars():
     assert [r.decision for r in records] in (["fa4"] * 2, ["fa4"] * 4), [r.reason for r in records]
     assert [r.features["softcap"] for r in records[-2:]] == [50.0, 50.0]
     assert _rel(got.float(), want.float()) < 2e-2
+
+
+def test_static_cache_generate_decodes_on_fa4():
+    """``generate`` with a static KV cache, its decoding step compiled (HF's own auto-compile).
+
+    Each step gets a (B, 1, 1, max_cache_len) mask: keys past the current
+    position and the left padding are hidden. The compiled step's sites
+    run FA4 with that mask as key padding; tokens and per-step logits
+    match stock compiled generation (fp16, where near-ties of bf16 logits
+    don't flip a greedy token).
+    """
+    from transformers.generation.configuration_utils import CompileConfig
+
+    torch.manual_seed(0)
+    model = _build("llama", "sdpa").to(torch.float16).eval()
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(1, 128, (2, 10))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :3] = 0
+    compile_config = CompileConfig(mode="default")
+    compile_config._compile_all_devices = True  # HF auto-compiles the decoding step on GPUs only
+
+    def generate():
+        return model.generate(ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False,
+                              cache_implementation="static", compile_config=compile_config,
+                              return_dict_in_generate=True, output_logits=True)
+    want = generate()
+    torch._dynamo.reset()
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = generate()
+    records = stats.site_records()
+    assert [r.decision for r in records] == ["fa4", "fa4"], [r.reason for r in records]
+    assert all(r.features["padding"] and r.features["q_shape"].endswith(", 1, 16)") for r in records)
+    assert torch.equal(got.sequences, want.sequences)
+    for got_step, want_step in zip(got.logits, want.logits, strict=True):
+        torch.testing.assert_close(got_step, want_step, atol=2e-3, rtol=2e-3)

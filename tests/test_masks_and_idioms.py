@@ -164,7 +164,7 @@ def test_key_padding_under_dynamic_shapes_guards_mask_width_equals_key_length():
 @pytest.mark.parametrize("build, pad, reason", [
     (lambda i, j, pad: (j <= i) | pad[:, None, None, :], torch.ones(B, S, dtype=torch.bool), "not and-ed"),
     (lambda i, j, pad: pad[:, None, :, None], torch.ones(B, S, dtype=torch.bool), "not [batch, kv_idx]"),
-    (lambda i, j, pad: pad[:, None], torch.ones(B, S, S, dtype=torch.bool), "not a 2-D padding mask"),
+    (lambda i, j, pad: pad[:, None], torch.ones(B, S, S, dtype=torch.bool), "a dense mask"),
 ])
 def test_padding_masks_fa4_cannot_express_fall_back(build, pad, reason):
     def fn(q, k, v, pad):
@@ -174,6 +174,19 @@ def test_padding_masks_fa4_cannot_express_fall_back(build, pad, reason):
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
         torch.compile(fn)(q, k, v, pad)
     assert reason in stats.site_records()[0].reason
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_decoding_step_mask_input_becomes_key_padding(q_len):
+    """A (B, 1, 1, S_kv) bool mask input, what a static-cache decoding step gets: FA4 key padding."""
+    mask = torch.zeros(B, 1, 1, S, dtype=torch.bool)
+    mask[0, ..., :7] = True  # the cache filled up to position 7 in row 0
+    mask[1, ..., 3:10] = True  # row 1 left-padded by 3
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    record = _check(fn, *_qkv(sq=q_len))
+    assert record.features["padding"] and not record.features["causal"]
 
 
 @pytest.mark.parametrize("style", ["expand_reshape", "repeat_interleave"])
