@@ -39,7 +39,7 @@ from types import ModuleType
 
 import torch
 
-from . import launch_plan
+from . import launch_plan, split_kv
 from ._torch_private import concrete_fake_like, fresh_fake_mode
 
 log = logging.getLogger(__name__)
@@ -207,12 +207,33 @@ def _key_padding_mask_mod(causal: bool, window_left: int, window_right: int):
     return key_padding_mask
 
 
-def _masking(causal, window_left, window_right, key_padding) -> dict:
-    """FA4 keyword arguments for the masking: built-in causal/window, or a mask_mod for key padding."""
+@functools.lru_cache(maxsize=None)
+def _split_key_padding_mask_mod(group: int, splits: int):
+    """The key-padding ``mask_mod`` of a split-KV call: query head ``x`` faces key chunk
+    ``(x // group) % splits``, whose keys are ``aux[0][b, chunk, :]`` (see :mod:`.split_kv`)."""
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute.utils import scalar_to_ssa
+
+    @cute.jit
+    def split_key_padding_mask(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
+        keep = aux_tensors[0]
+        chunk = (head[0] // group) % splits
+        return scalar_to_ssa(keep[batch[0], chunk, kv_idx[0]], cutlass.Int32) != scalar_to_ssa(0, cutlass.Int32)
+
+    return split_key_padding_mask
+
+
+def _masking(causal, window_left, window_right, key_padding, group: int = 1) -> dict:
+    """FA4 keyword arguments for the masking: built-in causal/window, or a mask_mod for key padding
+    ((B, S_kv), or (B, splits, S_kv / splits) for a split-KV call, which has no causal or window)."""
     if key_padding is None:
         return dict(causal=causal, window_size_left=_window(window_left), window_size_right=_window(window_right))
-    return dict(causal=False, window_size_left=None, window_size_right=None,
-                mask_mod=_key_padding_mask_mod(causal, window_left, window_right),
+    if key_padding.dim() == 3:
+        mask_mod = _split_key_padding_mask_mod(group, key_padding.shape[1])
+    else:
+        mask_mod = _key_padding_mask_mod(causal, window_left, window_right)
+    return dict(causal=False, window_size_left=None, window_size_right=None, mask_mod=mask_mod,
                 aux_tensors=[key_padding.to(torch.int32)])
 
 
@@ -227,8 +248,52 @@ def _fa4_forward(q, k, v, out, lse, *, softmax_scale, causal, window_left, windo
         return_lse=True,
         out=out,
         lse=lse,
-        **_masking(causal, window_left, window_right, key_padding),
+        **_masking(causal, window_left, window_right, key_padding, group=q.shape[2] // k.shape[2]),
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _arch_and_sms(device_index: int | None) -> tuple[int, int]:
+    """FA4's target arch (e.g. 90; FLASH_ATTENTION_ARCH overrides) and its SM count for kernel choices;
+    (0, 0) if this FA4 version doesn't tell (then nothing is split)."""
+    try:
+        from flash_attn.cute.cute_dsl_utils import get_num_sms_for_selection
+
+        arch = _module()._get_device_arch()
+        return arch, get_num_sms_for_selection(device_index if device_index is not None else 0, arch)
+    except (ImportError, AttributeError, RuntimeError) as exc:
+        log.warning("fa4_inductor: no split-KV decoding (FA4's arch/SM count unknown: %s: %s)",
+                    type(exc).__name__, exc)
+        return 0, 0
+
+
+def _decode_splits(q, k, params: dict) -> int:
+    """Key chunks for this call (1: none). Only on sm90, where FA4 has no split-KV of its own, and only
+    for calls whose masking doesn't depend on the key's position relative to the end (no causal,
+    window or seqused_k)."""
+    if (params["causal"] or params["window_left"] >= 0 or params["window_right"] >= 0
+            or params["seqused_k"] is not None):
+        return 1
+    arch, sms = _arch_and_sms(q.device.index)
+    if arch // 10 != 9:
+        return 1
+    # Symbolic sizes (precompiling for a dynamic graph) count by their hints: no guards.
+    sizes = [s.node.hint if isinstance(s, torch.SymInt) else s for s in (*q.shape[:3], k.shape[2], k.shape[1])]
+    return 1 if None in sizes else split_kv.num_splits(*sizes, sms)
+
+
+def _forward_maybe_split(q, k, v, out, lse, params: dict, run) -> None:
+    """``run(q, k, v, out, lse, params)`` on the call, or on its key chunks merged after (split-KV)."""
+    splits = _decode_splits(q, k, params)
+    parts = split_kv.split_inputs(q, k, v, params["key_padding"], splits) if splits > 1 else None
+    if parts is None:
+        run(q, k, v, out, lse, params)
+        return
+    q_parts, k_parts, v_parts, padding = parts
+    out_parts = q_parts.new_empty((*q_parts.shape[:3], v.shape[-1]))
+    lse_parts = q_parts.new_empty((q.shape[0], q_parts.shape[2], q.shape[1]), dtype=torch.float32)
+    run(q_parts, k_parts, v_parts, out_parts, lse_parts, {**params, "key_padding": padding})
+    split_kv.combine(out_parts, lse_parts, k.shape[2], splits, out, lse)
 
 
 def forward(
@@ -247,7 +312,8 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FA4 forward on real B,S,H,D CUDA tensors; returns (out B,S,H,Dv, lse fp32 B,H,S).
 
-    ``out``, if given, is an aligned B,S,H,Dv buffer FA4 writes into. Calls
+    ``out``, if given, is an aligned B,S,H,Dv buffer FA4 writes into.
+    Decoding-shaped calls run split-KV on sm90 (:mod:`.split_kv`). Calls
     replay the launch plan of their key once one has been learned (calls
     with ``key_padding`` always take FA4's entry point).
     """
@@ -255,28 +321,34 @@ def forward(
     if out is None:
         out = q.new_empty((batch, seqlen_q, heads, v.shape[-1]))
     lse = q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
-    if key_padding is not None:
-        _fa4_forward(q, k, v, out, lse, softmax_scale=softmax_scale, causal=causal, window_left=window_left,
-                     window_right=window_right, softcap=softcap, seqused_k=seqused_k, key_padding=key_padding)
-        return out, lse
+    params = dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left,
+                  window_right=window_right, softcap=softcap, seqused_k=seqused_k, key_padding=key_padding)
+    _forward_maybe_split(q, k, v, out, lse, params, _forward_planned)
+    return out, lse
+
+
+def _forward_planned(q, k, v, out, lse, params: dict) -> None:
+    """One FA4 forward into ``out``/``lse``: by launch plan when one is known, else FA4's entry point."""
+    if params["key_padding"] is not None:
+        _fa4_forward(q, k, v, out, lse, **params)
+        return
+    seqused_k = params["seqused_k"]
     tensors = (q, k, v, out, lse, seqused_k)
-    signature = launch_plan.call_signature(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
-                                           seqused_k)
+    signature = launch_plan.call_signature(q, k, v, params["softmax_scale"], params["causal"], params["window_left"],
+                                           params["window_right"], params["softcap"], seqused_k)
     plan = _FORWARD_PLANS.by_signature(signature)
     if plan:
         plan.launch(tensors)
-        return out, lse
-    params = dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left,
-                  window_right=window_right, softcap=softcap, seqused_k=seqused_k)
+        return
     if plan is False:  # a new signature: its plan key may have a plan already
         key = launch_plan.plan_key(q, k, v, params)
         plan = _FORWARD_PLANS.by_key(key, signature)
         if plan:
             plan.launch(tensors)
-            return out, lse
+            return
     if plan is None:
         _fa4_forward(q, k, v, out, lse, **params)
-        return out, lse
+        return
     entry_point = _module()._flash_attn_fwd
     with _LEARNING, _recording(entry_point) as recorder:
         _fa4_forward(q, k, v, out, lse, **params)
@@ -284,7 +356,6 @@ def forward(
     if learned is not launch_plan.UNDECIDED:
         _FORWARD_PLANS.put(key, signature, learned)
         log.debug("FA4 forward launch plan %s for %s", "learned" if learned else "not replayable", key)
-    return out, lse
 
 
 def forward_plans() -> launch_plan.PlanCache:
@@ -328,7 +399,8 @@ _precompiled: set = set()
 def _precompile_once(what: str, q, k, v, params: dict, build) -> float:
     key = (what, q.dtype, tuple(q.shape[2:]), k.shape[2], v.shape[-1], params["causal"],
            params["window_left"], params["window_right"], bool(params["softcap"]),
-           params["seqused_k"] is None, params.get("key_padding") is None)
+           params["seqused_k"] is None, params.get("key_padding") is None,
+           _decode_splits(q, k, params) if what == "forward" else 1)
     if key in _precompiled or unavailable_reason() is not None:
         return 0.0
     _precompiled.add(key)
@@ -344,7 +416,8 @@ def precompile_forward(q, k, v, **params) -> float:
         fq, fk, fv, fseq, fpad = _fake_inputs(q, k, v, params["seqused_k"], params.get("key_padding"))
         out = torch.empty((*fq.shape[:3], fv.shape[-1]), dtype=fq.dtype, device=fq.device)
         lse = torch.empty((fq.shape[0], fq.shape[2], fq.shape[1]), dtype=torch.float32, device=fq.device)
-        _fa4_forward(fq, fk, fv, out, lse, **{**params, "seqused_k": fseq, "key_padding": fpad})
+        _forward_maybe_split(fq, fk, fv, out, lse, {**params, "seqused_k": fseq, "key_padding": fpad},
+                             lambda *call: _fa4_forward(*call[:5], **call[5]))
     return _precompile_once("forward", q, k, v, params, lambda: _in_fresh_fake_mode(build))
 
 

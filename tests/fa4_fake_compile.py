@@ -73,7 +73,8 @@ def _window(value):
 
 
 def main() -> None:
-    """Precompile a causal GQA config, with and without key padding (fwd + bwd), probe FA4's keys; print JSON."""
+    """Precompile a causal GQA config, with and without key padding (fwd + bwd), and a split-KV decoding step
+    with key padding; probe FA4's keys; print JSON."""
     params = _params()
     with fresh_fake_mode():
         q, k, v = _qkv(2, 256, 8, 2)
@@ -88,11 +89,17 @@ def main() -> None:
     padded = {**params, "key_padding": key_padding}
     padding_s = (fa4_adapter.precompile_forward(q, k, v, **padded)
                  + fa4_adapter.precompile_backward(out, q, k, v, out, lse, **padded))
+    with fresh_fake_mode():  # a decoding step (split-KV on sm90), its static cache's mask as key padding
+        dq, dk, dv = torch.empty(1, 1, 32, 128, dtype=torch.bfloat16, device="cuda"), *_qkv(1, 4096, 8, 8)[1:]
+        decode_padding = torch.empty(1, 4096, dtype=torch.bool, device="cuda")
+    decode = {**_params(causal=False), "key_padding": decode_padding}
+    decode_splits = fa4_adapter._decode_splits(dq, dk, decode)
+    decode_s = fa4_adapter.precompile_forward(dq, dk, dv, **decode)
     cache_dir = fa4_adapter.disk_cache_dir()
     cached = sorted(p.parent.name for p in pathlib.Path(cache_dir).rglob("*.o")) if cache_dir else []
     print(json.dumps({
         "forward_s": round(fwd_seconds, 2), "backward_s": round(bwd_seconds, 2), "again_s": again,
-        "key_padding_s": round(padding_s, 2),
+        "key_padding_s": round(padding_s, 2), "decode_splits": decode_splits, "decode_s": round(decode_s, 2),
         "total_s": round(time.perf_counter() - start, 1), "disk_cache": cached,
         "seqlen_classes_ok": seqlen_classes_match_fa4_keys(), "fa4": fa4_adapter.version(),
     }))

@@ -1,0 +1,67 @@
+"""Split-KV decoding (CPU): chunk counts, chunk views, and the logsumexp merge vs unsplit attention."""
+
+import pytest
+import torch
+
+from fa4_inductor import reference, split_kv
+
+
+@pytest.mark.parametrize("batch, seqlen_q, heads, heads_kv, seqlen_k, want", [
+    (1, 1, 32, 8, 16384, 32),  # 8 CTAs: 32 chunks of 512 keys reach 132 SMs
+    (1, 1, 32, 8, 4096, 16),  # capped by 256 keys per chunk
+    (8, 1, 16, 4, 4095, 5),  # 4095 = 5 * 819: the first divisor reaching one CTA per SM
+    (32, 1, 32, 8, 4096, 1),  # 256 CTAs already fill the GPU
+    (1, 1024, 32, 8, 4096, 1),  # prefill: many query tiles
+    (1, 1, 32, 8, 4099, 1),  # a prime key length has no equal chunks
+    (1, 1, 32, 8, 300, 1),  # too short to split
+])
+def test_num_splits(batch, seqlen_q, heads, heads_kv, seqlen_k, want):
+    assert split_kv.num_splits(batch, seqlen_q, heads, heads_kv, seqlen_k, num_sms=132) == want
+
+
+def _split_attention(q, k, v, padding, scale):
+    """What FA4 computes on a split call: query head x attends to KV head x // group, keys kept where
+    ``padding[b, (x // group) % splits, j]`` (the split mask_mod)."""
+    group = q.shape[2] // k.shape[2]
+    qh, kh, vh = (t.float().transpose(1, 2) for t in (q, k, v))
+    kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+    scores = (qh @ kh.transpose(-1, -2)) * scale
+    if padding is not None:
+        chunk = (torch.arange(q.shape[2]) // group) % padding.shape[1]
+        scores = scores.masked_fill(~padding[:, chunk, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.nan_to_num(torch.exp(scores - lse[..., None]))
+    return (probs @ vh).transpose(1, 2), lse
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("seqlen_q, splits", [(1, 4), (3, 8)])
+def test_split_and_merge_equal_unsplit_attention(padded, seqlen_q, splits):
+    torch.manual_seed(0)
+    batch, heads, heads_kv, seqlen_k, dim = 3, 8, 2, 64, 16
+    q = torch.randn(batch, seqlen_q, heads, dim)
+    # A Hugging Face KV cache: (B, H, S, D) memory seen as B,S,H,D.
+    k, v = (torch.randn(batch, heads_kv, seqlen_k, dim).transpose(1, 2) for _ in range(2))
+    padding = None
+    if padded:
+        padding = torch.ones(batch, seqlen_k, dtype=torch.bool)
+        padding[0, 40:] = False  # the unfilled tail of a static cache: whole chunks see no key
+        padding[1, :5] = False  # left padding
+        padding[2] = False  # a row with no key at all
+    q_parts, k_parts, v_parts, padding_parts = split_kv.split_inputs(q, k, v, padding, splits)
+    assert k_parts.data_ptr() == k.data_ptr() and k_parts.shape == (batch, seqlen_k // splits, heads_kv * splits, dim)
+    out_parts, lse_parts = _split_attention(q_parts, k_parts, v_parts, padding_parts, scale=0.25)
+    out, lse = torch.empty(batch, seqlen_q, heads, dim), torch.empty(batch, heads, seqlen_q)
+    split_kv.combine(out_parts, lse_parts, heads_kv, splits, out, lse)
+    want_out, want_lse = reference.attention_forward(
+        q, k, v, softmax_scale=0.25, causal=False, window_left=-1, window_right=-1, softcap=0.0, seqused_k=None,
+        key_padding=padding)
+    torch.testing.assert_close(out, want_out.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    if padded:
+        assert torch.isneginf(lse[2]).all() and not out[2].any()
+
+
+def test_keys_that_cannot_be_viewed_in_chunks_are_not_split():
+    k = torch.randn(2, 64, 4, 16)  # (B, S, H, D)-contiguous: chunks of S are not head-strided
+    assert split_kv.split_inputs(torch.randn(2, 1, 8, 16), k, k, None, 4) is None
