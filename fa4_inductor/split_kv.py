@@ -14,8 +14,9 @@ That needs the head stride to be S times the sequence stride, as in the
 are not split. Only the few query rows are copied, once per chunk, so each
 query head keeps its KV head's GQA group.
 
-The merge is the same one ring attention uses, so the op's logsumexp is
-the full one and the backward (FA4's, on the unsplit tensors) is unchanged.
+The merge (one Triton kernel, :mod:`.split_kv_combine`) is the one ring
+attention uses, so the op's logsumexp is the full one and the backward
+(FA4's, on the unsplit tensors) is unchanged.
 """
 
 from __future__ import annotations
@@ -36,13 +37,14 @@ def num_splits(batch: int, seqlen_q: int, heads: int, heads_kv: int, seqlen_k: i
     """How many key chunks a call should be cut into (1: run it as is).
 
     Splits only calls whose query rows fit one tile per KV head and whose
-    grid covers less than half the SMs; picks the fewest chunks that reach
-    one CTA per SM, among chunk counts that divide the key length.
+    grid covers at most a quarter of the SMs (on an H100, 64 CTAs already
+    match stock SDPA); picks the fewest chunks that reach one CTA per SM,
+    among chunk counts that divide the key length.
     """
     if seqlen_q * (heads // heads_kv) > _QUERY_TILE:
         return 1
     ctas = batch * heads_kv
-    if 2 * ctas >= num_sms:
+    if 4 * ctas > num_sms:
         return 1
     best = 1
     for splits in range(2, min(MAX_SPLITS, seqlen_k // MIN_KEYS_PER_SPLIT) + 1):
@@ -85,14 +87,6 @@ def combine(out_parts: torch.Tensor, lse_parts: torch.Tensor, heads_kv: int, spl
             lse: torch.Tensor) -> None:
     """Merge the chunks' outputs (B, S_q, H * splits, Dv) and logsumexps (B, H * splits, S_q) into
     ``out`` (B, S_q, H, Dv) and ``lse`` (B, H, S_q); rows that see no key get zeros and -inf."""
-    batch, seqlen_q, heads, dim_v = out.shape
-    group = heads // heads_kv
-    parts_lse = lse_parts.view(batch, heads_kv, splits, group, seqlen_q)
-    peak = parts_lse.amax(dim=2, keepdim=True)
-    peak = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)
-    weights = torch.exp(parts_lse - peak)  # chunks without a visible key weigh 0
-    total = weights.sum(dim=2, keepdim=True)
-    lse.copy_((peak + torch.log(total)).view(batch, heads, seqlen_q))
-    share = (weights / total.clamp_min(torch.finfo(torch.float32).tiny)).permute(0, 4, 1, 2, 3).unsqueeze(-1)
-    parts = out_parts.view(batch, seqlen_q, heads_kv, splits, group, dim_v).float()
-    out.copy_(torch.where(share > 0, parts * share, 0.0).sum(dim=3).view(batch, seqlen_q, heads, dim_v))
+    from . import split_kv_combine  # Triton: imported only where a split call runs
+
+    split_kv_combine.merge(out_parts, lse_parts, heads_kv, splits, out, lse)

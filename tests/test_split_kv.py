@@ -1,16 +1,23 @@
 """Split-KV decoding (CPU): chunk counts, chunk views, and the logsumexp merge vs unsplit attention."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from fa4_inductor import reference, split_kv
+
+MERGE_CASES = [(padded, seqlen_q, splits) for padded in (False, True) for seqlen_q, splits in ((1, 4), (3, 8))]
 
 
 @pytest.mark.parametrize("batch, seqlen_q, heads, heads_kv, seqlen_k, want", [
     (1, 1, 32, 8, 16384, 32),  # 8 CTAs: 32 chunks of 512 keys reach 132 SMs
     (1, 1, 32, 8, 4096, 16),  # capped by 256 keys per chunk
     (8, 1, 16, 4, 4095, 5),  # 4095 = 5 * 819: the first divisor reaching one CTA per SM
-    (32, 1, 32, 8, 4096, 1),  # 256 CTAs already fill the GPU
+    (8, 1, 32, 8, 4096, 1),  # 64 CTAs: as fast as stock already
+    (32, 1, 32, 8, 4096, 1),  # 256 CTAs fill the GPU
     (1, 1024, 32, 8, 4096, 1),  # prefill: many query tiles
     (1, 1, 32, 8, 4099, 1),  # a prime key length has no equal chunks
     (1, 1, 32, 8, 300, 1),  # too short to split
@@ -34,9 +41,8 @@ def _split_attention(q, k, v, padding, scale):
     return (probs @ vh).transpose(1, 2), lse
 
 
-@pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("seqlen_q, splits", [(1, 4), (3, 8)])
-def test_split_and_merge_equal_unsplit_attention(padded, seqlen_q, splits):
+def check_split_and_merge(padded: bool, seqlen_q: int, splits: int) -> None:
+    """Split inputs, attention per chunk, merge: equal to unsplit attention (output and lse)."""
     torch.manual_seed(0)
     batch, heads, heads_kv, seqlen_k, dim = 3, 8, 2, 64, 16
     q = torch.randn(batch, seqlen_q, heads, dim)
@@ -51,8 +57,9 @@ def test_split_and_merge_equal_unsplit_attention(padded, seqlen_q, splits):
     q_parts, k_parts, v_parts, padding_parts = split_kv.split_inputs(q, k, v, padding, splits)
     assert k_parts.data_ptr() == k.data_ptr() and k_parts.shape == (batch, seqlen_k // splits, heads_kv * splits, dim)
     out_parts, lse_parts = _split_attention(q_parts, k_parts, v_parts, padding_parts, scale=0.25)
-    out, lse = torch.empty(batch, seqlen_q, heads, dim), torch.empty(batch, heads, seqlen_q)
-    split_kv.combine(out_parts, lse_parts, heads_kv, splits, out, lse)
+    out = torch.empty(batch, heads, seqlen_q, dim).transpose(1, 2)  # a strided output, as SDPA's callers pass
+    lse = torch.empty(batch, heads, seqlen_q)
+    split_kv.combine(out_parts.contiguous(), lse_parts.contiguous(), heads_kv, splits, out, lse)
     want_out, want_lse = reference.attention_forward(
         q, k, v, softmax_scale=0.25, causal=False, window_left=-1, window_right=-1, softcap=0.0, seqused_k=None,
         key_padding=padding)
@@ -60,6 +67,18 @@ def test_split_and_merge_equal_unsplit_attention(padded, seqlen_q, splits):
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
     if padded:
         assert torch.isneginf(lse[2]).all() and not out[2].any()
+
+
+def test_split_and_merge_equal_unsplit_attention():
+    """The merge is a Triton kernel: run in Triton's interpreter on CPU, which must be chosen before
+    Triton is imported, so in a fresh process."""
+    pytest.importorskip("triton")
+    code = ("import tests.test_split_kv as t\n"
+            f"for case in {MERGE_CASES!r}:\n    t.check_split_and_merge(*case)\nprint('merged', len({MERGE_CASES!r}))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "merged 4" in done.stdout, done.stderr[-3000:]
 
 
 def test_keys_that_cannot_be_viewed_in_chunks_are_not_split():
