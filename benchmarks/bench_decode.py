@@ -141,7 +141,7 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32], help="batch sizes for the kernels")
     parser.add_argument("--kv", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--generate", type=int, nargs="*", default=[1, 8], help="batch sizes for generate")
     parser.add_argument("--prompt", type=int, default=4000)

@@ -234,7 +234,20 @@ def _masking(causal, window_left, window_right, key_padding, group: int = 1) -> 
     else:
         mask_mod = _key_padding_mask_mod(causal, window_left, window_right)
     return dict(causal=False, window_size_left=None, window_size_right=None, mask_mod=mask_mod,
-                aux_tensors=[key_padding.to(torch.int32)])
+                aux_tensors=[_mask_mod_operand(key_padding)])
+
+
+# FA4 evaluates a mask_mod on whole key tiles (up to 256 keys), also past the last key.
+_KEY_TILE_SLACK = 256
+
+
+def _mask_mod_operand(key_padding: torch.Tensor) -> torch.Tensor:
+    """The key padding as the mask_mod reads it: int32, with hidden columns past the end, so that reads
+    of a partial last tile stay inside the tensor."""
+    *rows, columns = key_padding.shape
+    operand = key_padding.new_zeros((*rows, columns + _KEY_TILE_SLACK), dtype=torch.int32)
+    operand[..., :columns] = key_padding
+    return operand
 
 
 def _fa4_forward(q, k, v, out, lse, *, softmax_scale, causal, window_left, window_right, softcap, seqused_k,

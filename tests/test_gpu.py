@@ -113,12 +113,13 @@ def test_fa4_op_matches_fp64_reference(case):
     _report("fa4_vs_fp64", case=case, errors=errors)
 
 
-@pytest.mark.parametrize("batch, padded", [(1, False), (1, True), (4, True)])
-def test_split_kv_decoding_matches_fp64_reference(batch, padded):
+@pytest.mark.parametrize("batch, padded, seqlen_k", [(1, False, 4096), (1, True, 4096), (4, True, 4096),
+                                                     (1, True, 4095)])  # 4095: chunks end in a partial key tile
+def test_split_kv_decoding_matches_fp64_reference(batch, padded, seqlen_k):
     """sm90 decoding steps run split-KV (chunks of a (B, H, S, D) cache as extra KV heads, merged by lse):
     output, lse and gradients (FA4's backward on the merged lse) match float64."""
     torch.manual_seed(0)
-    seqlen_k, heads, heads_kv, d = 4096, 32, 8, 128
+    heads, heads_kv, d = 32, 8, 128
     q = torch.randn(batch, 1, heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     cache_k, cache_v = (torch.randn(batch, heads_kv, seqlen_k, d, device="cuda", dtype=torch.bfloat16)
                         .requires_grad_(True) for _ in range(2))
@@ -148,7 +149,8 @@ def test_split_kv_decoding_matches_fp64_reference(batch, padded):
     if padded:
         s = s.masked_fill(~key_padding[:, None, None, :], float("-inf"))
     lse_err = (lse.double() - torch.logsumexp(s, dim=-1)).abs().max().item()
-    _report("split_kv_decoding", batch=batch, padded=padded, splits=splits, errors=errors, lse_max_err=lse_err)
+    _report("split_kv_decoding", batch=batch, padded=padded, seqlen_k=seqlen_k, splits=splits, errors=errors,
+            lse_max_err=lse_err)
     assert splits > 1 or torch.cuda.get_device_capability()[0] != 9
     assert lse_err < 1e-2
 
