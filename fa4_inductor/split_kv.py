@@ -37,14 +37,16 @@ def num_splits(batch: int, seqlen_q: int, heads: int, heads_kv: int, seqlen_k: i
     """How many key chunks a call should be cut into (1: run it as is).
 
     Splits only calls whose query rows fit one tile per KV head and whose
-    grid covers at most a quarter of the SMs (on an H100, 64 CTAs already
-    match stock SDPA); picks the fewest chunks that reach one CTA per SM,
-    among chunk counts that divide the key length.
+    grid covers at most an eighth of the SMs: on an H100, 8 CTAs split 16-32
+    ways ran 3.6-4.7x faster than unsplit, while splitting 32 or 64 CTAs was
+    slower than not (``benchmarks/results/decode.md``). Picks the fewest
+    chunks that reach one CTA per SM, among chunk counts that divide the key
+    length.
     """
     if seqlen_q * (heads // heads_kv) > _QUERY_TILE:
         return 1
     ctas = batch * heads_kv
-    if 4 * ctas > num_sms:
+    if 8 * ctas > num_sms:
         return 1
     best = 1
     for splits in range(2, min(MAX_SPLITS, seqlen_k // MIN_KEYS_PER_SPLIT) + 1):

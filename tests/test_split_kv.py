@@ -15,8 +15,8 @@ MERGE_CASES = [(padded, seqlen_q, splits) for padded in (False, True) for seqlen
 @pytest.mark.parametrize("batch, seqlen_q, heads, heads_kv, seqlen_k, want", [
     (1, 1, 32, 8, 16384, 32),  # 8 CTAs: 32 chunks of 512 keys reach 132 SMs
     (1, 1, 32, 8, 4096, 16),  # capped by 256 keys per chunk
-    (8, 1, 16, 4, 4095, 5),  # 4095 = 5 * 819: the first divisor reaching one CTA per SM
-    (8, 1, 32, 8, 4096, 1),  # 64 CTAs: as fast as stock already
+    (2, 1, 16, 4, 4095, 15),  # 8 CTAs; 4095 = 3^2 * 5 * 7 * 13: the largest divisor keeping 256 keys a chunk
+    (8, 1, 16, 4, 4095, 1),  # 32 CTAs: splitting them measured slower
     (32, 1, 32, 8, 4096, 1),  # 256 CTAs fill the GPU
     (1, 1024, 32, 8, 4096, 1),  # prefill: many query tiles
     (1, 1, 32, 8, 4099, 1),  # a prime key length has no equal chunks
