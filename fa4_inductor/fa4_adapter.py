@@ -410,11 +410,13 @@ _precompiled: set = set()
 
 
 def _precompile_once(what: str, q, k, v, params: dict, build) -> float:
+    if unavailable_reason() is not None:
+        return 0.0
     key = (what, q.dtype, tuple(q.shape[2:]), k.shape[2], v.shape[-1], params["causal"],
            params["window_left"], params["window_right"], bool(params["softcap"]),
            params["seqused_k"] is None, params.get("key_padding") is None,
            _decode_splits(q, k, params) if what == "forward" else 1)
-    if key in _precompiled or unavailable_reason() is not None:
+    if key in _precompiled:
         return 0.0
     _precompiled.add(key)
     return _timed_precompile(what, _describe(q, k, params), build)

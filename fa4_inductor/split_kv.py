@@ -39,7 +39,8 @@ def num_splits(batch: int, seqlen_q: int, heads: int, heads_kv: int, seqlen_k: i
     Splits only calls whose query rows fit one tile per KV head and whose
     grid covers at most an eighth of the SMs: on an H100, 8 CTAs split 16-32
     ways ran 3.6-4.7x faster than unsplit, while splitting 32 or 64 CTAs was
-    slower than not (``benchmarks/results/decode.md``). Picks the fewest
+    slower than not (measured with an earlier merge of PyTorch ops,
+    ``benchmarks/results/decode.md``). Picks the fewest
     chunks that reach one CTA per SM, among chunk counts that divide the key
     length.
     """
