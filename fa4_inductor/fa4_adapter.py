@@ -244,10 +244,7 @@ _KEY_TILE_SLACK = 256
 def _mask_mod_operand(key_padding: torch.Tensor) -> torch.Tensor:
     """The key padding as the mask_mod reads it: int32, with hidden columns past the end, so that reads
     of a partial last tile stay inside the tensor."""
-    *rows, columns = key_padding.shape
-    operand = key_padding.new_zeros((*rows, columns + _KEY_TILE_SLACK), dtype=torch.int32)
-    operand[..., :columns] = key_padding
-    return operand
+    return torch.nn.functional.pad(key_padding.to(torch.int32), (0, _KEY_TILE_SLACK))
 
 
 def _fa4_forward(q, k, v, out, lse, *, softmax_scale, causal, window_left, window_right, softcap, seqused_k,
