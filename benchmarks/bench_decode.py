@@ -157,11 +157,8 @@ def main() -> None:
         (out / "decode.json").write_text(json.dumps({**result, "generate": rows}, indent=1))
         (out / "decode.md").write_text(markdown({**result, "generate": rows}))
 
-    for batch in args.batches:
-        for kv_len in args.kv:
-            result["kernels"].append(kernel_row(batch, kv_len))
-            print(json.dumps(result["kernels"][-1]), flush=True)
-    save()
+    # generate runs first: after the CUDA-graph kernel rows, generate twice hit an illegal memory access
+    # (unexplained, see results/decode.md); each part alone runs clean.
     if args.generate:
         model = _llama()
         for batch in args.generate:
@@ -176,6 +173,11 @@ def main() -> None:
             for r in (stock, plugin):
                 print(json.dumps({k: v for k, v in r.items() if k != "sequences"}), flush=True)
             save()
+    for batch in args.batches:
+        for kv_len in args.kv:
+            result["kernels"].append(kernel_row(batch, kv_len))
+            print(json.dumps(result["kernels"][-1]), flush=True)
+    save()
     print(markdown({**result, "generate": [{k: v for k, v in r.items() if k != "sequences"}
                                            for r in result["generate"]]}))
 
