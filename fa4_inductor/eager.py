@@ -15,6 +15,14 @@ While active, three kernels per routed device are replaced through
   (``_scaled_dot_product_flash_attention[_backward]`` on CUDA, the
   ``_for_cpu`` pair on CPU, where they run the reference implementation).
 
+Context parallelism (``torch.distributed.tensor.experimental.context_parallel``)
+hands SDPA DTensors. For those the SDPA kernel calls the aten flash op on
+the DTensors, so that CP's ring attention shards it; the ring's per-shard
+calls of the flash kernels then run FA4, and FA4's (B, H, S) float32
+logsumexp is the one the ring's merge expects. On CPU the flash pair is also
+served there (stock PyTorch has no CPU kernel for it), so CP runs on CPU
+with gloo against the reference implementation.
+
 Each replacement first asks
 :func:`fa4_inductor.support.unsupported_reason`; if FA4 can't serve the call
 it calls the kernel that was registered before (``torch.library.get_kernel``),
@@ -77,6 +85,23 @@ def _key_padding(attn_mask: torch.Tensor | None, query: torch.Tensor, key: torch
     return attn_mask.reshape(rows, columns).expand(batch, columns)
 
 
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    if type(tensor) is torch.Tensor or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _fallback(stock, op: str, reason: str, keyset, *args, **kwargs):
+    """Count and log the fallback, then run the kernel registered before ours; where PyTorch has none (the
+    CUDA flash op on CPU), raise saying why FA4 couldn't serve the call."""
+    stats.record_eager("fallback", op, reason)
+    if stock is None:
+        raise NotImplementedError(f"{op} has no stock kernel for this device, and FA4 can't serve the call: {reason}")
+    return stock.call_boxed(keyset, *args, **kwargs)
+
+
 def _bshd(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.transpose(1, 2) for t in tensors)
 
@@ -96,11 +121,15 @@ def _sdpa(stock, devices):
         reason = _reason(devices, query, key, value, dropout_p, is_causal, has_mask, enable_gqa)
         if reason is None and not torch.backends.cuda.flash_sdp_enabled():
             reason = "flash SDPA backend disabled by the caller (sdpa_kernel)"
+        if reason is None and _is_dtensor(query) and (padding is not None or query.shape[1] != key.shape[1]):
+            reason = "a DTensor (context parallel) call with a mask or GQA: CP's ring attention takes neither"
         if reason is not None:
-            stats.record_eager("fallback", _SDPA, reason)
-            return stock.call_boxed(keyset, query, key, value, attn_mask, dropout_p, is_causal,
-                                    scale=scale, enable_gqa=enable_gqa)
+            return _fallback(stock, _SDPA, reason, keyset, query, key, value, attn_mask, dropout_p, is_causal,
+                             scale=scale, enable_gqa=enable_gqa)
         stats.record_eager("fa4", _SDPA)
+        if _is_dtensor(query):
+            return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, is_causal,
+                                                                      scale=scale)[0]
         out, _ = torch.ops.fa4.flash_attn_fwd(*_bshd(query, key, value), _scale(query, scale), is_causal,
                                               key_padding=padding)
         return out.transpose(1, 2)
@@ -114,16 +143,20 @@ def _cuda_forward(stock, devices):
         if reason is None and return_debug_mask:
             reason = "return_debug_mask=True"
         if reason is not None:
-            stats.record_eager("fallback", _CUDA_FWD, reason)
-            return stock.call_boxed(keyset, query, key, value, dropout_p, is_causal,
-                                    return_debug_mask, scale=scale)
+            return _fallback(stock, _CUDA_FWD, reason, keyset, query, key, value, dropout_p, is_causal,
+                             return_debug_mask, scale=scale)
         stats.record_eager("fa4", _CUDA_FWD)
         out = torch.empty_like(query)  # the strides the meta kernel promises
-        _, lse = fa4_adapter.forward(
-            *_bshd(query, key, value), softmax_scale=_scale(query, scale), causal=is_causal,
-            window_left=-1, window_right=-1, softcap=0.0, seqused_k=None,
-            out=out.transpose(1, 2),
-        )
+        if query.device.type == "cuda":
+            _, lse = fa4_adapter.forward(
+                *_bshd(query, key, value), softmax_scale=_scale(query, scale), causal=is_causal,
+                window_left=-1, window_right=-1, softcap=0.0, seqused_k=None,
+                out=out.transpose(1, 2),
+            )
+        else:  # the reference implementation (context parallelism on CPU)
+            result, lse = torch.ops.fa4.flash_attn_fwd_kernel(*_bshd(query, key, value), _scale(query, scale),
+                                                               is_causal)
+            out.copy_(result.transpose(1, 2))
         rng_state = torch.zeros((2,), dtype=torch.uint64, device=query.device)
         unused = torch.zeros((), dtype=torch.uint64, device=query.device)
         debug_mask = torch.empty(0, dtype=query.dtype, device=query.device)
@@ -136,10 +169,9 @@ def _cuda_backward(stock, devices):
              max_q, max_k, dropout_p, is_causal, philox_seed, philox_offset, *, scale=None):
         reason = _reason(devices, query, key, value, dropout_p, is_causal)
         if reason is not None:
-            stats.record_eager("fallback", _CUDA_BWD, reason)
-            return stock.call_boxed(keyset, grad_out, query, key, value, out, logsumexp,
-                                    cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal,
-                                    philox_seed, philox_offset, scale=scale)
+            return _fallback(stock, _CUDA_BWD, reason, keyset, grad_out, query, key, value, out, logsumexp,
+                             cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, philox_seed, philox_offset,
+                             scale=scale)
         stats.record_eager("fa4", _CUDA_BWD)
         return _grads_bhsd(grad_out, query, key, value, out, logsumexp, scale, is_causal)
     return impl
@@ -149,9 +181,8 @@ def _cpu_forward(stock, devices):
     def impl(keyset, query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
         reason = _reason(devices, query, key, value, dropout_p, is_causal, attn_mask is not None)
         if reason is not None:
-            stats.record_eager("fallback", _CPU_FWD, reason)
-            return stock.call_boxed(keyset, query, key, value, dropout_p, is_causal,
-                                    attn_mask=attn_mask, scale=scale)
+            return _fallback(stock, _CPU_FWD, reason, keyset, query, key, value, dropout_p, is_causal,
+                             attn_mask=attn_mask, scale=scale)
         stats.record_eager("fa4", _CPU_FWD)
         out, lse = torch.ops.fa4.flash_attn_fwd(*_bshd(query, key, value), _scale(query, scale), is_causal)
         # The stock CPU kernel returns a contiguous B,H,S,D output and a B,S,H-major lse.
@@ -164,9 +195,8 @@ def _cpu_backward(stock, devices):
              *, attn_mask=None, scale=None):
         reason = _reason(devices, query, key, value, dropout_p, is_causal, attn_mask is not None)
         if reason is not None:
-            stats.record_eager("fallback", _CPU_BWD, reason)
-            return stock.call_boxed(keyset, grad_out, query, key, value, out, logsumexp,
-                                    dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+            return _fallback(stock, _CPU_BWD, reason, keyset, grad_out, query, key, value, out, logsumexp,
+                             dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
         stats.record_eager("fa4", _CPU_BWD)
         return _grads_bhsd(grad_out, query, key, value, out, logsumexp.contiguous(), scale, is_causal)
     return impl
@@ -175,8 +205,17 @@ def _cpu_backward(stock, devices):
 # device -> (op, kernel factory, dispatch key)
 _OVERRIDES: dict[str, tuple[tuple[str, Callable, str], ...]] = {
     "cuda": ((_SDPA, _sdpa, "AutogradCUDA"), (_CUDA_FWD, _cuda_forward, "CUDA"), (_CUDA_BWD, _cuda_backward, "CUDA")),
-    "cpu": ((_SDPA, _sdpa, "AutogradCPU"), (_CPU_FWD, _cpu_forward, "CPU"), (_CPU_BWD, _cpu_backward, "CPU")),
+    "cpu": ((_SDPA, _sdpa, "AutogradCPU"), (_CPU_FWD, _cpu_forward, "CPU"), (_CPU_BWD, _cpu_backward, "CPU"),
+            (_CUDA_FWD, _cuda_forward, "CPU"), (_CUDA_BWD, _cuda_backward, "CPU")),
 }
+
+
+def _stock_kernel(op: str, key: str):
+    """The kernel PyTorch runs for ``op`` at ``key`` now; None if it has none."""
+    try:
+        return torch.library.get_kernel(op, key)
+    except RuntimeError:
+        return None
 
 
 class EagerOverride:
@@ -187,7 +226,7 @@ class EagerOverride:
         self._library: torch.library.Library | None = torch.library.Library("aten", "IMPL")
         for device in self.devices:
             for op, make_impl, key in _OVERRIDES[device]:
-                stock = torch.library.get_kernel(op, key)
+                stock = _stock_kernel(op, key)
                 self._library.impl(op.split("::")[1], make_impl(stock, self.devices), key, with_keyset=True)
 
     def remove(self) -> None:

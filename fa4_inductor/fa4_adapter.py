@@ -287,13 +287,26 @@ def _decode_splits(q, k, params: dict) -> int:
     arch, sms = _arch_and_sms(q.device.index)
     if arch // 10 != 9:
         return 1
-    # Symbolic sizes (precompiling for a dynamic graph) count by their hints: no guards.
-    sizes = [s.node.hint if isinstance(s, torch.SymInt) else s for s in (*q.shape[:3], k.shape[2], k.shape[1])]
+    sizes = _hints((*q.shape[:3], k.shape[2], k.shape[1]))
     return 1 if None in sizes else split_kv.num_splits(*sizes, sms)
 
 
-def _forward_maybe_split(q, k, v, out, lse, params: dict, run) -> None:
-    """``run(q, k, v, out, lse, params)`` on the call, or on its key chunks merged after (split-KV)."""
+def _hints(values) -> list[int | None]:
+    """Symbolic sizes (precompiling for a dynamic graph) by their hints, so that deciding adds no guards."""
+    return [s.node.hint if isinstance(s, torch.SymInt) else s for s in values]
+
+
+def _split_count(q, k, v, params: dict) -> int:
+    """The key chunks :func:`_forward_maybe_split` runs these inputs in (1: unsplit)."""
+    splits = _decode_splits(q, k, params)
+    if splits > 1 and all(split_kv.chunkable(*_hints((t.shape[1], t.stride(1), t.stride(2)))) for t in (k, v)):
+        return splits
+    return 1
+
+
+def _forward_maybe_split(q, k, v, out, lse, params: dict, run, merge: bool = True) -> None:
+    """``run(q, k, v, out, lse, params)`` on the call, or on its key chunks merged after (split-KV; ``merge``
+    False only compiles: precompiling must not launch the merge kernel on fake tensors)."""
     splits = _decode_splits(q, k, params)
     parts = split_kv.split_inputs(q, k, v, params["key_padding"], splits) if splits > 1 else None
     if parts is None:
@@ -303,7 +316,8 @@ def _forward_maybe_split(q, k, v, out, lse, params: dict, run) -> None:
     out_parts = q_parts.new_empty((*q_parts.shape[:3], v.shape[-1]))
     lse_parts = q_parts.new_empty((q.shape[0], q_parts.shape[2], q.shape[1]), dtype=torch.float32)
     run(q_parts, k_parts, v_parts, out_parts, lse_parts, {**params, "key_padding": padding})
-    split_kv.combine(out_parts, lse_parts, k.shape[2], splits, out, lse)
+    if merge:
+        split_kv.combine(out_parts, lse_parts, k.shape[2], splits, out, lse)
 
 
 def forward(
@@ -331,6 +345,14 @@ def forward(
     if out is None:
         out = q.new_empty((batch, seqlen_q, heads, v.shape[-1]))
     lse = q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+    if key_padding is None:
+        # The hot path: an exact signature seen before replays its plan with no further decisions.
+        signature = launch_plan.call_signature(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
+                                               seqused_k)
+        plan = _FORWARD_PLANS.by_signature(signature)
+        if plan:
+            plan.launch((q, k, v, out, lse, seqused_k))
+            return out, lse
     params = dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left,
                   window_right=window_right, softcap=softcap, seqused_k=seqused_k, key_padding=key_padding)
     _forward_maybe_split(q, k, v, out, lse, params, _forward_planned)
@@ -412,7 +434,7 @@ def _precompile_once(what: str, q, k, v, params: dict, build) -> float:
     key = (what, q.dtype, tuple(q.shape[2:]), k.shape[2], v.shape[-1], params["causal"],
            params["window_left"], params["window_right"], bool(params["softcap"]),
            params["seqused_k"] is None, params.get("key_padding") is None,
-           _decode_splits(q, k, params) if what == "forward" else 1)
+           _split_count(q, k, v, params) if what == "forward" else 1)
     if key in _precompiled:
         return 0.0
     _precompiled.add(key)
@@ -429,7 +451,7 @@ def precompile_forward(q, k, v, **params) -> float:
         out = torch.empty((*fq.shape[:3], fv.shape[-1]), dtype=fq.dtype, device=fq.device)
         lse = torch.empty((fq.shape[0], fq.shape[2], fq.shape[1]), dtype=torch.float32, device=fq.device)
         _forward_maybe_split(fq, fk, fv, out, lse, {**params, "seqused_k": fseq, "key_padding": fpad},
-                             lambda *call: _fa4_forward(*call[:5], **call[5]))
+                             lambda *call: _fa4_forward(*call[:5], **call[5]), merge=False)
     return _precompile_once("forward", q, k, v, params, lambda: _in_fresh_fake_mode(build))
 
 

@@ -151,7 +151,7 @@ def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal=False, windo
     _validate(q, k, v, seqused_k, key_padding)
     params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding)
     if q.device.type == "cpu":
-        return reference.attention_backward(dout, q, k, v, **params)
+        return reference.attention_backward(dout, q, k, v, out, lse, **params)
     grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     fa4_adapter.backward(dout, q, k, v, out, lse, **params, dq=grads[0], dk=grads[1], dv=grads[2])
     return grads

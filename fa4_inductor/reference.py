@@ -55,22 +55,26 @@ def visible_keys(
     return visible
 
 
-def _attention(q, k, v, softmax_scale, softcap, visible):
-    """B,S,H,D inputs (compute dtype) -> (out B,S,H,Dv, lse B,H,S, probs, tanh of capped scores)."""
+def _scores(q, k, softmax_scale, softcap):
+    """B,S,H,D inputs (compute dtype) -> (scaled, capped scores B,H,S_q,S_k; tanh of the capped scores)."""
     group = q.shape[2] // k.shape[2]
-    qh = q.transpose(1, 2)
     kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
-    vh = v.transpose(1, 2).repeat_interleave(group, dim=1)
-    scores = (qh @ kh.transpose(-1, -2)) * softmax_scale
-    capped_tanh = None
-    if softcap > 0:
-        capped_tanh = torch.tanh(scores / softcap)
-        scores = softcap * capped_tanh
+    scores = (q.transpose(1, 2) @ kh.transpose(-1, -2)) * softmax_scale
+    if softcap <= 0:
+        return scores, None
+    capped_tanh = torch.tanh(scores / softcap)
+    return softcap * capped_tanh, capped_tanh
+
+
+def _attention(q, k, v, softmax_scale, softcap, visible):
+    """B,S,H,D inputs (compute dtype) -> (out B,S,H,Dv, lse B,H,S)."""
+    vh = v.transpose(1, 2).repeat_interleave(q.shape[2] // k.shape[2], dim=1)
+    scores, _ = _scores(q, k, softmax_scale, softcap)
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     has_key = visible.any(dim=-1, keepdim=True)
     probs = torch.where(has_key, torch.exp(scores - torch.where(has_key, lse.unsqueeze(-1), 0.0)), 0.0)
-    return (probs @ vh).transpose(1, 2), lse, probs, capped_tanh
+    return (probs @ vh).transpose(1, 2), lse
 
 
 def _group_sum(grad_bhsd: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -102,7 +106,7 @@ def attention_forward(
     """Reference forward: (out B,S,H,Dv in q's dtype, lse B,H,S float32)."""
     ct = _compute_dtype(q.dtype)
     visible = _visible(q, k, causal, window_left, window_right, seqused_k, key_padding)
-    out, lse, _, _ = _attention(q.to(ct), k.to(ct), v.to(ct), softmax_scale, softcap, visible)
+    out, lse = _attention(q.to(ct), k.to(ct), v.to(ct), softmax_scale, softcap, visible)
     return out.to(q.dtype).contiguous(), lse.to(torch.float32).contiguous()
 
 
@@ -111,6 +115,8 @@ def attention_backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
     *,
     softmax_scale: float,
     causal: bool = False,
@@ -120,23 +126,27 @@ def attention_backward(
     seqused_k: torch.Tensor | None = None,
     key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference backward: gradients of :func:`attention_forward`'s output.
+    """Reference backward, FA4's way: the probabilities come from the given ``lse`` and the row term from
+    the given ``out`` (so a call on part of the keys, with the whole row's ``out`` and ``lse``, gives that
+    part's share of the gradients, as ring attention and split-KV need).
 
-    Standard softmax-attention derivative, recomputing the probabilities:
     dP = dO V^T, dS = P * (dP - rowsum(dO * O)), through the softcap's tanh,
     dQ = dS K * scale, dK = dS^T Q * scale, dV = P^T dO (GQA groups summed).
     """
     ct = _compute_dtype(q.dtype)
-    qc, kc, vc, doc = (t.to(ct) for t in (q, k, v, dout))
+    qc, kc, vc, doc, oc = (t.to(ct) for t in (q, k, v, dout, out))
     visible = _visible(q, k, causal, window_left, window_right, seqused_k, key_padding)
-    out, _, probs, capped_tanh = _attention(qc, kc, vc, softmax_scale, softcap, visible)
+    scores, capped_tanh = _scores(qc, kc, softmax_scale, softcap)
+    row_lse = lse.to(ct).unsqueeze(-1)
+    keep = visible & torch.isfinite(row_lse)
+    probs = torch.where(keep, torch.exp(scores - torch.where(keep, row_lse, 0.0)), 0.0)
     group = q.shape[2] // k.shape[2]
     do_h = doc.transpose(1, 2)
     qh = qc.transpose(1, 2)
     kh = kc.transpose(1, 2).repeat_interleave(group, dim=1)
     vh = vc.transpose(1, 2).repeat_interleave(group, dim=1)
     dprobs = do_h @ vh.transpose(-1, -2)
-    row_dot = (do_h * out.transpose(1, 2)).sum(dim=-1, keepdim=True)
+    row_dot = (do_h * oc.transpose(1, 2)).sum(dim=-1, keepdim=True)
     dscores = probs * (dprobs - row_dot)
     if capped_tanh is not None:
         dscores = dscores * (1 - capped_tanh * capped_tanh)

@@ -59,11 +59,17 @@ def num_splits(batch: int, seqlen_q: int, heads: int, heads_kv: int, seqlen_k: i
     return best
 
 
+def chunkable(seqlen: int | None, seq_stride: int | None, head_stride: int | None) -> bool:
+    """Whether (B, S, H, D) keys with these strides can be viewed as key chunks (the head stride must be S
+    times the sequence stride, as in a (B, H, S, D) cache)."""
+    return None not in (seqlen, seq_stride, head_stride) and head_stride == seqlen * seq_stride
+
+
 def _chunked_keys(t: torch.Tensor, splits: int) -> torch.Tensor | None:
     """(B, S, H, D) as (B, S / splits, H * splits, D), a view; None if the strides don't allow one."""
     batch, seqlen, heads, dim = t.shape
     chunk = seqlen // splits
-    if t.stride(2) != seqlen * t.stride(1):
+    if not chunkable(seqlen, t.stride(1), t.stride(2)):
         return None
     return t.as_strided((batch, chunk, heads * splits, dim), (t.stride(0), t.stride(1), chunk * t.stride(1), t.stride(3)))
 

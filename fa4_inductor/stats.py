@@ -56,6 +56,7 @@ def record_eager(decision: str, op: str, reason: str | None = None) -> None:
         return
     with _lock:
         counters[f"eager.{decision}"] += 1
+        counters[f"eager.{decision}.{op.removeprefix('aten::')}"] += 1
         if reason is None:
             return
         fallback_reasons[(op, reason)] += 1

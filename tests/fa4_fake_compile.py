@@ -8,6 +8,7 @@ or compile path fails here. Prints one JSON line.
 """
 
 import json
+import logging
 import pathlib
 import time
 
@@ -68,6 +69,17 @@ def seqlen_classes_match_fa4_keys() -> bool:
     return True
 
 
+class _WarningsSeen(logging.Handler):
+    """Keeps the plugin's warnings (a precompile that failed is logged, not raised)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 def _window(value):
     return None if value < 0 else value
 
@@ -75,6 +87,8 @@ def _window(value):
 def main() -> None:
     """Precompile a causal GQA config, with and without key padding (fwd + bwd), and a split-KV decoding step
     with key padding; probe FA4's keys; print JSON."""
+    warnings = _WarningsSeen()
+    logging.getLogger("fa4_inductor").addHandler(warnings)
     params = _params()
     with fresh_fake_mode():
         q, k, v = _qkv(2, 256, 8, 2)
@@ -90,10 +104,11 @@ def main() -> None:
     padding_s = (fa4_adapter.precompile_forward(q, k, v, **padded)
                  + fa4_adapter.precompile_backward(out, q, k, v, out, lse, **padded))
     with fresh_fake_mode():  # a decoding step (split-KV on sm90), its static cache's mask as key padding
-        dq, dk, dv = torch.empty(1, 1, 32, 128, dtype=torch.bfloat16, device="cuda"), *_qkv(1, 4096, 8, 8)[1:]
+        dq = torch.empty(1, 1, 32, 128, dtype=torch.bfloat16, device="cuda")
+        dk, dv = (torch.empty(1, 8, 4096, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2) for _ in "kv")
         decode_padding = torch.empty(1, 4096, dtype=torch.bool, device="cuda")
     decode = {**_params(causal=False), "key_padding": decode_padding}
-    decode_splits = fa4_adapter._decode_splits(dq, dk, decode)
+    decode_splits = fa4_adapter._split_count(dq, dk, dv, decode)
     decode_s = fa4_adapter.precompile_forward(dq, dk, dv, **decode)
     cache_dir = fa4_adapter.disk_cache_dir()
     cached = sorted(p.parent.name for p in pathlib.Path(cache_dir).rglob("*.o")) if cache_dir else []
@@ -102,6 +117,7 @@ def main() -> None:
         "key_padding_s": round(padding_s, 2), "decode_splits": decode_splits, "decode_s": round(decode_s, 2),
         "total_s": round(time.perf_counter() - start, 1), "disk_cache": cached,
         "seqlen_classes_ok": seqlen_classes_match_fa4_keys(), "fa4": fa4_adapter.version(),
+        "warnings": warnings.messages,
     }))
 
 

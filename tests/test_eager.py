@@ -52,6 +52,21 @@ def test_eager_key_padding_mask_routes_to_fa4(mask_shape):
         torch.testing.assert_close(g, w, atol=5e-2, rtol=5e-2)
 
 
+def test_cuda_flash_op_on_cpu_runs_reference_or_says_why_not():
+    """The aten flash pair (what context parallelism's ring calls per shard) has no stock CPU kernel; with
+    CPU routed the override serves it, returning FA4's (B, H, S) lse, and raises with the reason otherwise."""
+    q, k, v = (t.detach() for t in _qkv())
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    with fa4_inductor.enabled(compile=False, devices=("cpu",)):
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True)
+        with pytest.raises(NotImplementedError, match="dropout"):
+            torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.5, True)
+    assert stats.counters["eager.fa4._scaled_dot_product_flash_attention"] == 1
+    assert stats.counters["eager.fallback._scaled_dot_product_flash_attention"] == 1
+    assert out.shape == q.shape and lse.shape == (2, 4, 9) and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+
+
 def test_eager_mask_with_is_causal_keeps_stock_error():
     q, k, v = _qkv()
     with fa4_inductor.enabled(compile=False, devices=("cpu",)), pytest.raises(RuntimeError):

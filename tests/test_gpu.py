@@ -132,7 +132,7 @@ def test_split_kv_decoding_matches_fp64_reference(batch, padded, seqlen_k):
     scale = d ** -0.5
     params = dict(softmax_scale=scale, causal=False, window_left=-1, window_right=-1, softcap=0.0, seqused_k=None,
                   key_padding=key_padding)
-    splits = fa4_adapter._decode_splits(q, k, params) if torch.cuda.get_device_capability()[0] == 9 else 1
+    splits = fa4_adapter._split_count(q, k, v, params) if torch.cuda.get_device_capability()[0] == 9 else 1
     out, lse = torch.ops.fa4.flash_attn_fwd(q, k, v, scale, key_padding=key_padding)
     dout = torch.randn_like(out)
     grads = _grads(out, (q, cache_k, cache_v), dout)
@@ -221,6 +221,37 @@ def test_eager_decoding_step_mask_runs_fa4_key_padding():
     _report("eager_decode_key_padding", kernels=sorted(set(_attention_kernels(names))), rel_err=rel)
     assert stats.counters["eager.fa4"] == 2 and stats.counters["eager.fallback"] == 0, stats.fallback_reasons
     assert any("flash_attncute" in n.lower() for n in names), names
+    assert rel < 1e-2
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_decoding_step_splits_kv_and_matches(mode):
+    """A compiled static-cache decoding step (its (B, 1, 1, S) mask a graph input) runs FA4 split-KV with
+    key padding on sm90, in and out of CUDA graphs; the graph compiles its kernels without launching any."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(1, 1, 1, 4096, dtype=torch.bool, device="cuda")
+    mask[..., 3000:] = False
+
+    def step(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    torch._dynamo.reset()
+    stats.reset()
+    with fa4_inductor.enabled(compile=True, eager=False):
+        compiled = torch.compile(step, mode=mode, fullgraph=True)
+        outs = [compiled(q, k, v, mask).clone() for _ in range(3)]
+        torch.cuda.synchronize()
+        names = _kernel_names(lambda: compiled(q, k, v, mask))
+    ref = step(q.double(), k.double(), v.double(), mask)
+    rel = max(((out.double() - ref).norm() / ref.norm()).item() for out in outs)
+    splits = fa4_adapter._split_count(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dict(
+        causal=False, window_left=-1, window_right=-1, seqused_k=None))
+    _report("compiled_decode_step", mode=mode, splits=splits, rel_err=rel, counters=dict(stats.counters),
+            kernels=sorted(set(_attention_kernels(names))))
+    assert stats.counters["compile.fa4"] == 1, stats.site_records()
+    assert torch.cuda.get_device_capability()[0] != 9 or splits > 1
     assert rel < 1e-2
 
 
