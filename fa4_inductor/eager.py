@@ -121,13 +121,14 @@ def _sdpa(stock, devices):
         reason = _reason(devices, query, key, value, dropout_p, is_causal, has_mask, enable_gqa)
         if reason is None and not torch.backends.cuda.flash_sdp_enabled():
             reason = "flash SDPA backend disabled by the caller (sdpa_kernel)"
-        if reason is None and _is_dtensor(query) and (padding is not None or query.shape[1] != key.shape[1]):
+        context_parallel = _is_dtensor(query)
+        if reason is None and context_parallel and (padding is not None or query.shape[1] != key.shape[1]):
             reason = "a DTensor (context parallel) call with a mask or GQA: CP's ring attention takes neither"
         if reason is not None:
             return _fallback(stock, _SDPA, reason, keyset, query, key, value, attn_mask, dropout_p, is_causal,
                              scale=scale, enable_gqa=enable_gqa)
         stats.record_eager("fa4", _SDPA)
-        if _is_dtensor(query):
+        if context_parallel:
             return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, is_causal,
                                                                       scale=scale)[0]
         out, _ = torch.ops.fa4.flash_attn_fwd(*_bshd(query, key, value), _scale(query, scale), is_causal,
