@@ -137,7 +137,11 @@ def attention_backward(
     qc, kc, vc, doc, oc = (t.to(ct) for t in (q, k, v, dout, out))
     visible = _visible(q, k, causal, window_left, window_right, seqused_k, key_padding)
     scores, capped_tanh = _scores(qc, kc, softmax_scale, softcap)
-    row_lse = lse.to(ct).unsqueeze(-1)
+    row_lse = lse.to(ct)
+    if ct == torch.float64:  # lse is stored in float32; where it is this call's own lse rounded, take it exact
+        own = scores.masked_fill(~visible, float("-inf")).logsumexp(dim=-1)
+        row_lse = torch.where(own.to(torch.float32) == lse, own, row_lse)
+    row_lse = row_lse.unsqueeze(-1)
     keep = visible & torch.isfinite(row_lse)
     probs = torch.where(keep, torch.exp(scores - torch.where(keep, row_lse, 0.0)), 0.0)
     group = q.shape[2] // k.shape[2]
