@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--backend", choices=["nccl", "gloo"], default=None,
-                        help="default: nccl on CUDA, gloo on CPU (gloo also lets two ranks share one GPU)")
+                        help="default: nccl on CUDA, gloo on CPU")
     args = parser.parse_args()
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
