@@ -4,9 +4,11 @@ Side by side in one process: stock SDPA flash, FA4's own API (``flash_attn_func`
 and its ``_flash_attn_fwd``), and the plugin's call path: the op compiled graphs
 call (``fa4.flash_attn_fwd_kernel``: dispatcher -> adapter -> launch plan ->
 FA4 kernel), the public differentiable op, and the adapter alone. Also the
-whole compiled function, stock vs plugin. Per-call time is the wall time of
-1000 back-to-back calls (the GPU work is ~5 us, so the host bounds it); the
-median of 7 repeats. Writes JSON and markdown.
+whole compiled function, stock vs plugin, and the parts of the plugin's call.
+Per-call time is the wall time of back-to-back calls (the GPU work is ~5 us,
+so the host bounds it). The variants are timed in interleaved rounds and each
+reports its median round, so drift of the host's speed during the run hits
+every variant alike. Writes JSON and markdown.
 """
 
 import argparse
@@ -14,6 +16,7 @@ import json
 import pathlib
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,23 +24,34 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fa4_inductor
 from fa4_inductor import fa4_adapter, launch_plan
+from fa4_inductor._torch_private import empty_strided
 
-CALLS, REPEATS = 1000, 7
+CALLS, ROUNDS = 500, 15
+
+# A no-op op with the plugin's schema, to time the dispatcher alone (module level: a Library unregisters
+# its ops when collected).
+_PROBE_LIBRARY = torch.library.Library("fa4_overhead_probe", "DEF")
+_PROBE_LIBRARY.define("noop(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal=False, int window_left=-1, "
+                      "int window_right=-1, float softcap=0.0, Tensor? seqused_k=None, Tensor? key_padding=None) "
+                      "-> (Tensor, Tensor)")
 
 
-def per_call_us(fn) -> float:
-    """Median over repeats of wall time per call for CALLS back-to-back calls."""
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        for _ in range(CALLS):
+def interleaved_per_call_us(rows: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Per-call µs of each row: ROUNDS rounds, each timing CALLS back-to-back calls of every row in turn;
+    the median round per row."""
+    for fn in rows.values():
+        for _ in range(50):
             fn()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - start) / CALLS * 1e6)
-    return statistics.median(samples)
+    torch.cuda.synchronize()
+    samples: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(ROUNDS):
+        for name, fn in rows.items():
+            start = time.perf_counter()
+            for _ in range(CALLS):
+                fn()
+            torch.cuda.synchronize()
+            samples[name].append((time.perf_counter() - start) / CALLS * 1e6)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def gpu_kernel_us(fn) -> float:
@@ -52,23 +66,60 @@ def gpu_kernel_us(fn) -> float:
     return sum(e.device_time for e in events) / 20
 
 
-def floor_rows(q, k, v, out, lse, scale) -> dict[str, float]:
-    """Where the plugin's per-call time goes: its parts timed alone."""
+def kernel_names(fn, *args) -> list[str]:
+    """The GPU kernels one call runs (to show which attention each compiled variant ran)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn(*args)
+        torch.cuda.synchronize()
+    return sorted({e.name[:60] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA})
+
+
+def floor_rows(q, k, v, out, lse, scale) -> dict[str, Callable[[], object]]:
+    """Where the plugin's per-call time goes: its parts, to be timed alone."""
     signature = launch_plan.call_signature(q, k, v, scale, False, -1, -1, 0.0, None)
-    plan = fa4_adapter.forward_plans().by_signature(signature)
-    library = torch.library.Library("fa4_overhead_probe", "DEF")
-    library.define("noop(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal=False, int window_left=-1, "
-                   "int window_right=-1, float softcap=0.0, Tensor? seqused_k=None, Tensor? key_padding=None) "
-                   "-> (Tensor, Tensor)")
-    library.impl("noop", lambda *args: (out, lse), "CUDA")
+    bound = fa4_adapter.forward_plans().by_signature(signature)
+    plan = bound.plan
+    _PROBE_LIBRARY.impl("noop", lambda *args: (out, lse), "CUDA")
     noop = torch.ops.fa4_overhead_probe.noop.default
+    args = list(plan.args)
+    for position, slot in plan.slots:
+        args[position] = (q, k, v, out, lse, None)[slot]
     return {
-        "part: dispatcher to a no-op Python kernel (same schema)": per_call_us(lambda: noop(q, k, v, scale)),
-        "part: allocating out and lse": per_call_us(
-            lambda: (q.new_empty(q.shape), q.new_empty((1, 1, q.shape[1]), dtype=torch.float32))),
-        "part: launch plan replay alone (FA4's compiled kernel, outputs given)": per_call_us(
-            lambda: plan.launch((q, k, v, out, lse, None))),
+        "part: dispatcher to a no-op Python kernel (same schema)": lambda: noop(q, k, v, scale),
+        "part: call signature and plan lookup": lambda: fa4_adapter.forward_plans().by_signature(
+            launch_plan.call_signature(q, k, v, scale, False, -1, -1, 0.0, None)),
+        "part: allocating out and lse (Tensor.new_empty)": lambda: (
+            q.new_empty(q.shape), q.new_empty((1, 1, q.shape[1]), dtype=torch.float32)),
+        "part: allocating out and lse (plugin's allocator)": lambda: (
+            empty_strided(bound.out_size, bound.out_stride, bound.dtype, bound.device),
+            empty_strided(bound.lse_size, bound.lse_stride, torch.float32, bound.device)),
+        "part: FA4's compiled kernel through its Python __call__ (outputs given)": lambda: plan.kernel(*args),
+        "part: launch plan replay alone (direct TVM-FFI entry, outputs given)": lambda: plan.launch(
+            (q, k, v, out, lse, None)),
     }
+
+
+def backward_rows(q, k, v, qh, kh, vh, scale) -> dict[str, Callable[[], object]]:
+    """Backward per call: stock flash backward vs the plugin's backward op (FA4's own per-call Python, no plan)."""
+    dout_h = torch.randn_like(qh)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out_h, lse_h, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
+            torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, scale=scale))
+    out, lse = torch.ops.fa4.flash_attn_fwd_kernel.default(q, k, v, scale)
+    dout = dout_h.transpose(1, 2)
+    return {
+        "backward: stock aten._scaled_dot_product_flash_attention_backward": (
+            lambda: torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                dout_h, qh, kh, vh, out_h, lse_h, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset,
+                scale=scale)),
+        "backward: plugin fa4.flash_attn_bwd": lambda: torch.ops.fa4.flash_attn_bwd.default(
+            dout, q, k, v, out, lse, scale),
+    }
+
+
+def _learned_plans() -> list[launch_plan.LaunchPlan]:
+    plans = fa4_adapter.forward_plans()
+    return [plan for plan in map(plans.get, plans.keys()) if plan]
 
 
 def main() -> None:
@@ -88,17 +139,31 @@ def main() -> None:
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
-    stock_compiled = torch.compile(sdpa, fullgraph=True)
-    rows = {}
-    with torch.no_grad():
+    # Two frames, so the stock and the plugin compile don't share one Dynamo cache entry.
+    def stock_frame(q, k, v):
+        return sdpa(q, k, v)
+
+    def plugin_frame(q, k, v):
+        return sdpa(q, k, v)
+
+    def flash_sdpa():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            rows["stock SDPA flash (F.scaled_dot_product_attention)"] = lambda: F.scaled_dot_product_attention(qh, kh, vh)
-            rows["stock aten._scaled_dot_product_flash_attention"] = (
-                lambda: torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh))
-            results = {name: per_call_us(fn) for name, fn in rows.items()}
+            return F.scaled_dot_product_attention(qh, kh, vh)
+
+    tiny = torch.zeros(1, device="cuda")
+    with torch.no_grad():
+        stock_compiled = torch.compile(stock_frame, fullgraph=True)
         stock_compiled(q, k, v)
-        results["stock torch.compile(sdpa) (cuDNN)"] = per_call_us(lambda: stock_compiled(q, k, v))
-        fa4 = {
+        with fa4_inductor.enabled(compile=True, eager=False):
+            plugin_compiled = torch.compile(plugin_frame, fullgraph=True)
+            plugin_compiled(q, k, v)
+        rows = {
+            "stock SDPA (F.scaled_dot_product_attention, default backend)": lambda: F.scaled_dot_product_attention(
+                qh, kh, vh),
+            "stock aten._scaled_dot_product_flash_attention": (
+                lambda: torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh)),
+            "host reference: tiny in-place add (one aten op, one kernel)": lambda: tiny.add_(1),
+            "stock torch.compile(sdpa)": lambda: stock_compiled(q, k, v),
             "FA4 flash_attn_func": lambda: flash_attn_func(q, k, v),
             "FA4 _flash_attn_fwd": lambda: fa4_adapter._module()._flash_attn_fwd(q, k, v, return_lse=True),
             "plugin fa4.flash_attn_fwd_kernel (compiled graphs' call)": (
@@ -107,32 +172,39 @@ def main() -> None:
             "plugin adapter.forward (launch plan)": lambda: fa4_adapter.forward(q, k, v, **params),
             "plugin adapter without plan (FA4 entry point, out given)": (
                 lambda: fa4_adapter._fa4_forward(q, k, v, out, lse, **params)),
+            "plugin torch.compile(sdpa)": lambda: plugin_compiled(q, k, v),
         }
-        for name, fn in fa4.items():
-            results[name] = per_call_us(fn)
-        results.update(floor_rows(q, k, v, out, lse, scale))
-        with fa4_inductor.enabled(compile=True, eager=False):
-            torch._dynamo.reset()
-            plugin_compiled = torch.compile(sdpa, fullgraph=True)
-            plugin_compiled(q, k, v)
-            results["plugin torch.compile(sdpa)"] = per_call_us(lambda: plugin_compiled(q, k, v))
-        kernel_us = {"stock SDPA flash": gpu_kernel_us(rows["stock SDPA flash (F.scaled_dot_product_attention)"]),
-                     "FA4": gpu_kernel_us(fa4["plugin adapter.forward (launch plan)"])}
+        rows["plugin adapter.forward (launch plan)"]()  # learns the plan the part rows take apart
+        rows.update(floor_rows(q, k, v, out, lse, scale))
+        rows.update(backward_rows(q, k, v, qh, kh, vh, scale))
+        results = interleaved_per_call_us(rows)
+        kernel_us = {"stock SDPA flash": gpu_kernel_us(flash_sdpa),
+                     "FA4": gpu_kernel_us(rows["plugin adapter.forward (launch plan)"])}
+        compiled_kernels = {"stock": kernel_names(stock_compiled, q, k, v),
+                            "plugin": kernel_names(plugin_compiled, q, k, v)}
     record = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa4": fa4_adapter.version(),
         "problem": dict(batch=b, heads=h, seqlen=s, head_dim=d, dtype="bfloat16"),
         "per_call_us": {k: round(v, 2) for k, v in results.items()},
         "gpu_kernel_us": {k: round(v, 2) for k, v in kernel_us.items()},
+        "compiled_kernels": compiled_kernels,
         "plans": len(fa4_adapter.forward_plans().keys()),
+        "plans_on_direct_tvm_ffi_entry": sum(plan.entry is not plan.kernel for plan in _learned_plans()),
     }
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "overhead.json").write_text(json.dumps(record, indent=1))
     lines = [f"# Host overhead per call ({record['device']})", "",
              f"torch {record['torch']}, flash-attn-4 {record['fa4']}; B=1 H=1 S=128 D=64 bf16 forward, no grad; "
-             f"wall time per call over {CALLS} back-to-back calls, median of {REPEATS}.", "",
+             f"wall time per call of {CALLS} back-to-back calls; variants timed in {ROUNDS} interleaved rounds, "
+             "median round.", "",
              "| call path | µs per call |", "|---|---|"]
     lines += [f"| {name} | {us:.1f} |" for name, us in record["per_call_us"].items()]
+    lines += ["", f"Launch plans calling FA4's kernel as a plain TVM-FFI function: "
+              f"{record['plans_on_direct_tvm_ffi_entry']} of {len(_learned_plans())} (JIT-compiled kernels; "
+              "kernels loaded from FA4's disk cache are plain functions already)."]
+    lines += ["", "Kernels of the compiled variants: " + "; ".join(
+        f"{name}: {', '.join(names)}" for name, names in compiled_kernels.items())]
     lines += ["", "GPU kernel time per call (profiler): "
               + ", ".join(f"{k} {v:.1f} µs" for k, v in record["gpu_kernel_us"].items())]
     (out_dir / "overhead.md").write_text("\n".join(lines) + "\n")

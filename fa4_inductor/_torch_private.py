@@ -69,3 +69,32 @@ def concrete_fake_like(tensor: torch.Tensor, fallback: int = 4096) -> torch.Tens
     sizes = [concrete(s) for s in tensor.shape]
     strides = [concrete(s) for s in tensor.stride()]
     return torch.empty_strided(sizes, strides, dtype=tensor.dtype, device=tensor.device)
+
+
+def _fast_cuda_allocator():
+    try:
+        from torch._C._dynamo.guards import _empty_strided_cuda
+    except ImportError:
+        return None
+    return _empty_strided_cuda
+
+
+_EMPTY_STRIDED_CUDA = _fast_cuda_allocator()
+
+
+def empty_strided(size: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """``torch.empty_strided``, ~3x cheaper on the current CUDA device.
+
+    There it uses ``torch._C._dynamo.guards._empty_strided_cuda``, the
+    allocator Inductor's generated code calls: it skips the Python argument
+    parser and the dispatcher (a few µs per tensor, which matter on a
+    per-call path of ~20 µs). It allocates on the current device only, hence
+    the device check; ``torch._C._cuda_getDevice`` is what
+    ``torch.cuda.current_device`` returns without its lazy-init check (a CUDA
+    tensor exists, so CUDA is initialized).
+    """
+    if (device.type == "cuda" and _EMPTY_STRIDED_CUDA is not None
+            and device.index == torch._C._cuda_getDevice()):
+        return _EMPTY_STRIDED_CUDA(size, stride, dtype)
+    return torch.empty_strided(size, stride, dtype=dtype, device=device)

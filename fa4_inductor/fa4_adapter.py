@@ -324,35 +324,35 @@ def forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    *,
     softmax_scale: float,
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    seqused_k: torch.Tensor | None,
+    causal: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    softcap: float = 0.0,
+    seqused_k: torch.Tensor | None = None,
     key_padding: torch.Tensor | None = None,
+    *,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FA4 forward on real B,S,H,D CUDA tensors; returns (out B,S,H,Dv, lse fp32 B,H,S).
 
-    ``out``, if given, is an aligned B,S,H,Dv buffer FA4 writes into.
-    Decoding-shaped calls run split-KV on sm90 (:mod:`.split_kv`). Calls
-    replay the launch plan of their key once one has been learned (calls
-    with ``key_padding`` always take FA4's entry point).
+    The parameters are those of the ``fa4::flash_attn_fwd_kernel`` schema, in
+    its order, so the op's CUDA kernel is this function. ``out``, if given,
+    is an aligned B,S,H,Dv buffer FA4 writes into. Decoding-shaped calls run
+    split-KV on sm90 (:mod:`.split_kv`). Calls replay the launch plan of
+    their key once one has been learned (calls with ``key_padding`` always
+    take FA4's entry point).
     """
+    if key_padding is None and out is None:
+        # The hot path: an exact signature seen before allocates and replays its plan, no further decisions.
+        bound = _FORWARD_PLANS.by_signature(launch_plan.call_signature(
+            q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k))
+        if bound:
+            return bound(q, k, v, seqused_k)
     batch, seqlen_q, heads, _ = q.shape
     if out is None:
         out = q.new_empty((batch, seqlen_q, heads, v.shape[-1]))
     lse = q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
-    if key_padding is None:
-        # The hot path: an exact signature seen before replays its plan with no further decisions.
-        signature = launch_plan.call_signature(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
-                                               seqused_k)
-        plan = _FORWARD_PLANS.by_signature(signature)
-        if plan:
-            plan.launch((q, k, v, out, lse, seqused_k))
-            return out, lse
     params = dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left,
                   window_right=window_right, softcap=softcap, seqused_k=seqused_k, key_padding=key_padding)
     _forward_maybe_split(q, k, v, out, lse, params, _forward_planned)
@@ -360,33 +360,39 @@ def forward(
 
 
 def _forward_planned(q, k, v, out, lse, params: dict) -> None:
-    """One FA4 forward into ``out``/``lse``: by launch plan when one is known, else FA4's entry point."""
+    """One FA4 forward into ``out``/``lse``: by launch plan when one is known, else FA4's entry point
+    (learning the plan of a new key on the way)."""
     if params["key_padding"] is not None:
         _fa4_forward(q, k, v, out, lse, **params)
         return
-    seqused_k = params["seqused_k"]
-    tensors = (q, k, v, out, lse, seqused_k)
+    tensors = (q, k, v, out, lse, params["seqused_k"])
     signature = launch_plan.call_signature(q, k, v, params["softmax_scale"], params["causal"], params["window_left"],
-                                           params["window_right"], params["softcap"], seqused_k)
-    plan = _FORWARD_PLANS.by_signature(signature)
-    if plan:
-        plan.launch(tensors)
-        return
-    if plan is False:  # a new signature: its plan key may have a plan already
+                                           params["window_right"], params["softcap"], params["seqused_k"])
+    bound = _FORWARD_PLANS.by_signature(signature)
+    if bound is False:  # a new signature: its plan key may have a plan already
         key = launch_plan.plan_key(q, k, v, params)
-        plan = _FORWARD_PLANS.by_key(key, signature)
-        if plan:
-            plan.launch(tensors)
+        plan = _FORWARD_PLANS.get(key) if key is not None else None
+        if plan is False:
+            _learn(key, signature, tensors, params)
             return
-    if plan is None:
+        bound = launch_plan.bind(plan, q, v) if plan else None
+        _FORWARD_PLANS.index(signature, bound)
+    if bound:
+        bound.plan.launch(tensors)
+    else:
         _fa4_forward(q, k, v, out, lse, **params)
-        return
+
+
+def _learn(key, signature, tensors, params: dict) -> None:
+    """Run the call through FA4's entry point and keep the launch plan it shows."""
+    q, k, v, out, lse, _ = tensors
     entry_point = _module()._flash_attn_fwd
     with _LEARNING, _recording(entry_point) as recorder:
         _fa4_forward(q, k, v, out, lse, **params)
     learned = launch_plan.plan_from(recorder, tensors)
     if learned is not launch_plan.UNDECIDED:
-        _FORWARD_PLANS.put(key, signature, learned)
+        _FORWARD_PLANS.put(key, learned)
+        _FORWARD_PLANS.index(signature, launch_plan.bind(learned, q, v) if learned else None)
         log.debug("FA4 forward launch plan %s for %s", "learned" if learned else "not replayable", key)
 
 

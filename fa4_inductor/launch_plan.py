@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from ._torch_private import empty_strided
+
 # Names of the tensors a plan can take per call, in slot order.
 SLOT_NAMES = ("q", "k", "v", "out", "lse", "seqused_k")
 
@@ -74,6 +76,10 @@ class LaunchPlan:
     kernel: Callable[..., Any]
     args: tuple[Any, ...]
     slots: tuple[tuple[int, int], ...]  # (argument position, index into SLOT_NAMES)
+    entry: Callable[..., Any] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "entry", direct_entry(self.kernel, len(self.args)))
 
     def launch(self, tensors: Sequence[torch.Tensor | None]) -> None:
         """Launch the kernel on the current stream with this call's tensors."""
@@ -81,7 +87,32 @@ class LaunchPlan:
         for position, slot in self.slots:
             tensor = tensors[slot]
             args[position] = tensor.detach() if tensor.requires_grad else tensor
-        self.kernel(*args)
+        self.entry(*args)
+
+
+def direct_entry(kernel: Callable[..., Any], arg_count: int) -> Callable[..., Any]:
+    """The TVM-FFI function behind a CuTe DSL compiled kernel, when calling it with the same positional
+    arguments is what the kernel's own ``__call__`` would do; else the kernel itself.
+
+    A CuTe DSL kernel compiled with ``--enable-tvm-ffi`` is a Python object whose ``__call__`` checks
+    for pointer-address arguments and then goes through a generated keyword wrapper to the C function;
+    those two Python frames cost ~1 µs a call. They are skipped only when they provably pass every
+    argument through unchanged: no pointer-address arguments, every parameter given positionally (no
+    defaults filled in) and no dataclass argument unpacked to a tuple. This reads CuTe DSL / tvm-ffi
+    attributes that are not public API; if they change, the kernel is called as before.
+    """
+    execution_args = getattr(kernel, "execution_args", None)
+    if execution_args is None or getattr(execution_args, "has_pointer_address_arg_specs", True):
+        return kernel
+    function = kernel.__tvm_ffi_object__() if hasattr(kernel, "__tvm_ffi_object__") else None
+    wrapper = getattr(kernel, "_kwargs_wrapper", None)
+    if function is None or wrapper is None:
+        return kernel
+    code = getattr(wrapper, "__code__", None)
+    if (code is None or code.co_kwonlyargcount or code.co_argcount != arg_count
+            or any("unpack" in name for name in code.co_names)):
+        return kernel
+    return function
 
 
 class Recorder:
@@ -172,43 +203,73 @@ def call_signature(q, k, v, softmax_scale, causal, window_left, window_right, so
             softmax_scale, causal, window_left, window_right, softcap, seqused_k is None)
 
 
+def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for extent in reversed(size):
+        strides.append(step)
+        step *= max(extent, 1)
+    return tuple(reversed(strides))
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundPlan:
+    """A plan bound to one exact call signature: the outputs' sizes are known, so a call only
+    allocates them and launches."""
+
+    plan: LaunchPlan
+    out_size: tuple[int, ...]
+    out_stride: tuple[int, ...]
+    lse_size: tuple[int, ...]
+    lse_stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def __call__(self, q, k, v, seqused_k) -> tuple[torch.Tensor, torch.Tensor]:
+        """Launch on new contiguous out (B,S,H,Dv) and lse (fp32 B,H,S); return them."""
+        out = empty_strided(self.out_size, self.out_stride, self.dtype, self.device)
+        lse = empty_strided(self.lse_size, self.lse_stride, torch.float32, self.device)
+        self.plan.launch((q, k, v, out, lse, seqused_k))
+        return out, lse
+
+
+def bind(plan: LaunchPlan, q: torch.Tensor, v: torch.Tensor) -> BoundPlan:
+    """``plan`` bound to calls with ``q``'s and ``v``'s shapes, dtype and device."""
+    batch, seqlen_q, heads = q.shape[:3]
+    out_size, lse_size = (batch, seqlen_q, heads, v.shape[-1]), (batch, heads, seqlen_q)
+    return BoundPlan(plan, out_size, _contiguous_strides(out_size), lse_size, _contiguous_strides(lse_size),
+                     q.dtype, q.device)
+
+
 class PlanCache:
-    """Plans by plan key, plus a front index by exact call signature.
+    """Plans by plan key, plus a front index of bound plans by exact call signature.
 
     The front index turns a repeated call into one dict lookup; a new shape
-    computes the plan key once and, if that key's plan exists, indexes it
-    under the new signature too (no FA4 call). ``None`` marks a key whose
-    launches can't be replayed.
+    computes the plan key once and, if that key's plan exists, binds it to
+    the new signature (no FA4 call). ``None`` marks a key (or signature)
+    whose launches can't be replayed.
     """
 
     def __init__(self, max_signatures: int = 4096):
         self._plans: dict[Hashable, LaunchPlan | None] = {}
-        self._by_signature: dict[Hashable, LaunchPlan | None] = {}
+        self._by_signature: dict[Hashable, BoundPlan | None] = {}
         self._max_signatures = max_signatures
         self._lock = threading.Lock()
 
-    def by_signature(self, signature: Hashable) -> LaunchPlan | None | bool:
-        """The plan indexed under this exact call signature, None if unplannable, False if unseen."""
+    def by_signature(self, signature: Hashable) -> BoundPlan | None | bool:
+        """The bound plan indexed under this exact call signature, None if unplannable, False if unseen."""
         return self._by_signature.get(signature, False)
 
-    def by_key(self, key: Hashable | None, signature: Hashable) -> LaunchPlan | None | bool:
-        """The plan of a plan key (None key: unplannable), indexed under ``signature``; False if not learned."""
-        plan = self._plans.get(key, False) if key is not None else None
-        if plan is not False:
-            self._index(signature, plan)
-        return plan
-
-    def put(self, key: Hashable, signature: Hashable, plan: LaunchPlan | None) -> None:
-        """Store what was learned for ``key`` (first seen with ``signature``)."""
-        with self._lock:
-            self._plans[key] = plan
-        self._index(signature, plan)
-
-    def _index(self, signature: Hashable, plan: LaunchPlan | None) -> None:
+    def index(self, signature: Hashable, bound: BoundPlan | None) -> None:
+        """Index a bound plan (None: not replayable) under an exact call signature."""
         with self._lock:
             if len(self._by_signature) >= self._max_signatures:
                 self._by_signature.clear()  # bounded under endlessly varying shapes
-            self._by_signature[signature] = plan
+            self._by_signature[signature] = bound
+
+    def put(self, key: Hashable, plan: LaunchPlan | None) -> None:
+        """Store what was learned for ``key``."""
+        with self._lock:
+            self._plans[key] = plan
 
     def get(self, key: Hashable) -> LaunchPlan | None | bool:
         """The plan of a plan key, None if unplannable, False if not learned yet."""
@@ -223,4 +284,3 @@ class PlanCache:
         with self._lock:
             self._plans.clear()
             self._by_signature.clear()
-

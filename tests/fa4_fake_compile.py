@@ -80,6 +80,16 @@ class _WarningsSeen(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+def _python_wrapped(kernel) -> bool:
+    """Would a launch plan of this kernel still go through a Python ``__call__``? (FA4's sm90 forward launches with
+    18 positional arguments.) JIT-compiled kernels are CuTe DSL objects, kernels from the disk cache plain
+    TVM-FFI functions."""
+    import tvm_ffi
+
+    entry = launch_plan.direct_entry(kernel, 18)
+    return not (entry is not kernel or type(kernel) is tvm_ffi.Function)
+
+
 def _window(value):
     return None if value < 0 else value
 
@@ -110,6 +120,7 @@ def main() -> None:
     decode = {**_params(causal=False), "key_padding": decode_padding}
     decode_splits = fa4_adapter._split_count(dq, dk, dv, decode)
     decode_s = fa4_adapter.precompile_forward(dq, dk, dv, **decode)
+    forward_kernels = fa4_adapter._module()._flash_attn_fwd.compile_cache.cache.values()
     cache_dir = fa4_adapter.disk_cache_dir()
     cached = sorted(p.parent.name for p in pathlib.Path(cache_dir).rglob("*.o")) if cache_dir else []
     print(json.dumps({
@@ -118,6 +129,7 @@ def main() -> None:
         "total_s": round(time.perf_counter() - start, 1), "disk_cache": cached,
         "seqlen_classes_ok": seqlen_classes_match_fa4_keys(), "fa4": fa4_adapter.version(),
         "warnings": warnings.messages,
+        "forward_kernels_python_wrapped": [_python_wrapped(kernel) for kernel in forward_kernels],
     }))
 
 

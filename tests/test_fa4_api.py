@@ -36,5 +36,7 @@ def test_precompile_builds_sm90_kernels_under_fake_tensors_and_caches_them_on_di
     assert {"fwd", "bwd", "bwd_pre", "bwd_post"} <= set(first["disk_cache"]), first
     assert not first["warnings"], first["warnings"]
     assert first["seqlen_classes_ok"], "FA4's compile key depends on the query length beyond seqlen_class"
+    assert first["forward_kernels_python_wrapped"] == [False] * 3, "launch plans would call through CuTe DSL's Python"
     second = _run_fake_compile(tmp_path)  # a new process: kernels come from disk, no JIT
     assert second["forward_s"] < 0.5 and second["backward_s"] < 0.5, second
+    assert second["forward_kernels_python_wrapped"] == [False] * 3, second

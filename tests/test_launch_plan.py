@@ -103,6 +103,11 @@ def test_adapter_learns_a_plan_then_replays_it_without_fa4(plans):
     assert launched[0] is q2 and launched[1] is k2 and launched[2] is v2 and launched[5] == 0.125
     torch.testing.assert_close(out2, q2 * 0.125)
     assert lse2.shape == (3, 4, 1024) and len(fa4_adapter.forward_plans().keys()) == 1
+    q3 = torch.randn_like(q2)  # the same signature again: the bound plan allocates and launches
+    out3, lse3 = _forward(q3, k2, v2)
+    assert stand_in.launches[-1][0] is q3 and stand_in.launches[-1][3] is out3 and stand_in.launches[-1][4] is lse3
+    torch.testing.assert_close(out3, q3 * 0.125)
+    assert out3.is_contiguous() and lse3.is_contiguous() and lse3.dtype == torch.float32
 
 
 def test_launch_with_a_buffer_fa4_allocated_is_never_replayed(plans):
@@ -134,3 +139,38 @@ def test_recorder_ignores_other_threads():
     thread.join()
     assert result == [(True, "launched")] and recorder.key is None and recorder.launch_args is None
 
+
+
+class _DslKernel:
+    """Shaped like a CuTe DSL kernel compiled for TVM-FFI: a Python ``__call__`` over a keyword wrapper
+    over the C function."""
+
+    def __init__(self, names=("q", "k", "aux"), defaults=(None,), unpack=(), pointer_args=False):
+        from tvm_ffi.utils.kwargs_wrapper import make_kwargs_wrapper
+
+        self.function = lambda *args: args
+        self.execution_args = types.SimpleNamespace(has_pointer_address_arg_specs=pointer_args)
+        self._kwargs_wrapper = make_kwargs_wrapper(self.function, list(names), arg_defaults=defaults,
+                                                   map_dataclass_to_tuple=list(unpack))
+
+    def __tvm_ffi_object__(self):
+        return self.function
+
+    def __call__(self, *args):
+        return self._kwargs_wrapper(*args)
+
+
+def test_a_plan_calls_the_tvm_ffi_function_when_the_wrapper_passes_arguments_through():
+    kernel = _DslKernel()
+    plan = launch_plan.LaunchPlan(kernel, (None, None, "aux"), ((0, 0), (1, 1)))
+    assert plan.entry is kernel.function
+
+
+@pytest.mark.parametrize("kernel, arg_count", [
+    (_DslKernel(unpack=("aux",)), 3),  # a dataclass argument becomes a tuple on the way
+    (_DslKernel(pointer_args=True), 3),  # pointer-address arguments are converted on the way
+    (_DslKernel(), 2),  # a default is filled in on the way
+    (lambda *args: args, 3),  # not a CuTe DSL kernel
+], ids=["unpack", "pointer-args", "defaults", "plain"])
+def test_a_plan_keeps_the_kernels_own_call_when_the_wrapper_changes_arguments(kernel, arg_count):
+    assert launch_plan.direct_entry(kernel, arg_count) is kernel
