@@ -4,9 +4,11 @@
 runs SDPA as ring attention: each rank calls the aten flash-attention op on its query shard
 against every key shard in turn and merges the partial results by their logsumexp. With the
 plugin's eager override active those per-shard forward and backward calls run FA4 (on CPU, the
-reference implementation). Checks output and gradients against one process computing the whole
-sequence, for plain and causal (load-balanced) attention, and on CUDA times a forward+backward
-step of stock CP (cuDNN or flash shards) vs CP on FA4. Rank 0 prints one JSON line.
+reference implementation). Under ``torch.compile`` the plugin's rewrite leaves SDPA on DTensors
+to CP (a recorded fallback), and the per-shard flash ops of the compiled graph run FA4 the same
+way. Checks output and gradients against one process computing the whole sequence, for plain and
+causal (load-balanced) attention, eager and compiled, and on CUDA times a forward+backward step
+of stock CP (cuDNN or flash shards) vs CP on FA4. Rank 0 prints one JSON line.
 
 CPU (gloo):
     python -m torch.distributed.run --nproc-per-node 2 examples/context_parallel.py --device cpu
@@ -50,19 +52,27 @@ def whole_sequence(q, k, v, dout, causal: bool) -> list[torch.Tensor]:
     return [out.detach(), *(t.grad for t in leaves)]
 
 
-def ring_step(mesh, q, k, v, dout, causal: bool, plugin: bool, repeats: int = 1):
-    """Forward+backward of SDPA under ``context_parallel``; unsharded results and seconds per step."""
+def attend(q, k, v, causal: bool):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def ring_step(mesh, q, k, v, dout, causal: bool, plugin: bool, compiled: bool, repeats: int = 1):
+    """Forward+backward of SDPA under ``context_parallel`` (compiled: in one ``torch.compile`` graph);
+    unsharded results and seconds per step."""
     buffers = [t.clone() for t in (q, k, v, dout)]
     _load_balance(causal)
     devices = (q.device.type,)
-    routed = fa4_inductor.enabled(compile=False, eager=True, devices=devices) if plugin else contextlib.nullcontext()
+    routed = (fa4_inductor.enabled(compile=compiled, eager=True, devices=devices) if plugin
+              else contextlib.nullcontext())
+    torch._dynamo.reset()
+    step = torch.compile(attend, fullgraph=True) if compiled else attend
     times = []
     with routed, context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2, 2]):
         for _ in range(repeats):
             leaves = [t.detach().requires_grad_() for t in buffers[:3]]
             start = time.perf_counter()
             with torch.enable_grad():
-                out = F.scaled_dot_product_attention(*leaves, is_causal=causal)
+                out = step(*leaves, causal)
                 out.backward(buffers[3])
             if q.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -91,16 +101,17 @@ def main() -> None:
     shape = (args.batch, args.heads, args.seq, args.head_dim)
     q, k, v, dout = (torch.randn(shape, dtype=torch.bfloat16, device=args.device) for _ in range(4))
     report = {"world_size": dist.get_world_size(), "device": args.device, "shape_bhsd": list(shape), "cases": []}
-    for causal in (False, True):
+    for causal, compiled in ((False, False), (True, False), (False, True), (True, True)):
         want = whole_sequence(q, k, v, dout, causal)
         stats.reset()
-        got, plugin_s = ring_step(mesh, q, k, v, dout, causal, plugin=True, repeats=args.repeats)
-        case = {"causal": causal, "counters": dict(stats.counters), "plugin_step_ms": round(plugin_s * 1e3, 3),
+        got, plugin_s = ring_step(mesh, q, k, v, dout, causal, plugin=True, compiled=compiled, repeats=args.repeats)
+        case = {"causal": causal, "compiled": compiled, "counters": dict(stats.counters),
+                "plugin_step_ms": round(plugin_s * 1e3, 3),
                 "max_abs_err": {name: (g.float() - w).abs().max().item()
                                 for name, g, w in zip(("out", "dq", "dk", "dv"), got, want)},
                 "reference_max_abs": {name: w.abs().max().item() for name, w in zip(("out", "dq", "dk", "dv"), want)}}
         if args.device == "cuda":
-            case["stock_step_ms"] = round(ring_step(mesh, q, k, v, dout, causal, plugin=False,
+            case["stock_step_ms"] = round(ring_step(mesh, q, k, v, dout, causal, plugin=False, compiled=compiled,
                                                     repeats=args.repeats)[1] * 1e3, 3)
         report["cases"].append(case)
     if dist.get_rank() == 0:

@@ -43,6 +43,7 @@ import torch
 
 from . import fa4_adapter, stats
 from ._torch_private import destroy_library
+from . import support
 from .support import AttentionCall, unsupported_reason
 
 REGISTRY_NAME = "fa4_inductor"
@@ -85,14 +86,6 @@ def _key_padding(attn_mask: torch.Tensor | None, query: torch.Tensor, key: torch
     return attn_mask.reshape(rows, columns).expand(batch, columns)
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    if type(tensor) is torch.Tensor or not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
 def _fallback(stock, op: str, reason: str, keyset, *args, **kwargs):
     """Count and log the fallback, then run the kernel registered before ours; where PyTorch has none (the
     CUDA flash op on CPU), raise saying why FA4 couldn't serve the call."""
@@ -121,7 +114,7 @@ def _sdpa(stock, devices):
         reason = _reason(devices, query, key, value, dropout_p, is_causal, has_mask, enable_gqa)
         if reason is None and not torch.backends.cuda.flash_sdp_enabled():
             reason = "flash SDPA backend disabled by the caller (sdpa_kernel)"
-        context_parallel = _is_dtensor(query)
+        context_parallel = support.is_dtensor(query)
         if reason is None and context_parallel and (padding is not None or query.shape[1] != key.shape[1]):
             reason = "a DTensor (context parallel) call with a mask or GQA: CP's ring attention takes neither"
         if reason is not None:
@@ -174,7 +167,11 @@ def _cuda_backward(stock, devices):
                              cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, philox_seed, philox_offset,
                              scale=scale)
         stats.record_eager("fa4", _CUDA_BWD)
-        return _grads_bhsd(grad_out, query, key, value, out, logsumexp, scale, is_causal)
+        grads = _grads_bhsd(grad_out, query, key, value, out, logsumexp, scale, is_causal)
+        # The meta kernel promises gradients laid out like the inputs (empty_like), and compiled graphs assert it:
+        # context parallelism's shards are B,H,S,D-contiguous, FA4's gradients B,S,H,D.
+        return tuple(grad if grad.stride() == like.stride() else torch.empty_like(like).copy_(grad)
+                     for grad, like in zip(grads, (query, key, value)))
     return impl
 
 

@@ -60,6 +60,15 @@ class AttentionCall:
 
 
 @functools.lru_cache(maxsize=None)
+def is_dtensor(tensor) -> bool:
+    """Is this (possibly fake) tensor a DTensor, as context or tensor parallelism makes them?"""
+    if type(tensor) is torch.Tensor or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def cuda_arch_major(index: int | None) -> int:
     """Compute-capability major version of a CUDA device (cached)."""
     return torch.cuda.get_device_capability(index)[0]

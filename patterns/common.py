@@ -15,7 +15,7 @@ from torch.fx.operator_schemas import normalize_function
 from fa4_inductor.emit import call_with_meta, erase_if_unused, example_value, fa4_attention, op_name
 from fa4_inductor.mask_analysis import NotAnalyzable, analyze_mask
 from fa4_inductor.pattern_registry import RewriteContext, SiteDecision
-from fa4_inductor.support import AttentionCall, unsupported_reason
+from fa4_inductor.support import AttentionCall, is_dtensor, unsupported_reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +131,12 @@ def decide(
     captured: dict[str, Any] = {"query": query, "key": key, "value": value, "dead": []}
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
         return SiteDecision(node, "query/key/value have no tensor metadata", features, captured=captured)
+    if any(is_dtensor(t) for t in (q, k, v)):
+        # An fa4 op on DTensors has no sharding rule. Left as SDPA, context parallelism's ring attention shards
+        # it into per-shard aten flash calls, which the eager override runs on FA4.
+        return SiteDecision(node, "query/key/value are DTensors (context or tensor parallel): left to DTensor's "
+                            "SDPA handling; its per-shard flash calls run FA4 through the eager override",
+                            features, captured=captured)
     d, hq, hk = q.shape[-1], q.shape[1], k.shape[1]
     features.update(
         dtype=str(q.dtype).replace("torch.", ""), head_dim=int(d) if isinstance(d, int) else str(d),

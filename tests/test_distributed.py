@@ -1,7 +1,7 @@
 """Distributed runs on CPU (two gloo processes, the reference kernels).
 
 FSDP2: a compiled, sharded Llama trains with FA4's ops. Context parallelism: ring attention's
-per-shard flash calls run through the plugin and match the unsharded attention.
+per-shard flash calls run through the plugin and match the unsharded attention, eager and compiled.
 """
 
 import json
@@ -38,9 +38,13 @@ def test_fsdp2_sharded_compiled_layers_run_fa4_on_every_rank_and_match_stock_los
 
 def test_context_parallel_ring_shards_run_fa4_and_match_unsharded_attention():
     result = _run_two_ranks("context_parallel.py", 29534)
-    assert result["world_size"] == 2 and [case["causal"] for case in result["cases"]] == [False, True]
+    assert result["world_size"] == 2
+    assert [(case["causal"], case["compiled"]) for case in result["cases"]] == [
+        (False, False), (True, False), (False, True), (True, True)]
     for case in result["cases"]:
         counters = case["counters"]
+        if case["compiled"]:  # the rewrite left the DTensor SDPA to CP: one recorded fallback, no graph break
+            assert counters["pattern.sdpa.fallback"] == 1, counters
         # One ring step per rank in each direction, every one on FA4's op; nothing fell back.
         assert counters["eager.fa4._scaled_dot_product_flash_attention"] == 2, counters
         assert counters["eager.fa4._scaled_dot_product_flash_attention_backward"] == 2, counters
