@@ -100,20 +100,24 @@ def floor_rows(q, k, v, out, lse, scale) -> dict[str, Callable[[], object]]:
 
 
 def backward_rows(q, k, v, qh, kh, vh, scale) -> dict[str, Callable[[], object]]:
-    """Backward per call: stock flash backward vs the plugin's backward op (FA4's own per-call Python, no plan)."""
+    """Backward per call: stock flash backward, the plugin's backward op (launch sequence) and FA4's entry point."""
     dout_h = torch.randn_like(qh)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         out_h, lse_h, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
             torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, scale=scale))
     out, lse = torch.ops.fa4.flash_attn_fwd_kernel.default(q, k, v, scale)
     dout = dout_h.transpose(1, 2)
+    grads = [torch.empty_like(t) for t in (q, k, v)]
     return {
         "backward: stock aten._scaled_dot_product_flash_attention_backward": (
             lambda: torch.ops.aten._scaled_dot_product_flash_attention_backward(
                 dout_h, qh, kh, vh, out_h, lse_h, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset,
                 scale=scale)),
-        "backward: plugin fa4.flash_attn_bwd": lambda: torch.ops.fa4.flash_attn_bwd.default(
+        "backward: plugin fa4.flash_attn_bwd (launch sequence)": lambda: torch.ops.fa4.flash_attn_bwd.default(
             dout, q, k, v, out, lse, scale),
+        "backward: FA4's own _flash_attn_bwd (gradients given)": lambda: fa4_adapter._fa4_backward(
+            dout, q, k, v, out, lse, *grads, softmax_scale=scale, causal=False, window_left=-1, window_right=-1,
+            softcap=0.0, seqused_k=None, key_padding=None, deterministic=False),
     }
 
 

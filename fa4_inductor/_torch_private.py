@@ -10,6 +10,8 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+# The base class of dispatch modes: documented (extending PyTorch), but importable from a private module only.
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401
 
 
 def destroy_library(library: torch.library.Library) -> None:
@@ -98,3 +100,11 @@ def empty_strided(size: tuple[int, ...], stride: tuple[int, ...], dtype: torch.d
             and device.index == torch._C._cuda_getDevice()):
         return _EMPTY_STRIDED_CUDA(size, stride, dtype)
     return torch.empty_strided(size, stride, dtype=dtype, device=device)
+
+
+def outside_dispatch_modes():
+    """A context in which no ``TorchDispatchMode`` sees tensor ops (``_disable_current_modes``: there is
+    no public way to step out of the active modes)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()

@@ -12,8 +12,8 @@ as unusable with the reason.
 
 Three things keep FA4's costs out of the training loop:
 
-- Forward calls replay a cached launch plan (:mod:`.launch_plan`) instead
-  of FA4's per-call Python.
+- Forward and backward calls replay cached launch plans
+  (:mod:`.launch_plan`) instead of FA4's per-call Python.
 - :func:`precompile_forward` / :func:`precompile_backward` build the kernels
   under fake tensors, so the op's fake impls compile them while
   ``torch.compile`` compiles the graph, not on the first step.
@@ -169,14 +169,16 @@ _LEARNING = threading.Lock()
 
 
 @contextlib.contextmanager
-def _recording(entry_point) -> Iterator[launch_plan.Recorder]:
-    """Wrap one FA4 entry point's compile cache in a recorder for this call."""
-    recorder = launch_plan.Recorder(entry_point.compile_cache)
-    entry_point.compile_cache = recorder
+def _recording(*entry_points) -> Iterator[list]:
+    """Wrap FA4 entry points' compile caches in recorders for this call; yields the launches, in order."""
+    launches: list = []
+    for entry_point in entry_points:
+        entry_point.compile_cache = launch_plan.Recorder(entry_point.compile_cache, launches)
     try:
-        yield recorder
+        yield launches
     finally:
-        entry_point.compile_cache = recorder.inner
+        for entry_point in entry_points:
+            entry_point.compile_cache = entry_point.compile_cache.inner
 
 
 @functools.lru_cache(maxsize=None)
@@ -386,10 +388,9 @@ def _forward_planned(q, k, v, out, lse, params: dict) -> None:
 def _learn(key, signature, tensors, params: dict) -> None:
     """Run the call through FA4's entry point and keep the launch plan it shows."""
     q, k, v, out, lse, _ = tensors
-    entry_point = _module()._flash_attn_fwd
-    with _LEARNING, _recording(entry_point) as recorder:
+    with _LEARNING, launch_plan.CallWatch() as watch, _recording(_module()._flash_attn_fwd) as launches:
         _fa4_forward(q, k, v, out, lse, **params)
-    learned = launch_plan.plan_from(recorder, tensors)
+    learned = None if watch.other_ops else launch_plan.plan_from(launches, tensors)
     if learned is not launch_plan.UNDECIDED:
         _FORWARD_PLANS.put(key, learned)
         _FORWARD_PLANS.index(signature, launch_plan.bind(learned, q, v) if learned else None)
@@ -467,14 +468,17 @@ def precompile_backward(dout, q, k, v, out, lse, **params) -> float:
         fdout, fq, fk, fv, fout, flse, fseq, fpad = _fake_inputs(
             dout, q, k, v, out, lse, params["seqused_k"], params.get("key_padding"))
         grads = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (fq, fk, fv)]
-        backward(fdout, fq, fk, fv, fout, flse, **{**params, "seqused_k": fseq, "key_padding": fpad},
-                 dq=grads[0], dk=grads[1], dv=grads[2])
+        _fa4_backward(fdout, fq, fk, fv, fout, flse, *grads, **{**params, "seqused_k": fseq, "key_padding": fpad},
+                      deterministic=torch.are_deterministic_algorithms_enabled())
     return _precompile_once("backward", q, k, v, params, lambda: _in_fresh_fake_mode(build))
 
 
 def _in_fresh_fake_mode(build) -> None:
     with fresh_fake_mode():
         build()
+
+
+_BACKWARD_PLANS = launch_plan.PlanCache()
 
 
 def backward(
@@ -496,13 +500,53 @@ def backward(
     dv: torch.Tensor,
     key_padding: torch.Tensor | None = None,
 ) -> None:
-    """FA4 backward, writing into the given contiguous dq, dk, dv."""
+    """FA4 backward, writing into the given contiguous dq, dk, dv.
+
+    A call replays the launch sequence learned for its exact signature (FA4's
+    preprocess, main and postprocess kernels, scratch allocated alike), skipping
+    FA4's per-call Python; calls with ``seqused_k`` or ``key_padding`` always take
+    FA4's entry point.
+    """
+    params = dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left, window_right=window_right,
+                  softcap=softcap, seqused_k=seqused_k, key_padding=key_padding,
+                  deterministic=torch.are_deterministic_algorithms_enabled())
+    tensors = (dout, q, k, v, out, lse, dq, dk, dv)
+    if seqused_k is not None or key_padding is not None:
+        _fa4_backward(*tensors, **params)
+        return
+    signature = (tuple((t.shape, t.stride()) for t in tensors), q.dtype, q.get_device(), softmax_scale, causal,
+                 window_left, window_right, softcap, params["deterministic"])
+    plan = _BACKWARD_PLANS.get(signature)
+    if plan:
+        plan.launch(tensors, q.device)
+        return
+    if plan is None:
+        _fa4_backward(*tensors, **params)
+        return
+    module = _module()
+    with _LEARNING, launch_plan.CallWatch() as watch, _recording(
+            module._bwd_preprocess, module._flash_attn_bwd, module._bwd_postprocess_convert) as launches:
+        _fa4_backward(*tensors, **params)
+    learned = None if watch.other_ops else launch_plan.sequence_from(launches, tensors, watch.allocations)
+    if learned is not launch_plan.UNDECIDED:
+        _BACKWARD_PLANS.put(signature, learned)
+        log.debug("FA4 backward launch sequence %s for %s", "learned" if learned else "not replayable", signature)
+
+
+def backward_plans() -> launch_plan.PlanCache:
+    """The backward launch sequences learned in this process, by exact call signature."""
+    return _BACKWARD_PLANS
+
+
+def _fa4_backward(dout, q, k, v, out, lse, dq, dk, dv, *, softmax_scale, causal, window_left, window_right, softcap,
+                  seqused_k, key_padding, deterministic):
+    """FA4's own backward entry point, writing into ``dq``, ``dk``, ``dv``."""
     _module()._flash_attn_bwd(
         q, k, v, out, dout, lse,
         softmax_scale=softmax_scale,
         softcap=softcap,
         seqused_k=seqused_k,
-        deterministic=torch.are_deterministic_algorithms_enabled(),
+        deterministic=deterministic,
         dq=dq, dk=dk, dv=dv,
         **_masking(causal, window_left, window_right, key_padding),
     )

@@ -1,25 +1,29 @@
-"""Cached launch plans: call FA4's compiled forward kernel without FA4's per-call Python.
+"""Cached launch plans: call FA4's compiled kernels without FA4's per-call Python.
 
-FA4's entry point redoes on every call what a compile key already fixes:
+FA4's entry points redo on every call what a compile key already fixes:
 argument checks, tile and scheduler heuristics, a compile key of ~60 fields,
-its hash. That host work (~20 µs on an H100 host) dwarfs a small attention
-kernel. A plan keeps, per :func:`plan_key`, the compiled kernel FA4 chose and
-the arguments it launched with; later calls allocate the outputs and launch
-the kernel directly.
+its hash. That host work (~60-100 µs on an H100 host) dwarfs a small
+attention kernel. A plan keeps the compiled kernel FA4 chose and the
+arguments it launched with; later calls allocate the outputs and launch the
+kernel directly.
 
-A plan is learned from FA4 itself: the first call of a key runs FA4's entry
-point with its compile cache wrapped by a :class:`Recorder`, which notes the
-kernel FA4 picked and the launch arguments. Tensor arguments become slots
-filled per call; every other argument must be fixed by the key. A launch
-that uses a tensor FA4 allocated itself (split-KV partials, scheduler
-metadata) can't be replayed, and the key is marked to always take FA4's
-path.
+A plan is learned from FA4 itself: the first call runs FA4's entry point
+with its compile caches wrapped by :class:`Recorder` s, which note the
+kernels FA4 launched and their arguments, under a :class:`CallWatch`, which
+notes the buffers FA4 allocated and any other tensor op it ran. Tensor
+arguments become slots filled per call; every other argument must be fixed
+by the key. A call that ran tensor ops besides its kernels, or launched on a
+buffer that is neither the call's nor one FA4 allocated, is never replayed.
 
-Seqlens are not in the key on sm90: there FA4's choices depend on the query
-length only through "does it fit one M block" (``seqlen_class``), which the
-CPU test checks against FA4's own compile keys. On other archs the exact
-shapes are in the key, so a plan is only ever replayed for the call it was
-learned from.
+- Forward (:class:`LaunchPlan`): one kernel on the call's tensors, per
+  :func:`plan_key`. Seqlens are not in the key on sm90: there FA4's choices
+  depend on the query length only through "does it fit one M block"
+  (``seqlen_class``), which the CPU test checks against FA4's own compile
+  keys. On other archs the exact shapes are in the key.
+- Backward (:class:`LaunchSequence`): FA4's preprocess, main and
+  postprocess kernels in order, per exact call signature, with the scratch
+  buffers FA4 allocated (accumulators, row sums, semaphores) allocated
+  alike on each call, zero-filled where FA4 zero-filled them.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ._torch_private import empty_strided
+from ._torch_private import TorchDispatchMode, empty_strided, outside_dispatch_modes
 
 # Names of the tensors a plan can take per call, in slot order.
 SLOT_NAMES = ("q", "k", "v", "out", "lse", "seqused_k")
@@ -118,38 +122,31 @@ def direct_entry(kernel: Callable[..., Any], arg_count: int) -> Callable[..., An
 class Recorder:
     """Stands in for one FA4 compile cache during one call of this thread.
 
-    Records the compile key FA4 computed, whether it was cached already, and
-    the arguments FA4 launched the kernel with. Other threads pass through.
+    Appends each launch, ``(kernel, args)``, to ``launches``; the recorders
+    of one call share that list, so it holds the call's launches in order.
+    Other threads pass through.
     """
 
-    def __init__(self, inner):
+    def __init__(self, inner, launches: list | None = None):
         self.inner = inner
         self.owner = threading.get_ident()
-        self.key: Hashable | None = None
-        self.was_cached: bool | None = None
-        self.kernel: Callable[..., Any] | None = None
-        self.launch_args: tuple[Any, ...] | None = None
-
-    def _mine(self) -> bool:
-        return threading.get_ident() == self.owner
+        self.launches: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [] if launches is None else launches
 
     def __contains__(self, key) -> bool:
-        found = key in self.inner
-        if self._mine() and self.key is None:
-            self.key, self.was_cached = key, found
-        return found
+        return key in self.inner
 
     def __setitem__(self, key, fn) -> None:
         self.inner[key] = fn
 
     def __getitem__(self, key):
         fn = self.inner[key]
-        if not self._mine():
+        if threading.get_ident() != self.owner:
             return fn
 
         def launch(*args):
-            self.kernel, self.launch_args = fn, args
-            return fn(*args)
+            self.launches.append((fn, args))
+            with outside_dispatch_modes():  # what a kernel does is replayed with it: not for a CallWatch
+                return fn(*args)
 
         return launch
 
@@ -157,16 +154,48 @@ class Recorder:
         return getattr(self.inner, name)
 
 
+class CallWatch(TorchDispatchMode):
+    """Watches the tensor ops of one call into FA4 (this thread only) while it is being learned.
+
+    Notes the buffers FA4 allocates (``allocations``: tensor, zero-filled),
+    and every other op that is not a view (``other_ops``): a replay launches
+    the recorded kernels only, so a call that also computes with torch ops
+    is not replayable.
+    """
+
+    _ALLOCATING = {"empty": False, "empty_like": False, "empty_strided": False, "new_empty": False,
+                   "new_empty_strided": False, "zeros": True, "zeros_like": True, "new_zeros": True}
+
+    def __init__(self):
+        super().__init__()
+        self.allocations: list[tuple[torch.Tensor, bool]] = []
+        self.other_ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        zeroed = self._ALLOCATING.get(func.overloadpacket.__name__)
+        if zeroed is not None:
+            self.allocations.append((result, zeroed))
+        elif not func.is_view:
+            self.other_ops.append(str(func))
+        return result
+
+
 # What ``plan_from`` returns when this call can't tell (two of its tensors
 # are one buffer, so a slot is ambiguous): learn again on a later call.
 UNDECIDED = object()
 
 
-def plan_from(recorder: Recorder, tensors: Sequence[torch.Tensor | None]) -> LaunchPlan | None | object:
-    """Turn what a recorder saw into a plan, None if never replayable, or UNDECIDED."""
-    if recorder.kernel is None or recorder.launch_args is None:
+def plan_from(launches: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
+              tensors: Sequence[torch.Tensor | None]) -> LaunchPlan | None | object:
+    """Turn a call's one recorded launch into a plan, None if never replayable, or UNDECIDED."""
+    if len(launches) != 1:
         return None
-    args, slots = list(recorder.launch_args), []
+    return _launch_from(*launches[0], tensors)
+
+
+def _launch_from(kernel, launch_args, tensors: Sequence[torch.Tensor | None]) -> LaunchPlan | None | object:
+    args, slots = list(launch_args), []
     for position, arg in enumerate(args):
         if not isinstance(arg, torch.Tensor):
             if _holds_tensor(arg):
@@ -179,7 +208,66 @@ def plan_from(recorder: Recorder, tensors: Sequence[torch.Tensor | None]) -> Lau
             return UNDECIDED
         slots.append((position, matches[0]))
         args[position] = None
-    return LaunchPlan(recorder.kernel, tuple(args), tuple(slots))
+    return LaunchPlan(kernel, tuple(args), tuple(slots))
+
+
+@dataclasses.dataclass(frozen=True)
+class Scratch:
+    """A buffer FA4 allocates per call for its kernels (accumulators, row sums): how to allocate it."""
+
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    zeroed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchSequence:
+    """Kernels launched in order on a call's tensors plus scratch buffers allocated per call.
+
+    Slots index the call's tensors, then the scratch buffers.
+    """
+
+    launches: tuple[LaunchPlan, ...]
+    scratch: tuple[Scratch, ...]
+
+    def launch(self, tensors: Sequence[torch.Tensor | None], device: torch.device) -> None:
+        """Allocate the scratch buffers and launch every kernel on the current stream."""
+        buffers = list(tensors)
+        for recipe in self.scratch:
+            buffer = empty_strided(recipe.size, recipe.stride, recipe.dtype, device)
+            buffers.append(buffer.zero_() if recipe.zeroed else buffer)
+        for plan in self.launches:
+            plan.launch(buffers)
+
+
+def sequence_from(launches: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
+                  tensors: Sequence[torch.Tensor | None],
+                  allocations: Sequence[tuple[torch.Tensor, bool]]) -> LaunchSequence | None | object:
+    """Turn a call's recorded launches into a sequence, None if never replayable, or UNDECIDED.
+
+    ``allocations`` are the (tensor, zero-filled) buffers FA4 allocated during
+    the call; a launch argument that is neither one of the call's tensors nor
+    one of those can't be replayed.
+    """
+    if not launches:
+        return None
+    pool = [*tensors, *(buffer for buffer, _ in allocations)]
+    plans = []
+    for kernel, args in launches:
+        plan = _launch_from(kernel, args, pool)
+        if not isinstance(plan, LaunchPlan):
+            return plan
+        plans.append(plan)
+    used = sorted({slot for plan in plans for _, slot in plan.slots if slot >= len(tensors)})
+    renumber = {slot: len(tensors) + i for i, slot in enumerate(used)}
+    plans = [dataclasses.replace(plan, slots=tuple((position, renumber.get(slot, slot))
+                                                   for position, slot in plan.slots)) for plan in plans]
+    scratch = tuple(
+        Scratch(tuple(buffer.shape), tuple(buffer.stride()), buffer.dtype, zeroed)
+        for buffer, zeroed in (allocations[slot - len(tensors)] for slot in used)
+    )
+    return LaunchSequence(tuple(plans), scratch)
 
 
 def _holds_tensor(arg: Any) -> bool:
@@ -250,7 +338,7 @@ class PlanCache:
     """
 
     def __init__(self, max_signatures: int = 4096):
-        self._plans: dict[Hashable, LaunchPlan | None] = {}
+        self._plans: dict[Hashable, LaunchPlan | LaunchSequence | None] = {}
         self._by_signature: dict[Hashable, BoundPlan | None] = {}
         self._max_signatures = max_signatures
         self._lock = threading.Lock()
@@ -266,9 +354,11 @@ class PlanCache:
                 self._by_signature.clear()  # bounded under endlessly varying shapes
             self._by_signature[signature] = bound
 
-    def put(self, key: Hashable, plan: LaunchPlan | None) -> None:
+    def put(self, key: Hashable, plan: Any) -> None:
         """Store what was learned for ``key``."""
         with self._lock:
+            if len(self._plans) >= self._max_signatures:
+                self._plans.clear()  # bounded when keys are exact shapes
             self._plans[key] = plan
 
     def get(self, key: Hashable) -> LaunchPlan | None | bool:

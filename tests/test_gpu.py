@@ -182,6 +182,42 @@ def test_launch_plan_replays_are_bitwise_fa4(heads_kv, causal):
     assert len(plans.keys()) == 1 and plans.get(plans.keys()[0])
 
 
+@pytest.mark.parametrize("heads_kv, causal", [(8, False), (2, True)])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_backward_launch_sequence_replays_match_fa4(heads_kv, causal, deterministic):
+    """A replayed backward (scratch allocated per call, FA4's kernels launched in order) gives FA4's gradients:
+    bit for bit with deterministic kernels, within atomic-add reordering otherwise."""
+    params = dict(softmax_scale=0.1, causal=causal, window_left=-1, window_right=-1, softcap=0.0, seqused_k=None)
+    fa4_adapter.backward_plans().clear()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        q = torch.randn(2, 1500, 8, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(2, 1500, heads_kv, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        out, lse = fa4_adapter.forward(q, k, v, **params)
+        errors = []
+        for _ in range(3):  # the first call learns through FA4, the others replay
+            dout = torch.randn_like(out)
+            grads = [torch.empty_like(t) for t in (q, k, v)]
+            fa4_adapter.backward(dout, q, k, v, out, lse, **params, dq=grads[0], dk=grads[1], dv=grads[2])
+            want = [torch.empty_like(t) for t in (q, k, v)]
+            fa4_adapter._fa4_backward(dout, q, k, v, out, lse, *want, **params, key_padding=None,
+                                      deterministic=deterministic)
+            for got, ref in zip(grads, want):
+                if deterministic:
+                    assert torch.equal(got, ref)
+                errors.append(((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item())
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    plans = fa4_adapter.backward_plans()
+    sequence = plans.get(plans.keys()[0])
+    assert len(plans.keys()) == 1 and sequence, "no launch sequence was learned"
+    assert max(errors) < 1e-2, errors
+    _report("backward_launch_sequence", heads_kv=heads_kv, causal=causal, deterministic=deterministic,
+            launches=len(sequence.launches), scratch=[(str(r.dtype), r.zeroed) for r in sequence.scratch],
+            max_rel_err=max(errors))
+
+
 def test_eager_override_runs_fa4_and_falls_back_with_reason():
     torch.manual_seed(0)
     q, k, v = (t.transpose(1, 2) for t in _leaves(*[(2, 1024, 8, 128)] * 3))

@@ -137,7 +137,7 @@ def test_recorder_ignores_other_threads():
     thread = threading.Thread(target=lambda: result.append(("key" in recorder, recorder["key"](1))))
     thread.start()
     thread.join()
-    assert result == [(True, "launched")] and recorder.key is None and recorder.launch_args is None
+    assert result == [(True, "launched")] and recorder.launches == []
 
 
 
@@ -174,3 +174,91 @@ def test_a_plan_calls_the_tvm_ffi_function_when_the_wrapper_passes_arguments_thr
 ], ids=["unpack", "pointer-args", "defaults", "plain"])
 def test_a_plan_keeps_the_kernels_own_call_when_the_wrapper_changes_arguments(kernel, arg_count):
     assert launch_plan.direct_entry(kernel, arg_count) is kernel
+
+
+def _stand_in_fa4_backward(zeroed_scratch=True, foreign_buffer=False, torch_op=False):
+    """Mimics FA4's backward: scratch buffers (one zero-filled), then preprocess, main and postprocess kernels
+    from three compile caches."""
+    fa4 = types.SimpleNamespace(calls=0, scratch_seen=[])
+
+    def preprocess(out, dout, dpsum, accum, scale):
+        dpsum.copy_((out * dout).sum(-1))
+        accum.zero_()
+
+    def main(q, k, v, dout, dpsum, accum, dk_accum, scale, extra):
+        fa4.scratch_seen.append(dk_accum.clone())
+        accum.add_(dout * scale)
+        dk_accum.add_(k)
+
+    def postprocess(accum, grad, scale):
+        grad.copy_(accum)
+
+    def cached(name, kernel):
+        def entry(*args):
+            return entry.compile_cache[name](*args)
+        entry.compile_cache = {name: kernel}
+        return entry
+
+    fa4._bwd_preprocess = cached("pre", preprocess)
+    fa4._bwd_postprocess_convert = cached("post", postprocess)
+
+    def flash_attn_bwd(q, k, v, out, dout, lse, *, softmax_scale, dq, dk, dv, **_):
+        fa4.calls += 1
+        dpsum = torch.empty(dout.shape[:-1])
+        accum = torch.empty(dq.shape)
+        dk_accum = (torch.zeros if zeroed_scratch else torch.empty)(k.shape)
+        fa4._bwd_preprocess(out, dout, dpsum, accum, softmax_scale)
+        flash_attn_bwd.compile_cache["main"](q.detach(), k, v, dout, dpsum, accum, dk_accum, softmax_scale,
+                                             dout.contiguous().clone() if foreign_buffer else None)
+        fa4._bwd_postprocess_convert(accum, dq, softmax_scale)
+        fa4._bwd_postprocess_convert(dk_accum, dk, 1.0)
+        fa4._bwd_postprocess_convert(v, dv, 1.0)
+        if torch_op:
+            dv.mul_(1.0)
+
+    flash_attn_bwd.compile_cache = {"main": main}
+    fa4._flash_attn_bwd = flash_attn_bwd
+    return fa4
+
+
+@pytest.fixture
+def backward_plans(monkeypatch):
+    monkeypatch.setattr(fa4_adapter, "_BACKWARD_PLANS", launch_plan.PlanCache())
+    return lambda fa4: monkeypatch.setattr(fa4_adapter, "_module", lambda: fa4)
+
+
+def _backward(tensors):
+    dout, q, k, v, out, lse = tensors
+    grads = [torch.empty_like(t) for t in (q, k, v)]
+    fa4_adapter.backward(dout, q, k, v, out, lse, softmax_scale=0.5, causal=False, window_left=-1, window_right=-1,
+                         softcap=0.0, seqused_k=None, dq=grads[0], dk=grads[1], dv=grads[2])
+    return grads
+
+
+def _backward_inputs():
+    return [torch.randn(1, 8, 2, 16) for _ in range(5)] + [torch.randn(1, 2, 8)]
+
+
+def test_backward_learns_a_launch_sequence_and_replays_it_with_fresh_zeroed_scratch(backward_plans):
+    stand_in = _stand_in_fa4_backward()
+    backward_plans(stand_in)
+    first = _backward(_backward_inputs())
+    sequence = fa4_adapter.backward_plans().get(fa4_adapter.backward_plans().keys()[0])
+    assert [recipe.zeroed for recipe in sequence.scratch] == [False, False, True] and len(sequence.launches) == 5
+    inputs = _backward_inputs()
+    replayed = _backward(inputs)  # the same signature: no FA4 call, a fresh zero-filled dk accumulator
+    assert stand_in.calls == 1 and torch.count_nonzero(stand_in.scratch_seen[-1]) == 0
+    dout, q, k, v = inputs[:4]
+    for got, want in zip(replayed, (dout * 0.5, k, v)):
+        torch.testing.assert_close(got, want)
+    assert not torch.equal(replayed[0], first[0])
+
+
+@pytest.mark.parametrize("unreplayable", ["foreign_buffer", "torch_op"])
+def test_backward_that_a_kernel_replay_would_not_reproduce_is_never_replayed(backward_plans, unreplayable):
+    stand_in = _stand_in_fa4_backward(**{unreplayable: True})
+    backward_plans(stand_in)
+    for _ in range(2):
+        _backward(_backward_inputs())
+    plans = fa4_adapter.backward_plans()
+    assert plans.get(plans.keys()[0]) is None and stand_in.calls == 2
