@@ -37,9 +37,6 @@ import torch
 
 from ._torch_private import TorchDispatchMode, empty_strided, outside_dispatch_modes
 
-# Names of the tensors a plan can take per call, in slot order.
-SLOT_NAMES = ("q", "k", "v", "out", "lse", "seqused_k")
-
 # Query lengths up to this (times the GQA group) each get their own plan;
 # FA4's tiles are at most 256 rows, so longer queries all behave alike.
 _SMALL_SEQLEN = 256
@@ -79,7 +76,7 @@ class LaunchPlan:
 
     kernel: Callable[..., Any]
     args: tuple[Any, ...]
-    slots: tuple[tuple[int, int], ...]  # (argument position, index into SLOT_NAMES)
+    slots: tuple[tuple[int, int], ...]  # (argument position, index of the tensor in the call's tensors)
     entry: Callable[..., Any] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
