@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ._torch_private import TorchDispatchMode, empty_strided, outside_dispatch_modes
+from ._torch_private import TorchDispatchMode, contiguous_strides, empty_strided, outside_dispatch_modes
 
 # Query lengths up to this (times the GQA group) each get their own plan;
 # FA4's tiles are at most 256 rows, so longer queries all behave alike.
@@ -288,14 +288,6 @@ def call_signature(q, k, v, softmax_scale, causal, window_left, window_right, so
             softmax_scale, causal, window_left, window_right, softcap, seqused_k is None)
 
 
-def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for extent in reversed(size):
-        strides.append(step)
-        step *= max(extent, 1)
-    return tuple(reversed(strides))
-
-
 @dataclasses.dataclass(frozen=True)
 class BoundPlan:
     """A plan bound to one exact call signature: the outputs' sizes are known, so a call only
@@ -321,7 +313,7 @@ def bind(plan: LaunchPlan, q: torch.Tensor, v: torch.Tensor) -> BoundPlan:
     """``plan`` bound to calls with ``q``'s and ``v``'s shapes, dtype and device."""
     batch, seqlen_q, heads = q.shape[:3]
     out_size, lse_size = (batch, seqlen_q, heads, v.shape[-1]), (batch, heads, seqlen_q)
-    return BoundPlan(plan, out_size, _contiguous_strides(out_size), lse_size, _contiguous_strides(lse_size),
+    return BoundPlan(plan, out_size, contiguous_strides(out_size), lse_size, contiguous_strides(lse_size),
                      q.dtype, q.device)
 
 

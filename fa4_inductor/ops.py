@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import fa4_adapter, reference
+from ._torch_private import empty_contiguous
 from .support import FA4_DTYPES
 
 _OP_NS = "fa4"
@@ -145,7 +146,7 @@ def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal=False, windo
     params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding)
     if q.device.type == "cpu":
         return reference.attention_backward(dout, q, k, v, out, lse, **params)
-    grads = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    grads = tuple(empty_contiguous(tuple(t.shape), t.dtype, t.device) for t in (q, k, v))
     fa4_adapter.backward(dout, q, k, v, out, lse, **params, dq=grads[0], dk=grads[1], dv=grads[2])
     return grads
 
