@@ -41,9 +41,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import fa4_adapter, stats
+from . import fa4_adapter, stats, support
 from ._torch_private import destroy_library
-from . import support
 from .support import AttentionCall, unsupported_reason
 
 REGISTRY_NAME = "fa4_inductor"
