@@ -64,7 +64,7 @@ def ring_step(mesh, q, k, v, dout, causal: bool, plugin: bool, compiled: bool, r
     devices = (q.device.type,)
     routed = (fa4_inductor.enabled(compile=compiled, eager=True, devices=devices) if plugin
               else contextlib.nullcontext())
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # stock and plugin compile the same function: neither may reuse the other's graph
     step = torch.compile(attend, fullgraph=True) if compiled else attend
     times = []
     with routed, context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2, 2]):
