@@ -2,8 +2,9 @@
 
 Side by side in one process: stock SDPA flash, FA4's own API (``flash_attn_func``
 and its ``_flash_attn_fwd``), and the plugin's call path: the op compiled graphs
-call (``fa4.flash_attn_fwd_kernel``: dispatcher -> adapter -> launch plan ->
-FA4 kernel), the public differentiable op, and the adapter alone. Also the
+call (``fa4.flash_attn_fwd_kernel``: dispatcher -> C++ launcher -> FA4 kernel),
+the same op's Python kernel (dispatcher -> adapter -> launch plan -> FA4
+kernel), the public differentiable op, and the adapter alone. Also the
 whole compiled function, stock vs plugin, and the parts of the plugin's call.
 Per-call time is the wall time of back-to-back calls (the GPU work is ~5 us,
 so the host bounds it). The variants are timed in interleaved rounds and each
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fa4_inductor
-from fa4_inductor import fa4_adapter, launch_plan
+from fa4_inductor import fa4_adapter, launch_plan, native
 from fa4_inductor._torch_private import empty_strided
 
 CALLS, ROUNDS = 500, 15
@@ -172,6 +173,8 @@ def main() -> None:
             "FA4 _flash_attn_fwd": lambda: fa4_adapter._module()._flash_attn_fwd(q, k, v, return_lse=True),
             "plugin fa4.flash_attn_fwd_kernel (compiled graphs' call)": (
                 lambda: torch.ops.fa4.flash_attn_fwd_kernel.default(q, k, v, scale)),
+            "plugin Python kernel (fa4._flash_attn_fwd_python)": (
+                lambda: torch.ops.fa4._flash_attn_fwd_python.default(q, k, v, scale)),
             "plugin fa4.flash_attn_fwd (public op)": lambda: torch.ops.fa4.flash_attn_fwd(q, k, v, scale),
             "plugin adapter.forward (launch plan)": lambda: fa4_adapter.forward(q, k, v, **params),
             "plugin adapter without plan (FA4 entry point, out given)": (
@@ -194,6 +197,8 @@ def main() -> None:
         "compiled_kernels": compiled_kernels,
         "plans": len(fa4_adapter.forward_plans().keys()),
         "plans_on_direct_tvm_ffi_entry": sum(plan.entry is not plan.kernel for plan in _learned_plans()),
+        "native_launcher": {"installed": native.PLANS.enabled, "plans": native.PLANS.count(),
+                            "unavailable_reason": native.load()},
     }
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -207,6 +212,9 @@ def main() -> None:
     lines += ["", f"Launch plans calling FA4's kernel as a plain TVM-FFI function: "
               f"{record['plans_on_direct_tvm_ffi_entry']} of {len(_learned_plans())} (JIT-compiled kernels; "
               "kernels loaded from FA4's disk cache are plain functions already)."]
+    lines += ["", f"Native (C++) launcher installed: {record['native_launcher']['installed']}, holding "
+              f"{record['native_launcher']['plans']} plans (the op's CUDA kernel when installed; the Python kernel "
+              "serves the calls it has no plan for)."]
     lines += ["", "Kernels of the compiled variants: " + "; ".join(
         f"{name}: {', '.join(names)}" for name, names in compiled_kernels.items())]
     lines += ["", "GPU kernel time per call (profiler): "

@@ -13,7 +13,9 @@ as unusable with the reason.
 Three things keep FA4's costs out of the training loop:
 
 - Forward and backward calls replay cached launch plans
-  (:mod:`.launch_plan`) instead of FA4's per-call Python.
+  (:mod:`.launch_plan`) instead of FA4's per-call Python; forward plans
+  are mirrored into the C++ kernel of :mod:`.native`, so a planned call
+  from a graph runs no Python at all.
 - :func:`precompile_forward` / :func:`precompile_backward` build the kernels
   under fake tensors, so the op's fake impls compile them while
   ``torch.compile`` compiles the graph, not on the first step.
@@ -39,7 +41,7 @@ from types import ModuleType
 
 import torch
 
-from . import launch_plan, split_kv
+from . import launch_plan, native, split_kv
 from ._torch_private import concrete_fake_like, fresh_fake_mode
 
 log = logging.getLogger(__name__)
@@ -163,7 +165,7 @@ def _window(value: int) -> int | None:
     return None if value < 0 else value
 
 
-_FORWARD_PLANS = launch_plan.PlanCache()
+_FORWARD_PLANS = launch_plan.PlanCache(mirror=native.PLANS)  # planned calls skip Python when native
 # Learning swaps an attribute of FA4's entry point: one learner at a time, or two swaps could interleave.
 _LEARNING = threading.Lock()
 

@@ -288,6 +288,15 @@ def call_signature(q, k, v, softmax_scale, causal, window_left, window_right, so
             softmax_scale, causal, window_left, window_right, softcap, seqused_k is None)
 
 
+def signature_fields(signature) -> dict[str, Any]:
+    """A :func:`call_signature` by name (``geometry``: q, k, v sizes then strides, flat)."""
+    q_size, k_size, v_size, q_stride, k_stride, v_stride, dtype, device, *params, seqused_k_absent = signature
+    softmax_scale, causal, window_left, window_right, softcap = params
+    return dict(geometry=[*q_size, *k_size, *v_size, *q_stride, *k_stride, *v_stride], dtype=dtype,
+                device=device, softmax_scale=softmax_scale, causal=causal, window_left=window_left,
+                window_right=window_right, softcap=softcap, has_seqused_k=not seqused_k_absent)
+
+
 @dataclasses.dataclass(frozen=True)
 class BoundPlan:
     """A plan bound to one exact call signature: the outputs' sizes are known, so a call only
@@ -323,13 +332,16 @@ class PlanCache:
     The front index turns a repeated call into one dict lookup; a new shape
     computes the plan key once and, if that key's plan exists, binds it to
     the new signature (no FA4 call). ``None`` marks a key (or signature)
-    whose launches can't be replayed.
+    whose launches can't be replayed. A ``mirror`` (``add(signature, bound)``,
+    ``clear()``) is told of every bound plan indexed and of every clearing of
+    the front index.
     """
 
-    def __init__(self, max_signatures: int = 4096):
+    def __init__(self, max_signatures: int = 4096, mirror=None):
         self._plans: dict[Hashable, LaunchPlan | LaunchSequence | None] = {}
         self._by_signature: dict[Hashable, BoundPlan | None] = {}
         self._max_signatures = max_signatures
+        self._mirror = mirror
         self._lock = threading.Lock()
 
     def by_signature(self, signature: Hashable) -> BoundPlan | None | bool:
@@ -340,8 +352,15 @@ class PlanCache:
         """Index a bound plan (None: not replayable) under an exact call signature."""
         with self._lock:
             if len(self._by_signature) >= self._max_signatures:
-                self._by_signature.clear()  # bounded under endlessly varying shapes
+                self._clear_signatures()  # bounded under endlessly varying shapes
             self._by_signature[signature] = bound
+            if bound and self._mirror is not None:
+                self._mirror.add(signature, bound)
+
+    def _clear_signatures(self) -> None:
+        self._by_signature.clear()
+        if self._mirror is not None:
+            self._mirror.clear()
 
     def put(self, key: Hashable, plan: Any) -> None:
         """Store what was learned for ``key``."""
@@ -362,4 +381,4 @@ class PlanCache:
         """Forget every plan."""
         with self._lock:
             self._plans.clear()
-            self._by_signature.clear()
+            self._clear_signatures()

@@ -18,8 +18,10 @@ FA4 through the dispatcher's C++ path only, not through a Python autograd
 wrapper on every call (``torch.library.custom_op`` and ``register_autograd``
 cost ~20-50 µs a call, more than a small attention kernel).
 
-On CUDA the kernels call FA4 through :mod:`fa4_inductor.fa4_adapter`; on CPU
-they run :mod:`fa4_inductor.reference`. Fake impls give exact shapes,
+On CUDA the kernels call FA4 through :mod:`fa4_inductor.fa4_adapter` (the
+forward through the C++ launcher of :mod:`fa4_inductor.native` when it
+builds, which replays learned launch plans with no Python); on CPU they run
+:mod:`fa4_inductor.reference`. Fake impls give exact shapes,
 dtypes and strides (symbolic sizes included); on CUDA they also compile the
 FA4 kernels the graph will need, while the graph compiles.
 """
@@ -31,7 +33,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import fa4_adapter, reference
+from . import fa4_adapter, native, reference
 from ._torch_private import empty_contiguous
 from .support import FA4_DTYPES
 
@@ -80,6 +82,8 @@ _TAGS = (torch.Tag.pt2_compliant_tag,)
 _library = torch.library.Library(_OP_NS, "DEF")
 _library.define(f"flash_attn_fwd(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)", tags=_TAGS)
 _library.define(f"flash_attn_fwd_kernel(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)", tags=_TAGS)
+# The Python kernel behind the native launcher: it serves the calls the launcher has no plan for.
+_library.define(f"_flash_attn_fwd_python(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)")
 _library.define(
     f"flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_ARGS}) "
     "-> (Tensor, Tensor, Tensor)", tags=_TAGS,
@@ -162,7 +166,10 @@ def _backward_kernel_fake(dout, q, k, v, out, lse, softmax_scale, causal=False, 
 
 
 _library.impl("flash_attn_fwd", flash_attn_fwd, "CompositeImplicitAutograd")
-_library.impl("flash_attn_fwd_kernel", fa4_adapter.forward, "CUDA")  # its parameters follow the schema
+_library.impl("_flash_attn_fwd_python", fa4_adapter.forward, "CUDA")  # its parameters follow the schema
+_library.impl("_flash_attn_fwd_python", _forward_kernel_cpu, "CPU")
+if not native.install_cuda_forward():
+    _library.impl("flash_attn_fwd_kernel", fa4_adapter.forward, "CUDA")
 _library.impl("flash_attn_fwd_kernel", _forward_kernel_cpu, "CPU")
 _library.impl("flash_attn_bwd", _backward_kernel, "CUDA")
 _library.impl("flash_attn_bwd", _backward_kernel, "CPU")

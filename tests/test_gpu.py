@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import fa4_inductor
 from examples.attention_block import AttentionBlock
-from fa4_inductor import fa4_adapter, stats
+from fa4_inductor import fa4_adapter, native, stats
 from fa4_inductor.reference import visible_keys
 
 pytestmark = pytest.mark.gpu
@@ -180,6 +180,32 @@ def test_launch_plan_replays_are_bitwise_fa4(heads_kv, causal):
         assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
     plans = fa4_adapter.forward_plans()
     assert len(plans.keys()) == 1 and plans.get(plans.keys()[0])
+
+
+@pytest.mark.parametrize("heads_kv, causal, seqused", [(8, False, False), (2, True, False), (8, False, True)])
+def test_native_launcher_replays_bitwise_on_the_current_stream(heads_kv, causal, seqused):
+    """The op's C++ kernel: a planned signature launches FA4's kernel from C++, with FA4's own results
+    bit for bit, on the caller's stream."""
+    assert native.PLANS.enabled, native.load()
+    q = torch.randn(2, 700, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 700, heads_kv, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    seqused_k = torch.tensor([300, 700], device="cuda", dtype=torch.int32) if seqused else None
+    params = dict(softmax_scale=0.1, causal=causal, window_left=-1, window_right=-1, softcap=0.0, seqused_k=seqused_k)
+    torch.ops.fa4.flash_attn_fwd_kernel(q, k, v, *params.values())  # learns the plan through Python
+    planned = native.PLANS.count()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # slow work ahead of the inputs on the side stream: a wrong stream races it
+        busy = torch.randn(4096, 4096, device="cuda")
+        for _ in range(4):
+            busy = busy @ busy
+        q_side = q * 1.0
+        out, lse = torch.ops.fa4.flash_attn_fwd_kernel(q_side, k, v, *params.values())
+    torch.cuda.current_stream().wait_stream(side)
+    ref_out, ref_lse = torch.empty_like(out), torch.empty_like(lse)
+    fa4_adapter._fa4_forward(q, k, v, ref_out, ref_lse, **params)
+    assert native.PLANS.count() == planned >= 1
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
 @pytest.mark.parametrize("heads_kv, causal", [(8, False), (2, True)])
