@@ -11,6 +11,7 @@
 #include <tvm/ffi/c_api.h>
 #include <tvm/ffi/extra/c_env_api.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <memory>
@@ -69,24 +70,24 @@ struct Plan {
 std::mutex plans_lock;
 std::unordered_map<CallKey, std::shared_ptr<const Plan>, CallKeyHash> plans;
 
+CallKey make_key(const std::array<int64_t, kGeometry>& geometry, at::ScalarType dtype, int64_t device,
+                 double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
+                 bool has_seqused_k) {
+  return CallKey{geometry, softmax_scale, softcap, window_left, window_right, static_cast<int32_t>(dtype),
+                 static_cast<int32_t>(device), causal, has_seqused_k};
+}
+
 CallKey key_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double softmax_scale,
                bool causal, int64_t window_left, int64_t window_right, double softcap,
                bool has_seqused_k) {
-  CallKey key;
+  std::array<int64_t, kGeometry> geometry;
   int i = 0;
   for (const at::Tensor* t : {&q, &k, &v})
-    for (int64_t s : t->sizes()) key.geometry[i++] = s;
+    for (int64_t s : t->sizes()) geometry[i++] = s;
   for (const at::Tensor* t : {&q, &k, &v})
-    for (int64_t s : t->strides()) key.geometry[i++] = s;
-  key.softmax_scale = softmax_scale;
-  key.softcap = softcap;
-  key.window_left = window_left;
-  key.window_right = window_right;
-  key.dtype = static_cast<int32_t>(q.scalar_type());
-  key.device = q.device().index();
-  key.causal = causal;
-  key.has_seqused_k = has_seqused_k;
-  return key;
+    for (int64_t s : t->strides()) geometry[i++] = s;
+  return make_key(geometry, q.scalar_type(), q.device().index(), softmax_scale, causal, window_left,
+                  window_right, softcap, has_seqused_k);
 }
 
 std::shared_ptr<const Plan> find_plan(const CallKey& key) {
@@ -210,16 +211,10 @@ void add_plan(at::IntArrayRef geometry, at::ScalarType dtype, int64_t device, do
   TORCH_CHECK(geometry.size() == kGeometry, "fa4_native: geometry needs ", kGeometry, " sizes and strides");
   TORCH_CHECK(kinds.size() == values.size() && kinds.size() == reals.size() && kinds.size() <= kMaxArgs,
               "fa4_native: inconsistent plan arguments");
-  CallKey key;
-  std::copy(geometry.begin(), geometry.end(), key.geometry.begin());
-  key.softmax_scale = softmax_scale;
-  key.softcap = softcap;
-  key.window_left = window_left;
-  key.window_right = window_right;
-  key.dtype = static_cast<int32_t>(dtype);
-  key.device = static_cast<int32_t>(device);
-  key.causal = causal;
-  key.has_seqused_k = has_seqused_k;
+  std::array<int64_t, kGeometry> sizes_and_strides;
+  std::copy(geometry.begin(), geometry.end(), sizes_and_strides.begin());
+  const CallKey key = make_key(sizes_and_strides, dtype, device, softmax_scale, causal, window_left, window_right,
+                               softcap, has_seqused_k);
   auto plan = std::make_shared<Plan>();
   plan->function = reinterpret_cast<void*>(function);
   for (size_t i = 0; i < kinds.size(); ++i) {
