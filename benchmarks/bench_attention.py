@@ -28,7 +28,7 @@ from triton.testing import do_bench
 
 import fa4_inductor
 from examples.attention_block import AttentionBlock
-from fa4_inductor import fa4_adapter
+from fa4_inductor import fa4_api
 
 ROUNDS = 5  # interleaved timing rounds per variant; each round is one do_bench median
 
@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--block-s", type=int, nargs="+", default=[4096, 16384])
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "fa4": fa4_adapter.version(), "python": platform.python_version(), "kernels": [], "blocks": []}
+              "fa4": fa4_api.version(), "python": platform.python_version(), "kernels": [], "blocks": []}
     for d in args.d:
         for s in args.s:
             for causal in (False, True):

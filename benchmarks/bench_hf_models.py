@@ -2,11 +2,13 @@
 
 For each model and sequence length (bf16, B=2): a training step (forward + backward of the LM
 loss) and an inference forward, each compiled stock and with the plugin, side by side in one
-process. Checks the plugin's logits against the uncompiled model, counts FA4 kernels with the
+process; with ``--variants ... hf_fa4`` also Hugging Face's own ``attn_implementation="flash_attention_4"``,
+compiled (what users would pick instead). Checks the plugin's logits against the uncompiled model, counts FA4 kernels with the
 profiler, and records peak memory. Writes JSON and markdown to --out.
 With --left-pad F, batch row 1 is left-padded over a fraction F of its positions (an attention_mask,
 labels -100 there) and errors are measured on the unpadded positions.
 Usage: python benchmarks/bench_hf_models.py --out benchmarks/results --models llama mistral --seq 2048 8192
+       [--modes train infer] [--variants stock plugin hf_fa4]
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import pathlib
 import statistics
+import unittest.mock
 
 import torch
 import transformers
@@ -111,7 +115,28 @@ def _padding(s: int, left_pad: float) -> torch.Tensor:
     return mask
 
 
-def run(name: str, seqs: list[int], left_pad: float = 0.0) -> list[dict]:
+def _attention(model: torch.nn.Module, variant: str) -> contextlib.AbstractContextManager:
+    """The attention implementation a variant runs: HF's FA4 integration for ``hf_fa4``; for
+    ``plugin_no_sparsity`` the plugin with FA4 block sparsity off (key padding as a mask_mod on every tile,
+    as before block sparsity); else the model's own."""
+    if variant == "plugin_no_sparsity":
+        return unittest.mock.patch.dict(os.environ, {"FA4_INDUCTOR_BLOCK_SPARSITY": "0"})
+    if variant != "hf_fa4":
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def swapped():
+        before = model.config._attn_implementation
+        model.set_attn_implementation("flash_attention_4")
+        try:
+            yield
+        finally:
+            model.set_attn_implementation(before)
+    return swapped()
+
+
+def run(name: str, seqs: list[int], left_pad: float = 0.0, modes=("train", "infer"),
+        variants=("stock", "plugin")) -> list[dict]:
     """All rows of one model: per mode, one dynamic-shape compile per variant, reused for every S."""
     torch.manual_seed(0)
     model = build(name).cuda().to(torch.bfloat16)
@@ -127,12 +152,14 @@ def run(name: str, seqs: list[int], left_pad: float = 0.0) -> list[dict]:
             references[s] = None
             torch.cuda.empty_cache()
     rows = {(mode, s): {"model": name, "S": s, "mode": mode, "left_pad": left_pad}
-            for mode in ("train", "infer") for s in seqs}
-    for mode in ("train", "infer"):
-        for variant, on in (("stock", False), ("plugin", True)):
+            for mode in modes for s in seqs}
+    for mode in modes:
+        for variant in variants:
             torch._dynamo.reset()
             stats.reset()
-            with fa4_inductor.enabled(compile=True, eager=False) if on else contextlib.nullcontext():
+            on = variant.startswith("plugin")
+            with (fa4_inductor.enabled(compile=True, eager=False) if on else contextlib.nullcontext(),
+                  _attention(model, variant)):
                 compiled = torch.compile(model, dynamic=True)
                 for s, ids in inputs.items():
                     def step(ids=ids, s=s):
@@ -152,6 +179,10 @@ def run(name: str, seqs: list[int], left_pad: float = 0.0) -> list[dict]:
         for s in seqs:
             row = rows[(mode, s)]
             row["speedup"] = row["stock_ms"] / row["plugin_ms"]
+            if "plugin_no_sparsity_ms" in row:
+                row["speedup_vs_no_sparsity"] = row["plugin_no_sparsity_ms"] / row["plugin_ms"]
+            if "hf_fa4_ms" in row:
+                row["speedup_vs_hf_fa4"] = row["hf_fa4_ms"] / row["plugin_ms"]
             print(json.dumps(row), flush=True)
     return list(rows.values())  # the model is freed with this frame
 
@@ -164,14 +195,21 @@ def markdown(result: dict) -> str:
              + (f" Batch row 1 left-padded over {result['rows'][0]['left_pad']:.0%} of its positions "
                 "(attention_mask); errors on unpadded positions." if result["rows"] and result["rows"][0]["left_pad"]
                 else ""), "",
-             "| model | S | mode | stock ms | plugin ms | speedup | FA4 kernels (plugin) | other attention kernels (plugin) | peak GiB stock | peak GiB plugin | rel err plugin vs eager | rel err stock vs eager |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | S | mode | stock ms | HF flash_attention_4 ms | plugin ms | speedup | vs HF FA4 | FA4 kernels (plugin) | other attention kernels (plugin) | peak GiB stock | peak GiB plugin | rel err plugin vs eager | rel err stock vs eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
     for r in result["rows"]:
+        hf = f"{r['hf_fa4_ms']:.2f}" if "hf_fa4_ms" in r else ""
+        if "plugin_no_sparsity_ms" in r:
+            notes.append(f"{r['model']} S={r['S']} {r['mode']}: plugin without block sparsity "
+                         f"{r['plugin_no_sparsity_ms']:.2f} ms, with it {r['plugin_ms']:.2f} ms "
+                         f"({r['speedup_vs_no_sparsity']:.2f}x).")
+        vs_hf = f"{r['speedup_vs_hf_fa4']:.2f}x" if "speedup_vs_hf_fa4" in r else ""
         lines.append(
-            f"| {r['model']} | {r['S']} | {r['mode']} | {r['stock_ms']:.2f} | {r['plugin_ms']:.2f} | {r['speedup']:.2f}x | "
+            f"| {r['model']} | {r['S']} | {r['mode']} | {r['stock_ms']:.2f} | {hf} | {r['plugin_ms']:.2f} | {r['speedup']:.2f}x | {vs_hf} | "
             f"{r['plugin_kernels'].get('fa4')} | {r['plugin_kernels'].get('other_attention')} | {r['stock_peak_gib']:.2f} | "
             f"{r['plugin_peak_gib']:.2f} | {r['plugin_rel_err_vs_eager']:.2e} | {r['stock_rel_err_vs_eager']:.2e} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def main() -> None:
@@ -181,13 +219,16 @@ def main() -> None:
     parser.add_argument("--seq", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--tag", default="hf_models")
     parser.add_argument("--left-pad", type=float, default=0.0)
+    parser.add_argument("--modes", nargs="+", default=["train", "infer"])
+    parser.add_argument("--variants", nargs="+", default=["stock", "plugin"],
+                        help="stock, plugin, hf_fa4, plugin_no_sparsity")
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "transformers": transformers.__version__, "rows": []}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.models:  # results are written after each model, so a run cut short keeps what it measured
-        result["rows"] += run(name, args.seq, args.left_pad)
+        result["rows"] += run(name, args.seq, args.left_pad, args.modes, args.variants)
         (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
         (out / f"{args.tag}.md").write_text(markdown(result))
     print(markdown(result))

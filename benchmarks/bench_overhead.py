@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fa4_inductor
-from fa4_inductor import fa4_adapter, launch_plan, native
+from fa4_inductor import fa4_adapter, fa4_api, launch_plan, native
 from fa4_inductor._torch_private import empty_strided
 
 CALLS, ROUNDS = 500, 15
@@ -170,7 +170,7 @@ def main() -> None:
             "host reference: tiny in-place add (one aten op, one kernel)": lambda: tiny.add_(1),
             "stock torch.compile(sdpa)": lambda: stock_compiled(q, k, v),
             "FA4 flash_attn_func": lambda: flash_attn_func(q, k, v),
-            "FA4 _flash_attn_fwd": lambda: fa4_adapter._module()._flash_attn_fwd(q, k, v, return_lse=True),
+            "FA4 _flash_attn_fwd": lambda: fa4_api.module()._flash_attn_fwd(q, k, v, return_lse=True),
             "plugin fa4.flash_attn_fwd_kernel (compiled graphs' call)": (
                 lambda: torch.ops.fa4.flash_attn_fwd_kernel.default(q, k, v, scale)),
             "plugin Python kernel (fa4._flash_attn_fwd_python)": (
@@ -190,7 +190,7 @@ def main() -> None:
         compiled_kernels = {"stock": kernel_names(stock_compiled, q, k, v),
                             "plugin": kernel_names(plugin_compiled, q, k, v)}
     record = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa4": fa4_adapter.version(),
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa4": fa4_api.version(),
         "problem": dict(batch=b, heads=h, seqlen=s, head_dim=d, dtype="bfloat16"),
         "per_call_us": {k: round(v, 2) for k, v in results.items()},
         "gpu_kernel_us": {k: round(v, 2) for k, v in kernel_us.items()},

@@ -1,12 +1,29 @@
 #!/usr/bin/env bash
-# On the GPU machine, after FA4 is staged (/tmp/fa4-env.sh sourced): install the package, run the
-# GPU tests, then the host-overhead, first-step and attention benchmarks. Results go to $OUT.
+# On the GPU machine, after FA4 is staged (/tmp/fa4-env.sh sourced): install the package, then run the
+# steps named in STEPS (default: all, in this order), results to $OUT:
+#   tests      the GPU tests (TESTS narrows them, a pytest -k expression)
+#   overhead   host overhead per call          first_step   the first training step
+#   attention  the compiled attention block    padded       padded and packed batches vs FA4 varlen / Flex
+#   hf_padded  left-padded HF Llama training vs stock and HF flash_attention_4, and padded BERT/RoBERTa
 # BENCH_ARGS is passed to bench_attention.py (e.g. "--s 1024 --block-s 4096" for a short run).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+STEPS=${STEPS:-tests overhead first_step attention padded hf_padded}
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e . failed"; exit 1; }
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader
-FA4_GPU_RESULTS=$OUT/gpu_results.jsonl timeout 300 python3 -m pytest -q tests/test_gpu.py 2>&1 | tee $OUT/gpu_tests.log | tail -15
-timeout 90 python3 benchmarks/bench_overhead.py --out $OUT 2>&1 | tail -16
-timeout 240 python3 benchmarks/bench_first_step.py --out $OUT 2>&1 | tail -10
-timeout 300 python3 benchmarks/bench_attention.py --out $OUT/bench ${BENCH_ARGS:-} 2>&1 | grep -v "^{" | tail -25
+for step in $STEPS; do
+  echo "== $step"
+  case $step in
+    tests) FA4_GPU_RESULTS=$OUT/gpu_results.jsonl timeout 300 python3 -m pytest -q tests/test_gpu.py ${TESTS:+-k "$TESTS"} 2>&1 | tee $OUT/gpu_tests.log | tail -15 ;;
+    overhead) timeout 90 python3 benchmarks/bench_overhead.py --out $OUT 2>&1 | tail -16 ;;
+    first_step) timeout 240 python3 benchmarks/bench_first_step.py --out $OUT 2>&1 | tail -10 ;;
+    attention) timeout 300 python3 benchmarks/bench_attention.py --out $OUT/bench ${BENCH_ARGS:-} 2>&1 | grep -v "^{" | tail -25 ;;
+    padded) timeout 300 python3 benchmarks/bench_padded.py --out $OUT 2>&1 | grep -v "^{" | tail -12 ;;
+    hf_padded)
+      timeout 300 python3 benchmarks/bench_hf_models.py --out $OUT --tag hf_llama_left_padded --models llama --seq 4096 \
+        --left-pad 0.333 --modes train --variants stock plugin hf_fa4 2>&1 | grep -v "^{" | tail -8
+      timeout 300 python3 benchmarks/bench_hf_models.py --out $OUT --tag hf_bert_roberta_padded --models bert roberta \
+        --seq 2048 --left-pad 0.25 --modes train --variants stock plugin_no_sparsity plugin 2>&1 | grep -v "^{" | tail -8 ;;
+    *) echo "unknown step $step" ;;
+  esac
+done

@@ -54,6 +54,14 @@ def fresh_fake_mode() -> Iterator[None]:
         yield
 
 
+def is_fake(tensor: torch.Tensor) -> bool:
+    """Is ``tensor`` a fake tensor (no data: precompiling under ``FakeTensorMode``)? ``FakeTensor`` lives in
+    ``torch._subclasses``."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(tensor, FakeTensor)
+
+
 def concrete_fake_like(tensor: torch.Tensor, fallback: int = 4096) -> torch.Tensor:
     """A tensor like ``tensor`` with symbolic sizes and strides replaced by their hints.
 

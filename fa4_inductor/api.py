@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from . import fa4_adapter, inductor_pass
+from . import fa4_api, inductor_pass
 from .eager import EagerOverride, register_with_pytorch
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def _usable_devices(devices: Sequence[str]) -> tuple[str, ...]:
     unknown = [d for d in devices if d not in _KNOWN_DEVICES]
     if unknown:
         raise ValueError(f"devices {unknown} unknown; choose from {_KNOWN_DEVICES}")
-    reason = fa4_adapter.unavailable_reason() or (None if torch.cuda.is_available() else "CUDA is not available")
+    reason = fa4_api.unavailable_reason() or (None if torch.cuda.is_available() else "CUDA is not available")
     if "cuda" in devices and reason:
         if not _warned_unavailable:
             _warned_unavailable = True

@@ -30,7 +30,7 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from . import fa4_adapter, graph_dump
+from . import fa4_api, graph_dump
 from .pattern_registry import RewriteContext, rewrite_graph
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class FA4AttentionPass(CustomGraphPass):
             previous_uuid = self.previous.uuid() if isinstance(self.previous, CustomGraphPass) else None
             if previous_uuid is None:
                 return None
-        settings = f"{self.devices}|{self.arch_major}|{fa4_adapter.version()}|{previous_uuid}"
+        settings = f"{self.devices}|{self.arch_major}|{fa4_api.version()}|{previous_uuid}"
         return hashlib.sha256(get_hash_for_files(_source_files(), settings)).hexdigest()
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from . import cuda_arch
 from ._torch_private import TorchDispatchMode, contiguous_strides, empty_strided, outside_dispatch_modes
 
 # Query lengths up to this (times the GQA group) each get their own plan;
@@ -56,9 +57,7 @@ def plan_key(q, k, v, params: dict[str, Any], arch_major: int | None = None) -> 
     if batch == 0 or seqlen_q == 0 or seqlen_k == 0:
         return None  # FA4 returns early without a launch
     if arch_major is None:
-        from . import support  # not at the top: support imports the adapter, which imports this module
-
-        arch_major = support.cuda_arch_major(q.device.index)
+        arch_major = cuda_arch.major(q.device.index)
     arch = arch_major
     shapes = seqlen_class(seqlen_q, heads // heads_kv) if arch == 9 else (batch, seqlen_q, seqlen_k)
     broadcast = tuple(tuple(s == 0 for s in t.stride()) for t in (q, k, v))

@@ -13,7 +13,11 @@ boolean formula in (b, h, i, j). If the formula is a conjunction of bounds
 ``left = (S_kv - S_q) - L``. A key-padding lookup ``pad[b, j]`` into a
 (B, S_kv) tensor input, and-ed with such bounds, is kept as FA4's
 ``key_padding`` operand; so is a (B, 1, 1, S_kv) mask input, what a
-decoding step with a static KV cache receives. Anything else (another tensor lookup, a bound on
+decoding step with a static KV cache receives. A document mask
+``seg[b, i] == seg[b, j]`` over (B, S) integer segment ids (a packing
+collator's input, or computed in the graph, as Hugging Face derives them from
+restarting ``position_ids``), and-ed with the rest, becomes FA4's
+``segment_ids`` operand. Anything else (another tensor lookup, a bound on
 ``i`` or ``j`` alone, a dependence on batch or head) is reported with the
 reason, and the mask stays.
 """
@@ -54,12 +58,19 @@ class IndexTensor:
 
 
 class TensorLookup(BooleanFunction):
-    """``source[i0, i1]`` of a 2-D tensor input, as a boolean: ``TensorLookup(name, i0, i1)``.
+    """``source[i0, i1]`` of a 2-D boolean tensor, as a boolean: ``TensorLookup(name, i0, i1)``.
 
     A function (not a symbol) so that axis renames reach its index arguments.
     """
 
     nargs = 3
+
+
+class ValueLookup(sympy.Function):
+    """``source[i0, i1]`` of a 2-D integer tensor, as an integer (segment ids, a 0/1 mask before ``.bool()``)."""
+
+    nargs = 3
+    is_integer = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,18 +79,20 @@ class MaskStructure:
 
     ``key_padding`` is the graph node of a (B, S_kv) or (B, 1, 1, S_kv)
     tensor whose nonzero entries mark the keys each batch row may attend
-    to, or None.
+    to, or None; ``segment_ids`` the node of a (B, S) integer tensor of
+    document ids (query and key must share one), or None.
     """
 
     causal: bool
     window_left: int
     window_right: int
     key_padding: Node | None = None
+    segment_ids: Node | None = None
 
     @property
     def is_full(self) -> bool:
         return (not self.causal and self.window_left < 0 and self.window_right < 0
-                and self.key_padding is None)
+                and self.key_padding is None and self.segment_ids is None)
 
 
 def _axis(k: int) -> sympy.Symbol:
@@ -120,7 +133,8 @@ def _example(node: Any) -> Any:
 
 
 _COMPARE = {"le": sympy.Le, "lt": sympy.Lt, "ge": sympy.Ge, "gt": sympy.Gt, "eq": sympy.Eq, "ne": sympy.Ne,
-            "__le__": sympy.Le, "__lt__": sympy.Lt, "__ge__": sympy.Ge, "__gt__": sympy.Gt}
+            "__le__": sympy.Le, "__lt__": sympy.Lt, "__ge__": sympy.Ge, "__gt__": sympy.Gt, "__eq__": sympy.Eq,
+            "__ne__": sympy.Ne}
 _ARITH = {"add": operator.add, "sub": operator.sub, "__add__": operator.add, "__sub__": operator.sub,
           "mul": operator.mul, "__mul__": operator.mul, "__radd__": operator.add}
 _LOGIC = {"and_": sympy.And, "__and__": sympy.And, "logical_and": sympy.And, "bitwise_and": sympy.And,
@@ -165,7 +179,7 @@ class _Evaluator:
         if node.target is operator.getitem:
             index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
             if any(isinstance(i, Node) for i in index):
-                return self._gather(self.value(node.args[0]), [self.value(i) for i in index])
+                return self._gather(self._lookup_source(node.args[0]), [self.value(i) for i in index])
             return self._getitem(self.value(node.args[0]), node.args[1], _example(node.args[0]))
         if name == "tensor" and len(node.args) == 1 and isinstance(node.args[0], (int, float, bool)):
             return node.args[0]  # torch.tensor(0.0): a scalar
@@ -175,6 +189,9 @@ class _Evaluator:
         kwargs = {k: self.value(v) for k, v in node.kwargs.items()}
         if name == "arange":
             return self._arange(args)
+        if name in ("ne", "__ne__") and args[1:] == [0] and isinstance(args[0], IndexTensor) \
+                and isinstance(args[0].expr, ValueLookup):
+            return self._passthrough(args[0], example)  # ``mask != 0`` of a 0/1 mask: the mask as a boolean
         if name in _COMPARE or name in _ARITH or name in _LOGIC:
             return self._binary(name, args)
         if name in _NOT:
@@ -184,6 +201,8 @@ class _Evaluator:
             return self._passthrough(args[0], example)
         if name == "unsqueeze":
             return self._unsqueeze(args[0], args[1] if len(args) > 1 else kwargs["dim"])
+        if name in ("tril", "triu"):
+            return self._triangle(name, args[0], args[1] if len(args) > 1 else kwargs.get("diagonal", 0))
         if name in ("where",):
             return self._where(*args)
         if name == "masked_fill":
@@ -191,15 +210,30 @@ class _Evaluator:
         raise NotAnalyzable(f"the mask uses {name}, which the analysis does not model")
 
     def _input_lookup(self, node: Node, example: torch.Tensor) -> IndexTensor:
-        """A tensor input read as ``source[first axis, last axis]``: (B, S_kv), or (B, 1, 1, S_kv) as
+        """A tensor read as ``source[first axis, last axis]``: (B, S_kv), or (B, 1, 1, S_kv) as
         a decoding step's mask is, where every middle axis has size 1."""
         middle = example.shape[1:-1]
         if not all(statically_known_true(size == 1) for size in middle):
             raise NotAnalyzable(f"the mask reads the tensor input '{node.name}' of shape {tuple(example.shape)}, "
                                 "a dense mask (FA4 takes masks that vary along batch and keys only)")
+        if example.is_floating_point() or example.is_complex():
+            raise NotAnalyzable(f"the mask reads the {example.dtype} tensor '{node.name}'")
         self.lookup_sources[node.name] = node
         ndim = example.dim()
-        return IndexTensor(TensorLookup(sympy.Symbol(node.name), _axis(0), _axis(ndim - 1)), ndim)
+        kind = TensorLookup if example.dtype == torch.bool else ValueLookup
+        return IndexTensor(kind(sympy.Symbol(node.name), _axis(0), _axis(ndim - 1)), ndim)
+
+    def _lookup_source(self, source: Any) -> Any:
+        """What a gather reads from: index arithmetic, or else a 2-D tensor taken as it is (segment ids the graph
+        computes, e.g. from ``position_ids``, are looked up, not analyzed)."""
+        try:
+            return self.value(source)
+        except NotAnalyzable:
+            example = _example(source)
+            if isinstance(source, Node) and isinstance(example, torch.Tensor) and example.dim() == 2:
+                self.cache[source] = self._input_lookup(source, example)
+                return self.cache[source]
+            raise
 
     @staticmethod
     def _arange(args):
@@ -229,7 +263,11 @@ class _Evaluator:
         if not isinstance(value, IndexTensor):
             raise NotAnalyzable("cast of a non-index value")
         ndim = len(example.shape) if isinstance(example, torch.Tensor) else value.ndim
-        return IndexTensor(_shift(value, ndim), ndim, value.additive)
+        expr = _shift(value, ndim)
+        if isinstance(example, torch.Tensor) and example.dtype == torch.bool and isinstance(expr, sympy.Basic):
+            # An integer lookup cast to bool is its nonzero-ness: a boolean lookup.
+            expr = expr.replace(ValueLookup, TensorLookup)
+        return IndexTensor(expr, ndim, value.additive)
 
     @staticmethod
     def _getitem(value, index, example=None):
@@ -279,6 +317,15 @@ class _Evaluator:
             raise NotAnalyzable("unsqueeze of a non-index value")
         dim = dim if dim >= 0 else dim + value.ndim + 1
         return _Evaluator._getitem(value, tuple([slice(None)] * dim + [None]))
+
+    @staticmethod
+    def _triangle(name, value, diagonal):
+        """``tril``/``triu`` of a boolean index tensor: and-ed with ``col - row <= d`` / ``>= d``."""
+        if not isinstance(value, IndexTensor) or value.ndim < 2 or value.additive or not isinstance(diagonal, int):
+            raise NotAnalyzable(f"{name} of something other than a boolean index tensor")
+        offset = _axis(value.ndim - 1) - _axis(value.ndim - 2)
+        keep = offset <= diagonal if name == "tril" else offset >= diagonal
+        return IndexTensor(sympy.And(value.expr, keep), value.ndim)
 
     @staticmethod
     def _additive(keep_value, drop_value) -> bool:
@@ -368,19 +415,25 @@ def analyze_mask(mask: Node, q_len, kv_len) -> tuple[MaskStructure, list[Node]]:
         {_axis(value.ndim - 4 + k): s for k, s in enumerate((_B, _H, _I, _J)) if value.ndim - 4 + k >= 0})
     if value.ndim > 4:
         raise NotAnalyzable("mask has more than 4 dims")
+    expr, segment_ids = _documents(expr, evaluator.lookup_sources, q_len, kv_len)
     expr, key_padding = _key_padding(expr, evaluator.lookup_sources, kv_len)
+    if expr.atoms(ValueLookup):
+        raise NotAnalyzable("the mask uses the values of a tensor in a way FA4 can't express "
+                            "(only seg[batch, q_idx] == seg[batch, kv_idx] document masks)")
     expr = sympy.simplify_logic(expr) if expr.has(sympy.Or, sympy.Not) else expr
     if expr.has(_B) or expr.has(_H):
         raise NotAnalyzable("the mask depends on the batch or head index")
     if expr is sympy.false:
         raise NotAnalyzable("the mask hides every key")
-    if key_padding is not None:
+    for found, symbol, what in ((key_padding, _KEEP, "padding lookup"), (segment_ids, _SAME_DOCUMENT, "document mask")):
+        if found is None:
+            continue
         atoms = expr.args if isinstance(expr, sympy.And) else (expr,)
-        if _KEEP not in atoms:
-            raise NotAnalyzable("the padding lookup is not and-ed with the rest of the mask")
-        expr = sympy.And(*(a for a in atoms if a != _KEEP))
-        if expr.has(_KEEP):
-            raise NotAnalyzable("the padding lookup appears more than once")
+        if symbol not in atoms:
+            raise NotAnalyzable(f"the {what} is not and-ed with the rest of the mask")
+        expr = sympy.And(*(a for a in atoms if a != symbol))
+        if expr.has(symbol):
+            raise NotAnalyzable(f"the {what} appears more than once")
     lower, upper = _bounds(expr)
     offset = sympy.simplify(_sym(kv_len) - _sym(q_len))
     if offset != 0 and (offset >= 0) is not sympy.true:
@@ -389,12 +442,33 @@ def analyze_mask(mask: Node, q_len, kv_len) -> tuple[MaskStructure, list[Node]]:
     left = -1 if lower is None else _static_window(offset - lower, "left")
     causal = right == 0 and left < 0
     structure = MaskStructure(causal=causal, window_left=left, window_right=-1 if causal else right,
-                              key_padding=key_padding)
-    visited = [n for n in evaluator.visited if n is not key_padding]
+                              key_padding=key_padding, segment_ids=segment_ids)
+    visited = [n for n in evaluator.visited if n is not key_padding and n is not segment_ids]
     return structure, visited
 
 
 _KEEP = sympy.Symbol("key_kept")
+_SAME_DOCUMENT = sympy.Symbol("same_document")
+
+
+def _documents(expr, sources: dict[str, Node], q_len, kv_len) -> tuple[Any, Node | None]:
+    """Replace ``seg[batch, q_idx] == seg[batch, kv_idx]`` by a plain boolean symbol; return the (B, S) source."""
+    matches = [eq for eq in expr.atoms(sympy.Eq)
+               if all(isinstance(side, ValueLookup) for side in eq.args) and eq.args[0].args[0] == eq.args[1].args[0]
+               and {tuple(side.args[1:]) for side in eq.args} == {(_B, _I), (_B, _J)}]
+    if not matches:
+        return expr, None
+    if len({eq.args[0].args[0] for eq in matches}) > 1:
+        raise NotAnalyzable("the mask compares more than one segment-id tensor")
+    name = str(matches[0].args[0].args[0])
+    source = sources[name]
+    if _example(source).dim() != 2:
+        raise NotAnalyzable(f"segment ids '{name}' are not a (batch, sequence) tensor")
+    if not statically_known_true(q_len == kv_len):
+        raise NotAnalyzable(f"document mask '{name}' with S_q != S_kv")
+    if not guard_or_false(_example(source).shape[-1] == kv_len):
+        raise NotAnalyzable(f"segment ids '{name}' have {_example(source).shape[-1]} columns for {kv_len} keys")
+    return expr.xreplace({eq: _SAME_DOCUMENT for eq in matches}), source
 
 
 def _key_padding(expr, sources: dict[str, Node], kv_len) -> tuple[Any, Node | None]:

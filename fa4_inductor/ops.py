@@ -8,7 +8,11 @@ contiguous B,S,H,Dv tensor in q's dtype, ``lse`` the float32 natural-log
 logsumexp, contiguous B,H,S; the gradients are new contiguous tensors shaped
 like q, k, v. Windows use -1 for "unbounded" and softcap 0.0 for "off".
 ``key_padding`` (B, S_kv, bool) hides the keys where it is false (a padded
-batch); ``seqused_k`` (B, int32) hides keys at or past a per-row length.
+batch); ``segment_ids`` (B, S, integer, S_q == S_kv) lets query ``i`` see key
+``j`` only where ``segment_ids[b, i] == segment_ids[b, j]`` (packed documents);
+``seqused_k`` (B, int32) hides keys at or past a per-row length. Masks are
+and-ed. The gradients take the layout of q, k, v where that is dense (so a
+B,S,H,D view of a B,H,S,D tensor gets its gradient in B,H,S,D memory).
 
 ``flash_attn_fwd`` is the differentiable op that graphs and users call. It
 is ``CompositeImplicitAutograd``: AOTAutograd traces through it into
@@ -41,7 +45,7 @@ _OP_NS = "fa4"
 
 
 def _validate(q: Tensor, k: Tensor, v: Tensor, seqused_k: Tensor | None,
-              key_padding: Tensor | None = None) -> None:
+              key_padding: Tensor | None = None, segment_ids: Tensor | None = None) -> None:
     """Raise ValueError naming the bad argument; works on fake tensors."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -67,16 +71,22 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, seqused_k: Tensor | None,
                                     or key_padding.shape[0] != q.shape[0] or key_padding.shape[1] != k.shape[1]):
         raise ValueError(f"key_padding must be a bool (B, S_kv) = ({q.shape[0]}, {k.shape[1]}) tensor, "
                          f"got {key_padding.dtype} {tuple(key_padding.shape)}")
+    if segment_ids is not None and (segment_ids.is_floating_point() or segment_ids.is_complex()
+                                    or segment_ids.dtype == torch.bool or segment_ids.dim() != 2
+                                    or segment_ids.shape[0] != q.shape[0] or segment_ids.shape[1] != k.shape[1]
+                                    or q.shape[1] != k.shape[1]):
+        raise ValueError(f"segment_ids must be an integer (B, S) = ({q.shape[0]}, {k.shape[1]}) tensor with "
+                         f"S_q == S_kv (got {segment_ids.dtype} {tuple(segment_ids.shape)}, S_q={q.shape[1]})")
 
 
-def _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding) -> dict:
+def _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding, segment_ids) -> dict:
     """The attention options as keyword arguments of the adapter and the reference."""
-    return dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left,
-                window_right=window_right, softcap=softcap, seqused_k=seqused_k, key_padding=key_padding)
+    return dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left, window_right=window_right,
+                softcap=softcap, seqused_k=seqused_k, key_padding=key_padding, segment_ids=segment_ids)
 
 
 _ARGS = ("float softmax_scale, bool causal=False, int window_left=-1, int window_right=-1, "
-         "float softcap=0.0, Tensor? seqused_k=None, Tensor? key_padding=None")
+         "float softcap=0.0, Tensor? seqused_k=None, Tensor? key_padding=None, Tensor? segment_ids=None")
 _TAGS = (torch.Tag.pt2_compliant_tag,)
 
 _library = torch.library.Library(_OP_NS, "DEF")
@@ -98,71 +108,81 @@ class _FlashAttention(torch.autograd.Function):
     """Forward on ``flash_attn_fwd_kernel``, backward on ``flash_attn_bwd``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding):
+    def forward(ctx, q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding,
+                segment_ids):
         out, lse = torch.ops.fa4.flash_attn_fwd_kernel.default(
-            q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding)
-        ctx.save_for_backward(q, k, v, out, lse, seqused_k, key_padding)
+            q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding, segment_ids)
+        ctx.save_for_backward(q, k, v, out, lse, seqused_k, key_padding, segment_ids)
         ctx.params = (softmax_scale, causal, window_left, window_right, softcap)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, seqused_k, key_padding = ctx.saved_tensors
+        q, k, v, out, lse, seqused_k, key_padding, segment_ids = ctx.saved_tensors
         dq, dk, dv = torch.ops.fa4.flash_attn_bwd.default(dout, q, k, v, out, lse, *ctx.params, seqused_k,
-                                                           key_padding)
-        return dq, dk, dv, None, None, None, None, None, None, None
+                                                           key_padding, segment_ids)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool = False,
                    window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
-                   seqused_k: Tensor | None = None, key_padding: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   seqused_k: Tensor | None = None, key_padding: Tensor | None = None,
+                   segment_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """FA4 attention forward on B,S,H,D tensors; returns (out, lse); differentiable in q, k, v."""
-    _validate(q, k, v, seqused_k, key_padding)
-    args = (q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding)
+    _validate(q, k, v, seqused_k, key_padding, segment_ids)
+    args = (q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding, segment_ids)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _FlashAttention.apply(*args)
     return torch.ops.fa4.flash_attn_fwd_kernel.default(*args)
 
 
 def _forward_kernel_cpu(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1,
-                        softcap=0.0, seqused_k=None, key_padding=None):
-    _validate(q, k, v, seqused_k, key_padding)
-    return reference.attention_forward(
-        q, k, v, **_params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding))
+                        softcap=0.0, seqused_k=None, key_padding=None, segment_ids=None):
+    _validate(q, k, v, seqused_k, key_padding, segment_ids)
+    return reference.attention_forward(q, k, v, **_params(
+        softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding, segment_ids))
 
 
 def _forward_kernel_fake(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1,
-                         softcap=0.0, seqused_k=None, key_padding=None):
-    _validate(q, k, v, seqused_k, key_padding)
+                         softcap=0.0, seqused_k=None, key_padding=None, segment_ids=None):
+    _validate(q, k, v, seqused_k, key_padding, segment_ids)
     if _precompile_wanted(q):
-        fa4_adapter.precompile_forward(
-            q, k, v, **_params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding))
+        fa4_adapter.precompile_forward(q, k, v, **_params(
+            softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding, segment_ids))
     batch, seqlen_q, heads = q.shape[:3]
     out = q.new_empty((batch, seqlen_q, heads, v.shape[-1]))
     lse = q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
     return out, lse
 
 
+def _gradient(t: Tensor) -> Tensor:
+    """A CUDA gradient buffer for ``t``: the fast allocator for contiguous ``t``, else ``t``'s dense layout
+    (:func:`fa4_adapter.gradient_like`, what the fake impl promises)."""
+    if t.is_contiguous():
+        return empty_contiguous(tuple(t.shape), t.dtype, t.device)
+    return fa4_adapter.gradient_like(t)
+
+
 def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal=False, window_left=-1,
-                     window_right=-1, softcap=0.0, seqused_k=None, key_padding=None):
-    _validate(q, k, v, seqused_k, key_padding)
-    params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding)
+                     window_right=-1, softcap=0.0, seqused_k=None, key_padding=None, segment_ids=None):
+    _validate(q, k, v, seqused_k, key_padding, segment_ids)
+    params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding, segment_ids)
     if q.device.type == "cpu":
-        return reference.attention_backward(dout, q, k, v, out, lse, **params)
-    grads = tuple(empty_contiguous(tuple(t.shape), t.dtype, t.device) for t in (q, k, v))
+        grads = reference.attention_backward(dout, q, k, v, out, lse, **params)
+        return tuple(fa4_adapter.gradient_like(t).copy_(g) for t, g in zip((q, k, v), grads))
+    grads = tuple(_gradient(t) for t in (q, k, v))
     fa4_adapter.backward(dout, q, k, v, out, lse, **params, dq=grads[0], dk=grads[1], dv=grads[2])
     return grads
 
 
 def _backward_kernel_fake(dout, q, k, v, out, lse, softmax_scale, causal=False, window_left=-1,
-                          window_right=-1, softcap=0.0, seqused_k=None, key_padding=None):
-    _validate(q, k, v, seqused_k, key_padding)
+                          window_right=-1, softcap=0.0, seqused_k=None, key_padding=None, segment_ids=None):
+    _validate(q, k, v, seqused_k, key_padding, segment_ids)
+    params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding, segment_ids)
     if _precompile_wanted(q):
-        fa4_adapter.precompile_backward(
-            dout, q, k, v, out, lse,
-            **_params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding))
-    return tuple(t.new_empty(t.shape) for t in (q, k, v))
+        fa4_adapter.precompile_backward(dout, q, k, v, out, lse, **params)
+    return tuple(fa4_adapter.gradient_like(t) for t in (q, k, v))
 
 
 _library.impl("flash_attn_fwd", flash_attn_fwd, "CompositeImplicitAutograd")

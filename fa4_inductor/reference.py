@@ -10,14 +10,26 @@ Semantics copied from FA4: causal and sliding windows are aligned to the
 bottom-right corner (query ``i`` sees key ``j`` iff
 ``i + S_k - S_q - left <= j <= i + S_k - S_q + right``); softcap applies
 ``c * tanh(s / c)`` to the scaled scores; GQA shares each key/value head
-among ``H_q / H_kv`` query heads; keys at or past ``seqused_k[b]``, and
-keys ``j`` with ``key_padding[b, j]`` false, are ignored; a query row with
+among ``H_q / H_kv`` query heads; keys at or past ``seqused_k[b]``, keys
+``j`` with ``key_padding[b, j]`` false, and keys of another document
+(``segment_ids[b, i] != segment_ids[b, j]``) are ignored; a query row with
 no visible key gives zeros and ``lse = -inf``.
+
+Masks read from tensors (key padding, segment ids) take FA4's block-sparse
+route on the GPU. The reference goes through the same tile classification
+(:mod:`.block_mask`, on small tiles so short test sequences span many): a
+tile called full is computed unmasked and one called empty is skipped, as
+FA4 does, so a wrong classification shows up as a wrong result.
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import block_mask
+
+# Small and non-square, so that tests of short sequences cross many tiles both ways.
+REFERENCE_BLOCK = (16, 32)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -35,6 +47,7 @@ def visible_keys(
     seqused_k: torch.Tensor | None,
     device: torch.device,
     key_padding: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean (B, 1, S_q, S_k) mask of the keys each query may attend to."""
     if causal:
@@ -51,8 +64,17 @@ def visible_keys(
     if seqused_k is not None:
         visible = visible & (k_idx < seqused_k.to(device).view(batch, 1, 1, 1))
     if key_padding is not None:
-        visible = visible & key_padding.to(device=device, dtype=torch.bool).view(batch, 1, 1, seqlen_k)
-    return visible
+        key_padding = key_padding.to(device=device, dtype=torch.bool)
+        visible = visible & key_padding.view(batch, 1, 1, seqlen_k)
+    if segment_ids is not None:
+        segment_ids = segment_ids.to(device)
+        visible = visible & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    if key_padding is None and segment_ids is None:
+        return visible
+    parts = block_mask.MaskParts(causal, window_left, window_right, key_padding, segment_ids)
+    states = block_mask.expand(block_mask.block_states(batch, seqlen_q, seqlen_k, REFERENCE_BLOCK, parts, device),
+                               seqlen_q, seqlen_k, REFERENCE_BLOCK)
+    return torch.where(states == block_mask.FULL, True, (states == block_mask.PARTIAL) & visible)
 
 
 def _scores(q, k, softmax_scale, softcap):
@@ -83,10 +105,11 @@ def _group_sum(grad_bhsd: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return grad_bhsd.view(b, kv_heads, hq // kv_heads, s, d).sum(dim=2).transpose(1, 2)
 
 
-def _visible(q, k, causal, window_left, window_right, seqused_k, key_padding):
+def _visible(q, k, causal, window_left, window_right, seqused_k, key_padding, segment_ids):
     return visible_keys(
         q.shape[0], q.shape[1], k.shape[1], causal=causal, window_left=window_left,
         window_right=window_right, seqused_k=seqused_k, device=q.device, key_padding=key_padding,
+        segment_ids=segment_ids,
     )
 
 
@@ -102,10 +125,11 @@ def attention_forward(
     softcap: float = 0.0,
     seqused_k: torch.Tensor | None = None,
     key_padding: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference forward: (out B,S,H,Dv in q's dtype, lse B,H,S float32)."""
     ct = _compute_dtype(q.dtype)
-    visible = _visible(q, k, causal, window_left, window_right, seqused_k, key_padding)
+    visible = _visible(q, k, causal, window_left, window_right, seqused_k, key_padding, segment_ids)
     out, lse = _attention(q.to(ct), k.to(ct), v.to(ct), softmax_scale, softcap, visible)
     return out.to(q.dtype).contiguous(), lse.to(torch.float32).contiguous()
 
@@ -125,6 +149,7 @@ def attention_backward(
     softcap: float = 0.0,
     seqused_k: torch.Tensor | None = None,
     key_padding: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference backward, FA4's way: the probabilities come from the given ``lse`` and the row term from
     the given ``out`` (so a call on part of the keys, with the whole row's ``out`` and ``lse``, gives that
@@ -135,7 +160,7 @@ def attention_backward(
     """
     ct = _compute_dtype(q.dtype)
     qc, kc, vc, doc, oc = (t.to(ct) for t in (q, k, v, dout, out))
-    visible = _visible(q, k, causal, window_left, window_right, seqused_k, key_padding)
+    visible = _visible(q, k, causal, window_left, window_right, seqused_k, key_padding, segment_ids)
     scores, capped_tanh = _scores(qc, kc, softmax_scale, softcap)
     row_lse = lse.to(ct)
     if ct == torch.float64:  # lse is stored in float32; where it is this call's own lse rounded, take it exact

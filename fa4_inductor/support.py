@@ -10,13 +10,12 @@ symbolic shapes, the eager override at call time with real tensors.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from . import fa4_adapter
+from . import cuda_arch, fa4_api
 
 FA4_DTYPES = (torch.float16, torch.bfloat16)
 # The CPU reference mirrors FA4's rules as they stand on this architecture.
@@ -59,7 +58,6 @@ class AttentionCall:
         )
 
 
-@functools.lru_cache(maxsize=None)
 def is_dtensor(tensor) -> bool:
     """Is this (possibly fake) tensor a DTensor, as context or tensor parallelism makes them?"""
     if type(tensor) is torch.Tensor or not torch.distributed.is_available():
@@ -67,11 +65,6 @@ def is_dtensor(tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
-
-
-def cuda_arch_major(index: int | None) -> int:
-    """Compute-capability major version of a CUDA device (cached)."""
-    return torch.cuda.get_device_capability(index)[0]
 
 
 def _static_int(value) -> int | None:
@@ -86,13 +79,13 @@ def _arch_reason(device: torch.device, arch_major: int | None) -> tuple[str | No
     if device.type == "cpu":
         return None, REFERENCE_ARCH_MAJOR
     if arch_major is None:
-        reason = fa4_adapter.unavailable_reason()
+        reason = fa4_api.unavailable_reason()
         if reason:
             return reason, 0
         if not torch.cuda.is_available():
             return "CUDA is not available", 0
-        arch_major = cuda_arch_major(device.index)
-    if arch_major not in fa4_adapter.SUPPORTED_ARCH_MAJORS:
+        arch_major = cuda_arch.major(device.index)
+    if arch_major not in fa4_api.SUPPORTED_ARCH_MAJORS:
         return f"FA4 needs sm90/sm100/sm110, this GPU is sm{arch_major}x", arch_major
     return None, arch_major
 
@@ -144,7 +137,7 @@ def unsupported_reason(
         return "batch sizes of query, key and value differ"
     if not statically_known_true(sk == sv):
         return "key and value sequence lengths differ"
-    reason = fa4_adapter.head_dim_reason(arch, d, dv, call.dtype.itemsize)
+    reason = fa4_api.head_dim_reason(arch, d, dv, call.dtype.itemsize)
     if reason:
         return reason
     if call.is_causal and not statically_known_true(sq == sk):

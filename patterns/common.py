@@ -144,6 +144,7 @@ def decide(
         gqa_ratio=(hq // hk) if isinstance(hq, int) and isinstance(hk, int) and hk else None,
         gqa_repeat_removed=k_repeats > 1, causal=False, window=None,
         softcap=(softcap or None) if isinstance(softcap, (int, float)) else "dynamic", padding=False,
+        documents=False,
     )
     reason = blocker
     if k_repeats != v_repeats:
@@ -162,8 +163,10 @@ def decide(
             causal, window = structure.causal, (structure.window_left, structure.window_right)
             captured["dead"] = [attn_mask, *mask_nodes]
             captured["key_padding"] = structure.key_padding
+            captured["segment_ids"] = structure.segment_ids
             features["mask"] = "full" if structure.is_full else "analyzed"
             features["padding"] = structure.key_padding is not None
+            features["documents"] = structure.segment_ids is not None
         except NotAnalyzable as exc:
             reason = f"attn_mask not expressible in FA4: {exc}"
     if reason:
@@ -183,7 +186,7 @@ def decide(
     params = dict(
         softmax_scale=_as_float(softmax_scale), causal=causal,
         window_left=window[0], window_right=window[1], softcap=_as_float(constants["softcap"]), seqused_k=None,
-        key_padding=captured.get("key_padding"),
+        key_padding=captured.get("key_padding"), segment_ids=captured.get("segment_ids"),
     )
     return SiteDecision(node, reason, features, params, captured)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch._inductor import config as inductor_config
 
 import fa4_inductor
-from fa4_inductor import eager, fa4_adapter, stats
+from fa4_inductor import eager, fa4_api, stats
 
 
 def _qkv(dtype=torch.bfloat16, heads_kv=4):
@@ -149,7 +149,7 @@ def test_enable_is_thread_safe():
 
 
 def test_without_fa4_cuda_only_enable_warns_once_and_changes_nothing(monkeypatch, caplog):
-    monkeypatch.setattr(fa4_adapter, "unavailable_reason", lambda: "flash-attn-4 is not importable (test)")
+    monkeypatch.setattr(fa4_api, "unavailable_reason", lambda: "flash-attn-4 is not importable (test)")
     monkeypatch.setattr(fa4_inductor.api, "_warned_unavailable", False)
     pass_before = inductor_config.pre_grad_custom_pass
     with caplog.at_level("WARNING", logger="fa4_inductor"):

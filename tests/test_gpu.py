@@ -18,14 +18,14 @@ import torch.nn.functional as F
 
 import fa4_inductor
 from examples.attention_block import AttentionBlock
-from fa4_inductor import fa4_adapter, native, stats
+from fa4_inductor import fa4_adapter, fa4_api, native, stats
 from fa4_inductor.reference import visible_keys
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available() or fa4_adapter.unavailable_reason():
+if not torch.cuda.is_available() or fa4_api.unavailable_reason():
     pytest.skip("needs a CUDA GPU and flash-attn-4", allow_module_level=True)
-if torch.cuda.get_device_capability()[0] not in fa4_adapter.SUPPORTED_ARCH_MAJORS:
+if torch.cuda.get_device_capability()[0] not in fa4_api.SUPPORTED_ARCH_MAJORS:
     pytest.skip("FA4 needs sm90/sm100", allow_module_level=True)
 
 FA2_OR_CUDNN = ("pytorch_flash", "flash_fwd_kernel", "flash_bwd", "cudnn", "fmha_cutlass", "efficient")
@@ -38,7 +38,8 @@ def _report(name: str, **values) -> None:
             f.write(json.dumps({"test": name, **values}) + "\n")
 
 
-def _math_attention(q, k, v, dtype, *, scale, causal=False, window=(-1, -1), softcap=0.0, key_padding=None):
+def _math_attention(q, k, v, dtype, *, scale, causal=False, window=(-1, -1), softcap=0.0, key_padding=None,
+                    segment_ids=None):
     """B,S,H,D attention in ``dtype`` with autograd (the bf16 / fp64 yardsticks); empty rows give zeros."""
     q, k, v = (t.to(dtype) for t in (q, k, v))
     group = q.shape[2] // k.shape[2]
@@ -48,7 +49,8 @@ def _math_attention(q, k, v, dtype, *, scale, causal=False, window=(-1, -1), sof
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     visible = visible_keys(q.shape[0], q.shape[1], k.shape[1], causal=causal, window_left=window[0],
-                           window_right=window[1], seqused_k=None, device=q.device, key_padding=key_padding)
+                           window_right=window[1], seqused_k=None, device=q.device, key_padding=key_padding,
+                           segment_ids=segment_ids)
     empty = ~visible.any(dim=-1, keepdim=True)
     p = torch.softmax(s.masked_fill(~visible, float("-inf")).masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     return (p @ vh).transpose(1, 2)
@@ -69,32 +71,50 @@ CASES = [
     dict(d=128, causal=True, padding="left"), dict(d=128, hkv=2, padding="right"),
     dict(d=64, window=(64, 0), hkv=2, padding="left"),
     dict(d=128, hkv=2, sq=1), dict(d=128, hkv=2, sq=1, padding="left"),  # decoding steps
+    # Block-sparse masks: lengths that are no multiple of FA4's tiles, random padding with an empty row, documents.
+    dict(d=128, causal=True, padding="random", s=1000), dict(d=64, hkv=2, padding="left", causal=True, s=1000),
+    dict(d=128, causal=True, documents=4, s=1000), dict(d=128, hkv=2, documents=3, padding="right", s=777),
+    dict(d=64, window=(100, 0), documents=5, s=1000),
 ]
 
 
 def _key_padding(b, s, side):
-    """Batch row 1 padded on ``side`` (a quarter of its keys), row 0 full; None without padding."""
+    """Batch row 1 padded on ``side`` (a quarter of its keys), row 0 full; "random": row 0 random, row 1 empty;
+    None without padding."""
     if side is None:
         return None
+    if side == "random":
+        pad = torch.rand(b, s, device="cuda") < 0.5
+        pad[1] = False
+        return pad
     pad = torch.ones(b, s, dtype=torch.bool, device="cuda")
     pad[1, : s // 4] = side != "left"
     pad[1, -(s // 4):] = side == "left"
     return pad
 
 
+def _segment_ids(b, s, documents):
+    """Sorted ids of ``documents`` packed sequences per row, at random cut points; None without documents."""
+    if not documents:
+        return None
+    cuts = torch.sort(torch.randint(1, s, (b, documents - 1), device="cuda"), dim=1).values
+    return (torch.arange(s, device="cuda")[None, None, :] >= cuts[:, :, None]).sum(dim=1)
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_fa4_op_matches_fp64_reference(case):
     torch.manual_seed(0)
-    b, s, h, d = 2, 512, 8, case["d"]
+    b, s, h, d = 2, case.get("s", 512), 8, case["d"]
     hkv, sq = case.get("hkv", h), case.get("sq", s)
     q, k, v = _leaves((b, sq, h, d), (b, s, hkv, d), (b, s, hkv, d))
     scale = 1 / math.sqrt(d)
     window = case.get("window", (-1, -1))
     key_padding = _key_padding(b, s, case.get("padding"))
+    segment_ids = _segment_ids(b, s, case.get("documents"))
     params = dict(scale=scale, causal=case.get("causal", False), window=window, softcap=case.get("softcap", 0.0),
-                  key_padding=key_padding)
+                  key_padding=key_padding, segment_ids=segment_ids)
     out, lse = torch.ops.fa4.flash_attn_fwd(q, k, v, scale, params["causal"], window[0], window[1], params["softcap"],
-                                           key_padding=key_padding)
+                                           key_padding=key_padding, segment_ids=segment_ids)
     dout = torch.randn_like(out)
     grads = _grads(out, (q, k, v), dout)
     ref = _math_attention(q, k, v, torch.float64, **params)
@@ -107,7 +127,7 @@ def test_fa4_op_matches_fp64_reference(case):
         err_low = (lowp.double() - want).abs().max().item()
         rel = ((got.double() - want).norm() / want.norm()).item()
         errors[name] = dict(max_err=err, bf16_math_max_err=err_low, rel_err=rel)
-        assert math.isfinite(err)
+        assert math.isfinite(err) and not got.isnan().any()
         assert err <= 3 * err_low + 1e-3, (name, err, err_low)
     assert lse.shape == (b, h, sq) and lse.dtype == torch.float32
     _report("fa4_vs_fp64", case=case, errors=errors)

@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from fa4_inductor import fa4_adapter, launch_plan, support
+from fa4_inductor import cuda_arch, fa4_adapter, fa4_api, launch_plan
 
 
 def _params(**overrides):
@@ -81,9 +81,9 @@ def _stand_in_fa4(extra_buffer=False):
 
 @pytest.fixture
 def plans(monkeypatch):
-    monkeypatch.setattr(support, "cuda_arch_major", lambda index: 9)
+    monkeypatch.setattr(cuda_arch, "major", lambda index: 9)
     monkeypatch.setattr(fa4_adapter, "_FORWARD_PLANS", launch_plan.PlanCache())
-    return lambda fa4: monkeypatch.setattr(fa4_adapter, "_module", lambda: fa4)
+    return lambda fa4: monkeypatch.setattr(fa4_api, "module", lambda: fa4)
 
 
 def _forward(q, k, v, **overrides):
@@ -224,7 +224,7 @@ def _stand_in_fa4_backward(zeroed_scratch=True, foreign_buffer=False, torch_op=F
 @pytest.fixture
 def backward_plans(monkeypatch):
     monkeypatch.setattr(fa4_adapter, "_BACKWARD_PLANS", launch_plan.PlanCache())
-    return lambda fa4: monkeypatch.setattr(fa4_adapter, "_module", lambda: fa4)
+    return lambda fa4: monkeypatch.setattr(fa4_api, "module", lambda: fa4)
 
 
 def _backward(tensors):

@@ -162,14 +162,16 @@ void call_plan(const Plan& plan, const std::array<const at::Tensor*, kSlots>& te
 
 using ForwardSignature = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, double, bool, int64_t, int64_t, double,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
 
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            double softmax_scale, bool causal, int64_t window_left,
                                            int64_t window_right, double softcap,
                                            const std::optional<at::Tensor>& seqused_k,
-                                           const std::optional<at::Tensor>& key_padding) {
-  if (!key_padding.has_value() && q.dim() == 4 && k.dim() == 4 && v.dim() == 4) {
+                                           const std::optional<at::Tensor>& key_padding,
+                                           const std::optional<at::Tensor>& segment_ids) {
+  // Masks read from tensors (block sparsity computed per call) always take the Python kernel.
+  if (!key_padding.has_value() && !segment_ids.has_value() && q.dim() == 4 && k.dim() == 4 && v.dim() == 4) {
     auto plan = find_plan(key_of(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
                                  seqused_k.has_value()));
     if (plan) {
@@ -185,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                                          .findSchemaOrThrow("fa4::_flash_attn_fwd_python", "")
                                          .typed<ForwardSignature>();
   return python_forward.call(q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k,
-                             key_padding);
+                             key_padding, segment_ids);
 }
 
 TVMFFIAny constant_arg(int64_t kind, int64_t value, double real) {
@@ -264,7 +266,8 @@ TORCH_LIBRARY(fa4_native, m) {
   m.def("install_cuda_forward() -> ()", install_cuda_forward);
   // The kernel on any device, for tests (CPU tensors take the same path with no stream).
   m.def("forward(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal=False, int window_left=-1, "
-        "int window_right=-1, float softcap=0.0, Tensor? seqused_k=None, Tensor? key_padding=None) "
+        "int window_right=-1, float softcap=0.0, Tensor? seqused_k=None, Tensor? key_padding=None, "
+        "Tensor? segment_ids=None) "
         "-> (Tensor, Tensor)",
         forward);
 }

@@ -1,0 +1,222 @@
+"""Padded and packed batches on one GPU: the plugin vs FA4 varlen, FlexAttention FLASH/Triton and stock compile.
+
+Problems (bf16, B=4, H=16, S=4096, D=128, causal, forward + backward):
+
+- ``right``: rows keep 100 / 87.5 / 75 / 62.5 % of their tokens, padding last;
+- ``left``: the same lengths, padding first;
+- ``documents``: 4 packed documents per row (random cut points, fixed seed), causal within each;
+- ``causal``: no padding (the reference point, and the layout-copy check).
+
+Variants, side by side in one process, median of ``triton.testing.do_bench`` (forward + backward through
+``torch.autograd.grad``, so no gradient accumulation is timed):
+
+- ``plugin``: ``torch.compile`` of SDPA with the mask built in the graph the way model code builds it
+  (``(q_idx >= kv_idx) & pad[:, None, None, :]``, or ``seg[b, q_idx] == seg[b, kv_idx]``), fa4_inductor on;
+- ``stock``: the same function compiled without the plugin;
+- ``fa4_varlen``: FA4's ``flash_attn_varlen_func`` on the unpadded tokens (documents: one sequence each);
+  it computes only the valid query rows, the others compute every row as SDPA defines them;
+- ``flex_flash`` / ``flex_triton``: compiled ``flex_attention`` with the same mask as a block mask
+  (built once, outside the timing), ``kernel_options={"BACKEND": "FLASH"}`` / default;
+- ``fa4_direct`` (``causal`` only): FA4's ``flash_attn_func`` on B,S,H,D-contiguous copies.
+
+q/k/v are B,H,S,D leaves (varlen: packed (total, H, D) leaves). Output: JSON and markdown in --out, with
+the plugin's kernels of one step (profiler) and its largest difference from FlexAttention FLASH.
+Usage: python benchmarks/bench_padded.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+import fa4_inductor
+from fa4_inductor import fa4_api, stats
+
+B, H, S, D = 4, 16, 4096, 128
+KEEP = (1.0, 0.875, 0.75, 0.625)
+
+
+def _lengths() -> torch.Tensor:
+    return torch.tensor([int(S * f) for f in KEEP], device="cuda")
+
+
+def _padding(side: str) -> torch.Tensor:
+    idx = torch.arange(S, device="cuda")[None, :]
+    lengths = _lengths()[:, None]
+    return idx < lengths if side == "right" else idx >= S - lengths
+
+
+def _segments(documents: int = 4) -> torch.Tensor:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    cuts = torch.sort(torch.randint(256, S - 256, (B, documents - 1), device="cuda", generator=generator), 1).values
+    return (torch.arange(S, device="cuda")[None, None, :] >= cuts[:, :, None]).sum(dim=1).to(torch.int32)
+
+
+def _sdpa_padded(q, k, v, pad):
+    i, j = torch.arange(q.shape[2], device=q.device)[:, None], torch.arange(k.shape[2], device=q.device)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(i >= j)[None, None] & pad[:, None, None, :])
+
+
+def _sdpa_documents(q, k, v, seg):
+    i, j = torch.arange(q.shape[2], device=q.device)[:, None], torch.arange(k.shape[2], device=q.device)[None, :]
+    same = seg[:, None, :, None] == seg[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(i >= j)[None, None] & same)
+
+
+def _sdpa_causal(q, k, v, _):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _mask_mod(problem: str, extra: torch.Tensor):
+    def causal(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    def padded(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & extra[b, kv_idx]
+
+    def documents(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (extra[b, q_idx] == extra[b, kv_idx])
+
+    return {"causal": causal, "right": padded, "left": padded, "documents": documents}[problem]
+
+
+def _leaves(*shape):
+    return [torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_(True) for _ in range(3)]
+
+
+def _fwd_bwd(fn, inputs, *extra):
+    out = fn(*inputs, *extra)
+    grad = torch.ones_like(out)
+    return lambda: torch.autograd.grad(fn(*inputs, *extra), inputs, grad)
+
+
+def _kernel_names(step) -> list[str]:
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return [e.name[:90] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _median_ms(step, rounds: int = 5) -> float:
+    step()
+    return statistics.median(do_bench(step, warmup=25, rep=100) for _ in range(rounds))
+
+
+def _varlen_step(problem: str, extra: torch.Tensor):
+    """FA4 varlen on the unpadded tokens (or on each document): (step, tokens)."""
+    from flash_attn.cute import flash_attn_varlen_func
+
+    if problem == "documents":
+        lengths = torch.stack([torch.bincount(row, minlength=int(extra.max()) + 1) for row in extra.long()]).flatten()
+        lengths = lengths[lengths > 0]
+    else:
+        lengths = _lengths()
+    cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    total, longest = int(cu[-1]), int(lengths.max())
+    q, k, v = _leaves(total, H, D)
+
+    def fn(q, k, v):
+        result = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
+                                        max_seqlen_k=longest, causal=True)
+        return result[0] if isinstance(result, tuple) else result
+
+    return _fwd_bwd(fn, (q, k, v)), total
+
+
+def run(problem: str) -> dict:
+    """Every variant on one problem; returns a result row."""
+    torch.manual_seed(0)
+    q, k, v = _leaves(B, H, S, D)
+    extra = _segments() if problem == "documents" else (_padding(problem) if problem in ("right", "left") else None)
+    function = {"documents": _sdpa_documents, "causal": _sdpa_causal}.get(problem, _sdpa_padded)
+    row: dict = {"problem": problem, "ms": {}}
+    outputs = {}
+
+    torch._dynamo.reset()
+    stats.reset()
+    with fa4_inductor.enabled(compile=True, eager=False):
+        plugin = torch.compile(lambda *a: function(*a), fullgraph=True)
+        outputs["plugin"] = plugin(q, k, v, extra).detach()
+        step = _fwd_bwd(plugin, (q, k, v), extra)
+        row["ms"]["plugin"] = _median_ms(step)
+        row["plugin_kernels"] = sorted(set(_kernel_names(step)))
+    row["plugin_sites"] = [f"{r.decision}: {r.reason or r.features}" for r in stats.site_records()]
+
+    stock = torch.compile(lambda *a: function(*a), fullgraph=True)
+    row["ms"]["stock"] = _median_ms(_fwd_bwd(stock, (q, k, v), extra))
+
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    block_mask = create_block_mask(_mask_mod(problem, extra), B, None, S, S, device="cuda")
+    flex = torch.compile(flex_attention)
+    for name, options in (("flex_flash", {"BACKEND": "FLASH"}), ("flex_triton", None)):
+        try:
+            def fn(q, k, v, options=options):
+                return flex(q, k, v, block_mask=block_mask, kernel_options=options)
+            outputs[name] = fn(q, k, v).detach()
+            row["ms"][name] = _median_ms(_fwd_bwd(fn, (q, k, v)))
+        except Exception as exc:  # a peer that can't run this problem is reported, not fatal
+            row["ms"][name] = None
+            row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    if problem == "causal":
+        from flash_attn.cute import flash_attn_func
+
+        def direct(q, k, v):
+            result = flash_attn_func(q, k, v, causal=True)
+            return result[0] if isinstance(result, tuple) else result
+        bshd = [t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v)]
+        row["ms"]["fa4_direct"] = _median_ms(_fwd_bwd(direct, bshd))
+    else:
+        varlen, tokens = _varlen_step(problem, extra)
+        row["ms"]["fa4_varlen"] = _median_ms(varlen)
+        row["varlen_tokens"] = tokens
+    if "flex_flash" in outputs:
+        row["plugin_vs_flex_flash_max_abs_diff"] = (outputs["plugin"].float() - outputs["flex_flash"].float()).abs().max().item()
+    peers = [row["ms"].get(name) for name in ("fa4_varlen", "flex_flash", "fa4_direct")]
+    best = min(ms for ms in peers if ms)
+    row["plugin_vs_best_peer"] = row["ms"]["plugin"] / best
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def markdown(result: dict) -> str:
+    names = ("plugin", "stock", "fa4_varlen", "fa4_direct", "flex_flash", "flex_triton")
+    lines = [f"# Padded and packed batches, forward + backward ({result['device']})", "",
+             f"torch {result['torch']}, flash-attn-4 {result['fa4']}; bf16, B={B}, H={H}, S={S}, D={D}, causal; "
+             f"padded rows keep {', '.join(f'{f:.1%}' for f in KEEP)} of their tokens; documents: 4 per row. "
+             "Median of 5 rounds of triton.testing.do_bench, ms. plugin / best = the plugin's time over the faster "
+             "of FA4 varlen (or direct) and FlexAttention FLASH.", "",
+             "| problem | " + " | ".join(names) + " | plugin / best |", "|---" * (len(names) + 2) + "|"]
+    for r in result["rows"]:
+        cells = [f"{r['ms'][n]:.3f}" if r["ms"].get(n) else "" for n in names]
+        lines.append(f"| {r['problem']} | " + " | ".join(cells) + f" | {r['plugin_vs_best_peer']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--problems", nargs="+", default=["right", "left", "documents", "causal"])
+    parser.add_argument("--tag", default="padded")
+    args = parser.parse_args()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa4": fa4_api.version(),
+              "rows": []}
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for problem in args.problems:
+        result["rows"].append(run(problem))
+        (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{args.tag}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

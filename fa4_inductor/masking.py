@@ -1,0 +1,132 @@
+"""How a call's masking reaches FA4: its keyword arguments for one forward or backward call.
+
+Three routes, chosen per call from what the mask holds:
+
+- **Built-in**: causal and sliding windows alone use FA4's own ``causal`` /
+  ``window_size_*`` (block skipping and per-element masking inside the kernel).
+- **Block-sparse mask_mod**: key padding and/or document (segment id) masks,
+  and-ed with causal or a window, become one ``mask_mod`` (reading the padding
+  and segment ids as aux tensors) plus FA4 block sparsity computed on the device
+  (one Triton launch, :mod:`.block_lists_kernel`; the rules in :mod:`.block_mask`).
+  Empty tiles are skipped, full tiles run with no mask work, only partial tiles
+  evaluate the mask_mod, so padded and packed batches cost what their visible
+  part costs. The same mask_mod runs on every tile instead (exact, no block
+  skipping) where FA4's tiles don't fit one sparse block size for forward and
+  backward (sm90 head dims above 128), in a deterministic backward (which would
+  need FA4's dQ write order), and for small padding-only calls (no band, no
+  documents), whose kernel is too short to hide the host work block sparsity
+  adds. ``FA4_INDUCTOR_BLOCK_SPARSITY=0`` chooses that for every call.
+- **Split-KV key padding**: a decoding step's key chunks (:mod:`.split_kv`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import block_mask, fa4_api
+from ._torch_private import is_fake
+
+_SWITCH = "FA4_INDUCTOR_BLOCK_SPARSITY"
+# A padding-only call takes block sparsity from this B * H * S_q * S_kv * D on (~1 ms of FA4 forward on an H200):
+# block sparsity adds ~0.3 ms of host work per call (list kernel launch, FA4's block-sparse checks), which shorter
+# kernels can't hide. Measured on the H200, left-padded BERT / RoBERTa (S=2048, no band) trained in 17.6 / 16.8 ms
+# per step with the mask_mod on every tile, 19.9 / 19.1 ms with block sparsity.
+_PADDING_ONLY_MIN_WORK = 1e11
+# FA4 evaluates a mask_mod on whole key tiles (up to 256 keys), also past the last key.
+_KEY_TILE_SLACK = 256
+
+
+def sparse_block_size(arch_major: int, head_dim: int, head_dim_v: int) -> tuple[int, int] | None:
+    """The (query, key) tile of FA4's block sparsity that both its forward and backward kernels accept for these
+    head dims, or None.
+
+    sm90: forward tiles are 128 x 128 (192-row tiles shrink to 128), backward tiles 64-128 x 128, for head dims
+    up to 128. sm100/sm110: the forward runs two 128-row query tiles per CTA, so query blocks are 256.
+    """
+    if max(head_dim, head_dim_v) > 128:
+        return None
+    if arch_major == 9:
+        return 128, 128
+    if arch_major in (10, 11):
+        return 256, 128
+    return None
+
+
+def _operand(values: torch.Tensor, fill: int) -> torch.Tensor:
+    """An aux tensor as the mask_mod reads it: int32, with hidden columns past the end, so that reads of a
+    partial last tile stay inside the tensor."""
+    return F.pad(values.to(torch.int32), (0, _KEY_TILE_SLACK), value=fill)
+
+
+def _window(value: int) -> int | None:
+    """Our ops use -1 for 'no limit' like aten; FA4 uses None."""
+    return None if value < 0 else value
+
+
+def fa4_masking(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict, *, backward: bool = False,
+                deterministic: bool = False) -> dict:
+    """FA4 keyword arguments for the masking in ``params`` (causal, window_left/right, key_padding,
+    segment_ids) of a call on these B,S,H,D tensors."""
+    causal, left, right = params["causal"], params["window_left"], params["window_right"]
+    key_padding, segment_ids = params.get("key_padding"), params.get("segment_ids")
+    if key_padding is None and segment_ids is None:
+        return dict(causal=causal, window_size_left=_window(left), window_size_right=_window(right))
+    masking = dict(causal=False, window_size_left=None, window_size_right=None)
+    if key_padding is not None and key_padding.dim() == 3:  # a split-KV call: no band, no documents
+        splits = key_padding.shape[1]
+        return dict(masking, mask_mod=fa4_api.split_key_padding_mask_mod(q.shape[2] // k.shape[2], splits),
+                    aux_tensors=[_operand(key_padding, 0)])
+    aux = [_operand(key_padding, 0)] if key_padding is not None else []
+    if segment_ids is not None:
+        aux.append(_operand(segment_ids, torch.iinfo(torch.int32).min))
+    masking.update(mask_mod=fa4_api.mask_mod(causal, left, right, key_padding is not None, segment_ids is not None),
+                   aux_tensors=aux)
+    block = block_sparsity_route(tuple(q.shape), k.shape[1], v.shape[-1], params,
+                                 fa4_api.arch_and_sms(q.device.index)[0] // 10, backward=backward,
+                                 deterministic=deterministic)
+    if block is not None:
+        parts = block_mask.MaskParts(causal, left, right, key_padding, segment_ids)
+        masking["block_sparse_tensors"] = fa4_api.block_sparse_tensors(
+            _block_lists(q.shape[0], q.shape[1], k.shape[1], block, parts, q, backward), block)
+    return masking
+
+
+def block_sparsity_route(q_shape: tuple[int, ...], seqlen_k: int, head_dim_v: int, params: dict, arch_major: int, *,
+                         backward: bool = False, deterministic: bool = False) -> tuple[int, int] | None:
+    """The sparse block size a call with key padding and/or segment ids (B,S,H,D query of ``q_shape``) runs with,
+    or None for the mask_mod on every tile (see the module docstring for when)."""
+    batch, seqlen_q, heads, head_dim = q_shape
+    block = sparse_block_size(arch_major, head_dim, head_dim_v)
+    if block is None or (backward and deterministic) or os.environ.get(_SWITCH, "1") == "0":
+        return None
+    banded = params["causal"] or params["window_left"] >= 0 or params["window_right"] >= 0
+    if banded or params.get("segment_ids") is not None:
+        return block
+    return block if batch * heads * seqlen_q * seqlen_k * head_dim >= _PADDING_ONLY_MIN_WORK else None
+
+
+def _block_lists(batch, seqlen_q, seqlen_k, block, parts: block_mask.MaskParts, q: torch.Tensor,
+                 backward: bool) -> tuple[torch.Tensor, ...]:
+    """FA4's block-sparsity lists: one Triton launch on real CUDA tensors, PyTorch ops on fake ones (precompiling,
+    where only shapes matter and nothing may launch)."""
+    if q.device.type == "cuda" and not is_fake(q):
+        from .block_lists_kernel import block_lists  # Triton: imported only where a real call runs
+
+        return block_lists(batch, seqlen_q, seqlen_k, block, parts, q.device, backward=backward)
+    states = block_mask.block_states(batch, seqlen_q, seqlen_k, block, parts, q.device)
+    return block_mask.backward_lists(states) if backward else block_mask.forward_lists(states)
+
+
+def describe(params: dict) -> list[str]:
+    """Short words for the masking in ``params``, for logs."""
+    words = ["causal"] if params["causal"] else []
+    if params["window_left"] >= 0 or params["window_right"] >= 0:
+        words.append(f"window=({params['window_left']}, {params['window_right']})")
+    if params.get("key_padding") is not None:
+        words.append("key padding")
+    if params.get("segment_ids") is not None:
+        words.append("documents")
+    return words

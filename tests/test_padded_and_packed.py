@@ -1,0 +1,156 @@
+"""Padded and packed batches: compiled with the plugin equals eager at every position, forward and backward.
+
+The masks are built in the graph the way model code builds them (key padding
+looked up as ``pad[batch, kv_idx]``, documents as ``seg[batch, q_idx] ==
+seg[batch, kv_idx]``, from segment ids given or derived from restarting
+``position_ids``), and-ed with causal or a window. On CPU the ops run the
+reference, which classifies tiles like FA4's block sparsity does, so a wrong
+tile classification fails here too.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fa4_inductor
+from fa4_inductor import stats
+
+pytestmark = pytest.mark.usefixtures("no_compile_cache")
+
+B, H, S, D = 3, 4, 100, 16
+
+
+def _padding(kind: str) -> torch.Tensor:
+    lengths = torch.tensor([S, 71, 9])
+    idx = torch.arange(S)[None, :]
+    if kind == "right":
+        return idx < lengths[:, None]
+    if kind == "left":
+        return idx >= (S - lengths)[:, None]
+    pad = torch.rand(B, S, generator=torch.Generator().manual_seed(1)) < 0.6
+    pad[2] = False  # a row with no key at all: zeros, not NaN
+    return pad
+
+
+def _position_ids(documents: int = 4) -> torch.Tensor:
+    """Restarting positions of ``documents`` packed sequences per row (a packing collator's output)."""
+    generator = torch.Generator().manual_seed(documents)
+    rows = []
+    for _ in range(B):
+        cuts = sorted(torch.randperm(S - 1, generator=generator)[: documents - 1].add(1).tolist())
+        lengths = [b - a for a, b in zip([0, *cuts], [*cuts, S])]
+        rows.append(torch.cat([torch.arange(n) for n in lengths]))
+    return torch.stack(rows)
+
+
+def _segments_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """A new document wherever the position does not continue the last one (Hugging Face's packed-mask rule)."""
+    first = position_ids[:, :1] - 1
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+
+BANDS = {
+    "none": lambda i, j: (j >= 0),
+    "causal": lambda i, j: j <= i,
+    "window": lambda i, j: (j <= i) & (j > i - 24),
+}
+
+
+def _qkv(hkv=H):
+    torch.manual_seed(0)
+    return (torch.randn(B, H, S, D, dtype=torch.bfloat16, requires_grad=True),
+            torch.randn(B, hkv, S, D, dtype=torch.bfloat16, requires_grad=True),
+            torch.randn(B, hkv, S, D, dtype=torch.bfloat16, requires_grad=True))
+
+
+def _compare(fn, inputs, extra, *, padding: bool, documents: bool):
+    """Compile ``fn`` with the plugin; every output row and every gradient must match eager."""
+    want = fn(*inputs, *extra)
+    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(2)).to(want.dtype)
+    want_grads = torch.autograd.grad((want.float() * weights).sum(), inputs)
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = torch.compile(fn, fullgraph=True)(*inputs, *extra)
+    got_grads = torch.autograd.grad((got.float() * weights).sum(), inputs)
+    (record,) = stats.site_records()
+    assert record.decision == "fa4", record.reason
+    assert record.features["padding"] == padding and record.features["documents"] == documents
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+    scale = max(g.abs().max() for g in want_grads)  # one scale across q, k and v
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g / scale, w / scale, atol=2e-2, rtol=0)
+    return record
+
+
+@pytest.mark.parametrize("band", list(BANDS))
+@pytest.mark.parametrize("kind", ["right", "left", "random"])
+@pytest.mark.parametrize("hkv", [H, 2], ids=["mha", "gqa"])
+def test_padded_batches_match_eager_at_every_position(band, kind, hkv):
+    def fn(q, k, v, pad):
+        b = torch.arange(q.shape[0])[:, None, None, None]
+        i, j = torch.arange(q.shape[2])[None, None, :, None], torch.arange(k.shape[2])[None, None, None, :]
+        mask = BANDS[band](i, j) & pad[b, j]
+        if k.shape[1] != q.shape[1]:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    record = _compare(fn, _qkv(hkv), (_padding(kind),), padding=True, documents=False)
+    assert record.features["causal"] == (band == "causal")
+
+
+@pytest.mark.parametrize("band", ["none", "causal", "window"])
+@pytest.mark.parametrize("source", ["segment_ids", "position_ids"])
+def test_packed_documents_match_eager_at_every_position(band, source):
+    def fn(q, k, v, ids):
+        seg = _segments_from_positions(ids) if source == "position_ids" else ids
+        b = torch.arange(q.shape[0])[:, None, None, None]
+        i, j = torch.arange(q.shape[2])[None, None, :, None], torch.arange(k.shape[2])[None, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=BANDS[band](i, j) & (seg[b, i] == seg[b, j]))
+
+    position_ids = _position_ids()
+    ids = position_ids if source == "position_ids" else _segments_from_positions(position_ids)
+    _compare(fn, _qkv(), (ids,), padding=False, documents=True)
+
+
+@pytest.mark.parametrize("kind", ["right", "left"])
+def test_documents_and_padding_together(kind):
+    def fn(q, k, v, seg, pad):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=(seg[:, None, :, None] == seg[:, None, None, :]) & pad[:, None, None, :]
+            & torch.ones(S, S, dtype=torch.bool).tril())
+
+    seg = _segments_from_positions(_position_ids(3))
+    _compare(fn, _qkv(), (seg, _padding(kind)), padding=True, documents=True)
+
+
+def test_dynamic_lengths_keep_one_graph():
+    """New lengths reuse the compiled graph: the tile counts are computed inside the op, not baked in."""
+    def fn(q, k, v, pad):
+        i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & pad[:, None, None, :])
+
+    torch._dynamo.utils.counters.clear()
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        for length in (40, 77, 130):
+            q, k, v = (torch.randn(2, 2, length, D, dtype=torch.bfloat16) for _ in range(3))
+            pad = torch.arange(length)[None, :] < torch.tensor([[length], [length // 3]])
+            torch.testing.assert_close(compiled(q, k, v, pad), fn(q, k, v, pad), atol=3e-2, rtol=3e-2)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert all(r.decision == "fa4" for r in stats.site_records())
+
+
+@pytest.mark.parametrize("build, reason", [
+    (lambda seg, i, j: seg[:, None, :, None] <= seg[:, None, None, :], "values of a tensor"),
+    (lambda seg, i, j: (seg[:, None, :, None] == seg[:, None, None, :]) | (j <= i), "not and-ed"),
+], ids=["ordered_segments", "or_ed_documents"])
+def test_document_masks_fa4_cannot_express_fall_back(build, reason):
+    def fn(q, k, v, seg):
+        i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=build(seg, i, j))
+
+    q, k, v = _qkv()
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        torch.compile(fn)(q, k, v, _segments_from_positions(_position_ids()))
+    (record,) = stats.site_records()
+    assert record.decision == "fallback" and reason in record.reason
