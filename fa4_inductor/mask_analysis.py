@@ -95,6 +95,12 @@ class MaskStructure:
                 and self.key_padding is None and self.segment_ids is None)
 
 
+def _is_boolean(expr: Any) -> bool:
+    """Is ``expr`` a truth value (a comparison, a logical combination, a boolean lookup, true/false)? Not a plain
+    symbol, which sympy also counts as ``Boolean``."""
+    return isinstance(expr, (BooleanFunction, sympy.core.relational.Relational, sympy.logic.boolalg.BooleanAtom))
+
+
 def _axis(k: int) -> sympy.Symbol:
     return sympy.Symbol(f"x{k}", integer=True)
 
@@ -143,6 +149,8 @@ _NOT = {"invert", "__invert__", "logical_not", "bitwise_not"}
 # Ops that change neither values nor the index formula (broadcast/cast/copy).
 _PASSTHROUGH = {"expand", "expand_as", "to", "bool", "long", "int", "contiguous", "clone", "detach", "type_as"}
 _NEW_TRUE = {"ones", "ones_like", "new_ones"}
+# New float tensors of zeros: an additive mask that keeps every key.
+_NEW_ZEROS = {"zeros", "zeros_like", "new_zeros"}
 
 
 class _Evaluator:
@@ -185,6 +193,10 @@ class _Evaluator:
             return node.args[0]  # torch.tensor(0.0): a scalar
         if name in _NEW_TRUE:
             return IndexTensor(sympy.true, len(example.shape))
+        if name in _NEW_ZEROS and example.is_floating_point():
+            return IndexTensor(sympy.true, len(example.shape), additive=True)
+        if name in ("full", "new_full") and isinstance(example, torch.Tensor):
+            return self._full(node, example)
         args = [self.value(a) for a in node.args]
         kwargs = {k: self.value(v) for k, v in node.kwargs.items()}
         if name == "arange":
@@ -197,6 +209,8 @@ class _Evaluator:
         if name in _NOT:
             (x,), ndim = _broadcast(args[0])
             return IndexTensor(sympy.Not(x), ndim)
+        if name in ("abs", "__abs__") and isinstance(args[0], IndexTensor):
+            return IndexTensor(sympy.Abs(args[0].expr), args[0].ndim)
         if name in _PASSTHROUGH:
             return self._passthrough(args[0], example)
         if name == "unsqueeze":
@@ -247,16 +261,67 @@ class _Evaluator:
         del end
         return IndexTensor(_sym(start) + _axis(0), 1)
 
+    def _full(self, node: Node, example: torch.Tensor) -> IndexTensor:
+        """``full(size, value)``: every key kept (a boolean True, or an additive 0) or none (False, -inf)."""
+        value = node.args[-1] if len(node.args) > 1 else node.kwargs.get("fill_value")
+        if example.dtype == torch.bool and isinstance(value, bool):
+            return IndexTensor(sympy.true if value else sympy.false, example.dim())
+        if example.is_floating_point() and isinstance(value, (int, float)):
+            if self._additive(value, -math.inf):
+                return IndexTensor(sympy.true, example.dim(), additive=True)
+            if self._additive(0, value):
+                return IndexTensor(sympy.false, example.dim(), additive=True)
+        raise NotAnalyzable(f"full({value!r}) is not a mask value")
+
     @staticmethod
     def _binary(name, args):
         if len(args) != 2:
             raise NotAnalyzable(f"{name} with {len(args)} arguments")
+        indicator = _Evaluator._indicator_arithmetic(name, args)
+        if indicator is not None:
+            return indicator
         (a, b), ndim = _broadcast(*args)
         if name in _COMPARE:
+            booleans = [_is_boolean(x) for x in (a, b)]
+            if any(booleans):  # a boolean compared with 0 or 1 (``tril(ones) == 0``): the boolean or its negation
+                boolean, other = (a, b) if booleans[0] else (b, a)
+                if _COMPARE[name] in (sympy.Eq, sympy.Ne) and other in (0, 1) and not all(booleans):
+                    keeps = (_COMPARE[name] is sympy.Eq) == (other == 1)
+                    return IndexTensor(boolean if keeps else sympy.Not(boolean), ndim)
+                raise NotAnalyzable(f"{name} of a boolean mask with {other}")
             return IndexTensor(_COMPARE[name](a, b), ndim)
         if name in _LOGIC:
             return IndexTensor(_LOGIC[name](a, b), ndim)
         return IndexTensor(_ARITH[name](a, b), ndim)
+
+    @staticmethod
+    def _indicator_arithmetic(name, args) -> IndexTensor | None:
+        """Arithmetic on masks: ``1 - m`` of a 0/1 mask (a boolean, or a lookup of a 0/1 integer mask as
+        tokenizers make them) is the mask negated, ``m * c`` with a huge negative ``c`` an additive mask hiding
+        where m is 1 (BERT's ``(1.0 - mask) * finfo.min``), and the sum of two 0/-inf masks keeps what both keep.
+        None for anything else."""
+        def as_boolean(value):
+            if not isinstance(value, IndexTensor) or value.additive:
+                return None
+            if isinstance(value.expr, ValueLookup):
+                return value.expr.func is ValueLookup and TensorLookup(*value.expr.args)
+            return value.expr if _is_boolean(value.expr) else None
+
+        a, b = args
+        if name in ("add", "__add__", "__radd__") and all(isinstance(x, IndexTensor) and x.additive for x in args):
+            (keep_a, keep_b), ndim = _broadcast(a, b)  # two 0/-inf masks added: a key must pass both
+            return IndexTensor(sympy.And(keep_a, keep_b), ndim, additive=True)
+        if name in ("sub", "__sub__", "rsub", "__rsub__"):
+            one, mask = (a, b) if name in ("sub", "__sub__") else (b, a)
+            boolean = as_boolean(mask)
+            if isinstance(one, (int, float)) and one == 1 and boolean is not None:
+                return IndexTensor(sympy.Not(boolean), mask.ndim)
+        if name in ("mul", "__mul__", "__rmul__"):
+            for mask, factor in ((a, b), (b, a)):
+                boolean = as_boolean(mask)
+                if boolean is not None and isinstance(factor, (int, float)) and _Evaluator._additive(0, factor):
+                    return IndexTensor(sympy.Not(boolean), mask.ndim, additive=True)
+        return None
 
     @staticmethod
     def _passthrough(value, example):
@@ -320,12 +385,15 @@ class _Evaluator:
 
     @staticmethod
     def _triangle(name, value, diagonal):
-        """``tril``/``triu`` of a boolean index tensor: and-ed with ``col - row <= d`` / ``>= d``."""
-        if not isinstance(value, IndexTensor) or value.ndim < 2 or value.additive or not isinstance(diagonal, int):
-            raise NotAnalyzable(f"{name} of something other than a boolean index tensor")
+        """``tril``/``triu`` (entries with ``col - row <= d`` / ``>= d`` stay, the others become 0): and-ed with
+        that band for a boolean mask; for an additive one the zeroed entries are kept keys."""
+        if not isinstance(value, IndexTensor) or value.ndim < 2 or not isinstance(diagonal, int):
+            raise NotAnalyzable(f"{name} of something other than an index tensor")
         offset = _axis(value.ndim - 1) - _axis(value.ndim - 2)
-        keep = offset <= diagonal if name == "tril" else offset >= diagonal
-        return IndexTensor(sympy.And(value.expr, keep), value.ndim)
+        stays = offset <= diagonal if name == "tril" else offset >= diagonal
+        if value.additive:
+            return IndexTensor(sympy.Or(value.expr, sympy.Not(stays)), value.ndim, additive=True)
+        return IndexTensor(sympy.And(value.expr, stays), value.ndim)
 
     @staticmethod
     def _additive(keep_value, drop_value) -> bool:
@@ -347,15 +415,32 @@ class _Evaluator:
     def _masked_fill(self, base, cond, fill):
         if not isinstance(base, IndexTensor) or not isinstance(cond, IndexTensor):
             raise NotAnalyzable("masked_fill of non-index values")
-        if base.expr is not sympy.true or not self._additive(0, fill):
-            raise NotAnalyzable("masked_fill that is not zeros filled with -inf")
-        (c,), ndim = _broadcast(cond)
-        return IndexTensor(sympy.Not(c), max(ndim, base.ndim), additive=True)
+        if not (base.expr is sympy.true or base.additive) or not self._additive(0, fill):
+            raise NotAnalyzable("masked_fill that is not a 0/-inf mask filled with -inf")
+        (c, keep), ndim = _broadcast(cond, base)
+        return IndexTensor(sympy.And(keep, sympy.Not(c)), max(ndim, base.ndim), additive=True)
+
+
+def _without_abs(expr):
+    """``|x| <= w`` (``<``, or ``w >= |x|``) as ``-w <= x <= w``: symmetric windows written with ``.abs()``."""
+    def split(relation):
+        bound, inner = (relation.rhs, relation.lhs.args[0]) if isinstance(relation.lhs, sympy.Abs) \
+            else (relation.lhs, relation.rhs.args[0])
+        strict = isinstance(relation, (sympy.Lt, sympy.Gt))
+        return sympy.And(sympy.Lt(inner, bound) if strict else sympy.Le(inner, bound),
+                         sympy.Gt(inner, -bound) if strict else sympy.Ge(inner, -bound))
+
+    def is_abs_bound(e):
+        return ((isinstance(e, (sympy.Le, sympy.Lt)) and isinstance(e.lhs, sympy.Abs))
+                or (isinstance(e, (sympy.Ge, sympy.Gt)) and isinstance(e.rhs, sympy.Abs)))
+
+    return expr.replace(is_abs_bound, split)
 
 
 def _bounds(expr) -> tuple[Any, Any]:
     """(L, U) with expr == (L <= j - i <= U); None for a missing side."""
     lower, upper = None, None
+    expr = _without_abs(expr)
     atoms = expr.args if isinstance(expr, sympy.And) else (expr,)
     for atom in atoms:
         if atom is sympy.true:
@@ -389,8 +474,9 @@ def _static_window(value, name: str) -> int:
     return int(value)
 
 
-def analyze_mask(mask: Node, q_len, kv_len) -> tuple[MaskStructure, list[Node]]:
-    """Prove the structure of ``mask`` (a node broadcastable to (B, H, S_q, S_kv)).
+def analyze_mask(mask: Node, q_len, kv_len, *, hides_where_true: bool = False) -> tuple[MaskStructure, list[Node]]:
+    """Prove the structure of ``mask`` (a node broadcastable to (B, H, S_q, S_kv)); a boolean mask keeps the keys
+    where it is true, or hides them with ``hides_where_true`` (the condition of ``scores.masked_fill(c, -inf)``).
 
     Returns the FA4 parameters and the nodes the analysis read (candidates
     for removal once the mask is no longer used). Raises
@@ -410,6 +496,10 @@ def analyze_mask(mask: Node, q_len, kv_len) -> tuple[MaskStructure, list[Node]]:
         raise NotAnalyzable("the mask is not a tensor")
     if example.is_floating_point() and not value.additive:
         raise NotAnalyzable("float mask that is not a 0/-inf mask")
+    if hides_where_true:
+        if value.additive or example.dtype != torch.bool:
+            raise NotAnalyzable("masked_fill with a condition that is not boolean")
+        value = IndexTensor(sympy.Not(value.expr), value.ndim)
     (expr,), _ = _broadcast(IndexTensor(value.expr, value.ndim))
     expr = sympy.sympify(expr).xreplace(
         {_axis(value.ndim - 4 + k): s for k, s in enumerate((_B, _H, _I, _J)) if value.ndim - 4 + k >= 0})

@@ -19,10 +19,13 @@ from fa4_inductor.support import AttentionCall, is_dtensor, unsupported_reason
 
 
 @dataclasses.dataclass(frozen=True)
-class Reciprocal:
-    """A scale written as ``/ s`` with ``s`` a graph scalar: the rewrite emits ``1 / s``."""
+class GraphScale:
+    """A scale computed from graph scalars (``dynamic=True`` sizes and attributes): ``number * Π factors / Π
+    divisors``; the rewrite emits that arithmetic before the FA4 call."""
 
-    divisor: Node
+    number: float = 1.0
+    factors: tuple[Node, ...] = ()
+    divisors: tuple[Node, ...] = ()
 
 
 def normalized_kwargs(node: Node) -> dict[str, Any]:
@@ -79,7 +82,7 @@ def guarded_value(node: Node) -> float:
 
 def _constant(name: str, value: Any, kinds: tuple[type, ...], graph_scalar_ok: bool = False,
               guard_ok: bool = False) -> tuple[Any, str | None]:
-    if graph_scalar_ok and isinstance(value, Reciprocal):
+    if graph_scalar_ok and isinstance(value, GraphScale):
         return value, None
     if isinstance(value, Node):
         scalar = isinstance(example_value(value), (torch.SymFloat, torch.SymInt))
@@ -116,12 +119,14 @@ def decide(
     attn_mask: Node | None = None,
     softcap: float = 0.0,
     blocker: str | None = None,
+    mask_hides_where_true: bool = False,
 ) -> SiteDecision:
     """Decide one SDPA-style site (B,H,S,D operands) for FA4.
 
     GQA repeats of ``key``/``value`` are seen through; ``attn_mask`` is
     analyzed into causal/window parameters; ``blocker`` is a reason found
-    by the caller that rules the site out. The decision's ``captured``
+    by the caller that rules the site out; ``mask_hides_where_true`` says ``attn_mask`` marks the hidden keys
+    (``scores.masked_fill(mask, -inf)``), not the kept ones. The decision's ``captured``
     holds the operands the rewrite uses and the nodes that become dead.
     """
     key, k_repeats = strip_kv_repeat(key)
@@ -159,7 +164,7 @@ def decide(
     causal, window = bool(constants["is_causal"]), (-1, -1)
     if attn_mask is not None and reason is None:
         try:
-            structure, mask_nodes = analyze_mask(attn_mask, q.shape[2], k.shape[2])
+            structure, mask_nodes = analyze_mask(attn_mask, q.shape[2], k.shape[2], hides_where_true=mask_hides_where_true)
             causal, window = structure.causal, (structure.window_left, structure.window_right)
             captured["dead"] = [attn_mask, *mask_nodes]
             captured["key_padding"] = structure.key_padding
@@ -191,14 +196,22 @@ def decide(
     return SiteDecision(node, reason, features, params, captured)
 
 
+def _emit_scale(graph, scale: GraphScale) -> Node:
+    value: Any = scale.number
+    for factor in scale.factors:
+        value = call_with_meta(graph, operator.mul, (value, factor))
+    for divisor in scale.divisors:
+        value = call_with_meta(graph, operator.truediv, (value, divisor))
+    return value
+
+
 def replace_with_fa4(decision: SiteDecision, output: Node) -> None:
     """Emit the decided FA4 call before ``output``, route its users there, drop dead nodes."""
     graph = output.graph
     captured = decision.captured
     with graph.inserting_before(output):
-        if isinstance(decision.params["softmax_scale"], Reciprocal):
-            divisor = decision.params["softmax_scale"].divisor
-            decision.params["softmax_scale"] = call_with_meta(graph, operator.truediv, (1.0, divisor))
+        if isinstance(decision.params["softmax_scale"], GraphScale):
+            decision.params["softmax_scale"] = _emit_scale(graph, decision.params["softmax_scale"])
         padding = decision.params["key_padding"]
         if padding is not None:  # a 0/1 or bool (B, S_kv) or (B, 1, 1, S_kv) input: FA4 takes bool (B, S_kv)
             padding = call_with_meta(graph, torch.ne, (padding, 0))

@@ -16,6 +16,7 @@ caller, keep the site as it is), plus the SDPA rules.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -23,10 +24,10 @@ import torch
 from torch._inductor.pattern_matcher import CallFunctionVarArgs, CallMethodVarArgs, Match
 from torch.fx import Node
 
-from fa4_inductor.emit import example_value, op_name
+from fa4_inductor.emit import call_with_meta, example_value, op_name
 from fa4_inductor.pattern_registry import AttentionPattern, RewriteContext, SiteDecision, register
 
-from .common import Reciprocal, decide, guarded_value, replace_with_fa4
+from .common import GraphScale, decide, guarded_value, replace_with_fa4
 
 SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
 
@@ -73,9 +74,70 @@ def _is_matmul(node: Node) -> bool:
     return _is(node, "matmul") or (node.op == "call_function" and node.target is operator.matmul)
 
 
+# Casts that keep a tensor's values (up to its precision): FA4 computes scores and softmax in float32 anyway.
+_CASTS = ("to", "float", "type", "type_as", "half", "bfloat16", "double")
+
+
+def _peel_casts(node: Any) -> Any:
+    """See through dtype casts (``scores.float()``, ``.to(torch.float32)``, ``.type_as(q)``)."""
+    while _is(node, *_CASTS) and isinstance(node.args[0], Node) and _is_float_cast(node):
+        node = node.args[0]
+    return node
+
+
+def _is_float_cast(node: Node) -> bool:
+    value = example_value(node)
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.device == example_value(
+        node.args[0]).device
+
+
+def _peel_factors(node: Any, factors: list) -> Any:
+    """See through ``x * c``, ``c * x`` and ``x / c`` with scalar ``c`` (and casts); collect the factors."""
+    while True:
+        node = _peel_casts(node)
+        scaled = _constant_operand(node) if _is(node, "mul", "__mul__") else None
+        if scaled:
+            node = scaled[0]
+            factors.append(scaled[1])
+        elif _is(node, "div", "truediv", "__truediv__") and _scalar(node.args[1]) is not None:
+            divisor = node.args[1]
+            factors.append(1.0 / divisor if isinstance(divisor, (int, float)) else GraphScale(divisors=(divisor,)))
+            node = node.args[0]
+        else:
+            return node
+
+
+def _scale(factors: list) -> Any:
+    """One softmax scale from the factors found around the scores: a number, or a :class:`GraphScale`."""
+    number = math.prod(f for f in factors if isinstance(f, (int, float)))
+    divisors = tuple(d for f in factors if isinstance(f, GraphScale) for d in f.divisors)
+    symbolic = tuple(f for f in factors if isinstance(f, Node))
+    return GraphScale(number, symbolic, divisors) if symbolic or divisors else number
+
+
+def _einsum(node: Node) -> tuple[str, Node, Node] | None:
+    """``("scores", a, b)`` for ``einsum("..ik,..jk->..ij", a, b)`` (a @ bᵀ), ``("output", a, b)`` for
+    ``einsum("..ij,..jk->..ik", a, b)`` (a @ b), over 4-D operands with shared leading letters; else None."""
+    if not (_is(node, "einsum") and isinstance(node.args[0], str)):
+        return None
+    operands = node.args[1:] if len(node.args) > 2 else tuple(node.args[1])
+    if len(operands) != 2 or not all(isinstance(t, Node) for t in operands):
+        return None
+    inputs, _, output = node.args[0].replace(" ", "").partition("->")
+    left, _, right = inputs.partition(",")
+    if not (len(left) == len(right) == len(output) == 4 and left[:2] == right[:2] == output[:2]):
+        return None
+    (i, x), (j, y), (o1, o2) = left[2:], right[2:], output[2:]
+    if x == y and (o1, o2) == (i, j) and len({i, j, x}) == 3:
+        return "scores", *operands
+    if x == j and (o1, o2) == (i, y) and len({i, j, y}) == 3:
+        return "output", *operands
+    return None
+
+
 def _peel_scores(scores: Node) -> dict[str, Any]:
-    """Walk back from the softmax input to ``matmul(q, kᵀ)``."""
-    node = scores
+    """Walk back from the softmax input to ``q @ kᵀ``."""
+    node = _peel_casts(scores)
     if _is(node, "add", "__add__", "iadd") and all(isinstance(a, Node) for a in node.args[:2]):
         for scores_side, mask_side in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
             try:
@@ -86,6 +148,13 @@ def _peel_scores(scores: Node) -> dict[str, Any]:
                 inner["mask"] = mask_side
                 return inner
         raise NoMatch("no attention scores under the mask addition")
+    if _is(node, "masked_fill") and isinstance(node.args[1], Node) and _scalar(node.args[2]) is not None \
+            and isinstance(node.args[2], (int, float)) and node.args[2] <= -1e30:
+        inner = _peel_scores(node.args[0])
+        if inner["mask"] is not None:
+            raise NoMatch("two masks on the scores")
+        inner["mask"], inner["mask_hides_where_true"] = node.args[1], True
+        return inner
     capped = _constant_operand(node) if _is(node, "mul", "__mul__") else None
     if capped and _is(capped[0], "tanh"):
         cap, inner = capped[1], capped[0].args[0]
@@ -98,30 +167,36 @@ def _peel_scores(scores: Node) -> dict[str, Any]:
 
 
 def _peel_scale(node: Node) -> dict[str, Any]:
-    found: dict[str, Any] = {"mask": None, "softcap": 0.0, "scale": 1.0}
-    scaled = _constant_operand(node) if _is(node, "mul", "__mul__") else None
-    if scaled:
-        node, found["scale"] = scaled
-    elif _is(node, "div", "truediv", "__truediv__") and _scalar(node.args[1]) is not None:
-        divisor = node.args[1]
-        found["scale"] = 1.0 / divisor if isinstance(divisor, (int, float)) else Reciprocal(divisor)
-        node = node.args[0]
-    if not _is_matmul(node):
-        raise NoMatch("the scores are not matmul(q, k^T)")
-    query, key_t = node.args[:2]
-    if _is(key_t, "transpose") and sorted(int(d) % 4 for d in key_t.args[1:3]) == [2, 3]:
-        found["key"] = key_t.args[0]
+    """``q @ kᵀ`` (``matmul``, ``@`` or ``einsum``) with scalar factors anywhere on the scores, q or k."""
+    factors: list = []
+    node = _peel_factors(node, factors)
+    found: dict[str, Any] = {"mask": None, "softcap": 0.0, "mask_hides_where_true": False}
+    einsum = _einsum(node)
+    if einsum is not None and einsum[0] == "scores":
+        query, key = einsum[1:]
+    elif _is_matmul(node):
+        query, key_t = node.args[:2]
+        key_t = _peel_factors(key_t, factors)
+        if _is(key_t, "transpose") and sorted(int(d) % 4 for d in key_t.args[1:3]) == [2, 3]:
+            key = key_t.args[0]
+        elif isinstance(example_value(key_t), torch.Tensor) and example_value(key_t).dim() == 4:
+            key, found["key_transposed"] = None, key_t  # permute, .mT, ...: the rewrite transposes it back
+        else:
+            raise NoMatch("the scores' right operand is not a 4-D kᵀ")
     else:
-        raise NoMatch("the scores' right operand is not k.transpose(-2, -1)")
-    found["query"] = query
+        raise NoMatch("the scores are not q @ k^T")
+    found["query"] = _peel_factors(query, factors)
+    found["key"] = _peel_factors(key, factors) if key is not None else None
+    found["scale"] = _scale(factors)
     return found
 
 
 def _peel_output(softmax: Node) -> tuple[Node, Node, float]:
     """Walk forward from the softmax to ``matmul(p, v)``: (output node, v, dropout p)."""
-    node, dropout_p = _single_user(softmax), 0.0
-    if _is(node, "to", "type_as", "type"):
-        node = _single_user(node)
+    probs, dropout_p = softmax, 0.0
+    node = _single_user(probs)
+    while _is(node, *_CASTS) and _is_float_cast(node):
+        probs, node = node, _single_user(node)
     if _is(node, "dropout"):
         p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
         if _scalar(p) is None or not isinstance(training, bool):
@@ -129,9 +204,12 @@ def _peel_output(softmax: Node) -> tuple[Node, Node, float]:
         if isinstance(p, Node):
             p = guarded_value(p)  # a dynamic float attribute
         dropout_p = float(p) if training else 0.0
-        node = _single_user(node)
-    if not _is_matmul(node):
-        raise NoMatch("the probabilities do not feed matmul(p, v)")
+        probs, node = node, _single_user(node)
+    einsum = _einsum(node)
+    if einsum is not None and einsum[0] == "output" and einsum[1] is probs:
+        return node, einsum[2], dropout_p
+    if not (_is_matmul(node) and node.args[0] is probs):
+        raise NoMatch("the probabilities do not feed p @ v")
     return node, node.args[1], dropout_p
 
 
@@ -151,11 +229,19 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
         output, value, dropout_p = _peel_output(softmax)
     except NoMatch as exc:
         return SiteDecision(softmax, f"not attention: {exc}", {})
+    key = scores["key"]
+    if key is None:  # kᵀ written some other way (permute, .mT): FA4 gets it transposed back, a view
+        key_t = scores["key_transposed"]
+        with key_t.graph.inserting_after(key_t):
+            key = call_with_meta(key_t.graph, torch.transpose, (key_t, 2, 3))
     decision = decide(
-        output, context, scores["query"], scores["key"], value, dropout_p=dropout_p,
+        output, context, scores["query"], key, value, dropout_p=dropout_p,
         scale=scores["scale"], enable_gqa=False, attn_mask=scores["mask"], softcap=scores["softcap"],
+        mask_hides_where_true=scores["mask_hides_where_true"],
     )
-    decision.captured["replaced"] = [softmax.args[0], scores["key"], value]
+    if decision.reason and key is not scores["key"]:
+        key.graph.erase_node(key)
+    decision.captured["replaced"] = [softmax.args[0], key, value]
     return decision
 
 

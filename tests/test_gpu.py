@@ -426,3 +426,26 @@ def test_reduce_overhead_captures_fa4_in_cuda_graphs(training):
     assert skipped == 0, "Inductor skipped CUDA graphs"
     assert any("fa4" in n.lower() or "flash" in n.lower() for n in _attention_kernels(names))
     assert rel < 1e-2 and grad_rel < 2e-2
+
+
+def test_compiled_sdpa_on_leaves_runs_only_fa4_kernels():
+    """SDPA on (B, H, S, D) leaves, forward + backward: FA4's kernels (and the zero-fill of its accumulators) and
+    no layout copies: the gradients land in the leaves' layout."""
+    q, k, v = _leaves(*[(2, 8, 1024, 128)] * 3)
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    torch._dynamo.reset()
+    with fa4_inductor.enabled(compile=True, eager=False):
+        compiled = torch.compile(fn, fullgraph=True)
+        grad = torch.ones_like(compiled(q, k, v))
+
+        def step():
+            return torch.autograd.grad(compiled(q, k, v), (q, k, v), grad)
+        grads = step()
+        names = _kernel_names(step)
+    assert [g.stride() for g in grads] == [t.stride() for t in (q, k, v)]
+    others = [n for n in names if "flash_attncute" not in n and "fill" not in n.lower()]
+    _report("leaf_sdpa_kernels", kernels=sorted(set(names)), others=others)
+    assert not others, others

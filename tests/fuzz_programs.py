@@ -1,0 +1,166 @@
+"""Random attention programs for the differential fuzz: spellings x masks x GQA x layouts x shapes.
+
+Each :class:`Program` is a seeded choice of how model code writes attention (SDPA, ``repeat_kv`` + SDPA,
+matmul/einsum with the scale in several places, casts around the softmax, ``masked_fill``), which mask it
+builds in the graph (none, causal, a window, ``.abs()`` windows, ``tril``, key padding, BERT's extended mask,
+documents, and constructs FA4 cannot express: a learned bias, query padding, or-ed masks), GQA, the operands'
+layout and dynamic shapes. ``expressible`` says whether FA4 can compute it; the fuzz checks the rewrite is
+right on every program and counts how many expressible ones it rewrote. Every query row sees at least one
+key, so eager softmax spellings stay finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+
+SPELLINGS = ("sdpa", "sdpa_repeat_kv", "matmul", "matmul_div", "einsum", "prescaled_q", "whisper", "llama_ref",
+             "masked_fill")
+BANDS = ("none", "causal", "window", "abs_window", "tril")
+EXTRAS = ("none", "padding", "bert_extended", "documents", "relative_bias", "query_padding", "or_mask")
+UNEXPRESSIBLE = ("relative_bias", "query_padding", "or_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One random attention program and how to build its inputs."""
+
+    spelling: str
+    band: str
+    extra: str
+    batch: int
+    heads: int
+    heads_kv: int
+    seqlen: int
+    head_dim: int
+    layout: str  # "bhsd": (B, H, S, D) leaves; "bshd": (B, S, H, D) leaves transposed in the program
+    dynamic: bool
+    seed: int
+
+    @property
+    def expressible(self) -> bool:
+        return self.extra not in UNEXPRESSIBLE
+
+    def inputs(self, device="cpu") -> tuple[list[torch.Tensor], tuple]:
+        """(q, k, v leaves, extra program inputs)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        b, h, hkv, s, d = self.batch, self.heads, self.heads_kv, self.seqlen, self.head_dim
+
+        def leaf(heads):
+            shape = (b, heads, s, d) if self.layout == "bhsd" else (b, s, heads, d)
+            return torch.randn(shape, generator=generator).to(device, torch.bfloat16).requires_grad_(True)
+        lengths = torch.randint(1, s + 1, (b,), generator=generator)
+        padding = (torch.arange(s)[None, :] < lengths[:, None]).long()  # right padding, 0/1 as tokenizers give
+        cuts = torch.sort(torch.randint(1, s, (b, 2), generator=generator), dim=1).values
+        segments = (torch.arange(s)[None, None, :] >= cuts[:, :, None]).sum(dim=1)
+        bias = torch.randn(1, h, s, s, generator=generator).to(torch.bfloat16)
+        return [leaf(h), leaf(hkv), leaf(hkv)], tuple(t.to(device) for t in (padding, segments, bias))
+
+    def function(self):
+        """The program: ``fn(q, k, v, padding, segments, bias) -> (B, H, S, D)``."""
+        # GQA group and head dim as plain Python constants: under dynamic=True Dynamo may make ints it reads symbolic.
+        group, head_dim = self.heads // self.heads_kv, self.head_dim
+        return lambda q, k, v, padding, segments, bias: _attention(self, group, head_dim, q, k, v, padding, segments,
+                                                                   bias)
+
+
+def _keep(program: Program, q, padding, segments) -> torch.Tensor | None:
+    """The boolean mask the program builds (True = visible), broadcastable to (B, H, S, S); None for none."""
+    s = q.shape[2]
+    i = torch.arange(s, device=q.device)[:, None]
+    j = torch.arange(s, device=q.device)[None, :]
+    keep = None
+    if program.band == "causal":
+        keep = j <= i
+    elif program.band == "window":
+        keep = (j <= i) & (j > i - 5)
+    elif program.band == "abs_window":
+        keep = (i - j).abs() <= 3
+    elif program.band == "tril":
+        keep = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    b = torch.arange(q.shape[0], device=q.device)[:, None, None, None]
+    extra = None
+    if program.extra in ("padding", "bert_extended"):
+        extra = padding.bool()[b, j]
+    elif program.extra == "documents":
+        extra = segments[b, i] == segments[b, j]
+    elif program.extra == "query_padding":
+        extra = padding.bool()[b, i] | (j == i)
+    elif program.extra == "or_mask":
+        extra = (j <= i - 2) | (j >= i)  # a hole below the diagonal: no band
+    if extra is not None:
+        keep = extra if keep is None else keep & extra
+    return keep
+
+
+def _additive(program: Program, keep, q, padding):
+    """The mask as an additive float mask, in the spelling the program uses."""
+    if program.extra == "bert_extended":  # BERT: (1 - mask) * finfo.min for the padding, the band as -inf
+        extended = (1.0 - padding[:, None, None, :].to(q.dtype)) * torch.finfo(q.dtype).min
+        band = _keep(dataclasses.replace(program, extra="none"), q, padding, None)
+        return extended if band is None else extended + torch.where(band, 0.0, float("-inf")).to(q.dtype)
+    if keep is None:
+        return None
+    low = torch.finfo(q.dtype).min if program.seed % 2 else float("-inf")
+    return torch.where(keep, 0.0, low).to(q.dtype)
+
+
+def _attention(program: Program, group: int, d: int, q, k, v, padding, segments, bias):
+    if program.layout == "bshd":
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    keep = _keep(program, q, padding, segments)
+    if program.spelling in ("sdpa", "sdpa_repeat_kv"):
+        if program.spelling == "sdpa_repeat_kv" and group > 1:
+            k, v = (t[:, :, None].expand(t.shape[0], t.shape[1], group, *t.shape[2:]).reshape(
+                t.shape[0], t.shape[1] * group, *t.shape[2:]) for t in (k, v))
+        mask = _additive(program, keep, q, padding) if program.extra in ("bert_extended", "relative_bias") else keep
+        if program.extra == "relative_bias":
+            mask = bias if mask is None else mask + bias
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=program.spelling == "sdpa")
+    if group > 1:
+        k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    if program.spelling == "einsum":
+        scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * d ** -0.5
+    elif program.spelling == "prescaled_q":
+        scores = (q * d ** -0.5) @ k.transpose(-2, -1)
+    elif program.spelling == "whisper":
+        scale = d ** -0.25
+        scores = (q * scale) @ (k * scale).transpose(-1, -2)
+    elif program.spelling == "matmul_div":
+        scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(d)
+    else:
+        scores = torch.matmul(q, k.transpose(-2, -1)) * d ** -0.5
+    if program.spelling == "masked_fill" and keep is not None and program.extra != "bert_extended":
+        scores = scores.masked_fill(~keep, float("-inf"))
+    else:
+        mask = _additive(program, keep, q, padding)
+        if mask is not None:
+            scores = scores + mask
+    if program.extra == "relative_bias":
+        scores = scores + bias
+    if program.spelling in ("whisper", "llama_ref"):
+        probs = F.softmax(scores.float(), dim=-1).type_as(q)
+    else:
+        probs = scores.softmax(dim=-1)
+    out = torch.einsum("bhqk,bhkd->bhqd", probs, v) if program.spelling == "einsum" else probs @ v
+    return out
+
+
+def random_programs(count: int, seed: int = 0, max_seqlen: int = 40) -> list[Program]:
+    """``count`` seeded random programs."""
+    rng = random.Random(seed)
+    programs = []
+    for index in range(count):
+        heads = rng.choice((2, 4))
+        band, extra = rng.choice(BANDS), rng.choice(EXTRAS)
+        if extra in ("padding", "bert_extended") and band in ("window", "abs_window"):
+            band = "causal"  # a window past a row's last key would leave query rows with no key at all
+        programs.append(Program(
+            spelling=rng.choice(SPELLINGS), band=band, extra=extra, batch=rng.choice((1, 2, 3)), heads=heads,
+            heads_kv=rng.choice((heads, heads // 2)), seqlen=rng.randint(5, max_seqlen), head_dim=rng.choice((8, 16)),
+            layout=rng.choice(("bhsd", "bshd")), dynamic=rng.random() < 0.3, seed=seed * 100003 + index))
+    return programs

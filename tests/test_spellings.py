@@ -1,0 +1,158 @@
+"""Spellings of attention and masks from real codebases, folded to one form before matching.
+
+Each program is written from the idiom of a public codebase (timm's ViT, OpenAI Whisper, Meta's reference
+Llama, nanoGPT, BERT's extended mask), compiled with the plugin on CPU (reference kernels), static and
+dynamic: the site must run FA4, and output and gradients must match eager.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fa4_inductor
+from fa4_inductor import stats
+
+pytestmark = pytest.mark.usefixtures("no_compile_cache")
+
+B, H, S, D = 2, 4, 24, 16
+
+
+def _qkv():
+    torch.manual_seed(0)
+    return [torch.randn(B, H, S, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+
+
+def _causal(q, k):
+    i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+    return j <= i
+
+
+def einsum(q, k, v):
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * (q.shape[-1] ** -0.5)
+    return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(dim=-1), v)
+
+
+def timm_vit(q, k, v):
+    q = q * (q.shape[-1] ** -0.5)
+    attn = q @ k.transpose(-2, -1)
+    attn = attn.softmax(dim=-1)
+    return attn @ v
+
+
+def whisper(q, k, v):
+    scale = (q.shape[-1]) ** -0.25
+    qk = (q * scale) @ (k * scale).transpose(-1, -2)
+    qk = qk + torch.where(_causal(q, k), 0.0, float("-inf"))
+    w = F.softmax(qk.float(), dim=-1).to(q.dtype)
+    return w @ v
+
+
+def whisper_permuted_key(q, k, v):
+    """Whisper permutes K to (B, H, D, S) itself, scaled before the product."""
+    scale = (q.shape[-1]) ** -0.25
+    kt = k.permute(0, 1, 3, 2) * scale
+    return F.softmax(((q * scale) @ kt).float(), dim=-1).to(q.dtype) @ v
+
+
+def meta_llama(q, k, v):
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1])
+    scores = scores + torch.full((q.shape[2], k.shape[2]), float("-inf")).triu(1)
+    scores = F.softmax(scores.float(), dim=-1).type_as(q)
+    return torch.matmul(scores, v)
+
+
+def nanogpt_manual(q, k, v):
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+    att = att.masked_fill(torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril() == 0, float("-inf"))
+    att = F.softmax(att, dim=-1)
+    return att @ v
+
+
+def nanogpt_flash(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True)
+
+
+def module_softmax(q, k, v):
+    return torch.nn.Softmax(dim=-1)(q @ k.mT * 0.25) @ v
+
+
+def abs_window(q, k, v):
+    i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(i - j).abs() <= 3)
+
+
+def zeros_masked_fill(q, k, v):
+    mask = torch.zeros(q.shape[2], k.shape[2], dtype=q.dtype).masked_fill(~_causal(q, k), float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def einsum_additive_mask(q, k, v):
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    scores = scores + torch.where(_causal(q, k), 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+    return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(scores, dim=-1), v)
+
+
+SPELLINGS = {  # name: (program, causal, window)
+    "einsum": (einsum, False, None), "timm_vit": (timm_vit, False, None), "whisper": (whisper, True, None),
+    "whisper_permuted_key": (whisper_permuted_key, False, None), "meta_llama": (meta_llama, True, None),
+    "nanogpt_manual": (nanogpt_manual, True, None), "nanogpt_flash": (nanogpt_flash, True, None),
+    "module_softmax": (module_softmax, False, None), "abs_window": (abs_window, False, (3, 3)),
+    "zeros_masked_fill": (zeros_masked_fill, True, None), "einsum_additive_mask": (einsum_additive_mask, True, None),
+}
+
+
+def _compare(fn, inputs, extra=(), dynamic=False):
+    want = fn(*inputs, *extra)
+    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(2)).to(want.dtype)
+    want_grads = torch.autograd.grad((want.float() * weights).sum(), inputs)
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = torch.compile(fn, fullgraph=True, dynamic=dynamic)(*inputs, *extra)
+    got_grads = torch.autograd.grad((got.float() * weights).sum(), inputs)
+    records = stats.site_records()
+    assert len(records) == 1, records
+    assert records[0].decision == "fa4", records[0].reason
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
+    scale = max(g.abs().max() for g in want_grads)  # one scale across q, k and v
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g / scale, w / scale, atol=2e-2, rtol=0)
+    return records[0]
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("name", list(SPELLINGS))
+def test_spelling_runs_fa4_and_matches_eager(name, dynamic):
+    fn, causal, window = SPELLINGS[name]
+    record = _compare(fn, _qkv(), dynamic=dynamic)
+    assert record.features["causal"] == causal and record.features["window"] == window
+
+
+@pytest.mark.parametrize("form", ["extended", "extended_eager"])
+def test_bert_extended_padding_mask(form):
+    """``(1.0 - mask) * finfo.min`` over a (B, 1, 1, S) 0/1 attention mask: FA4 key padding."""
+    def fn(q, k, v, attention_mask):
+        extended = (1.0 - attention_mask[:, None, None, :].to(q.dtype)) * torch.finfo(q.dtype).min
+        if form == "extended":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=extended)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + extended
+        return torch.softmax(scores, dim=-1) @ v
+
+    attention_mask = torch.ones(B, S, dtype=torch.long)
+    attention_mask[1, 17:] = 0
+    record = _compare(fn, _qkv(), (attention_mask,))
+    assert record.features["padding"]
+
+
+def test_t5_relative_bias_falls_back_with_its_reason():
+    """A learned position bias added to the scores is no mask FA4 can express: the site stays, saying why."""
+    bias = torch.randn(1, H, S, S, dtype=torch.bfloat16)
+
+    def fn(q, k, v):
+        scores = q @ k.transpose(-1, -2) + bias
+        return torch.softmax(scores.float(), dim=-1).type_as(q) @ v
+
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        torch.compile(fn)(*_qkv())
+    (record,) = stats.site_records()
+    assert record.decision == "fallback" and "attn_mask not expressible" in record.reason
