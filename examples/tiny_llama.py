@@ -43,6 +43,14 @@ def main() -> None:
         logits.square().mean().backward()
     print(f"compiled-with-plugin vs eager logits: max abs diff {(logits - want).abs().max().item():.3g}")
     print(fa4_inductor.explain(model, input_ids, arch="sm90"))
+    # A padded batch (row 1 left-padded) and a packed one (three sequences per row, restarting position_ids):
+    # key padding and documents, and-ed with causal, become FA4 block sparsity.
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :20] = 0
+    print("\nleft-padded batch:", fa4_inductor.explain(model, input_ids, attention_mask=attention_mask, arch="sm90"))
+    positions = torch.cat([torch.arange(n) for n in (20, 30, 14)]).to(input_ids.device).expand_as(input_ids)
+    print("\npacked batch:", fa4_inductor.explain(model, input_ids, position_ids=positions, use_cache=False,
+                                                    arch="sm90"))
 
 
 if __name__ == "__main__":

@@ -329,9 +329,8 @@ class _Evaluator:
             raise NotAnalyzable("cast of a non-index value")
         ndim = len(example.shape) if isinstance(example, torch.Tensor) else value.ndim
         expr = _shift(value, ndim)
-        if isinstance(example, torch.Tensor) and example.dtype == torch.bool and isinstance(expr, sympy.Basic):
-            # An integer lookup cast to bool is its nonzero-ness: a boolean lookup.
-            expr = expr.replace(ValueLookup, TensorLookup)
+        if isinstance(example, torch.Tensor) and example.dtype == torch.bool and isinstance(expr, ValueLookup):
+            expr = TensorLookup(*expr.args)  # an integer lookup cast to bool is its nonzero-ness
         return IndexTensor(expr, ndim, value.additive)
 
     @staticmethod

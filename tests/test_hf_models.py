@@ -156,6 +156,25 @@ def test_padding_mask_runs_fa4_and_stays_exact(name, impl, side):
     _assert_grads_close(got_grads, want_grads)
 
 
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_packed_sequences_from_position_ids_run_fa4_documents(name):
+    """Packed training batches (restarting ``position_ids``, no attention mask, no cache): Hugging Face derives
+    segment ids in the graph and ands ``seg[b, q] == seg[b, kv]`` into the mask; every site runs FA4 with them."""
+    torch.manual_seed(0)
+    model = _build(name, "sdpa").to(torch.bfloat16).eval()
+    ids = torch.randint(0, 128, (2, 24))
+    kwargs = {"position_ids": torch.cat([torch.arange(7), torch.arange(12), torch.arange(5)])[None].expand(2, 24),
+              "use_cache": False}
+    want, want_grads = _logits_and_grads(model, ids, kwargs)
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got, got_grads = _logits_and_grads(model, ids, kwargs, call=torch.compile(model))
+    records = stats.site_records()
+    assert [r.decision for r in records] == ["fa4", "fa4"], [(r.node, r.reason) for r in records]
+    assert all(r.features["documents"] for r in records)
+    assert _rel(got, want) < 2e-2
+    _assert_grads_close(got_grads, want_grads)
+
+
 def test_gemma2_eager_dynamic_shapes_graph_scalars():
     """dynamic=True turns Gemma2's float attributes (scale, softcap, dropout p) into graph scalars.
 
