@@ -124,7 +124,8 @@ def block_lists(batch: int, seqlen_q: int, seqlen_k: int, block_size: tuple[int,
     row_block, col_block = (block_k, block_q) if backward else (block_q, block_k)
     counts = [torch.empty((batch, 1, n_rows), dtype=torch.int32, device=device) for _ in range(2)]
     indices = [torch.empty((batch, 1, n_rows, n_cols), dtype=torch.int32, device=device) for _ in range(2)]
-    pad, seg = parts.key_padding, parts.segment_ids
+    # The kernel reads rows with unit stride (a stride-0 batch, from expand, is fine).
+    pad, seg = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (parts.key_padding, parts.segment_ids))
     if pad is not None and pad.dtype == torch.bool:
         pad = pad.view(torch.uint8)
     right = 0 if parts.causal else parts.window_right

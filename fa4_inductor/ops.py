@@ -71,6 +71,9 @@ def _validate(q: Tensor, k: Tensor, v: Tensor, seqused_k: Tensor | None,
                                     or key_padding.shape[0] != q.shape[0] or key_padding.shape[1] != k.shape[1]):
         raise ValueError(f"key_padding must be a bool (B, S_kv) = ({q.shape[0]}, {k.shape[1]}) tensor, "
                          f"got {key_padding.dtype} {tuple(key_padding.shape)}")
+    if seqused_k is not None and (key_padding is not None or segment_ids is not None):
+        raise ValueError("seqused_k can't be combined with key_padding or segment_ids: express the lengths as "
+                         "key_padding")
     if segment_ids is not None and (segment_ids.is_floating_point() or segment_ids.is_complex()
                                     or segment_ids.dtype == torch.bool or segment_ids.dim() != 2
                                     or segment_ids.shape[0] != q.shape[0] or segment_ids.shape[1] != k.shape[1]

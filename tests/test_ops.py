@@ -184,5 +184,29 @@ def test_bad_key_padding_raises_value_error(key_padding):
         torch.ops.fa4.flash_attn_fwd(*_qkv(), 0.3, False, key_padding=key_padding)
 
 
+@pytest.mark.parametrize("extra, message", [
+    (dict(segment_ids=torch.zeros(2, 7)), "segment_ids must be an integer"),
+    (dict(segment_ids=torch.zeros(2, 6, dtype=torch.long)), "segment_ids must be an integer"),
+    (dict(segment_ids=torch.zeros(2, 7, dtype=torch.long), seqused_k=torch.full((2,), 7, dtype=torch.int32)),
+     "seqused_k can't be combined"),
+], ids=["float", "short", "with_seqused_k"])
+def test_bad_segment_ids_raise_value_error(extra, message):
+    with pytest.raises(ValueError, match=message):
+        torch.ops.fa4.flash_attn_fwd(*_qkv(), 0.3, False, **extra)
+
+
+def test_segment_ids_match_sdpa_with_a_document_mask():
+    q, k, v = (t.requires_grad_() for t in _qkv(sq=9, sk=9))
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 7, 7, 7]])
+    mask = seg[:, None, :, None] == seg[:, None, None, :]
+    want = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask, scale=0.3)
+    got, _ = torch.ops.fa4.flash_attn_fwd(q, k, v, 0.3, False, segment_ids=seg)
+    torch.testing.assert_close(got, want.transpose(1, 2))
+    grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    want_grads = torch.autograd.grad(want.transpose(1, 2).square().sum(), (q, k, v))
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
 def test_reference_is_documented_as_reference():
     assert "reference" in reference.__doc__.lower() and "never chosen for speed" in reference.__doc__
