@@ -261,7 +261,8 @@ def _mask_tensors(params: dict) -> list[torch.Tensor | None]:
 
 def gradient_like(t: torch.Tensor) -> torch.Tensor:
     """An empty gradient for ``t`` in ``t``'s layout when that is dense (a B,S,H,D view of a B,H,S,D leaf gets
-    B,H,S,D memory, so nothing copies it back), else contiguous; the fake impl and the kernels agree on it."""
+    B,H,S,D memory, so nothing copies it back), else the layout ``torch.empty_like`` suggests; the fake impl and
+    the kernels both allocate through here, so they agree."""
     return torch.empty_like(t, memory_format=torch.preserve_format)
 
 

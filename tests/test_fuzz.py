@@ -16,6 +16,7 @@ import torch
 import fa4_inductor
 from fa4_inductor.pattern_registry import RewriteContext, rewrite_graph
 
+from tests.compare import assert_matches_eager
 from tests.fuzz_programs import random_programs
 
 log = logging.getLogger(__name__)
@@ -33,18 +34,11 @@ def _rewriting_backend(records: list):
 
 
 def _run(program, backend):
-    (q, k, v), extra = program.inputs()
+    inputs, extra = program.inputs()
     fn = program.function()
-    want = fn(q, k, v, *extra)
-    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(program.seed)).to(want.dtype)
-    want_grads = torch.autograd.grad((want.float() * weights).sum(), (q, k, v))
     torch._dynamo.reset()
-    got = torch.compile(fn, backend=backend, dynamic=program.dynamic, fullgraph=True)(q, k, v, *extra)
-    got_grads = torch.autograd.grad((got.float() * weights).sum(), (q, k, v))
-    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2, msg=lambda m: f"{program}: {m}")
-    scale = max(g.abs().max() for g in want_grads)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g / scale, w / scale, atol=3e-2, rtol=0, msg=lambda m: f"{program}: {m}")
+    compiled = torch.compile(fn, backend=backend, dynamic=program.dynamic, fullgraph=True)
+    assert_matches_eager(fn, compiled, inputs, extra, grad_atol=3e-2, seed=program.seed, label=str(program))
 
 
 def test_random_programs_match_eager_and_expressible_ones_run_fa4():

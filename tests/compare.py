@@ -1,0 +1,19 @@
+"""One check for the rewrite tests: a compiled program gives eager's output and gradients."""
+
+import torch
+
+
+def assert_matches_eager(fn, compiled, inputs, extra=(), *, grad_atol=2e-2, seed=2, label="") -> torch.Tensor:
+    """Run ``fn`` eagerly and ``compiled`` on ``inputs`` (leaves) and ``extra``; assert the outputs match and the
+    gradients of a random projection match on one scale across the inputs (a gradient that should be zero is not
+    judged alone). Returns the compiled output."""
+    want = fn(*inputs, *extra)
+    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed)).to(want.dtype)
+    want_grads = torch.autograd.grad((want.float() * weights).sum(), inputs)
+    got = compiled(*inputs, *extra)
+    got_grads = torch.autograd.grad((got.float() * weights).sum(), inputs)
+    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2, msg=lambda m: f"{label}: {m}")
+    scale = max(g.abs().max() for g in want_grads)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g / scale, w / scale, atol=grad_atol, rtol=0, msg=lambda m: f"{label}: {m}")
+    return got
