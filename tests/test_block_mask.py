@@ -54,14 +54,16 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("lengths", [(200, 200), (77, 200), (128, 256)])
+# Documents need S_q == S_kv; the other masks also run with fewer queries than keys.
+LENGTHS = [(case, lengths) for case in CASES
+           for lengths in ([(200, 200)] if case.get("documents") else [(200, 200), (77, 200), (128, 256)])]
+
+
+@pytest.mark.parametrize("case, lengths", LENGTHS, ids=str)
 @pytest.mark.parametrize("block", [(16, 32), (64, 16)])
 def test_states_never_contradict_the_mask(case, lengths, block):
     generator = torch.Generator().manual_seed(hash((str(case), lengths, block)) % 2**31)
     seqlen_q, seqlen_k = lengths
-    if case.get("documents") and seqlen_q != seqlen_k:
-        pytest.skip("documents need S_q == S_kv")
     padding = _padding(case["padding"], 3, seqlen_k, generator) if case.get("padding") else None
     segments = _segments(3, seqlen_k, case["documents"], generator) if case.get("documents") else None
     parts = MaskParts(*case["band"], key_padding=padding, segment_ids=segments)
