@@ -6,9 +6,11 @@ process, and Hugging Face's own ``attn_implementation="flash_attention_4"`` comp
 users would pick instead; a model it can't serve gets a note, not a failure). Checks the plugin's logits
 against the uncompiled model, counts FA4 kernels with the profiler, and records peak memory. Writes JSON and markdown to --out.
 With --left-pad F, batch row 1 is left-padded over a fraction F of its positions (an attention_mask,
-labels -100 there) and errors are measured on the unpadded positions.
+labels -100 there) and errors are measured on the unpadded positions. With --attn flex_attention every model
+runs HF's FlexAttention integration: ``stock`` is then FlexAttention's Triton backend and ``flex_flash`` the
+same model with ``kernel_options={"BACKEND": "FLASH"}``.
 Usage: python benchmarks/bench_hf_models.py --out benchmarks/results --models llama mistral --seq 2048 8192
-       [--modes train infer] [--variants stock plugin hf_fa4]
+       [--modes train infer] [--variants stock plugin hf_fa4 flex_flash] [--attn flex_attention]
 """
 
 from __future__ import annotations
@@ -30,15 +32,16 @@ from fa4_inductor import stats
 LAYERS, HIDDEN, HEADS, KV_HEADS, VOCAB = 4, 2048, 16, 4, 32000
 
 
-def build(name: str) -> torch.nn.Module:
-    """A 4-layer model of the family; Gemma2 on HF's eager path, where its softcap exists.
+def build(name: str, attn: str | None = None) -> torch.nn.Module:
+    """A 4-layer model of the family with ``attn`` as its attention implementation (default: Gemma2 on HF's eager
+    path, where its softcap exists, the others on SDPA).
 
     GPT-2, BERT and RoBERTa have no GQA (16 KV heads); BERT and RoBERTa are
     masked LMs (bidirectional attention, the LM loss on every position).
     """
     common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=LAYERS,
                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=16384,
-                  attn_implementation="eager" if name == "gemma2" else "sdpa")
+                  attn_implementation=attn or ("eager" if name == "gemma2" else "sdpa"))
     if name == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     if name == "mistral":
@@ -140,6 +143,8 @@ def _run_variant(model, variant: str, mode: str, inputs, masks, extra, reference
     torch._dynamo.reset()
     stats.reset()
     on = variant.startswith("plugin")
+    if variant == "flex_flash":
+        extra = {s: {**kwargs, "kernel_options": {"BACKEND": "FLASH"}} for s, kwargs in extra.items()}
     with (fa4_inductor.enabled(compile=True, eager=False) if on else contextlib.nullcontext(),
           _attention(model, variant)):
         compiled = torch.compile(model, dynamic=True)
@@ -161,10 +166,10 @@ def _run_variant(model, variant: str, mode: str, inputs, masks, extra, reference
 
 
 def run(name: str, seqs: list[int], left_pad: float = 0.0, modes=("train", "infer"),
-        variants=("stock", "plugin", "hf_fa4")) -> list[dict]:
+        variants=("stock", "plugin", "hf_fa4"), attn: str | None = None) -> list[dict]:
     """All rows of one model: per mode, one dynamic-shape compile per variant, reused for every S."""
     torch.manual_seed(0)
-    model = build(name).cuda().to(torch.bfloat16)
+    model = build(name, attn).cuda().to(torch.bfloat16)
     inputs = {s: torch.randint(0, VOCAB, (2, s), device="cuda") for s in seqs}
     masks = {s: _padding(s, left_pad) for s in seqs}
     extra = {s: {"attention_mask": masks[s]} if left_pad else {} for s in seqs}
@@ -176,7 +181,7 @@ def run(name: str, seqs: list[int], left_pad: float = 0.0, modes=("train", "infe
         except torch.OutOfMemoryError:
             references[s] = None
             torch.cuda.empty_cache()
-    rows = {(mode, s): {"model": name, "S": s, "mode": mode, "left_pad": left_pad}
+    rows = {(mode, s): {"model": name, "S": s, "mode": mode, "left_pad": left_pad, "attn": attn or "default"}
             for mode in modes for s in seqs}
     for mode in modes:
         for variant in variants:
@@ -194,6 +199,8 @@ def run(name: str, seqs: list[int], left_pad: float = 0.0, modes=("train", "infe
                 row["speedup_vs_no_sparsity"] = row["plugin_no_sparsity_ms"] / row["plugin_ms"]
             if "hf_fa4_ms" in row:
                 row["speedup_vs_hf_fa4"] = row["hf_fa4_ms"] / row["plugin_ms"]
+            if "flex_flash_ms" in row:
+                row["speedup_vs_flex_flash"] = row["flex_flash_ms"] / row["plugin_ms"]
             print(json.dumps(row), flush=True)
     return list(rows.values())  # the model is freed with this frame
 
@@ -205,7 +212,10 @@ def markdown(result: dict) -> str:
              "median of 10 steps (CUDA events). 'train' = forward + backward of the LM loss."
              + (f" Batch row 1 left-padded over {result['rows'][0]['left_pad']:.0%} of its positions "
                 "(attention_mask); errors on unpadded positions." if result["rows"] and result["rows"][0]["left_pad"]
-                else ""), "",
+                else "")
+             + (" Every model runs attn_implementation=\"flex_attention\": 'stock' is FlexAttention's Triton backend "
+                "compiled; FlexAttention FLASH times are in the notes." if result["rows"]
+                and result["rows"][0].get("attn") == "flex_attention" else ""), "",
              "| model | S | mode | stock ms | HF flash_attention_4 ms | plugin ms | speedup | vs HF FA4 | FA4 kernels (plugin) | other attention kernels (plugin) | peak GiB stock | peak GiB plugin | rel err plugin vs eager | rel err stock vs eager |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
@@ -213,6 +223,9 @@ def markdown(result: dict) -> str:
         hf = f"{r['hf_fa4_ms']:.2f}" if "hf_fa4_ms" in r else ""
         if "hf_fa4_error" in r:
             notes.append(f"{r['model']} S={r['S']} {r['mode']}: HF flash_attention_4 did not run ({r['hf_fa4_error']}).")
+        if "flex_flash_ms" in r:
+            notes.append(f"{r['model']} S={r['S']} {r['mode']}: FlexAttention FLASH {r['flex_flash_ms']:.2f} ms, "
+                         f"plugin {r['plugin_ms']:.2f} ms ({r['speedup_vs_flex_flash']:.2f}x).")
         if "plugin_no_sparsity_ms" in r:
             notes.append(f"{r['model']} S={r['S']} {r['mode']}: plugin without block sparsity "
                          f"{r['plugin_no_sparsity_ms']:.2f} ms, with it {r['plugin_ms']:.2f} ms "
@@ -234,14 +247,15 @@ def main() -> None:
     parser.add_argument("--left-pad", type=float, default=0.0)
     parser.add_argument("--modes", nargs="+", default=["train", "infer"])
     parser.add_argument("--variants", nargs="+", default=["stock", "plugin", "hf_fa4"],
-                        help="stock, plugin, hf_fa4, plugin_no_sparsity")
+                        help="stock, plugin, hf_fa4, plugin_no_sparsity, flex_flash")
+    parser.add_argument("--attn", default=None, help="attention implementation of every model (flex_attention)")
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "transformers": transformers.__version__, "rows": []}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.models:  # results are written after each model, so a run cut short keeps what it measured
-        result["rows"] += run(name, args.seq, args.left_pad, args.modes, args.variants)
+        result["rows"] += run(name, args.seq, args.left_pad, args.modes, args.variants, args.attn)
         (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
         (out / f"{args.tag}.md").write_text(markdown(result))
     print(markdown(result))

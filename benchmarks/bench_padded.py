@@ -26,9 +26,7 @@ Usage: python benchmarks/bench_padded.py --out benchmarks/results
 
 from __future__ import annotations
 
-import argparse
 import json
-import pathlib
 import statistics
 
 import torch
@@ -36,7 +34,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 import fa4_inductor
-from fa4_inductor import fa4_api, stats
+import problem_runner
+from fa4_inductor import stats
 
 B, H, S, D = 4, 16, 4096, 128
 KEEP = (1.0, 0.875, 0.75, 0.625)
@@ -202,20 +201,8 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--problems", nargs="+", default=["right", "left", "documents", "causal"])
-    parser.add_argument("--tag", default="padded")
-    args = parser.parse_args()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa4": fa4_api.version(),
-              "rows": []}
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for problem in args.problems:
-        result["rows"].append(run(problem))
-        (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
-        (out / f"{args.tag}.md").write_text(markdown(result))
-    print(markdown(result))
+    """Run the problems named on the command line (default: all)."""
+    problem_runner.main(__doc__.splitlines()[0], ["right", "left", "documents", "causal"], "padded", run, markdown)
 
 
 if __name__ == "__main__":

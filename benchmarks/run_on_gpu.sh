@@ -5,6 +5,9 @@
 #   overhead   host overhead per call          first_step   the first training step
 #   attention  the compiled attention block    padded       padded and packed batches vs FA4 varlen / Flex
 #   hf_padded  left-padded HF Llama training vs stock and HF flash_attention_4, and padded BERT/RoBERTa
+#   flex       FlexAttention programs vs Flex FLASH / Triton (FLEX_PROBLEMS narrows them)
+#   hf_flex    HF Llama/Mistral/Gemma2 with attn_implementation="flex_attention" vs Flex Triton / FLASH
+#   block      the compiled qkv-projection block vs stock and FA4 called by hand
 # BENCH_ARGS is passed to bench_attention.py (e.g. "--s 1024 --block-s 4096" for a short run).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -14,7 +17,7 @@ nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader
 for step in $STEPS; do
   echo "== $step"
   case $step in
-    tests) FA4_GPU_RESULTS=$OUT/gpu_results.jsonl timeout 300 python3 -m pytest -q tests/test_gpu.py ${TESTS:+-k "$TESTS"} 2>&1 | tee $OUT/gpu_tests.log | tail -15 ;;
+    tests) FA4_GPU_RESULTS=$OUT/gpu_results.jsonl timeout ${TESTS_TIMEOUT:-540} python3 -m pytest -q tests/test_gpu.py ${TESTS:+-k "$TESTS"} 2>&1 | tee $OUT/gpu_tests.log | tail -15 ;;
     overhead) timeout 90 python3 benchmarks/bench_overhead.py --out $OUT 2>&1 | tail -16 ;;
     first_step) timeout 240 python3 benchmarks/bench_first_step.py --out $OUT 2>&1 | tail -10 ;;
     attention) timeout 300 python3 benchmarks/bench_attention.py --out $OUT/bench ${BENCH_ARGS:-} 2>&1 | grep -v "^{" | tail -25 ;;
@@ -24,6 +27,13 @@ for step in $STEPS; do
         --left-pad 0.333 --modes train --variants stock plugin hf_fa4 2>&1 | grep -v "^{" | tail -8
       timeout 300 python3 benchmarks/bench_hf_models.py --out $OUT --tag hf_bert_roberta_padded --models bert roberta \
         --seq 2048 --left-pad 0.25 --modes train --variants stock plugin_no_sparsity plugin 2>&1 | grep -v "^{" | tail -8 ;;
+    flex) timeout 580 python3 benchmarks/bench_flex.py --out $OUT ${FLEX_PROBLEMS:+--problems $FLEX_PROBLEMS} \
+        ${FLEX_TAG:+--tag $FLEX_TAG} 2>&1 | grep -v "^{" | tail -16 ;;
+    hf_flex) timeout 580 python3 benchmarks/bench_hf_models.py --out $OUT --tag hf_flex_attention_h200 \
+        --models ${HF_MODELS:-llama mistral gemma2} --seq 4096 --modes train --attn flex_attention \
+        --variants stock plugin flex_flash 2>&1 | tee $OUT/hf_flex.log | grep -v "^{" | tail -12 ;;
+    block) timeout 300 python3 benchmarks/bench_attention.py --out $OUT/bench --d 128 --s 4096 --block-s 4096 16384 \
+        2>&1 | grep -v "^{" | tail -12 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -37,12 +37,14 @@ def op_name(node: Any) -> str | None:
     return None
 
 
-def call_with_meta(graph: Graph, target, args: tuple, kwargs: dict | None = None) -> Node:
-    """Insert ``target(*args, **kwargs)`` and record its fake result as metadata."""
+def call_with_meta(graph: Graph, target, args: tuple, kwargs: dict | None = None, *, like: Node | None = None) -> Node:
+    """Insert ``target(*args, **kwargs)`` and record its fake result as metadata (a factory function with no tensor
+    argument runs in the fake mode of ``like``'s value)."""
     kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)
     fake_args = [example_value(a) for a in args]
-    fake_mode = next((getattr(a, "fake_mode", None) for a in fake_args if getattr(a, "fake_mode", None)), None)
+    fake_mode = next((getattr(a, "fake_mode", None) for a in (*fake_args, example_value(like))
+                      if getattr(a, "fake_mode", None)), None)
     fake_kwargs = {k: example_value(v) for k, v in kwargs.items()}
     if fake_mode is not None:
         with fake_mode:

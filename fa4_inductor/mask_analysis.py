@@ -16,8 +16,11 @@ boolean formula in (b, h, i, j). If the formula is a conjunction of bounds
 decoding step with a static KV cache receives. A document mask
 ``seg[b, i] == seg[b, j]`` over (B, S) integer segment ids (a packing
 collator's input, or computed in the graph, as Hugging Face derives them from
-restarting ``position_ids``), and-ed with the rest, becomes FA4's
-``segment_ids`` operand. Anything else (another tensor lookup, a bound on
+restarting ``position_ids``), or ``doc[i] == doc[j]`` over (S,) ids shared by
+every row, and-ed with the rest, becomes FA4's ``segment_ids`` operand; key
+lengths ``j < lengths[b]`` over a (B,) tensor become key padding. The same
+analysis reads a FlexAttention ``mask_mod`` graph, whose inputs are the
+indices themselves (:func:`analyze_mask_mod`). Anything else (another tensor lookup, a bound on
 ``i`` or ``j`` alone, a dependence on batch or head) is reported with the
 reason, and the mask stays.
 """
@@ -73,14 +76,24 @@ class ValueLookup(sympy.Function):
     is_integer = True
 
 
+class VectorLookup(sympy.Function):
+    """``source[i]`` of a 1-D integer tensor: per-row key lengths (``kv_idx < lengths[b]``), or document ids shared
+    by every row (``doc[q_idx] == doc[kv_idx]``)."""
+
+    nargs = 2
+    is_integer = True
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskStructure:
     """FA4 parameters equivalent to a mask (windows: -1 = unbounded).
 
     ``key_padding`` is the graph node of a (B, S_kv) or (B, 1, 1, S_kv)
     tensor whose nonzero entries mark the keys each batch row may attend
-    to, or None; ``segment_ids`` the node of a (B, S) integer tensor of
-    document ids (query and key must share one), or None.
+    to, or None; ``key_lengths`` the node of a (B,) integer tensor, row b
+    attending to keys below ``key_lengths[b]``, or None; ``segment_ids`` the
+    node of a (B, S) integer tensor of document ids, or of an (S,) one shared
+    by every row (query and key must share one), or None.
     """
 
     causal: bool
@@ -88,11 +101,12 @@ class MaskStructure:
     window_right: int
     key_padding: Node | None = None
     segment_ids: Node | None = None
+    key_lengths: Node | None = None
 
     @property
     def is_full(self) -> bool:
         return (not self.causal and self.window_left < 0 and self.window_right < 0
-                and self.key_padding is None and self.segment_ids is None)
+                and self.key_padding is None and self.segment_ids is None and self.key_lengths is None)
 
 
 def _is_boolean(expr: Any) -> bool:
@@ -176,7 +190,7 @@ class _Evaluator:
         if node.op in ("placeholder", "get_attr"):
             if isinstance(example, (torch.SymInt, int)):
                 return example
-            if isinstance(example, torch.Tensor) and example.dim() >= 2:
+            if isinstance(example, torch.Tensor) and example.dim() >= 1:
                 return self._input_lookup(node, example)
             raise NotAnalyzable(f"the mask reads the tensor input '{node.name}' of shape {tuple(example.shape)}")
         if node.op not in ("call_function", "call_method"):
@@ -187,7 +201,7 @@ class _Evaluator:
         if node.target is operator.getitem:
             index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
             if any(isinstance(i, Node) for i in index):
-                return self._gather(self._lookup_source(node.args[0]), [self.value(i) for i in index])
+                return self._gather(self.lookup_source(node.args[0]), [self.value(i) for i in index])
             return self._getitem(self.value(node.args[0]), node.args[1], _example(node.args[0]))
         if name == "tensor" and len(node.args) == 1 and isinstance(node.args[0], (int, float, bool)):
             return node.args[0]  # torch.tensor(0.0): a scalar
@@ -225,7 +239,12 @@ class _Evaluator:
 
     def _input_lookup(self, node: Node, example: torch.Tensor) -> IndexTensor:
         """A tensor read as ``source[first axis, last axis]``: (B, S_kv), or (B, 1, 1, S_kv) as
-        a decoding step's mask is, where every middle axis has size 1."""
+        a decoding step's mask is, where every middle axis has size 1; a 1-D integer tensor as ``source[axis]``."""
+        if example.dim() == 1:
+            if example.is_floating_point() or example.is_complex() or example.dtype == torch.bool:
+                raise NotAnalyzable(f"the mask reads the 1-D {example.dtype} tensor '{node.name}'")
+            self.lookup_sources[node.name] = node
+            return IndexTensor(VectorLookup(sympy.Symbol(node.name), _axis(0)), 1)
         middle = example.shape[1:-1]
         if not all(statically_known_true(size == 1) for size in middle):
             raise NotAnalyzable(f"the mask reads the tensor input '{node.name}' of shape {tuple(example.shape)}, "
@@ -237,14 +256,14 @@ class _Evaluator:
         kind = TensorLookup if example.dtype == torch.bool else ValueLookup
         return IndexTensor(kind(sympy.Symbol(node.name), _axis(0), _axis(ndim - 1)), ndim)
 
-    def _lookup_source(self, source: Any) -> Any:
+    def lookup_source(self, source: Any) -> Any:
         """What a gather reads from: index arithmetic, or else a 2-D tensor taken as it is (segment ids the graph
         computes, e.g. from ``position_ids``, are looked up, not analyzed)."""
         try:
             return self.value(source)
         except NotAnalyzable:
             example = _example(source)
-            if isinstance(source, Node) and isinstance(example, torch.Tensor) and example.dim() == 2:
+            if isinstance(source, Node) and isinstance(example, torch.Tensor) and example.dim() in (1, 2):
                 self.cache[source] = self._input_lookup(source, example)
                 return self.cache[source]
             raise
@@ -487,34 +506,72 @@ def analyze_mask(mask: Node, q_len, kv_len, *, hides_where_true: bool = False) -
     if example.dtype != torch.bool and not example.is_floating_point():
         raise NotAnalyzable(f"mask dtype {example.dtype}")
     evaluator = _Evaluator()
-    try:
-        value = evaluator.value(mask)
-    except TypeError as exc:  # sympy refusing a combination (e.g. arithmetic on a boolean lookup)
-        raise NotAnalyzable(f"the mask combines values the analysis can't model ({exc})") from exc
-    if not isinstance(value, IndexTensor):
-        raise NotAnalyzable("the mask is not a tensor")
+    value = _evaluate(evaluator, mask)
     if example.is_floating_point() and not value.additive:
         raise NotAnalyzable("float mask that is not a 0/-inf mask")
     if hides_where_true:
         if value.additive or example.dtype != torch.bool:
             raise NotAnalyzable("masked_fill with a condition that is not boolean")
         value = IndexTensor(sympy.Not(value.expr), value.ndim)
+    if value.ndim > 4:
+        raise NotAnalyzable("mask has more than 4 dims")
     (expr,), _ = _broadcast(IndexTensor(value.expr, value.ndim))
     expr = sympy.sympify(expr).xreplace(
         {_axis(value.ndim - 4 + k): s for k, s in enumerate((_B, _H, _I, _J)) if value.ndim - 4 + k >= 0})
-    if value.ndim > 4:
-        raise NotAnalyzable("mask has more than 4 dims")
-    expr, segment_ids = _documents(expr, evaluator.lookup_sources, q_len, kv_len)
-    expr, key_padding = _key_padding(expr, evaluator.lookup_sources, kv_len)
-    if expr.atoms(ValueLookup):
+    structure = _structure(expr, evaluator.lookup_sources, q_len, kv_len)
+    visited = [n for n in evaluator.visited if n not in (structure.key_padding, structure.segment_ids,
+                                                         structure.key_lengths)]
+    return structure, visited
+
+
+def analyze_mask_mod(mask_mod: torch.fx.GraphModule, buffers: tuple, q_len, kv_len) -> MaskStructure:
+    """Prove the structure of a FlexAttention ``mask_mod`` graph (``(b, h, q_idx, kv_idx, *buffers) -> bool``).
+
+    ``buffers`` are the outer graph's nodes (or sizes) bound to the graph's placeholders after the four indices;
+    a padding or segment-id tensor in the result is one of them. Raises :class:`NotAnalyzable` otherwise.
+    """
+    placeholders = [n for n in mask_mod.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 4 + len(buffers):
+        raise NotAnalyzable(f"mask_mod takes {len(placeholders)} inputs for {len(buffers)} captured buffers")
+    evaluator = _Evaluator()
+    for placeholder, symbol in zip(placeholders, (_B, _H, _I, _J)):
+        evaluator.cache[placeholder] = IndexTensor(symbol, 0)
+    for placeholder, outer in zip(placeholders[4:], buffers):
+        evaluator.cache[placeholder] = evaluator.lookup_source(outer)
+    value = _evaluate(evaluator, mask_mod.graph.output_node().args[0])
+    if value.additive or value.ndim != 0 or not _is_boolean(value.expr):
+        raise NotAnalyzable("mask_mod does not return a boolean")
+    return _structure(value.expr, evaluator.lookup_sources, q_len, kv_len)
+
+
+def _evaluate(evaluator: "_Evaluator", node: Node) -> IndexTensor:
+    try:
+        value = evaluator.value(node)
+    except TypeError as exc:  # sympy refusing a combination (e.g. arithmetic on a boolean lookup)
+        raise NotAnalyzable(f"the mask combines values the analysis can't model ({exc})") from exc
+    if not isinstance(value, IndexTensor):
+        raise NotAnalyzable("the mask is not a tensor")
+    return value
+
+
+def _structure(expr, lookup_sources: dict[str, Node], q_len, kv_len) -> MaskStructure:
+    """FA4's parameters for a boolean formula in (batch, head, q_idx, kv_idx) and tensor lookups."""
+    expr, segment_ids = _documents(expr, lookup_sources, q_len, kv_len)
+    expr, key_lengths = _key_lengths(expr, lookup_sources)
+    expr, key_padding = _key_padding(expr, lookup_sources, kv_len)
+    if key_lengths is not None and key_padding is not None:
+        raise NotAnalyzable("the mask bounds the keys both by lengths and by a padding lookup")
+    if expr.atoms(ValueLookup, VectorLookup):
         raise NotAnalyzable("the mask uses the values of a tensor in a way FA4 can't express "
-                            "(only seg[batch, q_idx] == seg[batch, kv_idx] document masks)")
+                            "(only seg[batch, q_idx] == seg[batch, kv_idx] document masks and "
+                            "kv_idx < lengths[batch])")
     expr = sympy.simplify_logic(expr) if expr.has(sympy.Or, sympy.Not) else expr
     if expr.has(_B) or expr.has(_H):
         raise NotAnalyzable("the mask depends on the batch or head index")
     if expr is sympy.false:
         raise NotAnalyzable("the mask hides every key")
-    for found, symbol, what in ((key_padding, _KEEP, "padding lookup"), (segment_ids, _SAME_DOCUMENT, "document mask")):
+    for found, symbol, what in ((key_padding or key_lengths, _KEEP, "padding lookup"),
+                                (segment_ids, _SAME_DOCUMENT, "document mask")):
         if found is None:
             continue
         atoms = expr.args if isinstance(expr, sympy.And) else (expr,)
@@ -524,16 +581,16 @@ def analyze_mask(mask: Node, q_len, kv_len, *, hides_where_true: bool = False) -
         if expr.has(symbol):
             raise NotAnalyzable(f"the {what} appears more than once")
     lower, upper = _bounds(expr)
-    offset = sympy.simplify(_sym(kv_len) - _sym(q_len))
+    # Under dynamic shapes query and key lengths may be separate symbols, equal whenever the model runs (self
+    # attention); a guard makes the compiled graph conditional on that.
+    offset = 0 if guard_or_false(kv_len == q_len) else sympy.simplify(_sym(kv_len) - _sym(q_len))
     if offset != 0 and (offset >= 0) is not sympy.true:
         raise NotAnalyzable("S_kv may be shorter than S_q (rows without keys)")
     right = -1 if upper is None else _static_window(upper - offset, "right")
     left = -1 if lower is None else _static_window(offset - lower, "left")
     causal = right == 0 and left < 0
-    structure = MaskStructure(causal=causal, window_left=left, window_right=-1 if causal else right,
-                              key_padding=key_padding, segment_ids=segment_ids)
-    visited = [n for n in evaluator.visited if n is not key_padding and n is not segment_ids]
-    return structure, visited
+    return MaskStructure(causal=causal, window_left=left, window_right=-1 if causal else right,
+                         key_padding=key_padding, segment_ids=segment_ids, key_lengths=key_lengths)
 
 
 _KEEP = sympy.Symbol("key_kept")
@@ -541,23 +598,41 @@ _SAME_DOCUMENT = sympy.Symbol("same_document")
 
 
 def _documents(expr, sources: dict[str, Node], q_len, kv_len) -> tuple[Any, Node | None]:
-    """Replace ``seg[batch, q_idx] == seg[batch, kv_idx]`` by a plain boolean symbol; return the (B, S) source."""
-    matches = [eq for eq in expr.atoms(sympy.Eq)
-               if all(isinstance(side, ValueLookup) for side in eq.args) and eq.args[0].args[0] == eq.args[1].args[0]
-               and {tuple(side.args[1:]) for side in eq.args} == {(_B, _I), (_B, _J)}]
+    """Replace ``seg[batch, q_idx] == seg[batch, kv_idx]`` (or ``seg[q_idx] == seg[kv_idx]`` of ids shared by every
+    row) by a plain boolean symbol; return the (B, S) or (S,) source."""
+    def is_document_test(eq):
+        kinds = {type(side) for side in eq.args}
+        if len(kinds) != 1 or not kinds <= {ValueLookup, VectorLookup} or eq.args[0].args[0] != eq.args[1].args[0]:
+            return False
+        rows = (_B,) if kinds == {ValueLookup} else ()
+        return {tuple(side.args[1:]) for side in eq.args} == {(*rows, _I), (*rows, _J)}
+
+    matches = [eq for eq in expr.atoms(sympy.Eq) if is_document_test(eq)]
     if not matches:
         return expr, None
     if len({eq.args[0].args[0] for eq in matches}) > 1:
         raise NotAnalyzable("the mask compares more than one segment-id tensor")
     name = str(matches[0].args[0].args[0])
     source = sources[name]
-    if _example(source).dim() != 2:
+    if isinstance(matches[0].args[0], ValueLookup) and _example(source).dim() != 2:
         raise NotAnalyzable(f"segment ids '{name}' are not a (batch, sequence) tensor")
     if not statically_known_true(q_len == kv_len):
         raise NotAnalyzable(f"document mask '{name}' with S_q != S_kv")
     if not guard_or_false(_example(source).shape[-1] == kv_len):
         raise NotAnalyzable(f"segment ids '{name}' have {_example(source).shape[-1]} columns for {kv_len} keys")
     return expr.xreplace({eq: _SAME_DOCUMENT for eq in matches}), source
+
+
+def _key_lengths(expr, sources: dict[str, Node]) -> tuple[Any, Node | None]:
+    """Replace ``kv_idx < lengths[batch]`` by a plain boolean symbol; return the (B,) source."""
+    bounds = [atom for atom in expr.atoms(sympy.Lt, sympy.Gt)
+              if atom.lts == _J and isinstance(atom.gts, VectorLookup)
+              and atom.gts.args[1] == _B]
+    if not bounds:
+        return expr, None
+    if len(bounds) > 1:
+        raise NotAnalyzable("the mask bounds kv_idx by more than one length lookup")
+    return expr.xreplace({bounds[0]: _KEEP}), sources[str(bounds[0].gts.args[0])]
 
 
 def _key_padding(expr, sources: dict[str, Node], kv_len) -> tuple[Any, Node | None]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,6 +66,7 @@ class AttentionPattern:
 
 
 _PATTERNS: list[AttentionPattern] = []
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _graph_ids = itertools.count()
 
 
@@ -84,13 +86,16 @@ def registered_patterns() -> Sequence[AttentionPattern]:
 
 
 def source_location(node: torch.fx.Node) -> tuple[str | None, str | None]:
-    """('file:line', module path) of the user code that made ``node``."""
-    location = None
+    """('file:line', module path) of the user code that made ``node``: the innermost frame outside torch itself
+    (``flex_attention`` calls its op from torch's own code)."""
+    frames = []
     for line in (node.meta.get("stack_trace") or "").splitlines():
         line = line.strip()
         if line.startswith('File "'):
             path, _, rest = line[len('File "'):].partition('", line ')
-            location = f"{path}:{rest.split(',')[0]}"
+            frames.append((path, f"{path}:{rest.split(',')[0]}"))
+    outside = [location for path, location in frames if not path.startswith(_TORCH_DIR)]
+    location = (outside or [location for _, location in frames] or [None])[-1]
     module_stack = node.meta.get("nn_module_stack") or {}
     module_path = None
     if module_stack:

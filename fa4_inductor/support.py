@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 
 from . import cuda_arch, fa4_api
 
@@ -133,9 +133,11 @@ def unsupported_reason(
         return f"query heads {hq} != key heads {hk} without enable_gqa"
     if hq % hk:
         return f"query heads {hq} not a multiple of key heads {hk}"
-    if not (statically_known_true(b == bk) and statically_known_true(b == bv)):
+    # Separate size symbols under dynamic shapes (from separate inputs) are equal whenever the program is valid;
+    # a guard makes the compiled graph conditional on that.
+    if not (guard_or_false(b == bk) and guard_or_false(b == bv)):
         return "batch sizes of query, key and value differ"
-    if not statically_known_true(sk == sv):
+    if not guard_or_false(sk == sv):
         return "key and value sequence lengths differ"
     reason = fa4_api.head_dim_reason(arch, d, dv, call.dtype.itemsize)
     if reason:

@@ -13,7 +13,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.fx.operator_schemas import normalize_function
 
 from fa4_inductor.emit import call_with_meta, erase_if_unused, example_value, fa4_attention, op_name
-from fa4_inductor.mask_analysis import NotAnalyzable, analyze_mask
+from fa4_inductor.mask_analysis import MaskStructure, NotAnalyzable, analyze_mask
 from fa4_inductor.pattern_registry import RewriteContext, SiteDecision
 from fa4_inductor.support import AttentionCall, is_dtensor, unsupported_reason
 
@@ -120,11 +120,13 @@ def decide(
     softcap: float = 0.0,
     blocker: str | None = None,
     mask_hides_where_true: bool = False,
+    mask_structure: MaskStructure | None = None,
 ) -> SiteDecision:
     """Decide one SDPA-style site (B,H,S,D operands) for FA4.
 
     GQA repeats of ``key``/``value`` are seen through; ``attn_mask`` is
-    analyzed into causal/window parameters; ``blocker`` is a reason found
+    analyzed into causal/window parameters, or ``mask_structure`` gives them already analyzed (a FlexAttention
+    mask_mod); ``blocker`` is a reason found
     by the caller that rules the site out; ``mask_hides_where_true`` says ``attn_mask`` marks the hidden keys
     (``scores.masked_fill(mask, -inf)``), not the kept ones. The decision's ``captured``
     holds the operands the rewrite uses and the nodes that become dead.
@@ -164,16 +166,19 @@ def decide(
     causal, window = bool(constants["is_causal"]), (-1, -1)
     if attn_mask is not None and reason is None:
         try:
-            structure, mask_nodes = analyze_mask(attn_mask, q.shape[2], k.shape[2], hides_where_true=mask_hides_where_true)
-            causal, window = structure.causal, (structure.window_left, structure.window_right)
+            mask_structure, mask_nodes = analyze_mask(attn_mask, q.shape[2], k.shape[2],
+                                                      hides_where_true=mask_hides_where_true)
             captured["dead"] = [attn_mask, *mask_nodes]
-            captured["key_padding"] = structure.key_padding
-            captured["segment_ids"] = structure.segment_ids
-            features["mask"] = "full" if structure.is_full else "analyzed"
-            features["padding"] = structure.key_padding is not None
-            features["documents"] = structure.segment_ids is not None
         except NotAnalyzable as exc:
             reason = f"attn_mask not expressible in FA4: {exc}"
+    if mask_structure is not None and reason is None:
+        causal, window = mask_structure.causal, (mask_structure.window_left, mask_structure.window_right)
+        captured["key_padding"] = mask_structure.key_padding
+        captured["key_lengths"] = mask_structure.key_lengths
+        captured["segment_ids"] = mask_structure.segment_ids
+        features["mask"] = "full" if mask_structure.is_full else "analyzed"
+        features["padding"] = mask_structure.key_padding is not None or mask_structure.key_lengths is not None
+        features["documents"] = mask_structure.segment_ids is not None
     if reason:
         return SiteDecision(node, reason, features, captured=captured)
     # SDPA's is_causal flag is top-left aligned; a mask-derived structure is already FA4's.
@@ -205,11 +210,11 @@ def _emit_scale(graph, scale: GraphScale) -> Node:
     return value
 
 
-def replace_with_fa4(decision: SiteDecision, output: Node) -> None:
-    """Emit the decided FA4 call before ``output``, route its users there, drop dead nodes."""
-    graph = output.graph
+def emit_fa4(decision: SiteDecision, before: Node) -> tuple[Node, Node]:
+    """Emit the decided FA4 call before ``before``; return its (B,H,S,Dv output, logsumexp) nodes."""
+    graph = before.graph
     captured = decision.captured
-    with graph.inserting_before(output):
+    with graph.inserting_before(before):
         if isinstance(decision.params["softmax_scale"], GraphScale):
             decision.params["softmax_scale"] = _emit_scale(graph, decision.params["softmax_scale"])
         padding = decision.params["key_padding"]
@@ -217,8 +222,35 @@ def replace_with_fa4(decision: SiteDecision, output: Node) -> None:
             padding = call_with_meta(graph, torch.ne, (padding, 0))
             if example_value(padding).dim() > 2:
                 padding = call_with_meta(graph, torch.flatten, (padding, 1))
-            decision.params["key_padding"] = padding
-        out, _ = fa4_attention(graph, captured["query"], captured["key"], captured["value"], decision.params)
+        if captured.get("key_lengths") is not None:  # (B,) lengths: keys below them are kept
+            padding = _padding_from_lengths(graph, captured["key_lengths"], captured["key"])
+        decision.params["key_padding"] = padding
+        segments = decision.params["segment_ids"]
+        if segments is not None and example_value(segments).dim() == 1:  # ids shared by every row
+            batch = _size(graph, captured["query"], 0)
+            segments = call_with_meta(graph, torch.Tensor.expand, (
+                call_with_meta(graph, torch.unsqueeze, (segments, 0)), batch, -1))
+            decision.params["segment_ids"] = segments
+        return fa4_attention(graph, captured["query"], captured["key"], captured["value"], decision.params)
+
+
+def _size(graph, node: Node, dim: int):
+    """``node``'s size along ``dim``: an int, or a graph scalar under dynamic shapes."""
+    size = example_value(node).shape[dim]
+    return size if isinstance(size, int) else call_with_meta(graph, torch.ops.aten.sym_size.int, (node, dim))
+
+
+def _padding_from_lengths(graph, lengths: Node, key: Node) -> Node:
+    """The (B, S_kv) bool mask ``arange(S_kv) < lengths[:, None]``."""
+    positions = call_with_meta(graph, torch.arange, (_size(graph, key, 2),), {"device": example_value(key).device},
+                               like=key)
+    return call_with_meta(graph, torch.lt, (call_with_meta(graph, torch.unsqueeze, (positions, 0)),
+                                            call_with_meta(graph, torch.unsqueeze, (lengths, 1))))
+
+
+def replace_with_fa4(decision: SiteDecision, output: Node) -> None:
+    """Emit the decided FA4 call before ``output``, route its users there, drop dead nodes."""
+    out, _ = emit_fa4(decision, output)
     output.replace_all_uses_with(out)
-    graph.erase_node(output)
-    erase_if_unused([*captured["dead"], *captured.get("replaced", [])])
+    output.graph.erase_node(output)
+    erase_if_unused([*decision.captured["dead"], *decision.captured.get("replaced", [])])

@@ -7,7 +7,7 @@ for the on-disk kernel cache. Under fake tensors FA4 builds the kernels and
 skips the launch, so a change in FA4's API or compile path fails here. Covers
 the plugin's kernel families: plain (causal GQA), the masking routes (block
 sparsity for key padding, documents and both with a band; the mask_mod on every
-tile for a small padding-only call) and, on sm90, split-KV decoding. Prints one
+tile for a small padding-only call), softcap on both and, on sm90, split-KV decoding. Prints one
 JSON line.
 """
 
@@ -101,12 +101,15 @@ def _window(value):
     return None if value < 0 else value
 
 
-# (name, heads, heads_kv, head dim, seqlen, causal, window, key padding, documents): the masking routes.
+# (name, heads, heads_kv, head dim, seqlen, causal, window, key padding, documents, softcap): the masking routes,
+# and softcap (Gemma 2's SDPA-eager and FlexAttention sites) on the plain and the block-sparse route.
 MASKED = (
-    ("padding_causal_gqa", 8, 2, 128, 1000, True, (-1, -1), True, False),
-    ("documents_d64", 8, 8, 64, 1000, False, (-1, -1), False, True),
-    ("documents_padding_window_gqa", 8, 2, 128, 777, False, (100, 0), True, True),
-    ("padding_only_small", 8, 2, 128, 256, False, (-1, -1), True, False),
+    ("padding_causal_gqa", 8, 2, 128, 1000, True, (-1, -1), True, False, 0.0),
+    ("documents_d64", 8, 8, 64, 1000, False, (-1, -1), False, True, 0.0),
+    ("documents_padding_window_gqa", 8, 2, 128, 777, False, (100, 0), True, True, 0.0),
+    ("padding_only_small", 8, 2, 128, 256, False, (-1, -1), True, False, 0.0),
+    ("softcap_window_gqa", 8, 4, 128, 1000, False, (1023, 0), False, False, 50.0),
+    ("softcap_padding_causal_gqa", 8, 4, 128, 1000, True, (-1, -1), True, False, 50.0),
 )
 
 
@@ -132,17 +135,18 @@ def _without_driver_queries() -> None:
 def precompile_masked() -> dict:
     """Precompile each masking route (fwd + bwd); {name: (seconds, sparse block size or None)}."""
     results = {}
-    for name, heads, heads_kv, head_dim, seqlen, causal, window, padded, documents in MASKED:
+    for name, heads, heads_kv, head_dim, seqlen, causal, window, padded, documents, softcap in MASKED:
         with fresh_fake_mode():
             q, k, v = _qkv(2, seqlen, heads, heads_kv, head_dim=head_dim)
             out = torch.empty(2, seqlen, heads, head_dim, dtype=torch.bfloat16, device="cuda")
             lse = torch.empty(2, heads, seqlen, dtype=torch.float32, device="cuda")
             extra = dict(key_padding=torch.empty(2, seqlen, dtype=torch.bool, device="cuda") if padded else None,
                          segment_ids=torch.empty(2, seqlen, dtype=torch.int64, device="cuda") if documents else None)
-        params = {**_params(causal, window), "softmax_scale": head_dim ** -0.5, **extra}
+        params = {**_params(causal, window), "softmax_scale": head_dim ** -0.5, "softcap": softcap, **extra}
         seconds = (fa4_adapter.precompile_forward(q, k, v, **params)
                    + fa4_adapter.precompile_backward(out, q, k, v, out, lse, **params))
-        route = masking.block_sparsity_route(tuple(q.shape), seqlen, head_dim, params, ARCH_MAJOR)
+        route = masking.block_sparsity_route(tuple(q.shape), seqlen, head_dim, params, ARCH_MAJOR) \
+            if padded or documents else None  # no mask_mod at all
         results[name] = (round(seconds, 2), route)
     return results
 

@@ -35,7 +35,8 @@ def _check_kernels_compiled(result: dict, block: list[int]) -> None:
     assert result["again_s"] == 0.0, "the same config was precompiled twice"
     for name, (seconds, route) in result["masked"].items():
         assert seconds > 0.2, (name, "the masked kernels did not compile")
-        assert route == (None if name == "padding_only_small" else block), (name, route)
+        plain = name in ("padding_only_small", "softcap_window_gqa")  # the mask_mod on every tile; no mask_mod
+        assert route == (None if plain else block), (name, route)
     assert {"fwd", "bwd", "bwd_pre", "bwd_post"} <= set(result["disk_cache"]), result
     assert not result["warnings"], result["warnings"]
 

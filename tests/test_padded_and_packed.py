@@ -91,6 +91,19 @@ def test_padded_batches_match_eager_at_every_position(band, kind, hkv):
     assert record.features["causal"] == (band == "causal")
 
 
+@pytest.mark.parametrize("band", ["none", "causal"])
+def test_key_lengths_become_key_padding(band):
+    """Padding given as per-row lengths, ``kv_idx < lengths[:, None]``, as custom encoders and FlexAttention
+    examples write it."""
+    def fn(q, k, v, lengths):
+        i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=BANDS[band](i, j)[None, None] & (j[None, :] < lengths[:, None])[:, None, None, :])
+
+    record = _compare(fn, _qkv(), (torch.tensor([S, 71, 9]),), padding=True, documents=False)
+    assert record.features["causal"] == (band == "causal")
+
+
 @pytest.mark.parametrize("band", ["none", "causal", "window"])
 @pytest.mark.parametrize("source", ["segment_ids", "position_ids"])
 def test_packed_documents_match_eager_at_every_position(band, source):
