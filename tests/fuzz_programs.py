@@ -4,7 +4,8 @@ Each :class:`Program` is a seeded choice of how model code writes attention (SDP
 matmul/einsum with the scale in several places, casts around the softmax, ``masked_fill``), which mask it
 builds in the graph (none, causal, a window, ``.abs()`` windows, ``tril``, key padding, BERT's extended mask,
 documents, and constructs FA4 cannot express: a learned bias, query padding, or-ed masks), GQA, the operands'
-layout and dynamic shapes. ``expressible`` says whether FA4 can compute it; the fuzz checks the rewrite is
+layout and dynamic shapes; "flex" programs write the same masks as FlexAttention mask_mods, with a score_mod
+(identity, a scale, a softcap; the learned bias goes there). ``expressible`` says whether FA4 can compute it; the fuzz checks the rewrite is
 right on every program and counts how many expressible ones it rewrote. Every query row sees at least one
 key, so eager softmax spellings stay finite.
 """
@@ -17,6 +18,9 @@ import random
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from tests.flex_reference import flex_reference
 
 SPELLINGS = ("sdpa", "sdpa_repeat_kv", "matmul", "matmul_div", "einsum", "prescaled_q", "whisper", "llama_ref",
              "masked_fill")
@@ -40,6 +44,7 @@ class Program:
     layout: str  # "bhsd": (B, H, S, D) leaves; "bshd": (B, S, H, D) leaves transposed in the program
     dynamic: bool
     seed: int
+    score: str = "identity"  # the score_mod of a "flex" program: one of SCORE_MODS
 
     @property
     def expressible(self) -> bool:
@@ -64,8 +69,22 @@ class Program:
         """The program: ``fn(q, k, v, padding, segments, bias) -> (B, H, S, D)``."""
         # GQA group and head dim as plain Python constants: under dynamic=True Dynamo may make ints it reads symbolic.
         group, head_dim = self.heads // self.heads_kv, self.head_dim
+        if self.spelling == "flex":
+            return lambda q, k, v, padding, segments, bias: _flex_attention(self, q, k, v, padding, segments, bias)
         return lambda q, k, v, padding, segments, bias: _attention(self, group, head_dim, q, k, v, padding, segments,
                                                                    bias)
+
+    def reference(self):
+        """What the program computes, eagerly: the program itself, or FlexAttention's dense definition (it has no
+        CPU backward)."""
+        if self.spelling != "flex":
+            return self.function()
+
+        def dense(q, k, v, padding, segments, bias):
+            q, k, v = _layout(self, q, k, v)
+            mask_mod, score_mod = _flex_mods(self, padding, segments, bias)
+            return flex_reference(q, k, v, score_mod, mask_mod)[0]
+        return dense
 
 
 def _keep(program: Program, q, padding, segments) -> torch.Tensor | None:
@@ -109,9 +128,60 @@ def _additive(program: Program, keep, q, padding):
     return torch.where(keep, 0.0, low).to(q.dtype)
 
 
+def _layout(program: Program, q, k, v):
+    return (q, k, v) if program.layout == "bhsd" else tuple(t.transpose(1, 2) for t in (q, k, v))
+
+
+# score_mods of "flex" programs: FA4 takes the identity, a scale and a tanh softcap.
+SCORE_MODS = {
+    "identity": None,
+    "scale": lambda score, b, h, q_idx, kv_idx: score * 0.7,
+    "softcap": lambda score, b, h, q_idx, kv_idx: 5.0 * torch.tanh(score / 5.0),
+}
+
+
+def _flex_mods(program: Program, padding, segments, bias):
+    """(mask_mod, score_mod) of a "flex" program: its band and extra written the way FlexAttention code does."""
+    bands = {
+        "none": None,
+        "causal": lambda q_idx, kv_idx: q_idx >= kv_idx,
+        "window": lambda q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < 5),
+        "abs_window": lambda q_idx, kv_idx: (q_idx - kv_idx).abs() <= 3,
+        "tril": lambda q_idx, kv_idx: kv_idx <= q_idx,
+    }
+    lengths = padding.sum(-1)
+    extras = {
+        "none": None,
+        "padding": lambda b, q_idx, kv_idx: padding[b, kv_idx] != 0,
+        "bert_extended": lambda b, q_idx, kv_idx: kv_idx < lengths[b],  # padding given as lengths
+        "documents": lambda b, q_idx, kv_idx: segments[b, q_idx] == segments[b, kv_idx],
+        "relative_bias": None,  # in the score_mod below
+        "query_padding": lambda b, q_idx, kv_idx: (padding[b, q_idx] != 0) | (q_idx == kv_idx),
+        "or_mask": lambda b, q_idx, kv_idx: (kv_idx <= q_idx - 2) | (kv_idx >= q_idx),
+    }
+    band, extra = bands[program.band], extras[program.extra]
+    mask_mod = None
+    if band or extra:
+        def mask_mod(b, h, q_idx, kv_idx):
+            parts = [f(q_idx, kv_idx) for f in (band,) if f] + [f(b, q_idx, kv_idx) for f in (extra,) if f]
+            return parts[0] & parts[1] if len(parts) == 2 else parts[0]
+    score_mod = SCORE_MODS[program.score]
+    if program.extra == "relative_bias":
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[0, h, q_idx, kv_idx]
+    return mask_mod, score_mod
+
+
+def _flex_attention(program: Program, q, k, v, padding, segments, bias):
+    q, k, v = _layout(program, q, k, v)
+    mask_mod, score_mod = _flex_mods(program, padding, segments, bias)
+    block_mask = None if mask_mod is None else create_block_mask(
+        mask_mod, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
 def _attention(program: Program, group: int, d: int, q, k, v, padding, segments, bias):
-    if program.layout == "bshd":
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    q, k, v = _layout(program, q, k, v)
     keep = _keep(program, q, padding, segments)
     if program.spelling in ("sdpa", "sdpa_repeat_kv"):
         if program.spelling == "sdpa_repeat_kv" and group > 1:
@@ -150,8 +220,8 @@ def _attention(program: Program, group: int, d: int, q, k, v, padding, segments,
     return out
 
 
-def random_programs(count: int, seed: int = 0, max_seqlen: int = 40) -> list[Program]:
-    """``count`` seeded random programs."""
+def random_programs(count: int, seed: int = 0, max_seqlen: int = 40, spellings=SPELLINGS) -> list[Program]:
+    """``count`` seeded random programs in the given spellings ("flex" for FlexAttention)."""
     rng = random.Random(seed)
     programs = []
     for index in range(count):
@@ -159,8 +229,11 @@ def random_programs(count: int, seed: int = 0, max_seqlen: int = 40) -> list[Pro
         band, extra = rng.choice(BANDS), rng.choice(EXTRAS)
         if extra in ("padding", "bert_extended") and band in ("window", "abs_window"):
             band = "causal"  # a window past a row's last key would leave query rows with no key at all
-        programs.append(Program(
-            spelling=rng.choice(SPELLINGS), band=band, extra=extra, batch=rng.choice((1, 2, 3)), heads=heads,
+        program = Program(
+            spelling=rng.choice(spellings), band=band, extra=extra, batch=rng.choice((1, 2, 3)), heads=heads,
             heads_kv=rng.choice((heads, heads // 2)), seqlen=rng.randint(5, max_seqlen), head_dim=rng.choice((8, 16)),
-            layout=rng.choice(("bhsd", "bshd")), dynamic=rng.random() < 0.3, seed=seed * 100003 + index))
+            layout=rng.choice(("bhsd", "bshd")), dynamic=rng.random() < 0.3, seed=seed * 100003 + index)
+        if program.spelling == "flex":
+            program = dataclasses.replace(program, score=rng.choice(list(SCORE_MODS)))
+        programs.append(program)
     return programs

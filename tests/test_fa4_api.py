@@ -21,13 +21,26 @@ def test_fa4_is_installed_and_matches_adapter():
 ARCHS = {"sm90": ("sm_90", "sm_90a", "132"), "sm100": ("sm_100", "sm_100a", "148")}
 
 
-def _run_fake_compile(cache_dir, arch="sm90") -> dict:
+def _start_fake_compile(cache_dir, arch: str) -> subprocess.Popen:
     flash_arch, dsl_arch, sms = ARCHS[arch]
     env = dict(os.environ, FLASH_ATTENTION_ARCH=flash_arch, CUTE_DSL_ARCH=dsl_arch, FLASH_ATTENTION_NUM_SMS=sms,
                FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED="1", FLASH_ATTENTION_CUTE_DSL_CACHE_DIR=str(cache_dir))
-    done = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([sys.executable, str(SCRIPT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _result(process: subprocess.Popen) -> dict:
+    stdout, stderr = process.communicate(timeout=900)
+    assert process.returncode == 0, stderr[-4000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def first_compiles(tmp_path_factory) -> dict:
+    """Both archs' first (JIT) fake compiles, run side by side: they take minutes each, one core each."""
+    cache_dirs = {arch: tmp_path_factory.mktemp(f"fa4_cache_{arch}") for arch in ARCHS}
+    processes = {arch: _start_fake_compile(cache_dirs[arch], arch) for arch in ARCHS}
+    return {arch: (_result(process), cache_dirs[arch]) for arch, process in processes.items()}
 
 
 def _check_kernels_compiled(result: dict, block: list[int]) -> None:
@@ -42,17 +55,17 @@ def _check_kernels_compiled(result: dict, block: list[int]) -> None:
 
 
 @pytest.mark.skipif(fa4_api.unavailable_reason() is not None, reason="flash-attn-4 not importable")
-def test_precompile_builds_sm90_kernels_under_fake_tensors_and_caches_them_on_disk(tmp_path):
-    first = _run_fake_compile(tmp_path)
+def test_precompile_builds_sm90_kernels_under_fake_tensors_and_caches_them_on_disk(first_compiles):
+    first, cache_dir = first_compiles["sm90"]
     _check_kernels_compiled(first, [128, 128])
     assert first["decode_splits"] == 16 and first["decode_s"] > 0.2, "the split-KV decoding kernel did not compile"
     assert first["seqlen_classes_ok"], "FA4's compile key depends on the query length beyond seqlen_class"
     assert not any(first["forward_kernels_python_wrapped"]), "launch plans would call through CuTe DSL's Python"
-    second = _run_fake_compile(tmp_path)  # a new process: kernels come from disk, no JIT
+    second = _result(_start_fake_compile(cache_dir, "sm90"))  # a new process: kernels come from disk, no JIT
     assert second["forward_s"] < 0.5 and second["backward_s"] < 0.5, second
     assert not any(second["forward_kernels_python_wrapped"]), second
 
 
 @pytest.mark.skipif(fa4_api.unavailable_reason() is not None, reason="flash-attn-4 not importable")
-def test_precompile_builds_sm100_kernels_under_fake_tensors(tmp_path):
-    _check_kernels_compiled(_run_fake_compile(tmp_path, "sm100"), [256, 128])
+def test_precompile_builds_sm100_kernels_under_fake_tensors(first_compiles):
+    _check_kernels_compiled(first_compiles["sm100"][0], [256, 128])

@@ -10,8 +10,6 @@ need gradients stops at its device check, which the ``cpu_backward`` fixture
 lifts: the rewritten graph runs FA4's CPU reference, which has a backward.
 """
 
-import math
-
 import pytest
 import torch
 from torch.nn.attention import flex_attention as flex_module
@@ -20,6 +18,7 @@ from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_bloc
 import fa4_inductor
 from fa4_inductor import stats
 from tests.compare import assert_matches_eager
+from tests.flex_reference import flex_reference as reference
 
 pytestmark = pytest.mark.usefixtures("no_compile_cache")
 
@@ -96,24 +95,6 @@ SCORE_MODS = {"identity": (None, None), "scale": (_doubled, None), "softcap": (_
 def cpu_backward(monkeypatch):
     """Let Dynamo trace flex_attention on CPU tensors that need gradients (see the module docstring)."""
     monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)
-
-
-def reference(q, k, v, score_mod=None, mask_mod=None, scale=None):
-    """FlexAttention's definition, densely, in fp32: (output in q's dtype, natural-log logsumexp)."""
-    dtype = q.dtype
-    q, k, v = (t.float() for t in (q, k, v))
-    groups = q.shape[1] // k.shape[1]
-    k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
-    scores = q @ k.transpose(-2, -1) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    b, h, i, j = (torch.arange(n).view([-1 if d == axis else 1 for d in range(4)])
-                  for axis, n in enumerate(scores.shape))
-    if score_mod is not None:
-        scores = score_mod(scores, b, h, i, j)
-    if mask_mod is not None:
-        scores = scores.masked_fill(~mask_mod(b, h, i, j).expand(scores.shape), -math.inf)
-    lse = scores.logsumexp(-1)
-    probabilities = torch.where(lse.isinf()[..., None], 0.0, (scores - lse[..., None]).exp())
-    return (probabilities @ v).to(dtype), lse
 
 
 def _qkv(heads_kv=H, dtype=torch.bfloat16, length=S):
