@@ -51,6 +51,11 @@ def main() -> None:
     positions = torch.cat([torch.arange(n) for n in (20, 30, 14)]).to(input_ids.device).expand_as(input_ids)
     print("\npacked batch:", fa4_inductor.explain(model, input_ids, position_ids=positions, use_cache=False,
                                                     arch="sm90"))
+    # The same model on Hugging Face's FlexAttention integration: its flex_attention calls become FA4 calls.
+    model.set_attn_implementation("flex_attention")
+    with torch.no_grad():
+        print("\nflex_attention, left-padded batch:",
+              fa4_inductor.explain(model, input_ids, attention_mask=attention_mask, arch="sm90"))
 
 
 if __name__ == "__main__":
