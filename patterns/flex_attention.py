@@ -82,7 +82,9 @@ def _analyze_mods(node: Node, q_len, kv_len) -> tuple[MaskStructure | None, Scor
 
 
 def _reads_batch(structure: MaskStructure) -> bool:
-    return any(t is not None for t in (structure.key_padding, structure.key_lengths, structure.segment_ids))
+    """Does the mask differ between batch rows (padding, per-row documents)? Ids shared by every row don't."""
+    per_row_documents = structure.segment_ids is not None and example_value(structure.segment_ids).dim() == 2
+    return structure.key_padding is not None or structure.key_lengths is not None or per_row_documents
 
 
 def _block_rows(block_mask: tuple):

@@ -285,3 +285,15 @@ def test_running_maxima_stay_with_flex_attention(monkeypatch):
 
     (record,) = fa4_inductor.explain(program, *(t.detach() for t in _qkv())).records
     assert record.decision == "fallback" and "running maxima" in record.reason
+
+
+def test_shared_documents_with_a_block_mask_for_one_row_run_fa4(cpu_backward):
+    """Document ids shared by every row look the same from every row, so a ``B=None`` block mask is exact."""
+    def program(q, k, v):
+        block_mask = create_block_mask(_shared_documents, None, None, S, S, device=q.device)
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        assert_matches_eager(lambda q, k, v: reference(q, k, v, mask_mod=_shared_documents)[0],
+                             torch.compile(program, fullgraph=True), _qkv())
+    _only_site({"documents": True, "padding": False})
