@@ -441,6 +441,45 @@ def test_reduce_overhead_captures_fa4_in_cuda_graphs(training):
     assert rel < 1e-2 and grad_rel < 2e-2
 
 
+@pytest.mark.parametrize("mask", ["padding", "documents"])
+def test_reduce_overhead_captures_block_sparse_calls(mask):
+    """Padded and packed batches under CUDA graphs: the tile lists are computed on the device inside the graph,
+    so replays with new padding (same shapes) stay exact, forward and backward."""
+    torch.manual_seed(0)
+    b, h, s, d = 2, 8, 1000, 128
+
+    def fn(q, k, v, tensor):
+        i, j = torch.arange(s, device="cuda")[:, None], torch.arange(s, device="cuda")[None, :]
+        keep = (i >= j)[None, None]
+        if mask == "padding":
+            keep = keep & tensor[:, None, None, :]
+        else:
+            keep = keep & (tensor[:, None, :, None] == tensor[:, None, None, :])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+    q, k, v = _leaves(*[(b, h, s, d)] * 3)
+    torch._dynamo.reset()
+    stats.reset()
+    with fa4_inductor.enabled(compile=True, eager=False):
+        compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+        errors = []
+        for step in range(4):  # warm-up, record, then replays with other padding / documents
+            tensor = _key_padding(b, s, ("left", "right")[step % 2]) if mask == "padding" \
+                else _segment_ids(b, s, 3 + step)
+            torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(q, k, v, tensor)
+            dout = torch.randn_like(out)
+            grads = _grads(out, (q, k, v), dout)
+            ref = fn(*(t.double() for t in (q, k, v)), tensor)
+            ref_grads = _grads(ref, (q, k, v), dout.double())
+            errors.append(max(((x.double() - y).abs().max() / y.abs().max().clamp_min(1e-6)).item()
+                              for x, y in zip((out, *grads), (ref, *ref_grads))))
+    skipped = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+    _report("reduce_overhead_block_sparse", mask=mask, relative_errors=errors, cudagraph_skips=skipped)
+    assert stats.counters["compile.fa4"] >= 1 and skipped == 0
+    assert max(errors) < 5e-2, errors  # a stale tile list would be off by O(1)
+
+
 def test_compiled_sdpa_on_leaves_runs_only_fa4_kernels():
     """SDPA on (B, H, S, D) leaves, forward + backward: FA4's kernels (and the zero-fill of its accumulators) and
     no layout copies: the gradients land in the leaves' layout."""
