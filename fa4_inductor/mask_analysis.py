@@ -556,6 +556,8 @@ def _evaluate(evaluator: "_Evaluator", node: Node) -> IndexTensor:
 
 def _structure(expr, lookup_sources: dict[str, Node], q_len, kv_len) -> MaskStructure:
     """FA4's parameters for a boolean formula in (batch, head, q_idx, kv_idx) and tensor lookups."""
+    shape_env = _shape_env(lookup_sources, q_len, kv_len)
+    expr = _without_zero_offsets(expr, shape_env)
     expr, segment_ids = _documents(expr, lookup_sources, q_len, kv_len)
     expr, key_lengths = _key_lengths(expr, lookup_sources)
     expr, key_padding = _key_padding(expr, lookup_sources, kv_len)
@@ -586,11 +588,50 @@ def _structure(expr, lookup_sources: dict[str, Node], q_len, kv_len) -> MaskStru
     offset = 0 if guard_or_false(kv_len == q_len) else sympy.simplify(_sym(kv_len) - _sym(q_len))
     if offset != 0 and (offset >= 0) is not sympy.true:
         raise NotAnalyzable("S_kv may be shorter than S_q (rows without keys)")
-    right = -1 if upper is None else _static_window(upper - offset, "right")
-    left = -1 if lower is None else _static_window(offset - lower, "left")
+    right = -1 if upper is None else _static_window(_constant_part(upper - offset, shape_env), "right")
+    left = -1 if lower is None else _static_window(_constant_part(offset - lower, shape_env), "left")
     causal = right == 0 and left < 0
     return MaskStructure(causal=causal, window_left=left, window_right=-1 if causal else right,
                          key_padding=key_padding, segment_ids=segment_ids, key_lengths=key_lengths)
+
+
+def _shape_env(lookup_sources: dict[str, Node], *sizes):
+    """The ShapeEnv of a dynamic-shape graph (from a symbolic size or a lookup source), or None."""
+    for size in sizes:
+        if isinstance(size, torch.SymInt):
+            return size.node.shape_env
+    return next((_example(n).fake_mode.shape_env for n in lookup_sources.values()
+                 if getattr(_example(n), "fake_mode", None) is not None), None)
+
+
+def _zero_under_guard(expr, shape_env) -> bool:
+    """Is ``expr``, a formula of graph sizes, 0 now? If so, a guard keeps the compiled graph to when it is.
+
+    Hugging Face adds the cache positions ``q_offset``/``kv_offset`` to the indices of its mask functions; with
+    ``dynamic=True`` they become symbols, 0 in training and prefill.
+    """
+    return bool(expr.free_symbols) and shape_env is not None and not (expr.free_symbols & {_B, _H, _I, _J}) \
+        and guard_or_false(shape_env.create_symboolnode(sympy.Eq(expr, 0)))
+
+
+def _without_zero_offsets(expr, shape_env):
+    """Tensor lookups at ``index + offset``, the offset a graph size that is 0 now, read at ``index``."""
+    def reindexed(lookup):
+        args = list(lookup.args)
+        for position, index in enumerate(args[1:], start=1):
+            for symbol in {_B, _H, _I, _J} & index.free_symbols:
+                if _zero_under_guard(sympy.expand(index - symbol), shape_env):
+                    args[position] = symbol
+        return lookup.func(*args)
+
+    return expr.xreplace({lookup: reindexed(lookup) for lookup in expr.atoms(TensorLookup, ValueLookup, VectorLookup)})
+
+
+def _constant_part(value, shape_env):
+    """``value`` without its symbolic part when that part is 0 now (under a guard)."""
+    value = sympy.expand(value)
+    constant, symbolic = value.as_coeff_Add()
+    return constant if _zero_under_guard(symbolic, shape_env) else value
 
 
 _KEEP = sympy.Symbol("key_kept")

@@ -110,12 +110,14 @@ FLEX_EXPECTED = {  # per-site features with attn_implementation="flex_attention"
 }
 
 
-@pytest.mark.parametrize("name, padded", [("llama", True), ("mistral", False), ("gemma2", True)],
-                         ids=["llama-left_padded", "mistral", "gemma2-left_padded"])
-def test_flex_attention_models_run_fa4_and_match_eager(name, padded, monkeypatch):
+@pytest.mark.parametrize("name, padded, dynamic", [("llama", True, False), ("mistral", False, False),
+                                                   ("gemma2", True, False), ("llama", True, True)],
+                         ids=["llama-left_padded", "mistral", "gemma2-left_padded", "llama-left_padded-dynamic"])
+def test_flex_attention_models_run_fa4_and_match_eager(name, padded, dynamic, monkeypatch):
     """``attn_implementation="flex_attention"``: every flex_attention call runs FA4; logits and gradients equal the
     same weights under ``"eager"`` attention (FlexAttention has no CPU backward to compare with: its device check
-    is lifted so Dynamo traces it, and the rewritten graph runs FA4's CPU reference)."""
+    is lifted so Dynamo traces it, and the rewritten graph runs FA4's CPU reference). Under ``dynamic=True`` the
+    mask functions' cache offsets are graph sizes, 0 here: the rewrite holds under a guard on that."""
     from torch.nn.attention import flex_attention as flex_module
 
     monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)
@@ -127,8 +129,11 @@ def test_flex_attention_models_run_fa4_and_match_eager(name, padded, monkeypatch
     kwargs = {"attention_mask": _padding_mask("left")} if padded else {}
     want, want_grads = _logits_and_grads(reference, ids, kwargs)
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
-        got, got_grads = _logits_and_grads(model, ids, kwargs, call=torch.compile(model))
+        got, got_grads = _logits_and_grads(model, ids, kwargs, call=torch.compile(model, dynamic=dynamic))
     records = stats.site_records()
+    if dynamic:  # Dynamo restarts once to specialize float attributes (see the Gemma2 dynamic test): last graph
+        assert {r.decision for r in records} == {"fa4"}, [(r.node, r.reason) for r in records]
+        records = records[-2:]
     assert [r.decision for r in records] == ["fa4", "fa4"], [(r.node, r.reason) for r in records]
     for record, features in zip(records, FLEX_EXPECTED[name]):
         assert record.pattern == "flex_attention"
