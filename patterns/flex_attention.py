@@ -65,8 +65,8 @@ def _built_in_graph(node: Node) -> bool:
     return False
 
 
-def _analyze_mods(node: Node, q_len, kv_len) -> tuple[MaskStructure | None, ScoreTransform, str | None]:
-    _, _, _, score_mod, block_mask, _, _, score_buffers, mask_buffers = _arguments(node)
+def _analyze_mods(score_mod: Node, block_mask: tuple, score_buffers, mask_buffers, q_len,
+                  kv_len) -> tuple[MaskStructure | None, ScoreTransform, str | None]:
     try:
         transform = analyze_score_mod(_submodule(score_mod), tuple(score_buffers))
     except NotAnalyzable as exc:
@@ -108,9 +108,10 @@ def _scale(scale, factor: float):
 def analyze(match: Match, context: RewriteContext) -> SiteDecision:
     """Decide a flex_attention site."""
     node = match.output_node()
-    query, key, value, _, block_mask, scale, kernel_options, _, _ = _arguments(node)
+    query, key, value, score_mod, block_mask, scale, kernel_options, score_buffers, mask_buffers = _arguments(node)
     q, k = example_value(query), example_value(key)
-    structure, transform, blocker = _analyze_mods(node, q.shape[-2], k.shape[-2])
+    structure, transform, blocker = _analyze_mods(score_mod, block_mask, score_buffers, mask_buffers,
+                                                  q.shape[-2], k.shape[-2])
     read = {user.args[1] for user in node.users if user.target is operator.getitem}
     if _MAX in read:
         blocker = blocker or "the caller reads the running maxima (AuxRequest(max_scores=True)), which FA4 doesn't return"
