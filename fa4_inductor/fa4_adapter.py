@@ -14,8 +14,9 @@ Three things keep FA4's costs out of the training loop:
 - FA4's on-disk kernel cache is switched on (:mod:`.fa4_api`), so a second
   process loads kernels instead of compiling them.
 
-Calls with key padding or segment ids (the block-sparse route) always take
-FA4's entry point: their block sparsity is data, computed per call.
+Calls with key padding or segment ids (the block-sparse route) compute their
+aux tensors and block-sparsity lists per call (they are data), then replay
+the launches learned for their exact signature.
 """
 
 from __future__ import annotations
@@ -37,17 +38,59 @@ _LEARNING = threading.Lock()
 
 
 def _fa4_forward(q, k, v, out, lse, *, softmax_scale, causal, window_left, window_right, softcap, seqused_k,
-                 key_padding=None, segment_ids=None):
-    """FA4's own forward entry point, writing into ``out`` and ``lse``."""
+                 key_padding=None, segment_ids=None, fa4_masking=None):
+    """FA4's own forward entry point, writing into ``out`` and ``lse`` (``fa4_masking``: FA4's masking keywords
+    for these params, when already computed)."""
     params = dict(causal=causal, window_left=window_left, window_right=window_right, key_padding=key_padding,
                   segment_ids=segment_ids)
     fa4_api.flash_forward(q, k, v, out, lse, softmax_scale=softmax_scale, softcap=softcap, seqused_k=seqused_k,
-                          masking=masking.fa4_masking(q, k, v, params))
+                          masking=fa4_masking or masking.fa4_masking(q, k, v, params))
 
 
 def _masked_by_data(params: dict) -> bool:
-    """Does the call's masking read tensors (key padding, segment ids)? Such calls have no launch plan."""
+    """Does the call's masking read tensors (key padding, segment ids)? Such calls are planned by exact
+    signature, with their masking tensors made per call."""
     return params.get("key_padding") is not None or params.get("segment_ids") is not None
+
+
+def _exact_signature(tensors, params: dict) -> tuple:
+    """A call's identity for plans learned per exact call: every tensor's geometry and dtype, and the options
+    (which mask tensors are present among them)."""
+    geometry = tuple(None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors)
+    options = tuple((name, value is not None) if isinstance(value, torch.Tensor) or value is None else (name, value)
+                    for name, value in params.items())
+    return geometry, tensors[0].get_device(), options
+
+
+def _replay_or_learn(plans: launch_plan.PlanCache, signature, tensors, device, call_fa4, recording) -> None:
+    """Replay the launch sequence learned for ``signature`` on ``tensors``; without one, ``call_fa4()`` (FA4's
+    entry point), learning the sequence on the first call (``recording``: FA4's recorder for it)."""
+    plan = plans.get(signature)
+    if plan:
+        plan.launch(tensors, device)
+        return
+    if plan is None:
+        call_fa4()
+        return
+    with _LEARNING, launch_plan.CallWatch() as watch, recording() as launches:
+        call_fa4()
+    learned = None if watch.other_ops else launch_plan.sequence_from(launches, tensors, watch.allocations)
+    if learned is not launch_plan.UNDECIDED:
+        plans.put(signature, learned)
+        log.debug("FA4 launch sequence %s for %s", "learned" if learned else "not replayable", signature)
+
+
+_MASKED_FORWARD_PLANS = launch_plan.PlanCache()
+
+
+def _forward_masked_by_data(q, k, v, out, lse, params: dict) -> None:
+    """A forward whose masking reads tensors: FA4's aux tensors and block lists are made for this call, the
+    kernel launch replays the plan of the call's exact signature."""
+    fa4_masking = masking.fa4_masking(q, k, v, params)
+    tensors = (q, k, v, out, lse, params["seqused_k"], *masking.tensors_of(fa4_masking))
+    _replay_or_learn(_MASKED_FORWARD_PLANS, _exact_signature(tensors, params), tensors, q.device,
+                     lambda: _fa4_forward(q, k, v, out, lse, **params, fa4_masking=fa4_masking),
+                     fa4_api.recording_forward)
 
 
 def _decode_splits(q, k, params: dict) -> int:
@@ -138,7 +181,7 @@ def _forward_planned(q, k, v, out, lse, params: dict) -> None:
     """One FA4 forward into ``out``/``lse``: by launch plan when one is known, else FA4's entry point
     (learning the plan of a new key on the way)."""
     if _masked_by_data(params):
-        _fa4_forward(q, k, v, out, lse, **params)
+        _forward_masked_by_data(q, k, v, out, lse, params)
         return
     tensors = (q, k, v, out, lse, params["seqused_k"])
     signature = launch_plan.call_signature(q, k, v, params["softmax_scale"], params["causal"], params["window_left"],
@@ -171,8 +214,13 @@ def _learn(key, signature, tensors, params: dict) -> None:
 
 
 def forward_plans() -> launch_plan.PlanCache:
-    """The forward launch plans learned in this process."""
+    """The forward launch plans learned in this process (calls masked by data: :func:`masked_forward_plans`)."""
     return _FORWARD_PLANS
+
+
+def masked_forward_plans() -> launch_plan.PlanCache:
+    """The forward launch sequences learned for calls masked by data, by exact call signature."""
+    return _MASKED_FORWARD_PLANS
 
 
 def _fake_inputs(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -298,31 +346,24 @@ def backward(
 
     A call replays the launch sequence learned for its exact signature (FA4's
     preprocess, main and postprocess kernels, scratch allocated alike), skipping
-    FA4's per-call Python; calls with ``seqused_k``, ``key_padding`` or
-    ``segment_ids`` always take FA4's entry point.
+    FA4's per-call Python; calls with ``key_padding`` or ``segment_ids`` make
+    their masking tensors first, calls with ``seqused_k`` always take FA4's
+    entry point.
     """
     params = dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left, window_right=window_right,
                   softcap=softcap, seqused_k=seqused_k, key_padding=key_padding, segment_ids=segment_ids,
                   deterministic=torch.are_deterministic_algorithms_enabled())
     tensors = (dout, q, k, v, out, lse, dq, dk, dv)
-    if seqused_k is not None or _masked_by_data(params):
+    if seqused_k is not None:
         _fa4_backward(*tensors, **params)
         return
-    signature = (tuple((t.shape, t.stride()) for t in tensors), q.dtype, q.get_device(), softmax_scale, causal,
-                 window_left, window_right, softcap, params["deterministic"])
-    plan = _BACKWARD_PLANS.get(signature)
-    if plan:
-        plan.launch(tensors, q.device)
-        return
-    if plan is None:
-        _fa4_backward(*tensors, **params)
-        return
-    with _LEARNING, launch_plan.CallWatch() as watch, fa4_api.recording_backward() as launches:
-        _fa4_backward(*tensors, **params)
-    learned = None if watch.other_ops else launch_plan.sequence_from(launches, tensors, watch.allocations)
-    if learned is not launch_plan.UNDECIDED:
-        _BACKWARD_PLANS.put(signature, learned)
-        log.debug("FA4 backward launch sequence %s for %s", "learned" if learned else "not replayable", signature)
+    fa4_masking = None
+    if _masked_by_data(params):
+        fa4_masking = masking.fa4_masking(q, k, v, params, backward=True, deterministic=params["deterministic"])
+        tensors = (*tensors, *masking.tensors_of(fa4_masking))
+    _replay_or_learn(_BACKWARD_PLANS, _exact_signature(tensors, params), tensors, q.device,
+                     lambda: _fa4_backward(*tensors[:9], **params, fa4_masking=fa4_masking),
+                     fa4_api.recording_backward)
 
 
 def backward_plans() -> launch_plan.PlanCache:
@@ -331,11 +372,12 @@ def backward_plans() -> launch_plan.PlanCache:
 
 
 def _fa4_backward(dout, q, k, v, out, lse, dq, dk, dv, *, softmax_scale, causal, window_left, window_right, softcap,
-                  seqused_k, deterministic, key_padding=None, segment_ids=None):
-    """FA4's own backward entry point, writing into ``dq``, ``dk``, ``dv``."""
+                  seqused_k, deterministic, key_padding=None, segment_ids=None, fa4_masking=None):
+    """FA4's own backward entry point, writing into ``dq``, ``dk``, ``dv`` (``fa4_masking`` as for
+    :func:`_fa4_forward`)."""
     params = dict(causal=causal, window_left=window_left, window_right=window_right, key_padding=key_padding,
                   segment_ids=segment_ids)
     fa4_api.flash_backward(
         dout, q, k, v, out, lse, dq, dk, dv, softmax_scale=softmax_scale, softcap=softcap, seqused_k=seqused_k,
         deterministic=deterministic,
-        masking=masking.fa4_masking(q, k, v, params, backward=True, deterministic=deterministic))
+        masking=fa4_masking or masking.fa4_masking(q, k, v, params, backward=True, deterministic=deterministic))

@@ -70,12 +70,22 @@ def plan_key(q, k, v, params: dict[str, Any], arch_major: int | None = None) -> 
 
 
 @dataclasses.dataclass(frozen=True)
+class NestedArgument:
+    """A launch argument that holds call tensors inside tuples (FA4's block-sparsity tuple, its ``AuxData``):
+    ``build(tensors)`` makes it anew from a call's tensors."""
+
+    position: int
+    build: Callable[[Sequence[torch.Tensor | None]], Any]
+
+
+@dataclasses.dataclass(frozen=True)
 class LaunchPlan:
     """A compiled FA4 kernel and its launch arguments, tensors left as slots."""
 
     kernel: Callable[..., Any]
     args: tuple[Any, ...]
     slots: tuple[tuple[int, int], ...]  # (argument position, index of the tensor in the call's tensors)
+    nested: tuple[NestedArgument, ...] = ()
     entry: Callable[..., Any] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -87,6 +97,8 @@ class LaunchPlan:
         for position, slot in self.slots:
             tensor = tensors[slot]
             args[position] = tensor.detach() if tensor.requires_grad else tensor
+        for argument in self.nested:
+            args[argument.position] = argument.build(tensors)
         self.entry(*args)
 
 
@@ -190,21 +202,66 @@ def plan_from(launches: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
     return _launch_from(*launches[0], tensors)
 
 
-def _launch_from(kernel, launch_args, tensors: Sequence[torch.Tensor | None]) -> LaunchPlan | None | object:
-    args, slots = list(launch_args), []
+def _launch_from(kernel, launch_args, tensors: Sequence[torch.Tensor | None],
+                 call_count: int | None = None) -> LaunchPlan | None | object:
+    """The plan of one launch; ``tensors[:call_count]`` are the call's own, the rest scratch buffers, which
+    only top-level arguments may be (nested ones are built from the call's tensors)."""
+    args, slots, nested = list(launch_args), [], []
     for position, arg in enumerate(args):
-        if not isinstance(arg, torch.Tensor):
-            if _holds_tensor(arg):
-                return None  # a tensor inside a structure would be replayed stale
-            continue
-        matches = [i for i, t in enumerate(tensors) if t is not None and _same_view(arg, t)]
-        if not matches:
-            return None  # a buffer FA4 allocated itself
+        if isinstance(arg, torch.Tensor):
+            match = _match(arg, tensors)
+            if match is None or match is UNDECIDED:
+                return match
+            index, view = match
+            if view is not None:
+                return None  # FA4 passes views it made of the call's tensors only inside tuples
+            slots.append((position, index))
+            args[position] = None
+        elif isinstance(arg, (tuple, list)) and _holds_tensor(arg):
+            build = _builder(arg, tensors[:call_count])
+            if build is None or build is UNDECIDED:
+                return build
+            nested.append(NestedArgument(position, build))
+            args[position] = None
+        elif _holds_tensor(arg):
+            return None  # a tensor inside another structure would be replayed stale
+    return LaunchPlan(kernel, tuple(args), tuple(slots), tuple(nested))
+
+
+def _match(arg: torch.Tensor, tensors: Sequence[torch.Tensor | None]):
+    """(index of the call tensor ``arg`` is, None) or (index of the call tensor ``arg`` is a view of at the same
+    address, its (size, stride)); None when it is none of them (FA4 allocated it), UNDECIDED when ambiguous."""
+    for same in (_same_view, _view_at_same_address):
+        matches = [i for i, t in enumerate(tensors) if t is not None and same(arg, t)]
         if len(matches) > 1:
             return UNDECIDED
-        slots.append((position, matches[0]))
-        args[position] = None
-    return LaunchPlan(kernel, tuple(args), tuple(slots))
+        if matches:
+            return matches[0], None if same is _same_view else (tuple(arg.shape), tuple(arg.stride()))
+    return None
+
+
+def _builder(arg, tensors: Sequence[torch.Tensor | None]):
+    """A function making ``arg`` (tensors nested in tuples, lists, named tuples) anew from a call's tensors;
+    None or UNDECIDED as :func:`_match` says for one of its tensors."""
+    if isinstance(arg, torch.Tensor):
+        match = _match(arg, tensors)
+        if match is None or match is UNDECIDED:
+            return match
+        index, view = match
+        if view is None:
+            return lambda call: call[index].detach()
+        size, stride = view
+        return lambda call: call[index].detach().as_strided(size, stride)
+    if isinstance(arg, (tuple, list)) and _holds_tensor(arg):
+        parts = [_builder(part, tensors) for part in arg]
+        for part in parts:
+            if part is None or part is UNDECIDED:
+                return part
+        make = type(arg)._make if hasattr(type(arg), "_fields") else type(arg)
+        return lambda call: make([part(call) for part in parts])
+    if _holds_tensor(arg):
+        return None
+    return lambda call: arg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +308,7 @@ def sequence_from(launches: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]
     pool = [*tensors, *(buffer for buffer, _ in allocations)]
     plans = []
     for kernel, args in launches:
-        plan = _launch_from(kernel, args, pool)
+        plan = _launch_from(kernel, args, pool, len(tensors))
         if not isinstance(plan, LaunchPlan):
             return plan
         plans.append(plan)
@@ -279,6 +336,12 @@ def _holds_tensor(arg: Any) -> bool:
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
             and a.dtype == b.dtype)
+
+
+def _view_at_same_address(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Is ``a`` a view (an expand, a reshape) of ``b``'s memory starting where ``b`` starts?"""
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
 
 
 def call_signature(q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k) -> Hashable:

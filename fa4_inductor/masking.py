@@ -94,6 +94,15 @@ def fa4_masking(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,
     return masking
 
 
+def tensors_of(fa4_masking: dict) -> list[torch.Tensor]:
+    """The tensors inside FA4 masking keywords (aux tensors, then the block-sparsity lists), in a fixed order."""
+    tensors = list(fa4_masking.get("aux_tensors") or ())
+    sparse = fa4_masking.get("block_sparse_tensors")
+    if sparse is not None:
+        tensors += [sparse.mask_block_cnt, sparse.mask_block_idx, sparse.full_block_cnt, sparse.full_block_idx]
+    return tensors
+
+
 def block_sparsity_route(q_shape: tuple[int, ...], seqlen_k: int, head_dim_v: int, params: dict, arch_major: int, *,
                          backward: bool = False, deterministic: bool = False) -> tuple[int, int] | None:
     """The sparse block size a call with key padding and/or segment ids (B,S,H,D query of ``q_shape``) runs with,

@@ -165,7 +165,7 @@ def _plan_arguments(plan: launch_plan.LaunchPlan):
     None if its kernel isn't a bare TVM-FFI function or an argument has no TVM-FFI form."""
     import tvm_ffi
 
-    if not isinstance(plan.entry, tvm_ffi.Function):
+    if not isinstance(plan.entry, tvm_ffi.Function) or plan.nested:
         return None
     slots = dict(plan.slots)
     kinds, values, reals, held = [], [], [], [plan.entry]

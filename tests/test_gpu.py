@@ -114,9 +114,9 @@ def _segment_ids(b, s, documents):
     return (torch.arange(s, device="cuda")[None, None, :] >= cuts[:, :, None]).sum(dim=1)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_fa4_op_matches_fp64_reference(case):
-    torch.manual_seed(0)
+def _op_against_fp64(case: dict) -> dict:
+    """Run the fa4 op forward and backward on random inputs for ``case``; assert it is as close to an fp64
+    reference as bf16 math is; return the errors."""
     b, s, h, d = 2, case.get("s", 512), 8, case["d"]
     hkv, sq = case.get("hkv", h), case.get("sq", s)
     q, k, v = _leaves((b, sq, h, d), (b, s, hkv, d), (b, s, hkv, d))
@@ -143,7 +143,31 @@ def test_fa4_op_matches_fp64_reference(case):
         assert math.isfinite(err) and not got.isnan().any()
         assert err <= 3 * err_low + 1e-3, (name, err, err_low)
     assert lse.shape == (b, h, sq) and lse.dtype == torch.float32
-    _report("fa4_vs_fp64", case=case, errors=errors)
+    return errors
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_fa4_op_matches_fp64_reference(case):
+    torch.manual_seed(0)
+    _report("fa4_vs_fp64", case=case, errors=_op_against_fp64(case))
+
+
+@pytest.mark.parametrize("case", [dict(d=128, causal=True, padding="left", s=1000),
+                                  dict(d=128, hkv=2, documents=3, padding="right", s=777),
+                                  dict(d=64, padding="random", window=(100, 0), s=4096)],
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_block_sparse_calls_replay_their_launch_plans_exactly(case, monkeypatch):
+    """A second call with new padding / documents and the same shapes skips FA4's entry points (the masking
+    tensors are made anew, the kernels replayed) and still matches fp64."""
+    torch.manual_seed(1)
+    _op_against_fp64(case)
+    entered = []
+    for name in ("flash_forward", "flash_backward"):
+        monkeypatch.setattr(fa4_api, name, lambda *args, _name=name, _real=getattr(fa4_api, name), **kwargs: (
+            entered.append(_name), _real(*args, **kwargs)))
+    errors = _op_against_fp64(case)
+    assert entered == [], "a replayable block-sparse call went through FA4's entry point"
+    _report("block_sparse_replay_vs_fp64", case=case, errors=errors)
 
 
 @pytest.mark.parametrize("batch, padded, seqlen_k", [(1, False, 4096), (1, True, 4096), (2, True, 4096),

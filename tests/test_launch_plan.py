@@ -262,3 +262,86 @@ def test_backward_that_a_kernel_replay_would_not_reproduce_is_never_replayed(bac
         _backward(_backward_inputs())
     plans = fa4_adapter.backward_plans()
     assert plans.get(plans.keys()[0]) is None and stand_in.calls == 2
+
+
+class _Aux(tuple):
+    """Shaped like FA4's ``AuxData`` named tuple."""
+
+    _fields = ("tensors", "scalars")
+
+    @classmethod
+    def _make(cls, values):
+        return cls(values)
+
+
+def _nested_launch(q, counts, pad, foreign=False):
+    """A launch the way FA4 passes block sparsity: a tuple of lists (one expanded over heads) and aux data."""
+    expanded = counts.expand(counts.shape[0], 4, counts.shape[2])
+    lists = (expanded, counts.clone() if foreign else counts, None)
+    return (q, lists, _Aux(([pad], None)), 0.5)
+
+
+def test_tensors_inside_tuples_and_views_of_call_tensors_are_rebuilt_per_call():
+    launched = []
+    kernel = lambda *args: launched.append(args)  # noqa: E731
+    q, counts, pad = torch.randn(1, 8, 4, 16), torch.zeros(1, 1, 3, dtype=torch.int32), torch.ones(1, 8)
+    plan = launch_plan.plan_from([(kernel, _nested_launch(q, counts, pad))], (q, counts, pad))
+    assert isinstance(plan, launch_plan.LaunchPlan) and len(plan.nested) == 2
+    q2, counts2, pad2 = torch.randn_like(q), torch.ones_like(counts), torch.zeros_like(pad)
+    plan.launch((q2, counts2, pad2))
+    got_q, (expanded, got_counts, none), aux, scale = launched[-1]
+    assert got_q is q2 and got_counts.data_ptr() == counts2.data_ptr() and none is None and scale == 0.5
+    assert expanded.shape == (1, 4, 3) and expanded.stride() == (3, 0, 1) and expanded.data_ptr() == counts2.data_ptr()
+    assert isinstance(aux, _Aux) and aux[0][0].data_ptr() == pad2.data_ptr() and aux[1] is None
+
+
+def test_a_tensor_inside_a_tuple_that_fa4_allocated_is_never_replayed():
+    q, counts, pad = torch.randn(1, 8, 4, 16), torch.zeros(1, 1, 3, dtype=torch.int32), torch.ones(1, 8)
+    launch = _nested_launch(q, counts, pad, foreign=True)
+    assert launch_plan.plan_from([(lambda *args: None, launch)], (q, counts, pad)) is None
+
+
+def _stand_in_masked_fa4():
+    """Mimics FA4's entry points with aux tensors and block sparsity: views of the lists go in a tuple."""
+    fa4 = types.SimpleNamespace(calls=0, launches=[])
+
+    def forward_kernel(q, k, v, out, lse, lists, aux):
+        fa4.launches.append((lists, aux))
+        out.copy_(q * aux[0][0][:, :q.shape[1], None, None])
+
+    def entry(q, k, v, *, out, lse, aux_tensors, block_sparse_tensors, **_):
+        fa4.calls += 1
+        heads = q.shape[2]
+        lists = tuple(t.expand(t.shape[0], heads, *t.shape[2:]) for t in masking_lists(block_sparse_tensors))
+        entry.compile_cache["fwd"](q, k, v, out, lse, lists, _Aux((aux_tensors, None)))
+
+    entry.compile_cache = {"fwd": forward_kernel}
+    fa4._flash_attn_fwd = entry
+    return fa4
+
+
+def masking_lists(sparse):
+    return sparse.mask_block_cnt, sparse.mask_block_idx, sparse.full_block_cnt, sparse.full_block_idx
+
+
+def _stand_in_masking(q, k, v, params, backward=False, deterministic=False):
+    keep = params["key_padding"].to(torch.float32)
+    lists = [torch.full((q.shape[0], 1, 2), i, dtype=torch.int32) for i in range(4)]
+    return dict(mask_mod="mask", aux_tensors=[keep], block_sparse_tensors=types.SimpleNamespace(
+        mask_block_cnt=lists[0], mask_block_idx=lists[1], full_block_cnt=lists[2], full_block_idx=lists[3]))
+
+
+def test_a_call_masked_by_data_makes_its_masking_tensors_then_replays_its_plan(monkeypatch):
+    from fa4_inductor import masking
+
+    monkeypatch.setattr(fa4_adapter, "_MASKED_FORWARD_PLANS", launch_plan.PlanCache())
+    monkeypatch.setattr(masking, "fa4_masking", _stand_in_masking)
+    stand_in = _stand_in_masked_fa4()
+    monkeypatch.setattr(fa4_api, "module", lambda: stand_in)
+    q, k, v = (torch.randn(2, 8, 4, 16) for _ in range(3))
+    for keep in (torch.ones(2, 8, dtype=torch.bool), torch.rand(2, 8) > 0.5):
+        out, _ = fa4_adapter.forward(q, k, v, **_params(causal=False), key_padding=keep)
+        torch.testing.assert_close(out, q * keep[:, :, None, None])
+    assert stand_in.calls == 1 and len(stand_in.launches) == 2  # the second call replayed the plan
+    lists, aux = stand_in.launches[-1]
+    assert lists[0].shape == (2, 4, 2) and lists[0].stride()[1] == 0 and isinstance(aux, _Aux)
