@@ -8,7 +8,7 @@
 #   flex       FlexAttention programs vs Flex FLASH / Triton (FLEX_PROBLEMS narrows them)
 #   hf_flex    HF Llama/Mistral/Gemma2 with attn_implementation="flex_attention" vs Flex Triton / FLASH
 #   block      the compiled qkv-projection block vs stock and FA4 called by hand
-#   fuzz       the differential fuzz on the GPU (FUZZ_PROGRAMS programs, default 400)
+#   fuzz       the differential fuzz on the GPU (FUZZ_PROGRAMS programs, default 400, for at most FUZZ_MINUTES)
 # BENCH_ARGS is passed to bench_attention.py (e.g. "--s 1024 --block-s 4096" for a short run).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -36,7 +36,7 @@ for step in $STEPS; do
         --variants stock plugin flex_flash 2>&1 | tee $OUT/hf_flex.log | grep -v "^{" | tail -12 ;;
     block) timeout 300 python3 benchmarks/bench_attention.py --out $OUT/bench --d 128 --s 4096 --block-s 4096 16384 \
         2>&1 | grep -v "^{" | tail -12 ;;
-    fuzz) timeout 580 python3 benchmarks/fuzz_gpu.py --programs ${FUZZ_PROGRAMS:-400} --out $OUT 2>&1 | tail -12 ;;
+    fuzz) timeout 580 python3 benchmarks/fuzz_gpu.py --programs ${FUZZ_PROGRAMS:-400} --minutes ${FUZZ_MINUTES:-9} --out $OUT 2>&1 | tail -12 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -124,11 +124,14 @@ def module() -> ModuleType:
     return loaded
 
 
-def head_dim_reason(arch_major: int, head_dim: int, head_dim_v: int, element_size: int) -> str | None:
-    """Why FA4 lacks a kernel for these head dims on this arch, or None.
+def head_dim_reason(arch_major: int, head_dim: int, head_dim_v: int, element_size: int,
+                    backward: bool = False) -> str | None:
+    """Why FA4 lacks a kernel for these head dims on this arch (``backward``: one that computes the gradients
+    right too), or None.
 
     Mirrors ``flash_attn.cute.interface._validate_head_dims`` of the tested
-    version, as a reason string instead of an assert.
+    version, as a reason string instead of an assert, plus the sm90 backward
+    bug below.
     """
     alignment = 16 // element_size
     if head_dim % alignment or head_dim_v % alignment:
@@ -136,7 +139,7 @@ def head_dim_reason(arch_major: int, head_dim: int, head_dim_v: int, element_siz
     if arch_major == 9:
         if not (8 <= head_dim <= 256 and 8 <= head_dim_v <= 256):
             return f"head dims ({head_dim}, {head_dim_v}) outside 8..256 (sm90)"
-        return None
+        return sm90_backward_head_dim_reason(head_dim, head_dim_v) if backward else None
     if arch_major in (10, 11):
         ok = (
             (8 <= head_dim <= 128 and 8 <= head_dim_v <= 128)
@@ -147,6 +150,18 @@ def head_dim_reason(arch_major: int, head_dim: int, head_dim_v: int, element_siz
             "(8..128, (192, 128) or (256, 256))"
         )
     return f"FA4 is not used on sm{arch_major}x"
+
+
+def sm90_backward_head_dim_reason(head_dim: int, head_dim_v: int) -> str | None:
+    """Why FA4's sm90 backward would return wrong gradients for these head dims, or None.
+
+    Measured on an H200 with the GPU fuzz (d=8 and d=16: wrong dQ, and wrong dK/dV with GQA): the kernel writes
+    its fp32 accumulators in head-dim tiles of 16 while the entry point lays them out in tiles of 32.
+    """
+    if any(-(-dim // 16) * 16 % 32 for dim in (head_dim, head_dim_v)):
+        return (f"head dims ({head_dim}, {head_dim_v}): FA4's sm90 backward returns wrong gradients when a head "
+                "dim rounded up to 16 is no multiple of 32 (flash-attention PR #2896); forward-only calls run FA4")
+    return None
 
 
 @functools.lru_cache(maxsize=None)

@@ -37,7 +37,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import fa4_adapter, native, reference
+from . import fa4_adapter, fa4_api, native, reference
 from ._torch_private import empty_contiguous
 from .support import FA4_DTYPES
 
@@ -167,9 +167,18 @@ def _gradient(t: Tensor) -> Tensor:
     return fa4_adapter.gradient_like(t)
 
 
+def _validate_backward(q: Tensor, v: Tensor) -> None:
+    """Raise ValueError where FA4's backward would return wrong gradients (sm90, some head dims)."""
+    if q.device.type == "cuda" and fa4_api.arch_and_sms(q.device.index)[0] // 10 == 9:
+        reason = fa4_api.sm90_backward_head_dim_reason(q.shape[-1], v.shape[-1])
+        if reason:
+            raise ValueError(f"fa4.flash_attn_bwd: {reason}")
+
+
 def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal=False, window_left=-1,
                      window_right=-1, softcap=0.0, seqused_k=None, key_padding=None, segment_ids=None):
     _validate(q, k, v, seqused_k, key_padding, segment_ids)
+    _validate_backward(q, v)
     params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding, segment_ids)
     if q.device.type == "cpu":
         grads = reference.attention_backward(dout, q, k, v, out, lse, **params)
@@ -182,6 +191,7 @@ def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal=False, windo
 def _backward_kernel_fake(dout, q, k, v, out, lse, softmax_scale, causal=False, window_left=-1,
                           window_right=-1, softcap=0.0, seqused_k=None, key_padding=None, segment_ids=None):
     _validate(q, k, v, seqused_k, key_padding, segment_ids)
+    _validate_backward(q, v)
     params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding, segment_ids)
     if _precompile_wanted(q):
         fa4_adapter.precompile_backward(dout, q, k, v, out, lse, **params)

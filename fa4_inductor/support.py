@@ -41,10 +41,11 @@ class AttentionCall:
     last_dim_strides: Sequence = (1, 1, 1)
     k_dtype: torch.dtype | None = None
     v_dtype: torch.dtype | None = None
+    needs_backward: bool = False
 
     @staticmethod
     def from_tensors(q, k, v, **flags) -> "AttentionCall":
-        """Describe a call from (real or fake) B,H,S,D tensors."""
+        """Describe a call from (real or fake) B,H,S,D tensors (it needs a backward when one requires grad)."""
         devices = {t.device for t in (q, k, v)}
         if len(devices) != 1:
             raise ValueError(
@@ -54,6 +55,7 @@ class AttentionCall:
             device=q.device, dtype=q.dtype, k_dtype=k.dtype, v_dtype=v.dtype,
             q_shape=tuple(q.shape), k_shape=tuple(k.shape), v_shape=tuple(v.shape),
             last_dim_strides=tuple(t.stride(-1) if t.dim() else 1 for t in (q, k, v)),
+            needs_backward=any(t.requires_grad for t in (q, k, v)),
             **flags,
         )
 
@@ -139,7 +141,9 @@ def unsupported_reason(
         return "batch sizes of query, key and value differ"
     if not guard_or_false(sk == sv):
         return "key and value sequence lengths differ"
-    reason = fa4_api.head_dim_reason(arch, d, dv, call.dtype.itemsize)
+    # The CPU reference has no kernel bugs to mirror: only CUDA calls (real or assumed) avoid FA4's.
+    reason = fa4_api.head_dim_reason(arch, d, dv, call.dtype.itemsize,
+                                     backward=call.needs_backward and call.device.type == "cuda")
     if reason:
         return reason
     if call.is_causal and not statically_known_true(sq == sk):

@@ -27,6 +27,8 @@ SPELLINGS = ("sdpa", "sdpa_repeat_kv", "matmul", "matmul_div", "einsum", "presca
 BANDS = ("none", "causal", "window", "abs_window", "tril")
 EXTRAS = ("none", "padding", "bert_extended", "documents", "relative_bias", "query_padding", "or_mask")
 UNEXPRESSIBLE = ("relative_bias", "query_padding", "or_mask")
+# Head dims whose gradients FA4 4.0.0b36 gets wrong on sm90 (flash-attention PR #2896); the CPU reference is exact.
+SM90_WRONG_BACKWARD_HEAD_DIMS = (8, 16, 40, 48, 72, 80, 104, 112)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,10 @@ class Program:
     @property
     def expressible(self) -> bool:
         return self.extra not in UNEXPRESSIBLE
+
+    def expressible_on_sm90(self) -> bool:
+        """Can FA4 compute this program, gradients included, on an sm90 GPU?"""
+        return self.expressible and self.head_dim not in SM90_WRONG_BACKWARD_HEAD_DIMS
 
     def inputs(self, device="cpu") -> tuple[list[torch.Tensor], tuple]:
         """(q, k, v leaves, extra program inputs)."""
@@ -220,8 +226,9 @@ def _attention(program: Program, group: int, d: int, q, k, v, padding, segments,
     return out
 
 
-def random_programs(count: int, seed: int = 0, max_seqlen: int = 40, spellings=SPELLINGS) -> list[Program]:
-    """``count`` seeded random programs in the given spellings ("flex" for FlexAttention)."""
+def random_programs(count: int, seed: int = 0, max_seqlen: int = 40, spellings=SPELLINGS,
+                    head_dims=(8, 16)) -> list[Program]:
+    """``count`` seeded random programs in the given spellings ("flex" for FlexAttention) and head dims."""
     rng = random.Random(seed)
     programs = []
     for index in range(count):
@@ -231,7 +238,7 @@ def random_programs(count: int, seed: int = 0, max_seqlen: int = 40, spellings=S
             band = "causal"  # a window past a row's last key would leave query rows with no key at all
         program = Program(
             spelling=rng.choice(spellings), band=band, extra=extra, batch=rng.choice((1, 2, 3)), heads=heads,
-            heads_kv=rng.choice((heads, heads // 2)), seqlen=rng.randint(5, max_seqlen), head_dim=rng.choice((8, 16)),
+            heads_kv=rng.choice((heads, heads // 2)), seqlen=rng.randint(5, max_seqlen), head_dim=rng.choice(head_dims),
             layout=rng.choice(("bhsd", "bshd")), dynamic=rng.random() < 0.3, seed=seed * 100003 + index)
         if program.spelling == "flex":
             program = dataclasses.replace(program, score=rng.choice(list(SCORE_MODS)))

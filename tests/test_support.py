@@ -55,3 +55,28 @@ def test_mismatched_devices_raise_value_error():
     q = torch.empty(1, 1, 4, 8)
     with pytest.raises(ValueError, match="one device"):
         AttentionCall.from_tensors(q, q.to("meta"), q)
+
+
+def _head_dims(d, dv=None):
+    dv = d if dv is None else dv
+    return {"q_shape": (2, 8, 128, d), "k_shape": (2, 8, 128, d), "v_shape": (2, 8, 128, dv)}
+
+
+@pytest.mark.parametrize("d, dv, needs_backward, arch, wrong", [
+    (16, None, True, 9, True), (8, None, True, 9, True), (80, None, True, 9, True), (64, 48, True, 9, True),
+    (16, None, False, 9, False), (32, None, True, 9, False), (96, None, True, 9, False),
+    (128, None, True, 9, False), (16, None, True, 10, False),
+])
+def test_sm90_head_dims_whose_fa4_gradients_are_wrong_fall_back_when_a_backward_is_needed(d, dv, needs_backward,
+                                                                                          arch, wrong):
+    call = _call(needs_backward=needs_backward, **_head_dims(d, dv))
+    reason = unsupported_reason(call, ("cuda",), arch_major=arch)
+    assert (reason is not None and "PR #2896" in reason) == wrong, reason
+    cpu_call = _call(device=torch.device("cpu"), needs_backward=needs_backward, **_head_dims(d, dv))
+    assert unsupported_reason(cpu_call, ("cpu",)) is None  # the CPU reference computes them right
+
+
+def test_a_call_needs_a_backward_when_an_input_requires_grad():
+    q = torch.randn(1, 2, 8, 16)
+    assert not AttentionCall.from_tensors(q, q, q).needs_backward
+    assert AttentionCall.from_tensors(q, q.requires_grad_(), q).needs_backward
