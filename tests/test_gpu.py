@@ -323,6 +323,32 @@ def test_eager_override_runs_fa4_and_falls_back_with_reason():
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+@pytest.mark.skipif(torch.cuda.get_device_capability()[0] != 9, reason="an sm90 FA4 bug")
+@pytest.mark.parametrize("head_dim", [16, 80])
+def test_head_dims_fa4_sm90_backward_gets_wrong_fall_back_in_training_and_run_fa4_in_inference(head_dim):
+    torch.manual_seed(0)
+    q, k, v = _leaves(*[(2, 4, 300, head_dim)] * 3)
+    attention = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), fullgraph=True)
+    stats.reset()
+    torch._dynamo.reset()
+    with fa4_inductor.enabled(compile=True, eager=False):
+        out = attention(q, k, v)
+        grads = torch.autograd.grad(out.float().pow(2).sum(), (q, k, v))
+        trained = list(stats.site_records())
+        with torch.no_grad():
+            inferred = attention(q.detach(), k.detach(), v.detach())
+    assert trained and all(r.decision != "fa4" and "PR #2896" in r.reason for r in trained), trained
+    assert any(r.decision == "fa4" for r in stats.site_records()[len(trained):])
+    ref = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), is_causal=True)
+    ref_grads = torch.autograd.grad(ref.pow(2).sum(), (q, k, v))
+    for got, want in zip((out, *grads), (ref, *ref_grads)):
+        assert ((got.double() - want).norm() / want.norm()).item() < 2e-2
+    assert ((inferred.double() - ref).norm() / ref.norm()).item() < 1e-2
+    with pytest.raises(ValueError, match="PR #2896"):
+        fa4_out, _ = torch.ops.fa4.flash_attn_fwd(*(t.transpose(1, 2) for t in (q, k, v)), 0.25)
+        fa4_out.sum().backward()
+
+
 def test_eager_decoding_step_mask_runs_fa4_key_padding():
     """SDPA with a (B, 1, 1, S_kv) bool mask (a static-cache decoding step) runs FA4, not a stock kernel."""
     torch.manual_seed(0)
