@@ -22,7 +22,6 @@ the launches learned for their exact signature.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import torch
@@ -33,8 +32,6 @@ from ._torch_private import concrete_fake_like, fresh_fake_mode
 log = logging.getLogger(__name__)
 
 _FORWARD_PLANS = launch_plan.PlanCache(mirror=native.PLANS)  # planned calls skip Python when native
-# Learning swaps an attribute of FA4's entry point: one learner at a time, or two swaps could interleave.
-_LEARNING = threading.Lock()
 
 
 def _fa4_forward(q, k, v, out, lse, *, softmax_scale, causal, window_left, window_right, softcap, seqused_k,
@@ -53,33 +50,6 @@ def _masked_by_data(params: dict) -> bool:
     return params.get("key_padding") is not None or params.get("segment_ids") is not None
 
 
-def _exact_signature(tensors, params: dict) -> tuple:
-    """A call's identity for plans learned per exact call: every tensor's geometry and dtype, and the options
-    (which mask tensors are present among them)."""
-    geometry = tuple(None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors)
-    options = tuple((name, value is not None) if isinstance(value, torch.Tensor) or value is None else (name, value)
-                    for name, value in params.items())
-    return geometry, tensors[0].get_device(), options
-
-
-def _replay_or_learn(plans: launch_plan.PlanCache, signature, tensors, device, call_fa4, recording) -> None:
-    """Replay the launch sequence learned for ``signature`` on ``tensors``; without one, ``call_fa4()`` (FA4's
-    entry point), learning the sequence on the first call (``recording``: FA4's recorder for it)."""
-    plan = plans.get(signature)
-    if plan:
-        plan.launch(tensors, device)
-        return
-    if plan is None:
-        call_fa4()
-        return
-    with _LEARNING, launch_plan.CallWatch() as watch, recording() as launches:
-        call_fa4()
-    learned = None if watch.other_ops else launch_plan.sequence_from(launches, tensors, watch.allocations)
-    if learned is not launch_plan.UNDECIDED:
-        plans.put(signature, learned)
-        log.debug("FA4 launch sequence %s for %s", "learned" if learned else "not replayable", signature)
-
-
 _MASKED_FORWARD_PLANS = launch_plan.PlanCache()
 
 
@@ -88,9 +58,9 @@ def _forward_masked_by_data(q, k, v, out, lse, params: dict) -> None:
     kernel launch replays the plan of the call's exact signature."""
     fa4_masking = masking.fa4_masking(q, k, v, params)
     tensors = (q, k, v, out, lse, params["seqused_k"], *masking.tensors_of(fa4_masking))
-    _replay_or_learn(_MASKED_FORWARD_PLANS, _exact_signature(tensors, params), tensors, q.device,
-                     lambda: _fa4_forward(q, k, v, out, lse, **params, fa4_masking=fa4_masking),
-                     fa4_api.recording_forward)
+    _MASKED_FORWARD_PLANS.replay_or_learn(launch_plan.exact_signature(tensors, params), tensors, q.device,
+                                          lambda: _fa4_forward(q, k, v, out, lse, **params, fa4_masking=fa4_masking),
+                                          fa4_api.recording_forward)
 
 
 def _decode_splits(q, k, params: dict) -> int:
@@ -204,7 +174,7 @@ def _forward_planned(q, k, v, out, lse, params: dict) -> None:
 def _learn(key, signature, tensors, params: dict) -> None:
     """Run the call through FA4's entry point and keep the launch plan it shows."""
     q, k, v, out, lse, _ = tensors
-    with _LEARNING, launch_plan.CallWatch() as watch, fa4_api.recording_forward() as launches:
+    with launch_plan.LEARNING, launch_plan.CallWatch() as watch, fa4_api.recording_forward() as launches:
         _fa4_forward(q, k, v, out, lse, **params)
     learned = None if watch.other_ops else launch_plan.plan_from(launches, tensors)
     if learned is not launch_plan.UNDECIDED:
@@ -361,9 +331,9 @@ def backward(
     if _masked_by_data(params):
         fa4_masking = masking.fa4_masking(q, k, v, params, backward=True, deterministic=params["deterministic"])
         tensors = (*tensors, *masking.tensors_of(fa4_masking))
-    _replay_or_learn(_BACKWARD_PLANS, _exact_signature(tensors, params), tensors, q.device,
-                     lambda: _fa4_backward(*tensors[:9], **params, fa4_masking=fa4_masking),
-                     fa4_api.recording_backward)
+    _BACKWARD_PLANS.replay_or_learn(launch_plan.exact_signature(tensors, params), tensors, q.device,
+                                    lambda: _fa4_backward(*tensors[:9], **params, fa4_masking=fa4_masking),
+                                    fa4_api.recording_backward)
 
 
 def backward_plans() -> launch_plan.PlanCache:

@@ -29,6 +29,7 @@ buffer that is neither the call's nor one FA4 allocated, is never replayed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -37,6 +38,11 @@ import torch
 
 from . import cuda_arch
 from ._torch_private import TorchDispatchMode, contiguous_strides, empty_strided, outside_dispatch_modes
+
+log = logging.getLogger(__name__)
+
+# Learning swaps an attribute of FA4's entry point: one learner at a time, or two swaps could interleave.
+LEARNING = threading.Lock()
 
 # Query lengths up to this (times the GQA group) each get their own plan;
 # FA4's tiles are at most 256 rows, so longer queries all behave alike.
@@ -350,6 +356,15 @@ def call_signature(q, k, v, softmax_scale, causal, window_left, window_right, so
             softmax_scale, causal, window_left, window_right, softcap, seqused_k is None)
 
 
+def exact_signature(tensors: Sequence[torch.Tensor | None], params: dict[str, Any]) -> Hashable:
+    """A call's identity for plans learned per exact call: every tensor's geometry and dtype, its device, and
+    the options (tensor options by presence only: their geometry is among ``tensors``)."""
+    geometry = tuple(None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors)
+    options = tuple((name, value is not None) if isinstance(value, torch.Tensor) or value is None else (name, value)
+                    for name, value in params.items())
+    return geometry, tensors[0].get_device(), options
+
+
 def signature_fields(signature) -> dict[str, Any]:
     """A :func:`call_signature` by name (``geometry``: q, k, v sizes then strides, flat)."""
     q_size, k_size, v_size, q_stride, k_stride, v_stride, dtype, device, *params, seqused_k_absent = signature
@@ -434,6 +449,25 @@ class PlanCache:
     def get(self, key: Hashable) -> LaunchPlan | None | bool:
         """The plan of a plan key, None if unplannable, False if not learned yet."""
         return self._plans.get(key, False)
+
+    def replay_or_learn(self, signature: Hashable, tensors: Sequence[torch.Tensor | None], device: torch.device,
+                        call_fa4: Callable[[], None], recording) -> None:
+        """Replay the launch sequence learned for ``signature`` on ``tensors``; without one, ``call_fa4()``
+        (FA4's entry point on these tensors), learning the sequence on the first call (``recording``: the
+        context manager that records FA4's launches)."""
+        plan = self.get(signature)
+        if plan:
+            plan.launch(tensors, device)
+            return
+        if plan is None:
+            call_fa4()
+            return
+        with LEARNING, CallWatch() as watch, recording() as launches:
+            call_fa4()
+        learned = None if watch.other_ops else sequence_from(launches, tensors, watch.allocations)
+        if learned is not UNDECIDED:
+            self.put(signature, learned)
+            log.debug("FA4 launch sequence %s for %s", "learned" if learned else "not replayable", signature)
 
     def keys(self) -> list[Hashable]:
         """The plan keys learned so far (for tests and inspection)."""
