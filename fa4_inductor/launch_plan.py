@@ -23,7 +23,13 @@ buffer that is neither the call's nor one FA4 allocated, is never replayed.
 - Backward (:class:`LaunchSequence`): FA4's preprocess, main and
   postprocess kernels in order, per exact call signature, with the scratch
   buffers FA4 allocated (accumulators, row sums, semaphores) allocated
-  alike on each call, zero-filled where FA4 zero-filled them.
+  alike on each call, zero-filled where FA4 zero-filled them. Forward
+  calls masked by data (key padding, documents) are learned the same way,
+  per exact signature (:meth:`PlanCache.replay_or_learn`).
+
+Tensors FA4 passes inside tuples (its block-sparsity lists, ``AuxData``),
+also as views of the call's tensors (lists expanded over heads), are made
+anew from each call's tensors (:class:`NestedArgument`).
 """
 
 from __future__ import annotations
