@@ -45,7 +45,8 @@ class AttentionCall:
 
     @staticmethod
     def from_tensors(q, k, v, **flags) -> "AttentionCall":
-        """Describe a call from (real or fake) B,H,S,D tensors (it needs a backward when one requires grad)."""
+        """Describe a call from (real or fake) B,H,S,D tensors. It needs a backward when grad mode is on and one
+        requires grad: AOTAutograd's own test for tracing a backward, and the eager autograd's."""
         devices = {t.device for t in (q, k, v)}
         if len(devices) != 1:
             raise ValueError(
@@ -55,7 +56,7 @@ class AttentionCall:
             device=q.device, dtype=q.dtype, k_dtype=k.dtype, v_dtype=v.dtype,
             q_shape=tuple(q.shape), k_shape=tuple(k.shape), v_shape=tuple(v.shape),
             last_dim_strides=tuple(t.stride(-1) if t.dim() else 1 for t in (q, k, v)),
-            needs_backward=any(t.requires_grad for t in (q, k, v)),
+            needs_backward=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
             **flags,
         )
 

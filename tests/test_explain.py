@@ -56,6 +56,17 @@ def test_arch_changes_the_verdict():
     assert "not routed" in explain(fn, q, k, v, arch=None, devices=("cuda",)).records[0].reason
 
 
+@pytest.mark.parametrize("d, training, arch, runs_fa4", [
+    (16, True, "sm90", False), (16, False, "sm90", True), (32, True, "sm90", True), (16, True, "sm100", True),
+])
+def test_head_dims_whose_sm90_gradients_fa4_gets_wrong_fall_back_in_training(d, training, arch, runs_fa4):
+    q, k, v = (t.requires_grad_(training) for t in _qkv(d=d))
+    record = explain(lambda q, k, v: F.scaled_dot_product_attention(q, k, v), q, k, v, arch=arch).records[0]
+    assert (record.decision == "fa4") == runs_fa4, record.reason
+    if not runs_fa4:
+        assert "PR #2896" in record.reason
+
+
 def test_json_round_trip():
     q, k, v = _qkv()
     report = explain(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v)

@@ -76,7 +76,9 @@ def test_sm90_head_dims_whose_fa4_gradients_are_wrong_fall_back_when_a_backward_
     assert unsupported_reason(cpu_call, ("cpu",)) is None  # the CPU reference computes them right
 
 
-def test_a_call_needs_a_backward_when_an_input_requires_grad():
+def test_a_call_needs_a_backward_when_grad_mode_is_on_and_an_input_requires_grad():
     q = torch.randn(1, 2, 8, 16)
     assert not AttentionCall.from_tensors(q, q, q).needs_backward
     assert AttentionCall.from_tensors(q, q.requires_grad_(), q).needs_backward
+    with torch.no_grad():
+        assert not AttentionCall.from_tensors(q, q, q).needs_backward
