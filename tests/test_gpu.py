@@ -154,11 +154,13 @@ def test_fa4_op_matches_fp64_reference(case):
 
 @pytest.mark.parametrize("case", [dict(d=128, causal=True, padding="left", s=1000),
                                   dict(d=128, hkv=2, documents=3, padding="right", s=777),
-                                  dict(d=64, padding="random", window=(100, 0), s=4096)],
+                                  dict(d=64, padding="random", window=(100, 0), s=4096),
+                                  dict(d=128, hkv=2, padding="right")],  # small padding-only: mask_mod, no lists
                          ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_block_sparse_calls_replay_their_launch_plans_exactly(case, monkeypatch):
     """A second call with new padding / documents and the same shapes skips FA4's entry points (the masking
-    tensors are made anew, the kernels replayed) and still matches fp64."""
+    tensors are made anew, the kernels replayed) and still matches fp64. The first three cases run block
+    sparsity, the last the mask_mod on every tile."""
     torch.manual_seed(1)
     _op_against_fp64(case)
     entered = []
