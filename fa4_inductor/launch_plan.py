@@ -363,10 +363,12 @@ def call_signature(q, k, v, softmax_scale, causal, window_left, window_right, so
 
 def exact_signature(tensors: Sequence[torch.Tensor | None], params: dict[str, Any]) -> Hashable:
     """A call's identity for plans learned per exact call: every tensor's geometry and dtype, its device, and
-    the options (tensor options by presence only: their geometry is among ``tensors``)."""
-    geometry = tuple(None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors)
-    options = tuple((name, value is not None) if isinstance(value, torch.Tensor) or value is None else (name, value)
-                    for name, value in params.items())
+    the options in ``params``' order, which each caller keeps fixed (tensor options by presence only: their
+    geometry is among ``tensors``)."""
+    # List comprehensions, not generators: this runs on every planned backward (~1.5 µs less a call).
+    geometry = tuple([None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors])
+    options = tuple([value is not None if value is None or isinstance(value, torch.Tensor) else value
+                     for value in params.values()])
     return geometry, tensors[0].get_device(), options
 
 
