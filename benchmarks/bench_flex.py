@@ -89,7 +89,10 @@ def _median_ms(step, rounds: int = 5) -> float:
 
 
 def _fwd_bwd(fn, inputs):
-    grad = torch.ones_like(fn(*inputs))
+    out = fn(*inputs)
+    # A contiguous gradient, as a loss on the output gives, for every variant alike. (ones_like would copy the
+    # strides of outputs that are transposed views, which AOTAutograd then copies to its traced layout.)
+    grad = torch.ones(out.shape, dtype=out.dtype, device=out.device)
     return lambda: torch.autograd.grad(fn(*inputs), inputs, grad)
 
 

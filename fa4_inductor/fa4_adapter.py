@@ -14,9 +14,10 @@ Three things keep FA4's costs out of the training loop:
 - FA4's on-disk kernel cache is switched on (:mod:`.fa4_api`), so a second
   process loads kernels instead of compiling them.
 
-Calls with key padding or segment ids (the block-sparse route) compute their
-aux tensors and block-sparsity lists per call (they are data), then replay
-the launches learned for their exact signature.
+Calls with key padding or segment ids (the block-sparse route) read their
+aux tensors and block-sparsity lists from a masking buffer made per training
+step (they are data; the forward makes it, its backward reuses it), then
+replay the launches learned for their exact signature.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ _FORWARD_PLANS = launch_plan.PlanCache(mirror=native.PLANS)  # planned calls ski
 
 
 def _fa4_forward(q, k, v, out, lse, *, softmax_scale, causal, window_left, window_right, softcap, seqused_k,
-                 key_padding=None, segment_ids=None, fa4_masking=None):
+                 key_padding=None, segment_ids=None, masking_buffer=None, fa4_masking=None):
     """FA4's own forward entry point, writing into ``out`` and ``lse`` (``fa4_masking``: FA4's masking keywords
     for these params, when already computed)."""
     params = dict(causal=causal, window_left=window_left, window_right=window_right, key_padding=key_padding,
-                  segment_ids=segment_ids)
+                  segment_ids=segment_ids, masking_buffer=masking_buffer)
     fa4_api.flash_forward(q, k, v, out, lse, softmax_scale=softmax_scale, softcap=softcap, seqused_k=seqused_k,
                           masking=fa4_masking or masking.fa4_masking(q, k, v, params))
 
@@ -120,15 +121,17 @@ def forward(
     segment_ids: torch.Tensor | None = None,
     *,
     out: torch.Tensor | None = None,
+    masking_buffer: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FA4 forward on real B,S,H,D CUDA tensors; returns (out B,S,H,Dv, lse fp32 B,H,S).
 
     The parameters are those of the ``fa4::flash_attn_fwd_kernel`` schema, in
     its order, so the op's CUDA kernel is this function. ``out``, if given,
-    is an aligned B,S,H,Dv buffer FA4 writes into. Decoding-shaped calls run
+    is an aligned B,S,H,Dv buffer FA4 writes into; ``masking_buffer`` the
+    call's masking buffer (:mod:`.masking_buffer`) when made already. Decoding-shaped calls run
     split-KV on sm90 (:mod:`.split_kv`). Calls replay the launch plan of
     their key once one has been learned (calls with ``key_padding`` or
-    ``segment_ids`` always take FA4's entry point).
+    ``segment_ids``: of their exact signature).
     """
     if key_padding is None and segment_ids is None and out is None:
         # The hot path: an exact signature seen before allocates and replays its plan, no further decisions.
@@ -142,9 +145,21 @@ def forward(
     lse = q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
     params = dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left,
                   window_right=window_right, softcap=softcap, seqused_k=seqused_k, key_padding=key_padding,
-                  segment_ids=segment_ids)
+                  segment_ids=segment_ids, masking_buffer=masking_buffer)
     _forward_maybe_split(q, k, v, out, lse, params, _forward_planned)
     return out, lse
+
+
+def forward_keeping_masks(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1, softcap=0.0,
+                          seqused_k=None, key_padding=None, segment_ids=None):
+    """:func:`forward` of a call masked by data (key padding, segment ids) that a backward follows: also returns
+    its masking buffer, made once here for the forward and the backward (``backward(masking_buffer=...)``)."""
+    masking_buffer = masking.make_buffer(q, k, v, dict(causal=causal, window_left=window_left,
+                                                       window_right=window_right, key_padding=key_padding,
+                                                       segment_ids=segment_ids))
+    out, lse = forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding,
+                       segment_ids, masking_buffer=masking_buffer)
+    return out, lse, masking_buffer
 
 
 def _forward_planned(q, k, v, out, lse, params: dict) -> None:
@@ -311,18 +326,19 @@ def backward(
     dv: torch.Tensor,
     key_padding: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
+    masking_buffer: torch.Tensor | None = None,
 ) -> None:
     """FA4 backward, writing into the given dq, dk, dv.
 
     A call replays the launch sequence learned for its exact signature (FA4's
     preprocess, main and postprocess kernels, scratch allocated alike), skipping
     FA4's per-call Python; calls with ``key_padding`` or ``segment_ids`` make
-    their masking tensors first, calls with ``seqused_k`` always take FA4's
-    entry point.
+    their masking tensors first (views of the ``masking_buffer`` their forward
+    made, when given), calls with ``seqused_k`` always take FA4's entry point.
     """
     params = dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left, window_right=window_right,
                   softcap=softcap, seqused_k=seqused_k, key_padding=key_padding, segment_ids=segment_ids,
-                  deterministic=torch.are_deterministic_algorithms_enabled())
+                  masking_buffer=masking_buffer, deterministic=torch.are_deterministic_algorithms_enabled())
     tensors = (dout, q, k, v, out, lse, dq, dk, dv)
     if seqused_k is not None:
         _fa4_backward(*tensors, **params)
@@ -342,11 +358,12 @@ def backward_plans() -> launch_plan.PlanCache:
 
 
 def _fa4_backward(dout, q, k, v, out, lse, dq, dk, dv, *, softmax_scale, causal, window_left, window_right, softcap,
-                  seqused_k, deterministic, key_padding=None, segment_ids=None, fa4_masking=None):
+                  seqused_k, deterministic, key_padding=None, segment_ids=None, masking_buffer=None,
+                  fa4_masking=None):
     """FA4's own backward entry point, writing into ``dq``, ``dk``, ``dv`` (``fa4_masking`` as for
     :func:`_fa4_forward`)."""
     params = dict(causal=causal, window_left=window_left, window_right=window_right, key_padding=key_padding,
-                  segment_ids=segment_ids)
+                  segment_ids=segment_ids, masking_buffer=masking_buffer)
     fa4_api.flash_backward(
         dout, q, k, v, out, lse, dq, dk, dv, softmax_scale=softmax_scale, softcap=softcap, seqused_k=seqused_k,
         deterministic=deterministic,

@@ -7,7 +7,9 @@ Three routes, chosen per call from what the mask holds:
 - **Block-sparse mask_mod**: key padding and/or document (segment id) masks,
   and-ed with causal or a window, become one ``mask_mod`` (reading the padding
   and segment ids as aux tensors) plus FA4 block sparsity computed on the device
-  (one Triton launch, :mod:`.block_lists_kernel`; the rules in :mod:`.block_mask`).
+  (the rules in :mod:`.block_mask`). Aux tensors and the forward and backward
+  lists are views of one masking buffer (:mod:`.masking_buffer`), filled in one
+  Triton launch by the forward and reused by its backward.
   Empty tiles are skipped, full tiles run with no mask work, only partial tiles
   evaluate the mask_mod, so padded and packed batches cost what their visible
   part costs. The same mask_mod runs on every tile instead (exact, no block
@@ -26,17 +28,15 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import block_mask, fa4_api
-from ._torch_private import is_fake
+from . import block_mask, fa4_api, masking_buffer
 
 _SWITCH = "FA4_INDUCTOR_BLOCK_SPARSITY"
 # A padding-only call takes block sparsity from this B * H * S_q * S_kv * D on (~1 ms of FA4 forward on an H200):
-# block sparsity adds ~0.3 ms of host work per call (list kernel launch, FA4's block-sparse checks), which shorter
+# block sparsity added ~0.3 ms of host work per call (list kernel launch, FA4's block-sparse checks), which shorter
 # kernels can't hide. Measured on the H200, left-padded BERT / RoBERTa (S=2048, no band) trained in 17.6 / 16.8 ms
-# per step with the mask_mod on every tile, 19.9 / 19.1 ms with block sparsity.
+# per step with the mask_mod on every tile, 19.9 / 19.1 ms with block sparsity. (That was before launch plans and
+# masking buffers, which make the lists in the launch that makes the operands anyway: to be measured again.)
 _PADDING_ONLY_MIN_WORK = 1e11
-# FA4 evaluates a mask_mod on whole key tiles (up to 256 keys), also past the last key.
-_KEY_TILE_SLACK = 256
 
 
 def sparse_block_size(arch_major: int, head_dim: int, head_dim_v: int) -> tuple[int, int] | None:
@@ -56,9 +56,9 @@ def sparse_block_size(arch_major: int, head_dim: int, head_dim_v: int) -> tuple[
 
 
 def _operand(values: torch.Tensor, fill: int) -> torch.Tensor:
-    """An aux tensor as the mask_mod reads it: int32, with hidden columns past the end, so that reads of a
-    partial last tile stay inside the tensor."""
-    return F.pad(values.to(torch.int32), (0, _KEY_TILE_SLACK), value=fill)
+    """A split-KV call's key padding as the mask_mod reads it: int32, with hidden columns past the end, so that
+    reads of a partial last tile stay inside the tensor."""
+    return F.pad(values.to(torch.int32), (0, masking_buffer.KEY_TILE_SLACK), value=fill)
 
 
 def _window(value: int) -> int | None:
@@ -69,7 +69,8 @@ def _window(value: int) -> int | None:
 def fa4_masking(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict, *, backward: bool = False,
                 deterministic: bool = False) -> dict:
     """FA4 keyword arguments for the masking in ``params`` (causal, window_left/right, key_padding,
-    segment_ids) of a call on these B,S,H,D tensors."""
+    segment_ids, and the call's ``masking_buffer`` when a forward made one) of a call on these B,S,H,D
+    tensors."""
     causal, left, right = params["causal"], params["window_left"], params["window_right"]
     key_padding, segment_ids = params.get("key_padding"), params.get("segment_ids")
     if key_padding is None and segment_ids is None:
@@ -79,19 +80,46 @@ def fa4_masking(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,
         splits = key_padding.shape[1]
         return dict(masking, mask_mod=fa4_api.split_key_padding_mask_mod(q.shape[2] // k.shape[2], splits),
                     aux_tensors=[_operand(key_padding, 0)])
-    aux = [_operand(key_padding, 0)] if key_padding is not None else []
-    if segment_ids is not None:
-        aux.append(_operand(segment_ids, torch.iinfo(torch.int32).min))
+    arch_major = fa4_api.arch_and_sms(q.device.index)[0] // 10
+    where, buffer_block = _buffer_layout(q, k, v, params, arch_major)
+    buffer = params.get("masking_buffer")
+    if buffer is None:
+        buffer = _fill(q, params, where, buffer_block)
+    aux, lists = masking_buffer.views(buffer, where, backward=backward)
     masking.update(mask_mod=fa4_api.mask_mod(causal, left, right, key_padding is not None, segment_ids is not None),
                    aux_tensors=aux)
-    block = block_sparsity_route(tuple(q.shape), k.shape[1], v.shape[-1], params,
-                                 fa4_api.arch_and_sms(q.device.index)[0] // 10, backward=backward,
+    block = block_sparsity_route(tuple(q.shape), k.shape[1], v.shape[-1], params, arch_major, backward=backward,
                                  deterministic=deterministic)
     if block is not None:
-        parts = block_mask.MaskParts(causal, left, right, key_padding, segment_ids)
-        masking["block_sparse_tensors"] = fa4_api.block_sparse_tensors(
-            _block_lists(q.shape[0], q.shape[1], k.shape[1], block, parts, q, backward), block)
+        masking["block_sparse_tensors"] = fa4_api.block_sparse_tensors(lists, block)
     return masking
+
+
+def _buffer_layout(q, k, v, params: dict, arch_major: int) -> tuple[masking_buffer.Layout, tuple[int, int] | None]:
+    """The masking buffer's layout for a call masked by data (sizes may be symbolic), and the block size of its
+    lists: there are lists where FA4's block sparsity can serve the head dims on this arch, whether or not the
+    call takes them."""
+    block = sparse_block_size(arch_major, q.shape[-1], v.shape[-1])
+    return masking_buffer.layout(q.shape[0], q.shape[1], k.shape[1], params.get("key_padding") is not None,
+                                 params.get("segment_ids") is not None, block), block
+
+
+def _fill(q, params: dict, where: masking_buffer.Layout, block: tuple[int, int] | None) -> torch.Tensor:
+    parts = block_mask.MaskParts(params["causal"], params["window_left"], params["window_right"],
+                                 params.get("key_padding"), params.get("segment_ids"))
+    return masking_buffer.make(parts, q.shape[1], where, block, q)
+
+
+def buffer_size(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict):
+    """The int32 elements of a call's masking buffer (an int or a SymInt): what the fake impls promise."""
+    return _buffer_layout(q, k, v, params, fa4_api.arch_and_sms(q.device.index)[0] // 10)[0].size
+
+
+def make_buffer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict) -> torch.Tensor:
+    """The masking buffer of a call masked by data (``params``: its causal, window, key_padding, segment_ids):
+    its FA4 operands and both block lists, in one launch; a forward makes it for its backward too."""
+    where, block = _buffer_layout(q, k, v, params, fa4_api.arch_and_sms(q.device.index)[0] // 10)
+    return _fill(q, params, where, block)
 
 
 def tensors_of(fa4_masking: dict) -> list[torch.Tensor]:
@@ -115,18 +143,6 @@ def block_sparsity_route(q_shape: tuple[int, ...], seqlen_k: int, head_dim_v: in
     if banded or params.get("segment_ids") is not None:
         return block
     return block if batch * heads * seqlen_q * seqlen_k * head_dim >= _PADDING_ONLY_MIN_WORK else None
-
-
-def _block_lists(batch, seqlen_q, seqlen_k, block, parts: block_mask.MaskParts, q: torch.Tensor,
-                 backward: bool) -> tuple[torch.Tensor, ...]:
-    """FA4's block-sparsity lists: one Triton launch on real CUDA tensors, PyTorch ops on fake ones (precompiling,
-    where only shapes matter and nothing may launch)."""
-    if q.device.type == "cuda" and not is_fake(q):
-        from .block_lists_kernel import block_lists  # Triton: imported only where a real call runs
-
-        return block_lists(batch, seqlen_q, seqlen_k, block, parts, q.device, backward=backward)
-    states = block_mask.block_states(batch, seqlen_q, seqlen_k, block, parts, q.device)
-    return block_mask.backward_lists(states) if backward else block_mask.forward_lists(states)
 
 
 def describe(params: dict) -> list[str]:

@@ -17,7 +17,12 @@ B,S,H,D view of a B,H,S,D tensor gets its gradient in B,H,S,D memory).
 ``flash_attn_fwd`` is the differentiable op that graphs and users call. It
 is ``CompositeImplicitAutograd``: AOTAutograd traces through it into
 ``fa4.flash_attn_fwd_kernel`` (forward) and ``fa4.flash_attn_bwd``
-(backward), ops with no Python autograd kernel. So a compiled graph calls
+(backward), ops with no Python autograd kernel. A call masked by data
+(key padding, segment ids) that needs a backward runs
+``fa4.flash_attn_fwd_masked_kernel`` instead, which also returns the call's
+masking buffer (:mod:`fa4_inductor.masking_buffer`: FA4's mask operands and
+both block lists, one int32 tensor); the backward takes it as
+``masking_buffer``, so a training step builds its masking once. So a compiled graph calls
 FA4 through the dispatcher's C++ path only, not through a Python autograd
 wrapper on every call (``torch.library.custom_op`` and ``register_autograd``
 cost ~20-50 µs a call, more than a small attention kernel).
@@ -37,7 +42,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import fa4_adapter, fa4_api, native, reference
+from . import fa4_adapter, fa4_api, masking, native, reference
 from ._torch_private import empty_contiguous
 from .support import FA4_DTYPES
 
@@ -95,11 +100,14 @@ _TAGS = (torch.Tag.pt2_compliant_tag,)
 _library = torch.library.Library(_OP_NS, "DEF")
 _library.define(f"flash_attn_fwd(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)", tags=_TAGS)
 _library.define(f"flash_attn_fwd_kernel(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)", tags=_TAGS)
+# The forward of a call masked by data that a backward follows: also returns the masking buffer the backward reads.
+_library.define(f"flash_attn_fwd_masked_kernel(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor, Tensor)",
+                tags=_TAGS)
 # The Python kernel behind the native launcher: it serves the calls the launcher has no plan for.
 _library.define(f"_flash_attn_fwd_python(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)")
 _library.define(
-    f"flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_ARGS}) "
-    "-> (Tensor, Tensor, Tensor)", tags=_TAGS,
+    f"flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_ARGS}, "
+    "Tensor? masking_buffer=None) -> (Tensor, Tensor, Tensor)", tags=_TAGS,
 )
 
 
@@ -108,23 +116,29 @@ def _precompile_wanted(q: Tensor) -> bool:
 
 
 class _FlashAttention(torch.autograd.Function):
-    """Forward on ``flash_attn_fwd_kernel``, backward on ``flash_attn_bwd``."""
+    """Forward on ``flash_attn_fwd_kernel`` (``flash_attn_fwd_masked_kernel`` for calls masked by data, whose
+    masking buffer the backward reuses), backward on ``flash_attn_bwd``."""
 
     @staticmethod
     def forward(ctx, q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding,
                 segment_ids):
-        out, lse = torch.ops.fa4.flash_attn_fwd_kernel.default(
-            q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding, segment_ids)
-        ctx.save_for_backward(q, k, v, out, lse, seqused_k, key_padding, segment_ids)
+        args = (q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding,
+                segment_ids)
+        masking_buffer = None
+        if key_padding is None and segment_ids is None:
+            out, lse = torch.ops.fa4.flash_attn_fwd_kernel.default(*args)
+        else:
+            out, lse, masking_buffer = torch.ops.fa4.flash_attn_fwd_masked_kernel.default(*args)
+        ctx.save_for_backward(q, k, v, out, lse, seqused_k, key_padding, segment_ids, masking_buffer)
         ctx.params = (softmax_scale, causal, window_left, window_right, softcap)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, seqused_k, key_padding, segment_ids = ctx.saved_tensors
+        q, k, v, out, lse, seqused_k, key_padding, segment_ids, masking_buffer = ctx.saved_tensors
         dq, dk, dv = torch.ops.fa4.flash_attn_bwd.default(dout, q, k, v, out, lse, *ctx.params, seqused_k,
-                                                           key_padding, segment_ids)
+                                                           key_padding, segment_ids, masking_buffer)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -159,6 +173,23 @@ def _forward_kernel_fake(q, k, v, softmax_scale, causal=False, window_left=-1, w
     return out, lse
 
 
+def _masked_forward_kernel_cpu(*args):
+    # The reference reads the masks themselves: its masking buffer is empty.
+    out, lse = _forward_kernel_cpu(*args)
+    return out, lse, out.new_empty((0,), dtype=torch.int32)
+
+
+def _masked_forward_kernel_fake(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1,
+                                softcap=0.0, seqused_k=None, key_padding=None, segment_ids=None):
+    out, lse = _forward_kernel_fake(q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k,
+                                    key_padding, segment_ids)
+    size = 0
+    if q.device.type == "cuda":
+        size = masking.buffer_size(q, k, v, dict(causal=causal, window_left=window_left, window_right=window_right,
+                                                 key_padding=key_padding, segment_ids=segment_ids))
+    return out, lse, q.new_empty((size,), dtype=torch.int32)
+
+
 def _gradient(t: Tensor) -> Tensor:
     """A CUDA gradient buffer for ``t``: the fast allocator for contiguous ``t``, else ``t``'s dense layout
     (:func:`fa4_adapter.gradient_like`, what the fake impl promises)."""
@@ -176,7 +207,8 @@ def _validate_backward(q: Tensor, v: Tensor) -> None:
 
 
 def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal=False, window_left=-1,
-                     window_right=-1, softcap=0.0, seqused_k=None, key_padding=None, segment_ids=None):
+                     window_right=-1, softcap=0.0, seqused_k=None, key_padding=None, segment_ids=None,
+                     masking_buffer=None):
     _validate(q, k, v, seqused_k, key_padding, segment_ids)
     _validate_backward(q, v)
     params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding, segment_ids)
@@ -184,12 +216,14 @@ def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal=False, windo
         grads = reference.attention_backward(dout, q, k, v, out, lse, **params)
         return tuple(fa4_adapter.gradient_like(t).copy_(g) for t, g in zip((q, k, v), grads))
     grads = tuple(_gradient(t) for t in (q, k, v))
-    fa4_adapter.backward(dout, q, k, v, out, lse, **params, dq=grads[0], dk=grads[1], dv=grads[2])
+    fa4_adapter.backward(dout, q, k, v, out, lse, **params, dq=grads[0], dk=grads[1], dv=grads[2],
+                         masking_buffer=masking_buffer)
     return grads
 
 
 def _backward_kernel_fake(dout, q, k, v, out, lse, softmax_scale, causal=False, window_left=-1,
-                          window_right=-1, softcap=0.0, seqused_k=None, key_padding=None, segment_ids=None):
+                          window_right=-1, softcap=0.0, seqused_k=None, key_padding=None, segment_ids=None,
+                          masking_buffer=None):
     _validate(q, k, v, seqused_k, key_padding, segment_ids)
     _validate_backward(q, v)
     params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding, segment_ids)
@@ -204,7 +238,10 @@ _library.impl("_flash_attn_fwd_python", _forward_kernel_cpu, "CPU")
 if not native.install_cuda_forward():
     _library.impl("flash_attn_fwd_kernel", fa4_adapter.forward, "CUDA")
 _library.impl("flash_attn_fwd_kernel", _forward_kernel_cpu, "CPU")
+_library.impl("flash_attn_fwd_masked_kernel", fa4_adapter.forward_keeping_masks, "CUDA")
+_library.impl("flash_attn_fwd_masked_kernel", _masked_forward_kernel_cpu, "CPU")
 _library.impl("flash_attn_bwd", _backward_kernel, "CUDA")
 _library.impl("flash_attn_bwd", _backward_kernel, "CPU")
 torch.library.register_fake(f"{_OP_NS}::flash_attn_fwd_kernel", _forward_kernel_fake, lib=_library)
+torch.library.register_fake(f"{_OP_NS}::flash_attn_fwd_masked_kernel", _masked_forward_kernel_fake, lib=_library)
 torch.library.register_fake(f"{_OP_NS}::flash_attn_bwd", _backward_kernel_fake, lib=_library)

@@ -107,11 +107,37 @@ def test_lists_are_fa4s_packed_ascending_indices():
     assert bwd_count.tolist() == [[[1, 1, 0, 2]]] and bwd_index[0, 0, 3, :2].tolist() == [0, 2]
 
 
-def test_triton_list_kernel_matches_the_rules():
+def test_triton_masking_buffer_kernel_matches_the_rules():
     """The CUDA path's one-launch kernel, in Triton's interpreter on CPU (chosen before Triton is imported, so in a
-    fresh process), against :func:`block_mask.forward_lists` / ``backward_lists``."""
+    fresh process): its lists against :func:`block_mask.forward_lists` / ``backward_lists``, its operands against
+    the masks cast to int32 with hidden columns."""
     pytest.importorskip("triton")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-m", "tests.block_lists_check"], cwd=root,
                           env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "checked" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("arch", [90, 100])
+@pytest.mark.parametrize("masks", [dict(HAS_RIGHT=True, HAS_LEFT=False, HAS_PAD=True, HAS_SEG=False),
+                                   dict(HAS_RIGHT=True, HAS_LEFT=True, HAS_PAD=True, HAS_SEG=True)],
+                         ids=["padding_causal", "documents_padding_window"])
+def test_triton_masking_buffer_kernel_compiles_for_the_gpu(arch, masks):
+    """The kernel compiles to a cubin for sm90 and sm100 with no GPU: what the interpreter can't check."""
+    pytest.importorskip("triton")
+    from triton import compile as triton_compile
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fa4_inductor.block_lists_kernel import _masking_buffer
+
+    block_q = 128 if arch == 90 else 256
+    constants = dict(masks, BLOCK_Q=block_q, BLOCK_K=128, CHUNK_FORWARD=32, CHUNK_BACKWARD=4096 // block_q,
+                     COPY=1024)
+    names = _masking_buffer.arg_names
+    signature = {name: "constexpr" if name in constants else "i32" for name in names}
+    signature.update(pad="*u8", seg="*i64", buffer="*i32")
+    source = ASTSource(fn=_masking_buffer, signature=signature,
+                       constexprs={(names.index(name),): value for name, value in constants.items()})
+    compiled = triton_compile(source, target=GPUTarget("cuda", arch, 32))
+    assert compiled.asm.get("cubin"), "no cubin"

@@ -532,6 +532,30 @@ def test_reduce_overhead_captures_block_sparse_calls(mask):
     assert max(errors) < 5e-2, errors  # a stale tile list would be off by O(1)
 
 
+def test_compiled_causal_sdpa_on_transposed_views_keeps_right_gradients():
+    """Stock torch.compile 2.11 returns wrong gradients (relative error ~1) for an is_causal SDPA on transposed
+    (B, S, H, D) leaves; the plugin's FA4 rewrite must keep them right. Stock's error is reported, not judged."""
+    torch.manual_seed(0)
+    leaves = _leaves(*[(2, 1024, 8, 128)] * 3)
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+
+    ref = fn(*(t.double() for t in leaves))
+    dout = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, leaves, dout)
+    errors = {}
+    for name, plugin in (("stock", False), ("plugin", True)):
+        torch._dynamo.reset()
+        stats.reset()
+        with fa4_inductor.enabled(compile=plugin, eager=False):
+            grads = torch.autograd.grad(torch.compile(fn, fullgraph=True)(*leaves), leaves, dout.bfloat16())
+        errors[name] = max(((g.double() - r.double()).norm() / r.double().norm()).item()
+                           for g, r in zip(grads, ref_grads))
+    _report("compiled_causal_sdpa_transposed_views", relative_grad_errors=errors)
+    assert stats.counters["compile.fa4"] == 1 and errors["plugin"] < 2e-2, errors
+
+
 def test_compiled_sdpa_on_leaves_runs_only_fa4_kernels():
     """SDPA on (B, H, S, D) leaves, forward + backward: FA4's kernels (and the zero-fill of its accumulators) and
     no layout copies: the gradients land in the leaves' layout."""

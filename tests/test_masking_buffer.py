@@ -1,0 +1,55 @@
+"""The masking buffer of calls masked by data: one per training step, laid out alike in fake and real calls."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.source import ConstantSource
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch._inductor.utils import run_and_get_code
+
+import fa4_inductor
+from fa4_inductor import masking_buffer
+
+pytestmark = pytest.mark.usefixtures("no_compile_cache")
+
+
+def hint_int(value) -> int:
+    return value.node.hint if isinstance(value, torch.SymInt) else value
+
+
+@pytest.mark.parametrize("padding, documents, block", [(True, False, (128, 128)), (True, True, (256, 128)),
+                                                       (False, True, None)])
+def test_symbolic_layout_size_is_the_concrete_one(padding, documents, block):
+    """The fake impls promise :func:`masking_buffer.layout` of symbolic sizes; the kernels fill that of ints."""
+    env = ShapeEnv()
+    sizes = dict(batch=3, seqlen_q=1000, seqlen_k=1000 if documents else 777)
+    symbols = {name: env.create_symintnode(env.create_symbol(value, ConstantSource(name)), hint=value)
+               for name, value in sizes.items()}
+    symbolic = masking_buffer.layout(*symbols.values(), padding, documents, block)
+    concrete = masking_buffer.layout(*sizes.values(), padding, documents, block)
+    assert hint_int(symbolic.size) == concrete.size
+    assert [hint_int(offset) for offset, _ in symbolic.parts.values()] == [o for o, _ in concrete.parts.values()]
+    assert all(offset % 32 == 0 for offset, _ in concrete.parts.values())  # 128-byte aligned views
+
+
+def test_views_refuse_a_buffer_made_for_another_call():
+    where = masking_buffer.layout(2, 300, 300, True, False, (128, 128))
+    with pytest.raises(ValueError, match="masking buffer"):
+        masking_buffer.views(torch.zeros(where.size + 32, dtype=torch.int32), where, backward=True)
+
+
+def test_a_padded_training_step_hands_its_masking_buffer_from_forward_to_backward():
+    """The forward graph runs the masked kernel, which returns the buffer; the backward graph passes that saved
+    buffer to FA4's backward (its last argument), which so builds nothing again."""
+    def fn(q, k, v, pad):
+        i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & pad[:, None, None, :])
+
+    q, k, v = (torch.randn(2, 2, 64, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    pad = torch.arange(64)[None, :] < torch.tensor([[64], [20]])
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        _, (forward, backward) = run_and_get_code(lambda: torch.compile(fn, fullgraph=True)(q, k, v, pad).sum()
+                                                  .backward())
+    assert "fa4.flash_attn_fwd_masked_kernel.default(" in forward and "flash_attn_fwd_kernel" not in forward
+    call = next(line for line in backward.splitlines() if "fa4.flash_attn_bwd.default(" in line)
+    assert call.rstrip().rstrip(")").split(", ")[-1] not in ("None", "masking_buffer=None"), call
