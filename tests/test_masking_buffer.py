@@ -53,3 +53,25 @@ def test_a_padded_training_step_hands_its_masking_buffer_from_forward_to_backwar
     assert "fa4.flash_attn_fwd_masked_kernel.default(" in forward and "flash_attn_fwd_kernel" not in forward
     call = next(line for line in backward.splitlines() if "fa4.flash_attn_bwd.default(" in line)
     assert call.rstrip().rstrip(")").split(", ")[-1] not in ("None", "masking_buffer=None"), call
+
+
+def test_fake_impl_promises_a_symbolic_buffer_for_dynamic_cuda_calls(monkeypatch):
+    """Under a dynamic graph (fake CUDA tensors with symbolic batch and length) the masked forward's fake impl
+    returns a buffer whose size is the layout's, as an expression of the symbols."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fa4_inductor import fa4_api, ops
+
+    monkeypatch.setattr(fa4_api, "arch_and_sms", lambda index: (90, 132))
+    monkeypatch.setenv("FA4_INDUCTOR_PRECOMPILE", "0")
+    env = ShapeEnv()
+    batch, length = (env.create_symintnode(env.create_symbol(value, ConstantSource(name)), hint=value)
+                     for name, value in (("batch", 3), ("length", 1000)))
+    with FakeTensorMode(shape_env=env):
+        q, k, v = (torch.empty(batch, length, 4, 64, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+        pad = torch.empty(batch, length, dtype=torch.bool, device="cuda")
+        seg = torch.empty(batch, length, dtype=torch.int64, device="cuda")
+        out, lse, buffer = ops._masked_forward_kernel_fake(q, k, v, 0.125, True, key_padding=pad, segment_ids=seg)
+    want = masking_buffer.layout(3, 1000, 1000, True, True, (128, 128)).size
+    assert isinstance(buffer.shape[0], torch.SymInt) and hint_int(buffer.shape[0]) == want
+    assert buffer.dtype == torch.int32 and out.shape == q.shape and lse.shape == (batch, 4, length)
