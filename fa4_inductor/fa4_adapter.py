@@ -128,10 +128,10 @@ def forward(
     The parameters are those of the ``fa4::flash_attn_fwd_kernel`` schema, in
     its order, so the op's CUDA kernel is this function. ``out``, if given,
     is an aligned B,S,H,Dv buffer FA4 writes into; ``masking_buffer`` the
-    call's masking buffer (:mod:`.masking_buffer`) when made already. Decoding-shaped calls run
-    split-KV on sm90 (:mod:`.split_kv`). Calls replay the launch plan of
-    their key once one has been learned (calls with ``key_padding`` or
-    ``segment_ids``: of their exact signature).
+    call's masking buffer (:mod:`.masking_buffer`) when made already.
+    Decoding-shaped calls run split-KV on sm90 (:mod:`.split_kv`). Calls
+    replay the launch plan of their key once one has been learned (calls
+    with ``key_padding`` or ``segment_ids``: of their exact signature).
     """
     if key_padding is None and segment_ids is None and out is None:
         # The hot path: an exact signature seen before allocates and replays its plan, no further decisions.
