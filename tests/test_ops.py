@@ -131,7 +131,7 @@ def test_fake_impl_shapes_and_strides(dynamic):
     assert [t.stride() for t in (dq, dk, dv)] == [q.stride(), k.stride(), v.stride()]
 
 
-@pytest.mark.parametrize("op", ["flash_attn_fwd", "flash_attn_fwd_kernel"])
+@pytest.mark.parametrize("op", ["flash_attn_fwd", "flash_attn_fwd_kernel", "flash_attn_fwd_masked_kernel"])
 def test_opcheck(op):
     q, k, v = (t.float() for t in _qkv(hkv=2))
     pad = torch.ones(q.shape[0], k.shape[1], dtype=torch.bool)
