@@ -148,7 +148,8 @@ def _masking_buffer(pad, seg, buffer, pad_stride_b, seg_stride_b, pad_at, seg_at
             kept = tl.load(pad + b * pad_stride_b + columns, mask=inside, other=0).to(tl.int32)
             tl.store(buffer + pad_at + b * WIDTH + columns, kept, mask=in_row)
         if HAS_SEG:
-            ids = tl.load(seg + b * seg_stride_b + columns, mask=inside, other=-2147483648).to(tl.int32)
+            ids = tl.load(seg + b * seg_stride_b + columns, mask=inside, other=0).to(tl.int32)
+            ids = tl.where(inside, ids, -2147483648)  # filled after the cast: ids may be a narrower type
             tl.store(buffer + seg_at + b * WIDTH + columns, ids, mask=in_row)
 
 

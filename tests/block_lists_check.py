@@ -1,5 +1,7 @@
 """Compare the Triton masking-buffer kernel with the PyTorch rules of block_mask (run with TRITON_INTERPRET=1)."""
 
+import dataclasses
+
 import torch
 
 from fa4_inductor import block_mask, masking_buffer
@@ -30,6 +32,11 @@ def check(case) -> None:
     where = masking_buffer.layout(3, seqlen_q, seqlen_k, bool(padding), bool(documents), block)
     buffer = torch.full((where.size,), -7, dtype=torch.int32)
     fill_masking_buffer(buffer, where.offsets, seqlen_k + masking_buffer.KEY_TILE_SLACK, parts, seqlen_q, block)
+    if documents:  # ids of a narrow integer type give the same buffer
+        narrow = torch.full((where.size,), -7, dtype=torch.int32)
+        fill_masking_buffer(narrow, where.offsets, seqlen_k + masking_buffer.KEY_TILE_SLACK,
+                            dataclasses.replace(parts, segment_ids=parts.segment_ids.to(torch.int16)), seqlen_q, block)
+        assert torch.equal(narrow, buffer), case
     wanted_aux = [_operand(parts.key_padding, 0)] if padding else []
     wanted_aux += [_operand(parts.segment_ids, torch.iinfo(torch.int32).min)] if documents else []
     states = block_mask.block_states(3, seqlen_q, seqlen_k, block, parts, torch.device("cpu")) if block else None
