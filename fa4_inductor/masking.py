@@ -80,7 +80,7 @@ def fa4_masking(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,
         splits = key_padding.shape[1]
         return dict(masking, mask_mod=fa4_api.split_key_padding_mask_mod(q.shape[2] // k.shape[2], splits),
                     aux_tensors=[_operand(key_padding, 0)])
-    arch_major = fa4_api.arch_and_sms(q.device.index)[0] // 10
+    arch_major = _arch_major(q)
     where, buffer_block = _buffer_layout(q, k, v, params, arch_major)
     buffer = params.get("masking_buffer")
     if buffer is None:
@@ -93,6 +93,10 @@ def fa4_masking(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,
     if block is not None:
         masking["block_sparse_tensors"] = fa4_api.block_sparse_tensors(lists, block)
     return masking
+
+
+def _arch_major(q: torch.Tensor) -> int:
+    return fa4_api.arch_and_sms(q.device.index)[0] // 10
 
 
 def _buffer_layout(q, k, v, params: dict, arch_major: int) -> tuple[masking_buffer.Layout, tuple[int, int] | None]:
@@ -112,13 +116,13 @@ def _fill(q, params: dict, where: masking_buffer.Layout, block: tuple[int, int] 
 
 def buffer_size(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict):
     """The int32 elements of a call's masking buffer (an int or a SymInt): what the fake impls promise."""
-    return _buffer_layout(q, k, v, params, fa4_api.arch_and_sms(q.device.index)[0] // 10)[0].size
+    return _buffer_layout(q, k, v, params, _arch_major(q))[0].size
 
 
 def make_buffer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict) -> torch.Tensor:
     """The masking buffer of a call masked by data (``params``: its causal, window, key_padding, segment_ids):
     its FA4 operands and both block lists, in one launch; a forward makes it for its backward too."""
-    where, block = _buffer_layout(q, k, v, params, fa4_api.arch_and_sms(q.device.index)[0] // 10)
+    where, block = _buffer_layout(q, k, v, params, _arch_major(q))
     return _fill(q, params, where, block)
 
 

@@ -17,15 +17,15 @@ B,S,H,D view of a B,H,S,D tensor gets its gradient in B,H,S,D memory).
 ``flash_attn_fwd`` is the differentiable op that graphs and users call. It
 is ``CompositeImplicitAutograd``: AOTAutograd traces through it into
 ``fa4.flash_attn_fwd_kernel`` (forward) and ``fa4.flash_attn_bwd``
-(backward), ops with no Python autograd kernel. A call masked by data
-(key padding, segment ids) that needs a backward runs
+(backward), ops with no Python autograd kernel. So a compiled graph calls
+FA4 through the dispatcher's C++ path only, not through a Python autograd
+wrapper on every call (``torch.library.custom_op`` and ``register_autograd``
+cost ~20-50 µs a call, more than a small attention kernel). A call masked by
+data (key padding, segment ids) that needs a backward runs
 ``fa4.flash_attn_fwd_masked_kernel`` instead, which also returns the call's
 masking buffer (:mod:`fa4_inductor.masking_buffer`: FA4's mask operands and
 both block lists, one int32 tensor); the backward takes it as
-``masking_buffer``, so a training step builds its masking once. So a compiled graph calls
-FA4 through the dispatcher's C++ path only, not through a Python autograd
-wrapper on every call (``torch.library.custom_op`` and ``register_autograd``
-cost ~20-50 µs a call, more than a small attention kernel).
+``masking_buffer``, so a training step builds its masking once.
 
 On CUDA the kernels call FA4 through :mod:`fa4_inductor.fa4_adapter` (the
 forward through the C++ launcher of :mod:`fa4_inductor.native` when it
