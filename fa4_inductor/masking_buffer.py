@@ -6,7 +6,7 @@ block-sparsity lists. One Triton launch (:mod:`.block_lists_kernel`) fills it.
 A training step's forward makes it once and the ``fa4`` ops hand it to the
 backward as a saved tensor, so the backward neither casts the masks again nor
 rebuilds lists. Calls without one (inference, a backward called alone) make
-their own. Its parts are 128-byte aligned views; :func:`size` is what the
+their own. Its parts are 128-byte aligned views; the ``size`` of :func:`layout` is what the
 fake impls promise, symbolic sizes included.
 """
 
