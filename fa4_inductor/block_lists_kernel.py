@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_mask import MaskParts
+from .block_mask import MaskParts, block_count
 
 
 @triton.jit
@@ -166,7 +166,7 @@ def fill_masking_buffer(buffer: torch.Tensor, offsets: dict[str, int], width: in
         pad = pad.view(torch.uint8)
     batch, seqlen_k = (pad if pad is not None else seg).shape
     block_q, block_k = block or (128, 128)
-    rows_q, cols_k = -(-seqlen_q // block_q), -(-seqlen_k // block_k)
+    rows_q, cols_k = block_count(seqlen_q, block_q), block_count(seqlen_k, block_k)
     lists = [offsets.get(f"{direction}_{name}", 0) for direction in ("forward", "backward")
              for name in ("partial_count", "partial_index", "full_count", "full_index")]
     right = 0 if parts.causal else parts.window_right

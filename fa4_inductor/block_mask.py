@@ -40,8 +40,9 @@ class MaskParts:
     segment_ids: torch.Tensor | None = None
 
 
-def _blocks(length: int, block: int) -> int:
-    return -(-length // block)
+def block_count(length, block: int):
+    """How many blocks of ``block`` cover ``length`` (an int or a SymInt)."""
+    return (length + block - 1) // block
 
 
 def _states(empty: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -50,8 +51,8 @@ def _states(empty: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 def _band_states(seqlen_q, seqlen_k, block_q, block_k, parts: MaskParts, device) -> torch.Tensor:
     """(nQ, nK) states of the band alone."""
-    first_q = torch.arange(_blocks(seqlen_q, block_q), device=device) * block_q
-    first_k = torch.arange(_blocks(seqlen_k, block_k), device=device) * block_k
+    first_q = torch.arange(block_count(seqlen_q, block_q), device=device) * block_q
+    first_k = torch.arange(block_count(seqlen_k, block_k), device=device) * block_k
     last_q = (first_q + block_q).clamp(max=seqlen_q) - 1
     last_k = (first_k + block_k).clamp(max=seqlen_k) - 1
     # Broadcasting by view/unsqueeze, not None-indexing: the latter fails on fake CUDA tensors in CPU-only builds.
@@ -75,7 +76,7 @@ def _band_states(seqlen_q, seqlen_k, block_q, block_k, parts: MaskParts, device)
 def _per_block(values: torch.Tensor, block: int, fill) -> torch.Tensor:
     """(B, S) -> (B, nBlocks, block), the last block filled with ``fill``."""
     batch, length = values.shape
-    padded = F.pad(values, (0, _blocks(length, block) * block - length), value=fill)
+    padded = F.pad(values, (0, block_count(length, block) * block - length), value=fill)
     return padded.view(batch, -1, block)
 
 

@@ -18,7 +18,7 @@ import functools
 import torch
 
 from ._torch_private import contiguous_strides, empty_strided, is_fake
-from .block_mask import MaskParts
+from .block_mask import MaskParts, block_count
 
 # FA4 evaluates a mask_mod on whole key tiles (up to 256 keys), also past the last key.
 KEY_TILE_SLACK = 256
@@ -42,10 +42,6 @@ class Layout:
     def views(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], int]]:
         """name -> (shape, strides, offset) of each part as a contiguous view (concrete sizes only)."""
         return {name: (shape, contiguous_strides(shape), offset) for name, (offset, shape) in self.parts.items()}
-
-
-def _blocks(length, block: int):
-    return (length + block - 1) // block
 
 
 def layout(batch, seqlen_q, seqlen_k, padding: bool, documents: bool, block: tuple[int, int] | None) -> Layout:
@@ -73,7 +69,7 @@ def _layout(batch, seqlen_q, seqlen_k, padding, documents, block) -> Layout:
     if documents:
         add("segment_ids", operand)
     if block is not None:
-        rows_q, cols_k = _blocks(seqlen_q, block[0]), _blocks(seqlen_k, block[1])
+        rows_q, cols_k = block_count(seqlen_q, block[0]), block_count(seqlen_k, block[1])
         for direction, (rows, cols) in (("forward", (rows_q, cols_k)), ("backward", (cols_k, rows_q))):
             for name in _LIST_NAMES:
                 add(f"{direction}_{name}", (batch, 1, rows, cols) if name.endswith("index") else (batch, 1, rows))
