@@ -5,7 +5,8 @@ and its ``_flash_attn_fwd``), and the plugin's call path: the op compiled graphs
 call (``fa4.flash_attn_fwd_kernel``: dispatcher -> C++ launcher -> FA4 kernel),
 the same op's Python kernel (dispatcher -> adapter -> launch plan -> FA4
 kernel), the public differentiable op, and the adapter alone. Also the
-whole compiled function, stock vs plugin, and the parts of the plugin's call.
+whole compiled function, stock vs plugin, and the parts of the plugin's call; and a call masked by data
+(1x1x256x64, causal and key padding, the block-sparse route) with its parts.
 Per-call time is the wall time of back-to-back calls (the GPU work is ~5 us,
 so the host bounds it). The variants are timed in interleaved rounds and each
 reports its median round, so drift of the host's speed during the run hits
@@ -122,6 +123,53 @@ def backward_rows(q, k, v, qh, kh, vh, scale) -> dict[str, Callable[[], object]]
     }
 
 
+def masked_rows(q, k, v, scale) -> dict[str, Callable[[], object]]:
+    """A call masked by data (causal and key padding, the block-sparse route) and its parts: the forward that
+    also makes the masking buffer, the buffer alone, its Triton launch alone, FA4's masking keywords from a
+    made buffer, the launch replay alone, the backward reusing the buffer, and FA4's own entry point."""
+    from fa4_inductor import block_mask, masking, masking_buffer
+    from fa4_inductor.block_lists_kernel import fill_masking_buffer
+
+    padding = torch.ones(q.shape[0], k.shape[1], dtype=torch.bool, device=q.device)
+    padding[:, : k.shape[1] // 4] = False
+    masks = dict(causal=True, window_left=-1, window_right=-1, key_padding=padding, segment_ids=None)
+    buffer = torch.ops.fa4.masking_buffer.default(padding, None, q.shape[1], q.shape[-1], v.shape[-1], True)
+    out, lse = torch.ops.fa4.flash_attn_fwd_masked_kernel.default(q, k, v, scale, True, key_padding=padding,
+                                                                   masking_buffer=buffer)
+    dout = torch.randn_like(out)
+    torch.ops.fa4.flash_attn_bwd.default(dout, q, k, v, out, lse, scale, True, key_padding=padding,
+                                         masking_buffer=buffer)  # learns the backward's launches
+    where, block = masking._buffer_layout(q.shape[0], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1], padding, None,
+                                          masking._arch_major(q.device))
+    parts = block_mask.MaskParts(True, -1, -1, padding, None)
+    with_buffer = {**masks, "masking_buffer": buffer}
+    keywords = masking.fa4_masking(q, k, v, with_buffer)
+    tensors = (q, k, v, out, lse, None, *masking.tensors_of(keywords))
+    # The adapter's parameters, in its order (the exact signature keeps it).
+    params = dict(softmax_scale=scale, causal=True, window_left=-1, window_right=-1, softcap=0.0, seqused_k=None,
+                  key_padding=padding, segment_ids=None, masking_buffer=buffer)
+    plan = fa4_adapter.masked_forward_plans().get(launch_plan.exact_signature(tensors, params))
+    return {
+        "masked: fa4.masking_buffer": lambda: torch.ops.fa4.masking_buffer.default(
+            padding, None, q.shape[1], q.shape[-1], v.shape[-1], True),
+        "masked: fa4.flash_attn_fwd_masked_kernel given the buffer": (
+            lambda: torch.ops.fa4.flash_attn_fwd_masked_kernel.default(q, k, v, scale, True, key_padding=padding,
+                                                                       masking_buffer=buffer)),
+        "masked part: the buffer's Triton launch alone": lambda: fill_masking_buffer(
+            buffer, where.offsets, k.shape[1] + masking_buffer.KEY_TILE_SLACK, parts, q.shape[1], block),
+        "masked part: FA4 masking keywords from the buffer (masking.fa4_masking)": (
+            lambda: masking.fa4_masking(q, k, v, with_buffer)),
+        "masked part: exact call signature": lambda: launch_plan.exact_signature(tensors, params),
+        "masked part: launch replay alone": lambda: plan.launch(tensors, q.device),
+        "masked: adapter.forward given the buffer": lambda: fa4_adapter.forward(
+            q, k, v, scale, True, key_padding=padding, masking_buffer=buffer),
+        "masked backward: fa4.flash_attn_bwd given the buffer": lambda: torch.ops.fa4.flash_attn_bwd.default(
+            dout, q, k, v, out, lse, scale, True, key_padding=padding, masking_buffer=buffer),
+        "masked: FA4 _flash_attn_fwd (same masking keywords, out given)": lambda: fa4_api.flash_forward(
+            q, k, v, out, lse, softmax_scale=scale, softcap=0.0, seqused_k=None, masking=keywords),
+    }
+
+
 def _learned_plans() -> list[launch_plan.LaunchPlan]:
     plans = fa4_adapter.forward_plans()
     return [plan for plan in map(plans.get, plans.keys()) if plan]
@@ -184,6 +232,9 @@ def main() -> None:
         rows["plugin adapter.forward (launch plan)"]()  # learns the plan the part rows take apart
         rows.update(floor_rows(q, k, v, out, lse, scale))
         rows.update(backward_rows(q, k, v, qh, kh, vh, scale))
+        masked_q, masked_k, masked_v = (torch.randn(1, 256, 1, d, device="cuda", dtype=torch.bfloat16)
+                                        for _ in range(3))
+        rows.update(masked_rows(masked_q, masked_k, masked_v, scale))
         results = interleaved_per_call_us(rows)
         kernel_us = {"stock SDPA flash": gpu_kernel_us(flash_sdpa),
                      "FA4": gpu_kernel_us(rows["plugin adapter.forward (launch plan)"])}

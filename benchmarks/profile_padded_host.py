@@ -1,7 +1,12 @@
-"""Where the host time of a padded (block-sparse) training step goes: cProfile of compiled forward + backward
-steps of ``bench_padded``'s problem (left padding by default), next to the step's GPU kernel time.
+"""Where the host time of a padded (block-sparse) training step goes: compiled forward + backward steps of
+``bench_padded``'s problem (left padding by default), next to the step's GPU kernel time.
 
-Usage: python benchmarks/profile_padded_host.py --problem left --out OUT_DIR
+Three views of the same steps: enqueue and wall time per step; a torch.profiler timeline (GPU busy time per
+step, the largest GPU idle gaps, CPU time by op: the ``fa4`` ops, aten calls, autograd nodes); a cProfile of the
+Python. ``--variant flex_flash`` profiles FlexAttention FLASH's step on the same problem (block mask premade,
+as in ``bench_padded``) for comparison.
+
+Usage: python benchmarks/profile_padded_host.py --problem left --variant plugin --out OUT_DIR
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import cProfile
 import io
 import pathlib
 import pstats
+import statistics
 import time
 
 import torch
@@ -19,18 +25,149 @@ import bench_padded
 import fa4_inductor
 
 
+def _step(problem: str, variant: str):
+    q, k, v = bench_padded._leaves(bench_padded.B, bench_padded.H, bench_padded.S, bench_padded.D)
+    extra = {"documents": bench_padded._segments, "causal": lambda: None}.get(
+        problem, lambda: bench_padded._padding(problem))()
+    if variant == "flex_flash":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        block_mask = create_block_mask(bench_padded._mask_mod(problem, extra), bench_padded.B, None,
+                                       bench_padded.S, bench_padded.S, device="cuda")
+        flex = torch.compile(flex_attention)
+        return bench_padded._fwd_bwd(
+            lambda q, k, v: flex(q, k, v, block_mask=block_mask, kernel_options={"BACKEND": "FLASH"}), (q, k, v))
+    function = {"documents": bench_padded._sdpa_documents, "causal": bench_padded._sdpa_causal}.get(
+        problem, bench_padded._sdpa_padded)
+    plugin = torch.compile(lambda *a: function(*a), fullgraph=True)
+    return bench_padded._fwd_bwd(plugin, (q, k, v), extra)
+
+
+def _timeline(step, steps: int, text: io.StringIO) -> None:
+    """GPU busy time and idle gaps per step, and CPU time by op, from a torch.profiler trace."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = prof.events()
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, gaps, end = 0.0, [], kernels[0][0]
+    for start, stop, name in kernels:
+        if start > end:
+            gaps.append((start - end, name))
+        busy += max(0, stop - max(start, end))
+        end = max(end, stop)
+    span = kernels[-1][1] - kernels[0][0]
+    text.write(f"\ntimeline of {steps} steps: GPU span {span / steps / 1e3:.3f} ms/step, busy "
+               f"{busy / steps / 1e3:.3f} ms/step, idle {(span - busy) / steps / 1e3:.3f} ms/step\n")
+    text.write("largest GPU idle gaps (µs, the kernel that ended each):\n")
+    for gap, name in sorted(gaps, reverse=True)[:12]:
+        text.write(f"  {gap:8.1f}  {name[:90]}\n")
+    text.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
+
+
+_BUSY_CYCLES = 4_000_000  # ~2 ms of a spinning kernel at H200 clocks
+
+
+def _host_us(fn, calls: int = 30, busy: bool = False) -> float:
+    """Median host time of one call of ``fn`` started on an idle GPU (synchronized before each call), or with
+    ``busy`` behind a ~2 ms spinning kernel: a call that waits for the GPU takes that long on the host."""
+    samples = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        if busy:
+            torch.cuda._sleep(_BUSY_CYCLES)
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e6)
+    torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def _idle_and_busy(name: str, fn, text: io.StringIO) -> None:
+    text.write(f"  {_host_us(fn):9.1f} µs  {_host_us(fn, busy=True):9.1f} µs  {name}\n")
+
+
+def _call_costs(problem: str, text: io.StringIO) -> None:
+    """Host µs of each plugin call of the step (and of its parts, and of each kernel launch of the backward's
+    launch sequence), on the benchmark's sizes, started on an idle GPU and behind a busy one."""
+    from fa4_inductor import fa4_adapter, launch_plan, masking
+
+    batch, heads, seqlen, head_dim = bench_padded.B, bench_padded.H, bench_padded.S, bench_padded.D
+    q, k, v = (t.detach().transpose(1, 2) for t in bench_padded._leaves(batch, heads, seqlen, head_dim))
+    extra = bench_padded._segments() if problem == "documents" else bench_padded._padding(problem)
+    masks = dict(causal=True, window_left=-1, window_right=-1, key_padding=None, segment_ids=None)
+    masks["segment_ids" if problem == "documents" else "key_padding"] = extra
+    scale = head_dim ** -0.5
+    op_masks = {name: masks[name] for name in ("key_padding", "segment_ids")}
+    make_buffer = torch.ops.fa4.masking_buffer.default
+    buffer = make_buffer(masks["key_padding"], masks["segment_ids"], seqlen, head_dim, head_dim, True)
+    forward = torch.ops.fa4.flash_attn_fwd_masked_kernel.default
+    out, lse = forward(q, k, v, scale, True, **op_masks, masking_buffer=buffer)
+    dout = torch.randn_like(out)
+    backward = torch.ops.fa4.flash_attn_bwd.default
+    backward(dout, q, k, v, out, lse, scale, True, **op_masks, masking_buffer=buffer)
+    costs = {
+        "fa4.masking_buffer": lambda: make_buffer(masks["key_padding"], masks["segment_ids"], seqlen, head_dim,
+                                                  head_dim, True),
+        "fa4.flash_attn_fwd_masked_kernel given the buffer": lambda: forward(q, k, v, scale, True, **op_masks,
+                                                                             masking_buffer=buffer),
+        "  adapter.forward given the buffer": lambda: fa4_adapter.forward(q, k, v, scale, True, **op_masks,
+                                                                          masking_buffer=buffer),
+        "fa4.flash_attn_bwd given the buffer": lambda: backward(dout, q, k, v, out, lse, scale, True, **op_masks,
+                                                               masking_buffer=buffer),
+    }
+    from fa4_inductor import block_mask, masking_buffer
+    from fa4_inductor.block_lists_kernel import fill_masking_buffer
+
+    where, block = masking._buffer_layout(batch, seqlen, seqlen, head_dim, head_dim, masks["key_padding"],
+                                          masks["segment_ids"], masking._arch_major(q.device))
+    parts = block_mask.MaskParts(True, -1, -1, masks["key_padding"], masks["segment_ids"])
+    costs["  the buffer's Triton launch alone"] = lambda: fill_masking_buffer(
+        buffer, where.offsets, k.shape[1] + masking_buffer.KEY_TILE_SLACK, parts, q.shape[1], block)
+    plain_out, plain_lse = torch.ops.fa4.flash_attn_fwd_kernel.default(q, k, v, scale, True)
+    costs["unmasked causal fa4.flash_attn_fwd_kernel"] = lambda: torch.ops.fa4.flash_attn_fwd_kernel.default(
+        q, k, v, scale, True)
+    costs["unmasked causal fa4.flash_attn_bwd"] = lambda: backward(dout, q, k, v, plain_out, plain_lse, scale, True)
+    costs["unmasked causal fa4.flash_attn_bwd"]()
+    scratch = torch.zeros(1, device=q.device)
+    costs["reference: one aten op (in-place add)"] = lambda: scratch.add_(1)
+    text.write("  idle GPU    busy GPU\n")
+    for name, fn in costs.items():
+        _idle_and_busy(name, fn, text)
+    forward_params = dict(softmax_scale=scale, causal=True, window_left=-1, window_right=-1, softcap=0.0,
+                          seqused_k=None, **op_masks, masking_buffer=buffer)  # the adapter's order
+    forward_tensors = (q, k, v, out, lse, None,
+                       *masking.tensors_of(masking.fa4_masking(q, k, v, forward_params)))
+    plan = fa4_adapter.masked_forward_plans().get(launch_plan.exact_signature(forward_tensors, forward_params))
+    if plan:
+        _idle_and_busy("forward launch replay", lambda: plan.launch(forward_tensors, q.device), text)
+    grads = [fa4_adapter.gradient_like(t) for t in (q, k, v)]
+    params = dict(softmax_scale=scale, causal=True, window_left=-1, window_right=-1, softcap=0.0, seqused_k=None,
+                  **op_masks, masking_buffer=buffer, deterministic=False)  # the adapter's order
+    keywords = masking.fa4_masking(q, k, v, params, backward=True)
+    tensors = (dout, q, k, v, out, lse, *grads, *masking.tensors_of(keywords))
+    sequence = fa4_adapter.backward_plans().get(launch_plan.exact_signature(tensors, params))
+    if not sequence:
+        text.write("  (no backward launch sequence for these tensors)\n")
+        return
+    buffers = [*tensors, *(torch.empty_strided(s.size, s.stride, dtype=s.dtype, device=q.device).zero_()
+                           for s in sequence.scratch)]
+    for index, plan in enumerate(sequence.launches):
+        _idle_and_busy(f"backward launch {index} of the sequence", lambda: plan.launch(buffers), text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--problem", default="left", choices=("left", "right", "documents"))
+    parser.add_argument("--problem", default="left", choices=("left", "right", "documents", "causal"))
+    parser.add_argument("--variant", default="plugin", choices=("plugin", "flex_flash"))
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
-    q, k, v = bench_padded._leaves(bench_padded.B, bench_padded.H, bench_padded.S, bench_padded.D)
-    extra = bench_padded._segments() if args.problem == "documents" else bench_padded._padding(args.problem)
-    function = bench_padded._sdpa_documents if args.problem == "documents" else bench_padded._sdpa_padded
-    with fa4_inductor.enabled(compile=True, eager=False):
-        plugin = torch.compile(lambda *a: function(*a), fullgraph=True)
-        step = bench_padded._fwd_bwd(plugin, (q, k, v), extra)
+    with fa4_inductor.enabled(compile=args.variant == "plugin", eager=False):
+        step = _step(args.problem, args.variant)
         for _ in range(5):
             step()
         torch.cuda.synchronize()
@@ -47,23 +184,27 @@ def main() -> None:
         for event in prof.events():
             if event.device_type == torch.autograd.DeviceType.CUDA:
                 kernels[event.name[:80]] = kernels.get(event.name[:80], 0.0) + event.device_time / 1000
+        text = io.StringIO()
+        text.write(f"{args.problem} ({args.variant}): host {host * 1e3:.3f} ms/step (enqueue), wall "
+                   f"{wall * 1e3:.3f} ms/step, GPU kernels {sum(kernels.values()):.3f} ms/step\n")
+        for name, ms in sorted(kernels.items(), key=lambda item: -item[1]):
+            text.write(f"  {ms:8.3f} ms  {name}\n")
+        _timeline(step, 20, text)
+        if args.variant == "plugin" and args.problem != "causal":
+            text.write("\nhost time per call, started on an idle GPU and behind a ~2 ms kernel:\n")
+            _call_costs(args.problem, text)
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(args.steps):
             step()
         profiler.disable()
         torch.cuda.synchronize()
-    text = io.StringIO()
-    text.write(f"{args.problem}: host {host * 1e3:.3f} ms/step (enqueue), wall {wall * 1e3:.3f} ms/step, "
-               f"GPU kernels {sum(kernels.values()):.3f} ms/step\n")
-    for name, ms in sorted(kernels.items(), key=lambda item: -item[1]):
-        text.write(f"  {ms:8.3f} ms  {name}\n")
     stats = pstats.Stats(profiler, stream=text)
     stats.sort_stats("cumulative").print_stats(45)
     stats.sort_stats("tottime").print_stats(30)
     pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
-    (pathlib.Path(args.out) / f"host_profile_{args.problem}.txt").write_text(text.getvalue())
-    print(text.getvalue()[:6000])
+    (pathlib.Path(args.out) / f"host_profile_{args.problem}_{args.variant}.txt").write_text(text.getvalue())
+    print(text.getvalue()[:8000])
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ Three things keep FA4's costs out of the training loop:
   process loads kernels instead of compiling them.
 
 Calls with key padding or segment ids (the block-sparse route) read their
-aux tensors and block-sparsity lists from a masking buffer made per training
-step (they are data; the forward makes it, its backward reuses it), then
-replay the launches learned for their exact signature.
+aux tensors and block-sparsity lists from the masking buffer of their masks
+(they are data: made by the ``fa4.masking_buffer`` op, reused by the
+backward), then replay the launches learned for their exact signature.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _hints(values) -> list[int | None]:
     return [s.node.hint if isinstance(s, torch.SymInt) else s for s in values]
 
 
-def _split_count(q, k, v, params: dict) -> int:
+def split_count(q, k, v, params: dict) -> int:
     """The key chunks :func:`_forward_maybe_split` runs these inputs in (1: unsplit)."""
     splits = _decode_splits(q, k, params)
     if splits > 1 and all(split_kv.chunkable(*_hints((t.shape[1], t.stride(1), t.stride(2)))) for t in (k, v)):
@@ -148,18 +148,6 @@ def forward(
                   segment_ids=segment_ids, masking_buffer=masking_buffer)
     _forward_maybe_split(q, k, v, out, lse, params, _forward_planned)
     return out, lse
-
-
-def forward_keeping_masks(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1, softcap=0.0,
-                          seqused_k=None, key_padding=None, segment_ids=None):
-    """:func:`forward` of a call masked by data (key padding, segment ids) that a backward follows: also returns
-    its masking buffer, made once here for the forward and the backward (``backward(masking_buffer=...)``)."""
-    masking_buffer = masking.make_buffer(q, k, v, dict(causal=causal, window_left=window_left,
-                                                       window_right=window_right, key_padding=key_padding,
-                                                       segment_ids=segment_ids))
-    out, lse = forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding,
-                       segment_ids, masking_buffer=masking_buffer)
-    return out, lse, masking_buffer
 
 
 def _forward_planned(q, k, v, out, lse, params: dict) -> None:
@@ -244,7 +232,7 @@ def _precompile_once(what: str, q, k, v, params: dict, build) -> float:
            params["window_left"], params["window_right"], bool(params["softcap"]),
            params["seqused_k"] is None, params.get("key_padding") is None, params.get("segment_ids") is None,
            _route(what, q, k, v, params),
-           _split_count(q, k, v, params) if what == "forward" else 1)
+           split_count(q, k, v, params) if what == "forward" else 1)
     if key in _precompiled:
         return 0.0
     _precompiled.add(key)

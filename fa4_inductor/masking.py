@@ -9,7 +9,7 @@ Three routes, chosen per call from what the mask holds:
   and segment ids as aux tensors) plus FA4 block sparsity computed on the device
   (the rules in :mod:`.block_mask`). Aux tensors and the forward and backward
   lists are views of one masking buffer (:mod:`.masking_buffer`), filled in one
-  Triton launch by the forward and reused by its backward.
+  Triton launch before the forward and reused by its backward.
   Empty tiles are skipped, full tiles run with no mask work, only partial tiles
   evaluate the mask_mod, so padded and packed batches cost what their visible
   part costs. The same mask_mod runs on every tile instead (exact, no block
@@ -80,11 +80,12 @@ def fa4_masking(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,
         splits = key_padding.shape[1]
         return dict(masking, mask_mod=fa4_api.split_key_padding_mask_mod(q.shape[2] // k.shape[2], splits),
                     aux_tensors=[_operand(key_padding, 0)])
-    arch_major = _arch_major(q)
-    where, buffer_block = _buffer_layout(q, k, v, params, arch_major)
+    arch_major = _arch_major(q.device)
+    where, buffer_block = _buffer_layout(q.shape[0], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1], key_padding,
+                                         segment_ids, arch_major)
     buffer = params.get("masking_buffer")
     if buffer is None:
-        buffer = _fill(q, params, where, buffer_block)
+        buffer = _fill(key_padding, segment_ids, q.shape[1], params, where, buffer_block)
     aux, lists = masking_buffer.views(buffer, where, backward=backward)
     masking.update(mask_mod=fa4_api.mask_mod(causal, left, right, key_padding is not None, segment_ids is not None),
                    aux_tensors=aux)
@@ -95,35 +96,51 @@ def fa4_masking(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict,
     return masking
 
 
-def _arch_major(q: torch.Tensor) -> int:
-    return fa4_api.arch_and_sms(q.device.index)[0] // 10
+def _arch_major(device: torch.device) -> int:
+    return fa4_api.arch_and_sms(device.index)[0] // 10
 
 
-def _buffer_layout(q, k, v, params: dict, arch_major: int) -> tuple[masking_buffer.Layout, tuple[int, int] | None]:
+def _buffer_layout(batch, seqlen_q, seqlen_k, head_dim: int, head_dim_v: int, key_padding, segment_ids,
+                   arch_major: int) -> tuple[masking_buffer.Layout, tuple[int, int] | None]:
     """The masking buffer's layout for a call masked by data (sizes may be symbolic), and the block size of its
     lists: there are lists where FA4's block sparsity can serve the head dims on this arch, whether or not the
     call takes them."""
-    block = sparse_block_size(arch_major, q.shape[-1], v.shape[-1])
-    return masking_buffer.layout(q.shape[0], q.shape[1], k.shape[1], params.get("key_padding") is not None,
-                                 params.get("segment_ids") is not None, block), block
+    block = sparse_block_size(arch_major, head_dim, head_dim_v)
+    return masking_buffer.layout(batch, seqlen_q, seqlen_k, key_padding is not None, segment_ids is not None,
+                                 block), block
 
 
-def _fill(q, params: dict, where: masking_buffer.Layout, block: tuple[int, int] | None) -> torch.Tensor:
-    parts = block_mask.MaskParts(params["causal"], params["window_left"], params["window_right"],
-                                 params.get("key_padding"), params.get("segment_ids"))
-    return masking_buffer.make(parts, q.shape[1], where, block, q)
+def _fill(key_padding, segment_ids, seqlen_q, params: dict, where: masking_buffer.Layout,
+          block: tuple[int, int] | None) -> torch.Tensor:
+    parts = block_mask.MaskParts(params["causal"], params["window_left"], params["window_right"], key_padding,
+                                 segment_ids)
+    return masking_buffer.make(parts, seqlen_q, where, block, key_padding if key_padding is not None else segment_ids)
 
 
-def buffer_size(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict):
-    """The int32 elements of a call's masking buffer (an int or a SymInt): what the fake impls promise."""
-    return _buffer_layout(q, k, v, params, _arch_major(q))[0].size
+def mask_tensor(key_padding, segment_ids) -> torch.Tensor:
+    """The mask tensor a masking buffer is made from (key padding, else segment ids): its batch, key length and
+    device are the buffer's; ValueError without either."""
+    mask = key_padding if key_padding is not None else segment_ids
+    if mask is None:
+        raise ValueError("a masking buffer needs key_padding or segment_ids")
+    return mask
 
 
-def make_buffer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: dict) -> torch.Tensor:
-    """The masking buffer of a call masked by data (``params``: its causal, window, key_padding, segment_ids):
-    its FA4 operands and both block lists, in one launch; a forward makes it for its backward too."""
-    where, block = _buffer_layout(q, k, v, params, _arch_major(q))
-    return _fill(q, params, where, block)
+def buffer_size(key_padding, segment_ids, seqlen_q, head_dim: int, head_dim_v: int):
+    """The int32 elements (an int or a SymInt) of the masking buffer of a call with these masks ((B, S_kv) key
+    padding and/or (B, S) segment ids), query length and head dims: what the fake impls promise."""
+    mask = mask_tensor(key_padding, segment_ids)
+    return _buffer_layout(mask.shape[0], seqlen_q, mask.shape[1], head_dim, head_dim_v, key_padding, segment_ids,
+                          _arch_major(mask.device))[0].size
+
+
+def make_buffer(key_padding, segment_ids, seqlen_q: int, head_dim: int, head_dim_v: int, params: dict) -> torch.Tensor:
+    """The masking buffer of a call masked by data (``params``: its causal, window_left, window_right): its FA4
+    operands and both block lists, in one launch (the ``fa4.masking_buffer`` op's CUDA kernel)."""
+    mask = mask_tensor(key_padding, segment_ids)
+    where, block = _buffer_layout(mask.shape[0], seqlen_q, mask.shape[1], head_dim, head_dim_v, key_padding,
+                                  segment_ids, _arch_major(mask.device))
+    return _fill(key_padding, segment_ids, seqlen_q, params, where, block)
 
 
 def tensors_of(fa4_masking: dict) -> list[torch.Tensor]:

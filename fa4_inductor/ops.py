@@ -21,11 +21,13 @@ is ``CompositeImplicitAutograd``: AOTAutograd traces through it into
 FA4 through the dispatcher's C++ path only, not through a Python autograd
 wrapper on every call (``torch.library.custom_op`` and ``register_autograd``
 cost ~20-50 µs a call, more than a small attention kernel). A call masked by
-data (key padding, segment ids) that needs a backward runs
-``fa4.flash_attn_fwd_masked_kernel`` instead, which also returns the call's
-masking buffer (:mod:`fa4_inductor.masking_buffer`: FA4's mask operands and
-both block lists, one int32 tensor); the backward takes it as
-``masking_buffer``, so a training step builds its masking once.
+data (key padding, segment ids) first makes its masking buffer with
+``fa4.masking_buffer`` (:mod:`fa4_inductor.masking_buffer`: FA4's mask
+operands and both block lists, one int32 tensor) and runs
+``fa4.flash_attn_fwd_masked_kernel`` on it; the backward takes it as
+``masking_buffer``. So a training step builds its masking once, and once for
+all the calls with the same masks (AOTAutograd's CSE of the training graph
+merges their buffer ops; an inference graph makes one per call).
 
 On CUDA the kernels call FA4 through :mod:`fa4_inductor.fa4_adapter` (the
 forward through the C++ launcher of :mod:`fa4_inductor.native` when it
@@ -100,9 +102,13 @@ _TAGS = (torch.Tag.pt2_compliant_tag,)
 _library = torch.library.Library(_OP_NS, "DEF")
 _library.define(f"flash_attn_fwd(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)", tags=_TAGS)
 _library.define(f"flash_attn_fwd_kernel(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)", tags=_TAGS)
-# The forward of a call masked by data that a backward follows: also returns the masking buffer the backward reads.
-_library.define(f"flash_attn_fwd_masked_kernel(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor, Tensor)",
-                tags=_TAGS)
+# The masking buffer of calls masked by data (see fa4_inductor.masking_buffer): an op of its own, so that a training
+# graph makes it once for every call with the same masks (CSE across layers) and the backward reuses it.
+_library.define("masking_buffer(Tensor? key_padding, Tensor? segment_ids, SymInt seqlen_q, int head_dim, "
+                "int head_dim_v, bool causal=False, int window_left=-1, int window_right=-1) -> Tensor", tags=_TAGS)
+# The forward of a call masked by data, reading its masking buffer (making its own without one).
+_library.define(f"flash_attn_fwd_masked_kernel(Tensor q, Tensor k, Tensor v, {_ARGS}, Tensor? masking_buffer=None) "
+                "-> (Tensor, Tensor)", tags=_TAGS)
 # The Python kernel behind the native launcher: it serves the calls the launcher has no plan for.
 _library.define(f"_flash_attn_fwd_python(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)")
 _library.define(
@@ -115,20 +121,21 @@ def _precompile_wanted(q: Tensor) -> bool:
     return q.device.type == "cuda" and os.environ.get("FA4_INDUCTOR_PRECOMPILE", "1") != "0"
 
 
+def _forward(args: tuple, masking_buffer: Tensor | None) -> tuple[Tensor, Tensor]:
+    if masking_buffer is None:
+        return torch.ops.fa4.flash_attn_fwd_kernel.default(*args)
+    return torch.ops.fa4.flash_attn_fwd_masked_kernel.default(*args, masking_buffer)
+
+
 class _FlashAttention(torch.autograd.Function):
     """Forward on ``flash_attn_fwd_kernel`` (``flash_attn_fwd_masked_kernel`` for calls masked by data, whose
     masking buffer the backward reuses), backward on ``flash_attn_bwd``."""
 
     @staticmethod
     def forward(ctx, q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding,
-                segment_ids):
-        args = (q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding,
-                segment_ids)
-        masking_buffer = None
-        if key_padding is None and segment_ids is None:
-            out, lse = torch.ops.fa4.flash_attn_fwd_kernel.default(*args)
-        else:
-            out, lse, masking_buffer = torch.ops.fa4.flash_attn_fwd_masked_kernel.default(*args)
+                segment_ids, masking_buffer):
+        out, lse = _forward((q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k,
+                             key_padding, segment_ids), masking_buffer)
         ctx.save_for_backward(q, k, v, out, lse, seqused_k, key_padding, segment_ids, masking_buffer)
         ctx.params = (softmax_scale, causal, window_left, window_right, softcap)
         ctx.mark_non_differentiable(lse)
@@ -139,7 +146,7 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, out, lse, seqused_k, key_padding, segment_ids, masking_buffer = ctx.saved_tensors
         dq, dk, dv = torch.ops.fa4.flash_attn_bwd.default(dout, q, k, v, out, lse, *ctx.params, seqused_k,
                                                            key_padding, segment_ids, masking_buffer)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool = False,
@@ -149,9 +156,23 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal
     """FA4 attention forward on B,S,H,D tensors; returns (out, lse); differentiable in q, k, v."""
     _validate(q, k, v, seqused_k, key_padding, segment_ids)
     args = (q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding, segment_ids)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _FlashAttention.apply(*args)
-    return torch.ops.fa4.flash_attn_fwd_kernel.default(*args)
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    masking_buffer = None
+    if (key_padding is not None or segment_ids is not None) and (training or not _splits_keys(*args)):
+        masking_buffer = torch.ops.fa4.masking_buffer.default(key_padding, segment_ids, q.shape[1], q.shape[-1],
+                                                              v.shape[-1], causal, window_left, window_right)
+    if training:
+        return _FlashAttention.apply(*args, masking_buffer)
+    return _forward(args, masking_buffer)
+
+
+def _splits_keys(q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding,
+                 segment_ids) -> bool:
+    """Does FA4 run this call as split-KV chunks (a decoding step on sm90)? Their forward reads no masking buffer,
+    so inference makes none for them."""
+    return q.device.type == "cuda" and fa4_adapter.split_count(q, k, v, dict(
+        causal=causal, window_left=window_left, window_right=window_right, seqused_k=seqused_k,
+        segment_ids=segment_ids)) > 1
 
 
 def _forward_kernel_cpu(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1,
@@ -173,21 +194,42 @@ def _forward_kernel_fake(q, k, v, softmax_scale, causal=False, window_left=-1, w
     return out, lse
 
 
-def _masked_forward_kernel_cpu(*args):
-    # The reference reads the masks themselves: its masking buffer is empty.
-    out, lse = _forward_kernel_cpu(*args)
-    return out, lse, out.new_empty((0,), dtype=torch.int32)
+def _masked_forward_kernel_cpu(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1, softcap=0.0,
+                               seqused_k=None, key_padding=None, segment_ids=None, masking_buffer=None):
+    # The reference reads the masks themselves, not the masking buffer.
+    return _forward_kernel_cpu(q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k,
+                               key_padding, segment_ids)
 
 
-def _masked_forward_kernel_fake(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1,
-                                softcap=0.0, seqused_k=None, key_padding=None, segment_ids=None):
-    out, lse = _forward_kernel_fake(q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k,
-                                    key_padding, segment_ids)
+def _masked_forward_kernel_fake(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1, softcap=0.0,
+                                seqused_k=None, key_padding=None, segment_ids=None, masking_buffer=None):
+    return _forward_kernel_fake(q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k,
+                                key_padding, segment_ids)
+
+
+def _masked_forward_kernel_cuda(q, k, v, softmax_scale, causal=False, window_left=-1, window_right=-1, softcap=0.0,
+                                seqused_k=None, key_padding=None, segment_ids=None, masking_buffer=None):
+    return fa4_adapter.forward(q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k,
+                               key_padding, segment_ids, masking_buffer=masking_buffer)
+
+
+def _masking_buffer_cuda(key_padding, segment_ids, seqlen_q, head_dim, head_dim_v, causal=False, window_left=-1,
+                         window_right=-1):
+    return masking.make_buffer(key_padding, segment_ids, seqlen_q, head_dim, head_dim_v,
+                               dict(causal=causal, window_left=window_left, window_right=window_right))
+
+
+def _masking_buffer_cpu(key_padding, segment_ids, *_):
+    # The CPU reference reads the masks themselves: its buffer is empty.
+    return masking.mask_tensor(key_padding, segment_ids).new_empty((0,), dtype=torch.int32)
+
+
+def _masking_buffer_fake(key_padding, segment_ids, seqlen_q, head_dim, head_dim_v, *_):
+    mask = masking.mask_tensor(key_padding, segment_ids)
     size = 0
-    if q.device.type == "cuda":
-        size = masking.buffer_size(q, k, v, dict(causal=causal, window_left=window_left, window_right=window_right,
-                                                 key_padding=key_padding, segment_ids=segment_ids))
-    return out, lse, q.new_empty((size,), dtype=torch.int32)
+    if mask.device.type == "cuda":
+        size = masking.buffer_size(key_padding, segment_ids, seqlen_q, head_dim, head_dim_v)
+    return mask.new_empty((size,), dtype=torch.int32)
 
 
 def _gradient(t: Tensor) -> Tensor:
@@ -238,10 +280,13 @@ _library.impl("_flash_attn_fwd_python", _forward_kernel_cpu, "CPU")
 if not native.install_cuda_forward():
     _library.impl("flash_attn_fwd_kernel", fa4_adapter.forward, "CUDA")
 _library.impl("flash_attn_fwd_kernel", _forward_kernel_cpu, "CPU")
-_library.impl("flash_attn_fwd_masked_kernel", fa4_adapter.forward_keeping_masks, "CUDA")
+_library.impl("masking_buffer", _masking_buffer_cuda, "CUDA")
+_library.impl("masking_buffer", _masking_buffer_cpu, "CPU")
+_library.impl("flash_attn_fwd_masked_kernel", _masked_forward_kernel_cuda, "CUDA")
 _library.impl("flash_attn_fwd_masked_kernel", _masked_forward_kernel_cpu, "CPU")
 _library.impl("flash_attn_bwd", _backward_kernel, "CUDA")
 _library.impl("flash_attn_bwd", _backward_kernel, "CPU")
 torch.library.register_fake(f"{_OP_NS}::flash_attn_fwd_kernel", _forward_kernel_fake, lib=_library)
+torch.library.register_fake(f"{_OP_NS}::masking_buffer", _masking_buffer_fake, lib=_library)
 torch.library.register_fake(f"{_OP_NS}::flash_attn_fwd_masked_kernel", _masked_forward_kernel_fake, lib=_library)
 torch.library.register_fake(f"{_OP_NS}::flash_attn_bwd", _backward_kernel_fake, lib=_library)

@@ -39,7 +39,7 @@ def test_views_refuse_a_buffer_made_for_another_call():
 
 
 def test_a_padded_training_step_hands_its_masking_buffer_from_forward_to_backward():
-    """The forward graph runs the masked kernel, which returns the buffer; the backward graph passes that saved
+    """The forward graph makes the buffer and runs the masked kernel on it; the backward graph passes that saved
     buffer to FA4's backward (its last argument), which so builds nothing again."""
     def fn(q, k, v, pad):
         i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
@@ -51,12 +51,30 @@ def test_a_padded_training_step_hands_its_masking_buffer_from_forward_to_backwar
         _, (forward, backward) = run_and_get_code(lambda: torch.compile(fn, fullgraph=True)(q, k, v, pad).sum()
                                                   .backward())
     assert "fa4.flash_attn_fwd_masked_kernel.default(" in forward and "flash_attn_fwd_kernel" not in forward
+    assert forward.count("fa4.masking_buffer.default(") == 1
     call = next(line for line in backward.splitlines() if "fa4.flash_attn_bwd.default(" in line)
     assert call.rstrip().rstrip(")").split(", ")[-1] not in ("None", "masking_buffer=None"), call
 
 
+def test_layers_with_the_same_mask_share_one_masking_buffer_in_training():
+    """Two attention calls on one padding mask (two layers of a model) make one buffer per training step:
+    AOTAutograd's CSE merges their ``fa4.masking_buffer`` ops (an inference graph gets no CSE: one each)."""
+    def fn(x, pad):
+        mask = pad[:, None, None, :]
+        hidden = F.scaled_dot_product_attention(x, x, x, attn_mask=mask)
+        return F.scaled_dot_product_attention(hidden, hidden * 2, hidden, attn_mask=mask)
+
+    x = torch.randn(2, 2, 48, 16, dtype=torch.bfloat16, requires_grad=True)
+    pad = torch.arange(48)[None, :] < torch.tensor([[48], [30]])
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        out, (forward, *_) = run_and_get_code(lambda: torch.compile(fn, fullgraph=True)(x, pad))
+    assert forward.count("fa4.masking_buffer.default(") == 1
+    assert forward.count("fa4.flash_attn_fwd_masked_kernel.default(") == 2
+    torch.testing.assert_close(out, fn(x, pad), atol=2e-2, rtol=2e-2)
+
+
 def test_fake_impl_promises_a_symbolic_buffer_for_dynamic_cuda_calls(monkeypatch):
-    """Under a dynamic graph (fake CUDA tensors with symbolic batch and length) the masked forward's fake impl
+    """Under a dynamic graph (fake CUDA tensors with symbolic batch and length) the buffer op's fake impl
     returns a buffer whose size is the layout's, as an expression of the symbols."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -71,7 +89,9 @@ def test_fake_impl_promises_a_symbolic_buffer_for_dynamic_cuda_calls(monkeypatch
         q, k, v = (torch.empty(batch, length, 4, 64, dtype=torch.bfloat16, device="cuda") for _ in range(3))
         pad = torch.empty(batch, length, dtype=torch.bool, device="cuda")
         seg = torch.empty(batch, length, dtype=torch.int64, device="cuda")
-        out, lse, buffer = ops._masked_forward_kernel_fake(q, k, v, 0.125, True, key_padding=pad, segment_ids=seg)
+        buffer = ops._masking_buffer_fake(pad, seg, length, 64, 64, True)
+        out, lse = ops._masked_forward_kernel_fake(q, k, v, 0.125, True, key_padding=pad, segment_ids=seg,
+                                                   masking_buffer=buffer)
     want = masking_buffer.layout(3, 1000, 1000, True, True, (128, 128)).size
     assert isinstance(buffer.shape[0], torch.SymInt) and hint_int(buffer.shape[0]) == want
     assert buffer.dtype == torch.int32 and out.shape == q.shape and lse.shape == (batch, 4, length)

@@ -136,8 +136,12 @@ def test_opcheck(op):
     q, k, v = (t.float() for t in _qkv(hkv=2))
     pad = torch.ones(q.shape[0], k.shape[1], dtype=torch.bool)
     pad[1, 4:] = False
-    for key_padding in (None, pad):
-        torch.library.opcheck(getattr(torch.ops.fa4, op), (q, k, v, 0.3, True, -1, -1, 0.0, None, key_padding))
+    buffer = torch.ops.fa4.masking_buffer(pad, None, q.shape[1], q.shape[-1], v.shape[-1], True)
+    for key_padding in (None, pad) if op != "flash_attn_fwd_masked_kernel" else (pad,):
+        args = (q, k, v, 0.3, True, -1, -1, 0.0, None, key_padding)
+        torch.library.opcheck(getattr(torch.ops.fa4, op), args + ((None, buffer) if key_padding is not None
+                                                                   and op == "flash_attn_fwd_masked_kernel" else ()))
+    torch.library.opcheck(torch.ops.fa4.masking_buffer, (pad, None, q.shape[1], q.shape[-1], v.shape[-1], True))
 
 
 @pytest.mark.parametrize("causal", [False, True])
