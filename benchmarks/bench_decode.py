@@ -62,7 +62,7 @@ def kernel_row(batch: int, kv_len: int) -> dict:
         "plugin": lambda: fa4_adapter.forward(qb, kb, vb, **params),  # split-KV on sm90
         "plugin_key_padding": lambda: fa4_adapter.forward(qb, kb, vb, **params, key_padding=padding),
     }
-    row = {"B": batch, "S_kv": kv_len, "splits": fa4_adapter._split_count(qb, kb, vb, {**params, "key_padding": None})}
+    row = {"B": batch, "S_kv": kv_len, "splits": fa4_adapter.split_count(qb, kb, vb, {**params, "key_padding": None})}
     for name, fn in variants.items():
         try:
             row[f"{name}_us"] = _graph_us(fn)

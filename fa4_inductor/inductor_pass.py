@@ -17,7 +17,10 @@ wraps whatever pass the user had installed (run first, unchanged), and its
 settings, so Inductor's FX graph and AOTAutograd caches stay on and never
 hand back a graph compiled under other settings. A wrapped pass without a
 uuid makes ours report none, which makes Inductor bypass its caches: the
-correct answer when a pass's identity is unknown.
+correct answer when a pass's identity is unknown. A second pass, in
+``config.post_grad_custom_post_pass`` and chained the same way, shares one
+masking buffer among the calls of a graph that mask by the same data
+(:mod:`.buffer_sharing`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from . import fa4_api, graph_dump
+from . import buffer_sharing, fa4_api, graph_dump
 from .pattern_registry import RewriteContext, rewrite_graph
 
 log = logging.getLogger(__name__)
@@ -45,13 +48,43 @@ def _source_files() -> tuple[str, ...]:
     return tuple(sorted(str(p) for d in dirs for p in d.glob("*.py")))
 
 
+def _chained_uuid(previous, settings: str) -> str | None:
+    """This package's source and ``settings`` hashed with the uuid of the pass run before ours; None when that pass
+    has none (its identity is unknown)."""
+    previous_uuid = None
+    if previous is not None:
+        previous_uuid = previous.uuid() if isinstance(previous, CustomGraphPass) else None
+        if previous_uuid is None:
+            return None
+    return hashlib.sha256(get_hash_for_files(_source_files(), f"{settings}|{previous_uuid}")).hexdigest()
+
+
+class SharedMaskingBuffersPass(CustomGraphPass):
+    """Post-grad pass: run the user's previous pass, then share masking buffers (:mod:`.buffer_sharing`)."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        if self.previous is not None:
+            self.previous(graph)
+        merged = buffer_sharing.share_masking_buffers(graph)
+        if merged:
+            log.debug("fa4_inductor: %d masking buffer ops share an earlier one's buffer", merged)
+
+    def uuid(self) -> str | None:
+        return _chained_uuid(self.previous, "shared masking buffers")
+
+
 class FA4AttentionPass(CustomGraphPass):
-    """Pre-grad pass: run the user's previous pass, then rewrite attention to FA4."""
+    """Pre-grad pass: run the user's previous pass, then rewrite attention to FA4 (``post_pass``: the post-grad
+    pass installed with it)."""
 
     def __init__(self, previous, devices: tuple[str, ...], arch_major: int | None = None):
         self.previous = previous
         self.devices = devices
         self.arch_major = arch_major
+        self.post_pass: SharedMaskingBuffersPass | None = None
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         if self.previous is not None:
@@ -63,28 +96,27 @@ class FA4AttentionPass(CustomGraphPass):
             graph_dump.emit(graph_dump.GraphDump(context.graph_name, before, graph_dump.graph_code(graph)))
 
     def uuid(self) -> str | None:
-        previous_uuid = None
-        if self.previous is not None:
-            previous_uuid = self.previous.uuid() if isinstance(self.previous, CustomGraphPass) else None
-            if previous_uuid is None:
-                return None
-        settings = f"{self.devices}|{self.arch_major}|{fa4_api.version()}|{previous_uuid}"
-        return hashlib.sha256(get_hash_for_files(_source_files(), settings)).hexdigest()
+        return _chained_uuid(self.previous, f"{self.devices}|{self.arch_major}|{fa4_api.version()}")
 
 
 def install(devices: tuple[str, ...]) -> FA4AttentionPass:
-    """Chain our pass after the current ``pre_grad_custom_pass``; return it."""
+    """Chain our passes after the current ``pre_grad_custom_pass`` and ``post_grad_custom_post_pass``; return the
+    pre-grad one (holding the other)."""
     attention_pass = FA4AttentionPass(inductor_config.pre_grad_custom_pass, devices)
+    attention_pass.post_pass = SharedMaskingBuffersPass(inductor_config.post_grad_custom_post_pass)
     inductor_config.pre_grad_custom_pass = attention_pass
+    inductor_config.post_grad_custom_post_pass = attention_pass.post_pass
     return attention_pass
 
 
 def uninstall(attention_pass: FA4AttentionPass) -> None:
-    """Put back the pass that was there before ``install``."""
-    if inductor_config.pre_grad_custom_pass is attention_pass:
-        inductor_config.pre_grad_custom_pass = attention_pass.previous
-    else:
-        log.warning(
-            "pre_grad_custom_pass was replaced after fa4_inductor installed its pass; "
-            "leaving the current value in place"
-        )
+    """Put back the passes that were there before ``install``."""
+    for name, ours in (("pre_grad_custom_pass", attention_pass), ("post_grad_custom_post_pass",
+                                                                   attention_pass.post_pass)):
+        if ours is None:
+            continue
+        if getattr(inductor_config, name) is ours:
+            setattr(inductor_config, name, ours.previous)
+        else:
+            log.warning("%s was replaced after fa4_inductor installed its pass; leaving the current value in place",
+                        name)

@@ -3,9 +3,9 @@
 That is the key padding and the segment ids as the ``mask_mod`` reads them
 (int32, with hidden columns past the last key), and FA4's forward and backward
 block-sparsity lists. One Triton launch (:mod:`.block_lists_kernel`) fills it.
-The ``fa4.masking_buffer`` op makes it; a training step makes it once for
-all its calls with the same masks and hands it to the backward as a saved
-tensor, so the backward neither casts the masks again nor rebuilds lists.
+The ``fa4.masking_buffer`` op makes it; a compiled step makes it once for
+all its calls with the same masks (:mod:`.buffer_sharing`) and hands it to
+the backward as a saved tensor, so the backward neither casts the masks again nor rebuilds lists.
 Calls without one (a kernel op or a backward called alone) make their own.
 Its parts are 128-byte aligned views; the ``size`` of :func:`layout` is what
 the fake impls promise, symbolic sizes included.

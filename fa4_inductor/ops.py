@@ -25,9 +25,9 @@ data (key padding, segment ids) first makes its masking buffer with
 ``fa4.masking_buffer`` (:mod:`fa4_inductor.masking_buffer`: FA4's mask
 operands and both block lists, one int32 tensor) and runs
 ``fa4.flash_attn_fwd_masked_kernel`` on it; the backward takes it as
-``masking_buffer``. So a training step builds its masking once, and once for
-all the calls with the same masks (AOTAutograd's CSE of the training graph
-merges their buffer ops; an inference graph makes one per call).
+``masking_buffer``. So a step builds its masking once, and once for all the
+calls with the same masks (AOTAutograd's CSE merges their buffer ops in a
+training graph, :mod:`fa4_inductor.buffer_sharing` in an inference graph).
 
 On CUDA the kernels call FA4 through :mod:`fa4_inductor.fa4_adapter` (the
 forward through the C++ launcher of :mod:`fa4_inductor.native` when it
@@ -102,8 +102,8 @@ _TAGS = (torch.Tag.pt2_compliant_tag,)
 _library = torch.library.Library(_OP_NS, "DEF")
 _library.define(f"flash_attn_fwd(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)", tags=_TAGS)
 _library.define(f"flash_attn_fwd_kernel(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)", tags=_TAGS)
-# The masking buffer of calls masked by data (see fa4_inductor.masking_buffer): an op of its own, so that a training
-# graph makes it once for every call with the same masks (CSE across layers) and the backward reuses it.
+# The masking buffer of calls masked by data (see fa4_inductor.masking_buffer): an op of its own, so that a graph
+# makes it once for every call with the same masks (across layers) and the backward reuses it.
 _library.define("masking_buffer(Tensor? key_padding, Tensor? segment_ids, SymInt seqlen_q, int head_dim, "
                 "int head_dim_v, bool causal=False, int window_left=-1, int window_right=-1) -> Tensor", tags=_TAGS)
 # The forward of a call masked by data, reading its masking buffer (making its own without one).

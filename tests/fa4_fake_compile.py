@@ -185,7 +185,7 @@ def sm90_only() -> dict:
         dk, dv = (torch.empty(1, 8, 4096, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2) for _ in "kv")
         decode_padding = torch.empty(1, 4096, dtype=torch.bool, device="cuda")
     decode = {**_params(causal=False), "key_padding": decode_padding}
-    decode_splits = fa4_adapter._split_count(dq, dk, dv, decode)
+    decode_splits = fa4_adapter.split_count(dq, dk, dv, decode)
     decode_s = fa4_adapter.precompile_forward(dq, dk, dv, **decode)
     forward_kernels = fa4_api.module()._flash_attn_fwd.compile_cache.cache.values()
     return {"decode_splits": decode_splits, "decode_s": round(decode_s, 2),

@@ -110,7 +110,7 @@ def test_mask_falls_back_until_mask_analysis():
 
 def test_cpu_not_routed_means_no_rewrite():
     model, x = _model()
-    with inductor_config.patch(pre_grad_custom_pass=None):
+    with inductor_config.patch(pre_grad_custom_pass=None, post_grad_custom_post_pass=None):
         inductor_pass.install(("cuda",))
         torch.compile(model)(x)
     assert "not routed" in stats.site_records()[0].reason
@@ -168,15 +168,17 @@ class _UserPass(CustomGraphPass):
 
 
 def test_chains_after_user_pass_and_restores_it():
-    user = _UserPass()
+    user, user_post = _UserPass(), _UserPass()
     model, x = _model()
-    with inductor_config.patch(pre_grad_custom_pass=user):
+    with inductor_config.patch(pre_grad_custom_pass=user, post_grad_custom_post_pass=user_post):
         with fa4_inductor.enabled(eager=False, devices=("cpu",)):
-            ours = inductor_config.pre_grad_custom_pass
+            ours, ours_post = inductor_config.pre_grad_custom_pass, inductor_config.post_grad_custom_post_pass
             assert ours.previous is user and ours.uuid() != user.uuid()
+            assert ours_post.previous is user_post and ours_post.uuid() not in (None, user_post.uuid())
             torch.compile(model)(x)
         assert inductor_config.pre_grad_custom_pass is user
-    assert user.calls == 1 and stats.counters["compile.fa4"] == 1
+        assert inductor_config.post_grad_custom_post_pass is user_post
+    assert user.calls == 1 and user_post.calls == 1 and stats.counters["compile.fa4"] == 1
 
 
 def test_uuid_tracks_settings_and_unknown_user_pass():

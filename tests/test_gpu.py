@@ -191,7 +191,7 @@ def test_split_kv_decoding_matches_fp64_reference(batch, padded, seqlen_k):
     scale = d ** -0.5
     params = dict(softmax_scale=scale, causal=False, window_left=-1, window_right=-1, softcap=0.0, seqused_k=None,
                   key_padding=key_padding)
-    splits = fa4_adapter._split_count(q, k, v, params) if torch.cuda.get_device_capability()[0] == 9 else 1
+    splits = fa4_adapter.split_count(q, k, v, params) if torch.cuda.get_device_capability()[0] == 9 else 1
     out, lse = torch.ops.fa4.flash_attn_fwd(q, k, v, scale, key_padding=key_padding)
     dout = torch.randn_like(out)
     grads = _grads(out, (q, cache_k, cache_v), dout)
@@ -393,7 +393,7 @@ def test_compiled_decoding_step_splits_kv_and_matches(mode):
         names = _kernel_names(lambda: compiled(q, k, v, mask))
     ref = step(q.double(), k.double(), v.double(), mask)
     rel = max(((out.double() - ref).norm() / ref.norm()).item() for out in outs)
-    splits = fa4_adapter._split_count(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dict(
+    splits = fa4_adapter.split_count(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dict(
         causal=False, window_left=-1, window_right=-1, seqused_k=None))
     _report("compiled_decode_step", mode=mode, splits=splits, rel_err=rel, counters=dict(stats.counters),
             kernels=sorted(set(_attention_kernels(names))))

@@ -56,21 +56,28 @@ def test_a_padded_training_step_hands_its_masking_buffer_from_forward_to_backwar
     assert call.rstrip().rstrip(")").split(", ")[-1] not in ("None", "masking_buffer=None"), call
 
 
-def test_layers_with_the_same_mask_share_one_masking_buffer_in_training():
-    """Two attention calls on one padding mask (two layers of a model) make one buffer per training step:
-    AOTAutograd's CSE merges their ``fa4.masking_buffer`` ops (an inference graph gets no CSE: one each)."""
-    def fn(x, pad):
-        mask = pad[:, None, None, :]
-        hidden = F.scaled_dot_product_attention(x, x, x, attn_mask=mask)
-        return F.scaled_dot_product_attention(hidden, hidden * 2, hidden, attn_mask=mask)
+def _two_layers(x, pad, window):
+    mask = pad[:, None, None, :]
+    hidden = F.scaled_dot_product_attention(x, x, x, attn_mask=mask)
+    if window:  # a sliding-window layer (Gemma 2's, Mistral's): other tile lists, its own buffer
+        i = torch.arange(x.shape[2])
+        mask = mask & (i[:, None] - i[None, :] < window)
+    return F.scaled_dot_product_attention(hidden, hidden * 2, hidden, attn_mask=mask)
 
-    x = torch.randn(2, 2, 48, 16, dtype=torch.bfloat16, requires_grad=True)
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("window", [None, 8])
+def test_layers_with_the_same_mask_share_one_masking_buffer(training, window):
+    """Two attention calls on one padding mask (two layers of a model) make one buffer per step, in training
+    (AOTAutograd's CSE) and inference (the plugin's post-grad pass); a layer with other masking makes its own."""
+    x = torch.randn(2, 2, 48, 16, dtype=torch.bfloat16, requires_grad=training)
     pad = torch.arange(48)[None, :] < torch.tensor([[48], [30]])
-    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
-        out, (forward, *_) = run_and_get_code(lambda: torch.compile(fn, fullgraph=True)(x, pad))
-    assert forward.count("fa4.masking_buffer.default(") == 1
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)), torch.set_grad_enabled(training):
+        out, (forward, *_) = run_and_get_code(lambda: torch.compile(_two_layers, fullgraph=True)(x, pad, window))
+        want = _two_layers(x, pad, window)
+    assert forward.count("fa4.masking_buffer.default(") == (2 if window else 1)
     assert forward.count("fa4.flash_attn_fwd_masked_kernel.default(") == 2
-    torch.testing.assert_close(out, fn(x, pad), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out, want, atol=2e-2, rtol=2e-2)
 
 
 def test_fake_impl_promises_a_symbolic_buffer_for_dynamic_cuda_calls(monkeypatch):

@@ -84,3 +84,34 @@ def test_split_and_merge_equal_unsplit_attention():
 def test_keys_that_cannot_be_viewed_in_chunks_are_not_split():
     k = torch.randn(2, 64, 4, 16)  # (B, S, H, D)-contiguous: chunks of S are not head-strided
     assert split_kv.split_inputs(torch.randn(2, 1, 8, 16), k, k, None, 4) is None
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Names of the ops called under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("seqlen_q, buffer_made", [(1, False), (512, True)])
+def test_inference_makes_a_masking_buffer_only_for_calls_that_read_one(monkeypatch, seqlen_q, buffer_made):
+    """An inference decoding step that FA4 runs split-KV on sm90 reads no masking buffer, so none is made; an
+    unsplit prefill reads one. (Training always makes one: the backward reads it.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fa4_inductor import fa4_api
+
+    monkeypatch.setattr(fa4_api, "arch_and_sms", lambda index: (90, 132))
+    monkeypatch.setenv("FA4_INDUCTOR_PRECOMPILE", "0")
+    with FakeTensorMode():
+        q = torch.empty(1, seqlen_q, 32, 128, dtype=torch.bfloat16, device="cuda")
+        k, v = (torch.empty(1, 8, 4096, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2) for _ in range(2))
+        pad = torch.empty(1, 4096, dtype=torch.bool, device="cuda")
+        with _OpLog() as log:
+            torch.ops.fa4.flash_attn_fwd(q, k, v, 0.1, key_padding=pad)
+    assert ("fa4.masking_buffer" in log.names) == buffer_made, log.names
