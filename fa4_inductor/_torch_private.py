@@ -130,3 +130,14 @@ def contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
 def empty_contiguous(size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A new contiguous tensor, through :func:`empty_strided`."""
     return empty_strided(size, contiguous_strides(size), dtype, device)
+
+
+def is_pure_op(target) -> bool:
+    """Is a graph call's ``target`` an op overload that mutates nothing and draws no random numbers (its result
+    depends on its arguments only)?
+
+    An op's schema lives in ``OpOverload._schema``; ``Node.is_impure`` answers a
+    neighbouring question (may DCE drop it?) differently across releases.
+    """
+    return (isinstance(target, torch._ops.OpOverload) and not target._schema.is_mutable
+            and torch.Tag.nondeterministic_seeded not in target.tags)

@@ -19,13 +19,7 @@ from torch.fx import Graph, Node
 
 import fa4_inductor.ops  # noqa: F401  (defines torch.ops.fa4)
 
-
-def _pure(node: Node) -> bool:
-    """A call whose result depends on its arguments only: an op overload that mutates nothing and draws no
-    random numbers."""
-    target = node.target
-    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
-            and not target._schema.is_mutable and torch.Tag.nondeterministic_seeded not in target.tags)
+from ._torch_private import is_pure_op
 
 
 def _value_key(arg: Any, memo: dict[Node, Hashable]) -> Hashable:
@@ -33,8 +27,8 @@ def _value_key(arg: Any, memo: dict[Node, Hashable]) -> Hashable:
     itself."""
     if isinstance(arg, Node):
         if arg not in memo:
-            memo[arg] = ((arg.target, _value_key(arg.args, memo), _value_key(arg.kwargs, memo)) if _pure(arg)
-                         else arg)
+            pure = arg.op == "call_function" and is_pure_op(arg.target)
+            memo[arg] = (arg.target, _value_key(arg.args, memo), _value_key(arg.kwargs, memo)) if pure else arg
         return memo[arg]
     if isinstance(arg, (list, tuple)):
         return tuple(_value_key(a, memo) for a in arg)
