@@ -197,6 +197,22 @@ def test_padding_mask_runs_fa4_and_stays_exact(name, impl, side):
     _assert_grads_close(got_grads, want_grads)
 
 
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_layers_of_a_padded_batch_share_one_masking_buffer(name, training):
+    """The model builds its padding mask once; the compiled step makes one masking buffer for both layers, in
+    training (AOTAutograd's CSE) and in inference (the plugin's post-grad pass)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    model = _build(name, "sdpa").to(torch.bfloat16).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)), torch.set_grad_enabled(training):
+        _, (forward, *_) = run_and_get_code(torch.compile(model), ids, attention_mask=_padding_mask("left"))
+    assert forward.count("fa4.masking_buffer.default(") == 1
+    assert forward.count("fa4.flash_attn_fwd_masked_kernel.default(") == 2
+
+
 @pytest.mark.parametrize("name", ["llama", "mistral"])
 def test_packed_sequences_from_position_ids_run_fa4_documents(name):
     """Packed training batches (restarting ``position_ids``, no attention mask, no cache): Hugging Face derives
