@@ -8,7 +8,7 @@ Here one program per (batch row, block row) classifies its tiles from the
 mask's parts (band corners, padding any/all over each key block, segment-id
 min/max over each block) and writes the packed ascending index lists with a
 running cumsum; further programs copy the padding and segment ids into the
-operands: one launch per training step. The rules are those of
+operands: one launch per step for all the calls with the same masks. The rules are those of
 :mod:`.block_mask`, which stays the reference the tests compare this kernel
 with, in Triton's interpreter (``TRITON_INTERPRET=1`` set before importing
 this module).
@@ -43,8 +43,6 @@ def _segment_summary(seg, seg_stride_b, b, first, LENGTH, BLOCK: tl.constexpr):
     low = tl.min(tl.where(valid, ids, 4611686018427387904), axis=1)  # 2**62: above any id
     high = tl.max(tl.where(valid, ids, -4611686018427387904), axis=1)
     return low, high
-
-
 
 
 @triton.jit
@@ -171,7 +169,7 @@ def fill_masking_buffer(buffer: torch.Tensor, offsets: dict[str, int], width: in
              for name in ("partial_count", "partial_index", "full_count", "full_index")]
     right = 0 if parts.causal else parts.window_right
     list_programs = rows_q + cols_k if block else 0
-    _masking_buffer[(batch, list_programs + -(-width // _COPY))](
+    _masking_buffer[(batch, list_programs + block_count(width, _COPY))](
         pad if pad is not None else buffer, seg if seg is not None else buffer, buffer,
         pad.stride(0) if pad is not None else 0, seg.stride(0) if seg is not None else 0,
         offsets.get("key_padding", 0), offsets.get("segment_ids", 0), width, *lists,
