@@ -91,72 +91,73 @@ def _idle_and_busy(name: str, fn, text: io.StringIO) -> None:
 
 
 def _call_costs(problem: str, text: io.StringIO) -> None:
-    """Host µs of each plugin call of the step (and of its parts, and of each kernel launch of the backward's
-    launch sequence), on the benchmark's sizes, started on an idle GPU and behind a busy one."""
-    from fa4_inductor import fa4_adapter, launch_plan, masking
+    """Host µs of each plugin call of the step (and of its parts, and of each kernel launch the calls replay),
+    on the benchmark's sizes, started on an idle GPU and behind a busy one."""
+    from fa4_inductor import block_mask, masking, masking_buffer
+    from fa4_inductor.block_lists_kernel import fill_masking_buffer
 
     batch, heads, seqlen, head_dim = bench_padded.B, bench_padded.H, bench_padded.S, bench_padded.D
     q, k, v = (t.detach().transpose(1, 2) for t in bench_padded._leaves(batch, heads, seqlen, head_dim))
     extra = bench_padded._segments() if problem == "documents" else bench_padded._padding(problem)
-    masks = dict(causal=True, window_left=-1, window_right=-1, key_padding=None, segment_ids=None)
+    masks = {"key_padding": None, "segment_ids": None}
     masks["segment_ids" if problem == "documents" else "key_padding"] = extra
     scale = head_dim ** -0.5
-    op_masks = {name: masks[name] for name in ("key_padding", "segment_ids")}
     make_buffer = torch.ops.fa4.masking_buffer.default
-    buffer = make_buffer(masks["key_padding"], masks["segment_ids"], seqlen, head_dim, head_dim, True)
     forward = torch.ops.fa4.flash_attn_fwd_masked_kernel.default
-    out, lse = forward(q, k, v, scale, True, **op_masks, masking_buffer=buffer)
-    dout = torch.randn_like(out)
     backward = torch.ops.fa4.flash_attn_bwd.default
-    backward(dout, q, k, v, out, lse, scale, True, **op_masks, masking_buffer=buffer)
-    costs = {
-        "fa4.masking_buffer": lambda: make_buffer(masks["key_padding"], masks["segment_ids"], seqlen, head_dim,
-                                                  head_dim, True),
-        "fa4.flash_attn_fwd_masked_kernel given the buffer": lambda: forward(q, k, v, scale, True, **op_masks,
-                                                                             masking_buffer=buffer),
-        "  adapter.forward given the buffer": lambda: fa4_adapter.forward(q, k, v, scale, True, **op_masks,
-                                                                          masking_buffer=buffer),
-        "fa4.flash_attn_bwd given the buffer": lambda: backward(dout, q, k, v, out, lse, scale, True, **op_masks,
-                                                               masking_buffer=buffer),
-    }
-    from fa4_inductor import block_mask, masking_buffer
-    from fa4_inductor.block_lists_kernel import fill_masking_buffer
-
-    where, block = masking._buffer_layout(batch, seqlen, seqlen, head_dim, head_dim, masks["key_padding"],
-                                          masks["segment_ids"], masking._arch_major(q.device))
-    parts = block_mask.MaskParts(True, -1, -1, masks["key_padding"], masks["segment_ids"])
-    costs["  the buffer's Triton launch alone"] = lambda: fill_masking_buffer(
-        buffer, where.offsets, k.shape[1] + masking_buffer.KEY_TILE_SLACK, parts, q.shape[1], block)
+    buffer = make_buffer(*masks.values(), seqlen, head_dim, head_dim, True)
+    out, lse = forward(q, k, v, scale, True, **masks, masking_buffer=buffer)
+    dout = torch.randn_like(out)
     plain_out, plain_lse = torch.ops.fa4.flash_attn_fwd_kernel.default(q, k, v, scale, True)
-    costs["unmasked causal fa4.flash_attn_fwd_kernel"] = lambda: torch.ops.fa4.flash_attn_fwd_kernel.default(
-        q, k, v, scale, True)
-    costs["unmasked causal fa4.flash_attn_bwd"] = lambda: backward(dout, q, k, v, plain_out, plain_lse, scale, True)
-    costs["unmasked causal fa4.flash_attn_bwd"]()
+    where, block = masking._buffer_layout(batch, seqlen, seqlen, head_dim, head_dim, *masks.values(),
+                                          masking._arch_major(q.device))
+    parts = block_mask.MaskParts(True, -1, -1, *masks.values())
     scratch = torch.zeros(1, device=q.device)
-    costs["reference: one aten op (in-place add)"] = lambda: scratch.add_(1)
+    costs = {
+        "fa4.masking_buffer": lambda: make_buffer(*masks.values(), seqlen, head_dim, head_dim, True),
+        "  its Triton launch alone": lambda: fill_masking_buffer(
+            buffer, where.offsets, seqlen + masking_buffer.KEY_TILE_SLACK, parts, seqlen, block),
+        "fa4.flash_attn_fwd_masked_kernel given the buffer": lambda: forward(q, k, v, scale, True, **masks,
+                                                                             masking_buffer=buffer),
+        "fa4.flash_attn_bwd given the buffer": lambda: backward(dout, q, k, v, out, lse, scale, True, **masks,
+                                                               masking_buffer=buffer),
+        "unmasked causal fa4.flash_attn_fwd_kernel": lambda: torch.ops.fa4.flash_attn_fwd_kernel.default(
+            q, k, v, scale, True),
+        "unmasked causal fa4.flash_attn_bwd": lambda: backward(dout, q, k, v, plain_out, plain_lse, scale, True),
+        "reference: one aten op (in-place add)": lambda: scratch.add_(1),
+    }
+    for fn in costs.values():
+        fn()  # the first backward calls learn their launch sequences
     text.write("  idle GPU    busy GPU\n")
     for name, fn in costs.items():
         _idle_and_busy(name, fn, text)
-    forward_params = dict(softmax_scale=scale, causal=True, window_left=-1, window_right=-1, softcap=0.0,
-                          seqused_k=None, **op_masks, masking_buffer=buffer)  # the adapter's order
-    forward_tensors = (q, k, v, out, lse, None,
-                       *masking.tensors_of(masking.fa4_masking(q, k, v, forward_params)))
-    plan = fa4_adapter.masked_forward_plans().get(launch_plan.exact_signature(forward_tensors, forward_params))
+    _launch_costs((dout, q, k, v, out, lse), scale, masks, buffer, text)
+
+
+def _launch_costs(tensors, scale: float, masks: dict, buffer: torch.Tensor, text: io.StringIO) -> None:
+    """Host µs of the launches a masked forward and backward replay, without the calls around them."""
+    from fa4_inductor import fa4_adapter, launch_plan, masking
+
+    dout, q, k, v, out, lse = tensors
+    # The adapter's parameters, in its order (the exact signatures keep it).
+    params = dict(softmax_scale=scale, causal=True, window_left=-1, window_right=-1, softcap=0.0, seqused_k=None,
+                  **masks, masking_buffer=buffer)
+    forward_tensors = (q, k, v, out, lse, None, *masking.tensors_of(masking.fa4_masking(q, k, v, params)))
+    plan = fa4_adapter.masked_forward_plans().get(launch_plan.exact_signature(forward_tensors, params))
     if plan:
         _idle_and_busy("forward launch replay", lambda: plan.launch(forward_tensors, q.device), text)
+    params["deterministic"] = False
     grads = [fa4_adapter.gradient_like(t) for t in (q, k, v)]
-    params = dict(softmax_scale=scale, causal=True, window_left=-1, window_right=-1, softcap=0.0, seqused_k=None,
-                  **op_masks, masking_buffer=buffer, deterministic=False)  # the adapter's order
     keywords = masking.fa4_masking(q, k, v, params, backward=True)
-    tensors = (dout, q, k, v, out, lse, *grads, *masking.tensors_of(keywords))
-    sequence = fa4_adapter.backward_plans().get(launch_plan.exact_signature(tensors, params))
+    backward_tensors = (dout, q, k, v, out, lse, *grads, *masking.tensors_of(keywords))
+    sequence = fa4_adapter.backward_plans().get(launch_plan.exact_signature(backward_tensors, params))
     if not sequence:
         text.write("  (no backward launch sequence for these tensors)\n")
         return
-    buffers = [*tensors, *(torch.empty_strided(s.size, s.stride, dtype=s.dtype, device=q.device).zero_()
-                           for s in sequence.scratch)]
-    for index, plan in enumerate(sequence.launches):
-        _idle_and_busy(f"backward launch {index} of the sequence", lambda: plan.launch(buffers), text)
+    buffers = [*backward_tensors, *(torch.empty_strided(s.size, s.stride, dtype=s.dtype, device=q.device).zero_()
+                                    for s in sequence.scratch)]
+    for index, launch in enumerate(sequence.launches):
+        _idle_and_busy(f"backward launch {index} of the sequence", lambda: launch.launch(buffers), text)
 
 
 def main() -> None:
