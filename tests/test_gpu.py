@@ -532,6 +532,39 @@ def test_reduce_overhead_captures_block_sparse_calls(mask):
     assert max(errors) < 5e-2, errors  # a stale tile list would be off by O(1)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_layers_with_one_padding_mask_share_one_masking_buffer(training):
+    """Two compiled attention layers on one padding mask launch one masking-buffer kernel per step (training and
+    inference) and both read it right: output (and gradients) match float64."""
+    torch.manual_seed(0)
+    b, h, s, d = 2, 8, 1000, 128
+
+    def fn(x, pad):
+        i, j = torch.arange(s, device="cuda")[:, None], torch.arange(s, device="cuda")[None, :]
+        keep = (i >= j)[None, None] & pad[:, None, None, :]
+        hidden = F.scaled_dot_product_attention(x, x, x, attn_mask=keep)
+        return F.scaled_dot_product_attention(hidden, x, hidden, attn_mask=keep)
+
+    (x,) = _leaves((b, h, s, d))
+    pad = _key_padding(b, s, "left")
+    torch._dynamo.reset()
+    stats.reset()
+    with fa4_inductor.enabled(compile=True, eager=False), torch.set_grad_enabled(training):
+        compiled = torch.compile(fn, fullgraph=True)
+        out = compiled(x, pad)
+        names = _kernel_names(lambda: compiled(x, pad))
+        ref = fn(x.double(), pad)
+        errors = [((out.double() - ref).abs().max() / ref.abs().max()).item()]
+        if training:
+            dout = torch.randn_like(out)
+            (grad,), (ref_grad,) = _grads(out, (x,), dout), _grads(ref, (x,), dout.double())
+            errors.append(((grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item())
+    buffers = sum("_masking_buffer" in name for name in names)
+    _report("shared_masking_buffer", training=training, masking_buffer_launches=buffers, relative_errors=errors)
+    assert stats.counters["compile.fa4"] == 2 and buffers == 1
+    assert max(errors) < 5e-2, errors
+
+
 def test_compiled_causal_sdpa_on_transposed_views_keeps_right_gradients():
     """Stock torch.compile 2.11 returns wrong gradients (relative error ~1) for an is_causal SDPA on transposed
     (B, S, H, D) leaves; the plugin's FA4 rewrite must keep them right. Stock's error is reported, not judged."""
