@@ -126,20 +126,23 @@ def mask_tensor(key_padding, segment_ids) -> torch.Tensor:
     return mask
 
 
+def _layout_of_masks(key_padding, segment_ids, seqlen_q, head_dim: int, head_dim_v: int):
+    """:func:`_buffer_layout` for a buffer made from the masks themselves (batch, key length and device theirs)."""
+    mask = mask_tensor(key_padding, segment_ids)
+    return _buffer_layout(mask.shape[0], seqlen_q, mask.shape[1], head_dim, head_dim_v, key_padding, segment_ids,
+                          _arch_major(mask.device))
+
+
 def buffer_size(key_padding, segment_ids, seqlen_q, head_dim: int, head_dim_v: int):
     """The int32 elements (an int or a SymInt) of the masking buffer of a call with these masks ((B, S_kv) key
     padding and/or (B, S) segment ids), query length and head dims: what the fake impls promise."""
-    mask = mask_tensor(key_padding, segment_ids)
-    return _buffer_layout(mask.shape[0], seqlen_q, mask.shape[1], head_dim, head_dim_v, key_padding, segment_ids,
-                          _arch_major(mask.device))[0].size
+    return _layout_of_masks(key_padding, segment_ids, seqlen_q, head_dim, head_dim_v)[0].size
 
 
 def make_buffer(key_padding, segment_ids, seqlen_q: int, head_dim: int, head_dim_v: int, params: dict) -> torch.Tensor:
     """The masking buffer of a call masked by data (``params``: its causal, window_left, window_right): its FA4
     operands and both block lists, in one launch (the ``fa4.masking_buffer`` op's CUDA kernel)."""
-    mask = mask_tensor(key_padding, segment_ids)
-    where, block = _buffer_layout(mask.shape[0], seqlen_q, mask.shape[1], head_dim, head_dim_v, key_padding,
-                                  segment_ids, _arch_major(mask.device))
+    where, block = _layout_of_masks(key_padding, segment_ids, seqlen_q, head_dim, head_dim_v)
     return _fill(key_padding, segment_ids, seqlen_q, params, where, block)
 
 
