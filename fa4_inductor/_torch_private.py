@@ -141,3 +141,15 @@ def is_pure_op(target) -> bool:
     """
     return (isinstance(target, torch._ops.OpOverload) and not target._schema.is_mutable
             and torch.Tag.nondeterministic_seeded not in target.tags)
+
+
+def is_tensor_property_symbol(symbol, shape_env) -> bool:
+    """Does the ShapeEnv symbol stand for a tensor's size, stride or offset (rather than a Python scalar input)?
+
+    ``ShapeEnv.var_to_sources`` and Dynamo's ``TensorPropertySource`` say where a symbol came from; no public
+    API tells a size from an int the traced code captured.
+    """
+    from torch._dynamo.source import TensorPropertySource
+
+    sources = shape_env.var_to_sources.get(symbol, ())
+    return not sources or any(isinstance(source, TensorPropertySource) for source in sources)

@@ -17,7 +17,9 @@ Three things keep FA4's costs out of the training loop:
 Calls with key padding or segment ids (the block-sparse route) read their
 aux tensors and block-sparsity lists from the masking buffer of their masks
 (they are data: made by the ``fa4.masking_buffer`` op, reused by the
-backward), then replay the launches learned for their exact signature.
+backward), then replay the launches learned for their exact signature;
+once learned, a call given its buffer is bound by what the caller passes
+(:mod:`.masked_launch`) and replays with no further decisions.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 
 import torch
 
-from . import fa4_api, launch_plan, masking, native, split_kv
+from . import fa4_api, launch_plan, masked_launch, masking, native, split_kv
 from ._torch_private import concrete_fake_like, fresh_fake_mode
 
 log = logging.getLogger(__name__)
@@ -52,16 +54,23 @@ def _masked_by_data(params: dict) -> bool:
 
 
 _MASKED_FORWARD_PLANS = launch_plan.PlanCache()
+_BOUND_MASKED_CALLS = masked_launch.BoundMaskedCalls()  # forward and backward front keys differ in shape
 
 
-def _forward_masked_by_data(q, k, v, out, lse, params: dict) -> None:
+def _forward_masked_by_data(q, k, v, out, lse, params: dict, front_key=None) -> None:
     """A forward whose masking reads tensors: FA4's aux tensors and block lists are made for this call, the
-    kernel launch replays the plan of the call's exact signature."""
+    kernel launch replays the plan of the call's exact signature (then bound to ``front_key``, when given: a
+    call reading its masking buffer into outputs it allocated)."""
     fa4_masking = masking.fa4_masking(q, k, v, params)
-    tensors = (q, k, v, out, lse, params["seqused_k"], *masking.tensors_of(fa4_masking))
-    _MASKED_FORWARD_PLANS.replay_or_learn(launch_plan.exact_signature(tensors, params), tensors, q.device,
+    masking_tensors = masking.tensors_of(fa4_masking)
+    tensors = (q, k, v, out, lse, params["seqused_k"], *masking_tensors)
+    signature = launch_plan.exact_signature(tensors, params)
+    _MASKED_FORWARD_PLANS.replay_or_learn(signature, tensors, q.device,
                                           lambda: _fa4_forward(q, k, v, out, lse, **params, fa4_masking=fa4_masking),
                                           fa4_api.recording_forward)
+    if front_key is not None:
+        _BOUND_MASKED_CALLS.bind(front_key, _MASKED_FORWARD_PLANS.get(signature), masking_tensors,
+                                 params["masking_buffer"])
 
 
 def _decode_splits(q, k, params: dict) -> int:
@@ -133,12 +142,22 @@ def forward(
     replay the launch plan of their key once one has been learned (calls
     with ``key_padding`` or ``segment_ids``: of their exact signature).
     """
-    if key_padding is None and segment_ids is None and out is None:
-        # The hot path: an exact signature seen before allocates and replays its plan, no further decisions.
-        bound = _FORWARD_PLANS.by_signature(launch_plan.call_signature(
-            q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k))
-        if bound:
-            return bound(q, k, v, seqused_k)
+    front_key = None
+    if out is None:
+        # The hot paths: an exact call seen before allocates and replays its launches, no further decisions.
+        if key_padding is None and segment_ids is None:
+            bound = _FORWARD_PLANS.by_signature(launch_plan.call_signature(
+                q, k, v, softmax_scale, causal, window_left, window_right, softcap, seqused_k))
+            if bound:
+                return bound(q, k, v, seqused_k)
+        elif masking_buffer is not None and seqused_k is None:
+            front_key = masked_launch.forward_key(q, k, v, softmax_scale, causal, window_left, window_right, softcap,
+                                                  key_padding, segment_ids, masking_buffer)
+            bound = _BOUND_MASKED_CALLS.get(front_key)
+            if bound:
+                return bound.forward(q, k, v, masking_buffer)
+            if bound is None:
+                front_key = None  # not replayable: nothing to learn again
     batch, seqlen_q, heads, _ = q.shape
     if out is None:
         out = q.new_empty((batch, seqlen_q, heads, v.shape[-1]))
@@ -146,7 +165,10 @@ def forward(
     params = dict(softmax_scale=softmax_scale, causal=causal, window_left=window_left,
                   window_right=window_right, softcap=softcap, seqused_k=seqused_k, key_padding=key_padding,
                   segment_ids=segment_ids, masking_buffer=masking_buffer)
-    _forward_maybe_split(q, k, v, out, lse, params, _forward_planned)
+    if front_key is not None and split_count(q, k, v, params) == 1:
+        _forward_masked_by_data(q, k, v, out, lse, params, front_key)
+    else:
+        _forward_maybe_split(q, k, v, out, lse, params, _forward_planned)
     return out, lse
 
 
@@ -331,13 +353,27 @@ def backward(
     if seqused_k is not None:
         _fa4_backward(*tensors, **params)
         return
-    fa4_masking = None
+    front_key = None
+    if masking_buffer is not None and _masked_by_data(params):
+        # The hot path of a backward masked by data: its exact call seen before replays with no further decisions.
+        front_key = masked_launch.backward_key(tensors, params, masking_buffer)
+        bound = _BOUND_MASKED_CALLS.get(front_key)
+        if bound:
+            bound.launch(tensors, masking_buffer)
+            return
+        if bound is None:
+            front_key = None
+    fa4_masking, masking_tensors = None, []
     if _masked_by_data(params):
         fa4_masking = masking.fa4_masking(q, k, v, params, backward=True, deterministic=params["deterministic"])
-        tensors = (*tensors, *masking.tensors_of(fa4_masking))
-    _BACKWARD_PLANS.replay_or_learn(launch_plan.exact_signature(tensors, params), tensors, q.device,
+        masking_tensors = masking.tensors_of(fa4_masking)
+    tensors = (*tensors, *masking_tensors)
+    signature = launch_plan.exact_signature(tensors, params)
+    _BACKWARD_PLANS.replay_or_learn(signature, tensors, q.device,
                                     lambda: _fa4_backward(*tensors[:9], **params, fa4_masking=fa4_masking),
                                     fa4_api.recording_backward)
+    if front_key is not None:
+        _BOUND_MASKED_CALLS.bind(front_key, _BACKWARD_PLANS.get(signature), masking_tensors, masking_buffer)
 
 
 def backward_plans() -> launch_plan.PlanCache:

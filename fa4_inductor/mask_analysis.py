@@ -38,6 +38,7 @@ from sympy.logic.boolalg import BooleanFunction
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 
+from ._torch_private import is_tensor_property_symbol
 from .emit import op_name
 
 _I, _J, _B, _H = sympy.symbols("q_idx kv_idx batch head", integer=True, nonnegative=True)
@@ -628,10 +629,38 @@ def _without_zero_offsets(expr, shape_env):
 
 
 def _constant_part(value, shape_env):
-    """``value`` without its symbolic part when that part is 0 now (under a guard)."""
-    value = sympy.expand(value)
+    """``value`` without its symbolic part when that part is 0 now (under a guard), after
+    :func:`_captured_scalars_at_their_values`."""
+    value = sympy.expand(_captured_scalars_at_their_values(sympy.expand(value), shape_env))
     constant, symbolic = value.as_coeff_Add()
     return constant if _zero_under_guard(symbolic, shape_env) else value
+
+
+def _captured_scalars_at_their_values(value, shape_env):
+    """``value`` with the captured scalar that makes its symbolic part nonzero at its value (under a guard).
+
+    With ``dynamic=True`` Dynamo makes the Python ints a mask function captures symbols: Hugging Face's sliding
+    window size (a config constant) as much as its cache offsets. The offsets' part is what a guard may keep
+    at 0 (:func:`_zero_under_guard`; in decoding it changes every step, so their values must never be guarded).
+    The window size is the one scalar (no tensor size) whose term alone makes up the part's value now; when no
+    single scalar does, or several do, nothing is taken at its value.
+    """
+    symbolic = value.as_coeff_Add()[1]
+    if shape_env is None or symbolic.free_symbols & {_B, _H, _I, _J}:
+        return value
+    hints = {s: shape_env.size_hint(s, allow_none=True) for s in symbolic.free_symbols}
+    if None in hints.values():
+        return value
+    total = symbolic.xreplace(hints)
+    coefficients = symbolic.as_coefficients_dict()
+    candidates = [s for s in hints if total != 0 and coefficients.get(s, 0) * hints[s] == total
+                  and not is_tensor_property_symbol(s, shape_env)]
+    if len(candidates) != 1:
+        return value
+    (scalar,) = candidates
+    if not guard_or_false(shape_env.create_symboolnode(sympy.Eq(scalar, hints[scalar]))):
+        return value
+    return value.xreplace({scalar: hints[scalar]})
 
 
 _KEEP = sympy.Symbol("key_kept")

@@ -161,12 +161,17 @@ def block_sparsity_route(q_shape: tuple[int, ...], seqlen_k: int, head_dim_v: in
     or None for the mask_mod on every tile (see the module docstring for when)."""
     batch, seqlen_q, heads, head_dim = q_shape
     block = sparse_block_size(arch_major, head_dim, head_dim_v)
-    if block is None or (backward and deterministic) or os.environ.get(_SWITCH, "1") == "0":
+    if block is None or (backward and deterministic) or not block_sparsity_switch():
         return None
     banded = params["causal"] or params["window_left"] >= 0 or params["window_right"] >= 0
     if banded or params.get("segment_ids") is not None:
         return block
     return block if batch * heads * seqlen_q * seqlen_k * head_dim >= _PADDING_ONLY_MIN_WORK else None
+
+
+def block_sparsity_switch() -> bool:
+    """Is block sparsity on (``FA4_INDUCTOR_BLOCK_SPARSITY`` not "0")? Read per call: a process may flip it."""
+    return os.environ.get(_SWITCH, "1") != "0"
 
 
 def describe(params: dict) -> list[str]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import fa4_inductor
 from examples.attention_block import AttentionBlock
-from fa4_inductor import fa4_adapter, fa4_api, native, stats
+from fa4_inductor import fa4_adapter, fa4_api, masking, native, stats
 from fa4_inductor.reference import visible_keys
 
 pytestmark = pytest.mark.gpu
@@ -158,17 +158,17 @@ def test_fa4_op_matches_fp64_reference(case):
                                   dict(d=128, hkv=2, padding="right")],  # small padding-only: mask_mod, no lists
                          ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_block_sparse_calls_replay_their_launch_plans_exactly(case, monkeypatch):
-    """A second call with new padding / documents and the same shapes skips FA4's entry points (the masking
-    tensors are made anew, the kernels replayed) and still matches fp64. The first three cases run block
-    sparsity, the last the mask_mod on every tile."""
+    """A second call with new padding / documents and the same shapes skips FA4's entry points and the masking
+    keywords (its buffer is made anew, cut at the views learned, the kernels replayed) and still matches fp64.
+    The first three cases run block sparsity, the last the mask_mod on every tile."""
     torch.manual_seed(1)
     _op_against_fp64(case)
     entered = []
-    for name in ("flash_forward", "flash_backward"):
-        monkeypatch.setattr(fa4_api, name, lambda *args, _name=name, _real=getattr(fa4_api, name), **kwargs: (
-            entered.append(_name), _real(*args, **kwargs)))
+    for module, name in ((fa4_api, "flash_forward"), (fa4_api, "flash_backward"), (masking, "fa4_masking")):
+        monkeypatch.setattr(module, name, lambda *args, _name=name, _real=getattr(module, name), **kwargs: (
+            entered.append(_name), _real(*args, **kwargs))[1])
     errors = _op_against_fp64(case)
-    assert entered == [], "a replayable block-sparse call went through FA4's entry point"
+    assert entered == [], "a replayable block-sparse call went through FA4's entry point or made its keywords"
     _report("block_sparse_replay_vs_fp64", case=case, errors=errors)
 
 

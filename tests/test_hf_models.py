@@ -111,13 +111,16 @@ FLEX_EXPECTED = {  # per-site features with attn_implementation="flex_attention"
 
 
 @pytest.mark.parametrize("name, padded, dynamic", [("llama", True, False), ("mistral", False, False),
-                                                   ("gemma2", True, False), ("llama", True, True)],
-                         ids=["llama-left_padded", "mistral", "gemma2-left_padded", "llama-left_padded-dynamic"])
+                                                   ("gemma2", True, False), ("llama", True, True),
+                                                   ("mistral", False, True)],
+                         ids=["llama-left_padded", "mistral", "gemma2-left_padded", "llama-left_padded-dynamic",
+                              "mistral-dynamic"])
 def test_flex_attention_models_run_fa4_and_match_eager(name, padded, dynamic, monkeypatch):
     """``attn_implementation="flex_attention"``: every flex_attention call runs FA4; logits and gradients equal the
     same weights under ``"eager"`` attention (FlexAttention has no CPU backward to compare with: its device check
     is lifted so Dynamo traces it, and the rewritten graph runs FA4's CPU reference). Under ``dynamic=True`` the
-    mask functions' cache offsets are graph sizes, 0 here: the rewrite holds under a guard on that."""
+    mask functions' cache offsets are graph sizes, 0 here: the rewrite holds under a guard on that; Mistral's
+    sliding window, a captured int, is a symbol too, taken at its value under a guard."""
     from torch.nn.attention import flex_attention as flex_module
 
     monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)

@@ -317,7 +317,60 @@ def _stand_in_masked_fa4():
 
     entry.compile_cache = {"fwd": forward_kernel}
     fa4._flash_attn_fwd = entry
+
+    def backward_kernel(dout, dq, lists, aux):
+        fa4.launches.append((lists, aux))
+        dq.copy_(dout * aux[0][0][:, :dout.shape[1], None, None])
+
+    def backward_entry(q, k, v, out, dout, lse, *, dq, aux_tensors, block_sparse_tensors, **_):
+        fa4.calls += 1
+        backward_entry.compile_cache["bwd"](dout, dq, masking_lists(block_sparse_tensors), _Aux((aux_tensors, None)))
+
+    backward_entry.compile_cache = {"bwd": backward_kernel}
+    fa4._flash_attn_bwd = backward_entry
+    fa4._bwd_preprocess = fa4._bwd_postprocess_convert = types.SimpleNamespace(compile_cache={})
     return fa4
+
+
+def _stand_in_masking_from_buffer(calls: list):
+    """FA4 masking keywords as views of the call's masking buffer: the key padding (B, S) at its start, then four
+    (B, 1, 2) lists 32 elements apart; ``calls`` notes each call (its ``backward``)."""
+    def fa4_masking(q, k, v, params, backward=False, deterministic=False):
+        calls.append(backward)
+        buffer, (batch, seqlen) = params["masking_buffer"], q.shape[:2]
+        base = buffer.storage_offset()
+        keep = buffer.as_strided((batch, seqlen), (seqlen, 1), base)
+        lists = [buffer.as_strided((batch, 1, 2), (2, 2, 1), base + 32 * (i + 1)) for i in range(4)]
+        return dict(mask_mod="mask", aux_tensors=[keep], block_sparse_tensors=types.SimpleNamespace(
+            mask_block_cnt=lists[0], mask_block_idx=lists[1], full_block_cnt=lists[2], full_block_idx=lists[3]))
+    return fa4_masking
+
+
+def test_masked_calls_given_their_buffer_replay_with_no_masking_work_after_their_first(monkeypatch):
+    from fa4_inductor import masked_launch, masking
+
+    for cache in ("_MASKED_FORWARD_PLANS", "_BACKWARD_PLANS"):
+        monkeypatch.setattr(fa4_adapter, cache, launch_plan.PlanCache())
+    monkeypatch.setattr(fa4_adapter, "_BOUND_MASKED_CALLS", masked_launch.BoundMaskedCalls())
+    keywords = []
+    monkeypatch.setattr(masking, "fa4_masking", _stand_in_masking_from_buffer(keywords))
+    stand_in = _stand_in_masked_fa4()
+    monkeypatch.setattr(fa4_api, "module", lambda: stand_in)
+    q, k, v = (torch.randn(2, 8, 4, 16) for _ in range(3))
+    pool = torch.zeros(256, dtype=torch.int32)
+    for offset, keep in enumerate((torch.ones(2, 8, dtype=torch.bool), torch.rand(2, 8) > 0.5, torch.rand(2, 8) > 0.5)):
+        buffer = pool[offset * 8:offset * 8 + 160]  # each call's buffer starts elsewhere in its storage
+        buffer[:16] = keep.flatten()
+        out, lse = fa4_adapter.forward(q, k, v, **_params(causal=False), key_padding=keep, masking_buffer=buffer)
+        torch.testing.assert_close(out, q * keep[:, :, None, None])
+        assert stand_in.launches[-1][1][0][0].data_ptr() == buffer.data_ptr()
+        dout, dq = torch.randn_like(out), torch.empty_like(q)
+        fa4_adapter.backward(dout, q, k, v, out, lse, **_params(causal=False), key_padding=keep, masking_buffer=buffer,
+                             dq=dq, dk=torch.empty_like(k), dv=torch.empty_like(v))
+        torch.testing.assert_close(dq, dout * keep[:, :, None, None])
+    # One FA4 forward and backward, their masking keywords made once each; the other calls replayed.
+    assert stand_in.calls == 2 and len(stand_in.launches) == 6 and keywords == [False, True]
+    assert len(fa4_adapter._BOUND_MASKED_CALLS) == 2
 
 
 def masking_lists(sparse):

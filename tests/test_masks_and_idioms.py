@@ -252,3 +252,52 @@ def test_non_attention_softmax_is_not_a_site():
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
         torch.compile(fn)(torch.randn(4, 8))
     assert stats.site_records() == []
+
+
+def _window_env():
+    """A ShapeEnv with a captured window size (8), cache offsets and query / key lengths, as ``dynamic=True`` makes
+    them of a Hugging Face mask function: sizes come from tensors, the rest from captured ints."""
+    from torch._dynamo.source import LocalSource, TensorProperty, TensorPropertySource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv(specialize_zero_one=False)
+
+    def symbol(value, source):
+        return env.create_symbol(value, source, dynamic_dim=DimDynamic.DYNAMIC)
+
+    def size(name, value):
+        return symbol(value, TensorPropertySource(LocalSource(name), TensorProperty.SIZE, 1))
+
+    return env, symbol, size
+
+
+@pytest.mark.parametrize("offsets, lengths", [((0, 0), (16, 16)), ((17, 0), (1, 18))], ids=["prefill", "decoding"])
+def test_captured_window_size_is_taken_at_its_value_and_cache_offsets_stay_symbolic(offsets, lengths):
+    """The left window of ``kv_idx + kv_offset > q_idx + q_offset - window`` with FA4's bottom-right alignment
+    (``S_kv - S_q``): the window becomes 8 under a guard on it alone; the offsets are only guarded to cancel with
+    the lengths, so a decoding step's next offset reuses the graph."""
+    from torch._dynamo.source import LocalSource
+
+    from fa4_inductor import mask_analysis
+
+    env, symbol, size = _window_env()
+    window = symbol(8, LocalSource("window"))
+    q_offset, kv_offset = (symbol(value, LocalSource(name)) for value, name in zip(offsets, ("q_offset", "kv_offset")))
+    q_len, kv_len = size("q", lengths[0]), size("k", lengths[1])
+    left = (kv_len - q_len) - (q_offset - kv_offset - window + 1)
+    assert mask_analysis._constant_part(left, env) == 7
+    guarded = [str(guard.expr) for guard in env.guards]
+    assert any("window" in g or str(window) in g for g in guarded)
+    assert not any(g in (f"Eq({q_offset}, {offsets[0]})", f"Eq({kv_offset}, {offsets[1]})") for g in guarded)
+
+
+def test_a_window_made_of_a_length_or_of_two_captured_ints_stays_symbolic():
+    from torch._dynamo.source import LocalSource
+
+    from fa4_inductor import mask_analysis
+
+    env, symbol, size = _window_env()
+    q_len = size("q", 16)
+    first, second = symbol(4, LocalSource("a")), symbol(4, LocalSource("b"))
+    for left in (q_len - 1, first + second - 1):
+        assert mask_analysis._constant_part(left, env).free_symbols
