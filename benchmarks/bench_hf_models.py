@@ -139,8 +139,8 @@ def _attention(model: torch.nn.Module, variant: str) -> contextlib.AbstractConte
     return swapped()
 
 
-def _run_variant(model, variant: str, mode: str, inputs, masks, extra, references, rows) -> None:
-    """Measure one variant (one dynamic-shape compile, reused for every S) into ``rows``."""
+def _run_variant(model, variant: str, mode: str, inputs, masks, extra, references, rows, dynamic: bool) -> None:
+    """Measure one variant (one compile, reused for every S when ``dynamic``) into ``rows``."""
     torch._dynamo.reset()
     stats.reset()
     on = variant.startswith("plugin")
@@ -148,7 +148,7 @@ def _run_variant(model, variant: str, mode: str, inputs, masks, extra, reference
         extra = {s: {**kwargs, "kernel_options": {"BACKEND": "FLASH"}} for s, kwargs in extra.items()}
     with (fa4_inductor.enabled(compile=True, eager=False) if on else contextlib.nullcontext(),
           _attention(model, variant)):
-        compiled = torch.compile(model, dynamic=True)
+        compiled = torch.compile(model, dynamic=dynamic or None)
         for s, ids in inputs.items():
             def step(ids=ids, s=s):
                 if mode == "train":
@@ -167,8 +167,8 @@ def _run_variant(model, variant: str, mode: str, inputs, masks, extra, reference
 
 
 def run(name: str, seqs: list[int], left_pad: float = 0.0, modes=("train", "infer"),
-        variants=("stock", "plugin", "hf_fa4"), attn: str | None = None) -> list[dict]:
-    """All rows of one model: per mode, one dynamic-shape compile per variant, reused for every S."""
+        variants=("stock", "plugin", "hf_fa4"), attn: str | None = None, dynamic: bool = True) -> list[dict]:
+    """All rows of one model: per mode, one compile per variant (dynamic-shape unless not ``dynamic``)."""
     torch.manual_seed(0)
     model = build(name, attn).cuda().to(torch.bfloat16)
     inputs = {s: torch.randint(0, VOCAB, (2, s), device="cuda") for s in seqs}
@@ -187,7 +187,7 @@ def run(name: str, seqs: list[int], left_pad: float = 0.0, modes=("train", "infe
     for mode in modes:
         for variant in variants:
             try:
-                _run_variant(model, variant, mode, inputs, masks, extra, references, rows)
+                _run_variant(model, variant, mode, inputs, masks, extra, references, rows, dynamic)
             except Exception as exc:  # a variant that can't run this model is reported (traceback on stderr)
                 traceback.print_exc()
                 for s in seqs:
@@ -206,7 +206,8 @@ def markdown(result: dict) -> str:
     lines = [f"# Hugging Face models, stock torch.compile vs fa4_inductor ({result['device']})", "",
              f"torch {result['torch']}, transformers {result['transformers']}; bf16, B=2, {LAYERS} layers, "
              f"hidden {HIDDEN}, {HEADS} heads (D=128), {KV_HEADS} KV heads, sliding window 1024 (Mistral, Gemma2); "
-             "median of 10 steps (CUDA events). 'train' = forward + backward of the LM loss."
+             "median of 10 steps (CUDA events). 'train' = forward + backward of the LM loss. Compiled "
+             + ("with dynamic=True." if result.get("dynamic", True) else "with static shapes (dynamic=None).")
              + (f" Batch row 1 left-padded over {result['rows'][0]['left_pad']:.0%} of its positions "
                 "(attention_mask); errors on unpadded positions." if result["rows"] and result["rows"][0]["left_pad"]
                 else "")
@@ -248,13 +249,16 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["stock", "plugin", "hf_fa4"],
                         help="stock, plugin, hf_fa4, plugin_no_sparsity, flex_flash")
     parser.add_argument("--attn", default=None, help="attention implementation of every model (flex_attention)")
+    parser.add_argument("--static", action="store_true",
+                        help="compile without dynamic=True (HF Gemma2's flex_attention does not compile with it on "
+                             "torch 2.11, stock included)")
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "rows": []}
+              "transformers": transformers.__version__, "dynamic": not args.static, "rows": []}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.models:  # results are written after each model, so a run cut short keeps what it measured
-        result["rows"] += run(name, args.seq, args.left_pad, args.modes, args.variants, args.attn)
+        result["rows"] += run(name, args.seq, args.left_pad, args.modes, args.variants, args.attn, not args.static)
         (out / f"{args.tag}.json").write_text(json.dumps(result, indent=1))
         (out / f"{args.tag}.md").write_text(markdown(result))
     print(markdown(result))

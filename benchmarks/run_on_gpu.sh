@@ -7,6 +7,7 @@
 #   hf_padded  left-padded HF Llama training vs stock and HF flash_attention_4, and padded BERT/RoBERTa
 #   flex       FlexAttention programs vs Flex FLASH / Triton (FLEX_PROBLEMS narrows them)
 #   hf_flex    HF Llama/Mistral/Gemma2 with attn_implementation="flex_attention" vs Flex Triton / FLASH
+#              (HF_MODELS narrows them; HF_STATIC=1 compiles without dynamic=True, HF_TAG names the results)
 #   block      the compiled qkv-projection block vs stock and FA4 called by hand
 #   fuzz       the differential fuzz on the GPU (FUZZ_PROGRAMS programs, default 400, for at most FUZZ_MINUTES)
 # BENCH_ARGS is passed to bench_attention.py (e.g. "--s 1024 --block-s 4096" for a short run).
@@ -31,9 +32,9 @@ for step in $STEPS; do
         --seq 2048 --left-pad 0.25 --modes train --variants stock plugin_no_sparsity plugin 2>&1 | grep -v "^{" | tail -8 ;;
     flex) timeout 580 python3 benchmarks/bench_flex.py --out $OUT ${FLEX_PROBLEMS:+--problems $FLEX_PROBLEMS} \
         ${FLEX_TAG:+--tag $FLEX_TAG} 2>&1 | grep -v "^{" | tail -16 ;;
-    hf_flex) timeout 580 python3 benchmarks/bench_hf_models.py --out $OUT --tag hf_flex_attention_h200 \
+    hf_flex) timeout 580 python3 benchmarks/bench_hf_models.py --out $OUT --tag ${HF_TAG:-hf_flex_attention_h200} \
         --models ${HF_MODELS:-llama mistral gemma2} --seq 4096 --modes train --attn flex_attention \
-        --variants stock plugin flex_flash 2>&1 | tee $OUT/hf_flex.log | grep -v "^{" | tail -12 ;;
+        --variants stock plugin flex_flash ${HF_STATIC:+--static} 2>&1 | tee $OUT/hf_flex.log | grep -v "^{" | tail -12 ;;
     block) timeout 300 python3 benchmarks/bench_attention.py --out $OUT/bench --d 128 --s 4096 --block-s 4096 16384 \
         2>&1 | grep -v "^{" | tail -12 ;;
     fuzz) timeout 580 python3 benchmarks/fuzz_gpu.py --programs ${FUZZ_PROGRAMS:-400} --minutes ${FUZZ_MINUTES:-9} --out $OUT 2>&1 | tail -12 ;;
