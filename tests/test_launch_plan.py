@@ -398,3 +398,22 @@ def test_a_call_masked_by_data_makes_its_masking_tensors_then_replays_its_plan(m
     assert stand_in.calls == 1 and len(stand_in.launches) == 2  # the second call replayed the plan
     lists, aux = stand_in.launches[-1]
     assert lists[0].shape == (2, 4, 2) and lists[0].stride()[1] == 0 and isinstance(aux, _Aux)
+
+
+def test_a_masked_call_front_key_changes_with_what_decides_its_launches(monkeypatch):
+    """The masks' geometry, the buffer's size and the block-sparsity switch all pick different launches."""
+    from fa4_inductor import masked_launch
+
+    q, k, v = (torch.empty(2, 8, 4, 16) for _ in range(3))
+    keep, buffer = torch.ones(2, 8, dtype=torch.bool), torch.empty(160, dtype=torch.int32)
+
+    def key(keep=keep, segment_ids=None, buffer=buffer):
+        return masked_launch.forward_key(q, k, v, 0.25, True, -1, -1, 0.0, keep, segment_ids, buffer)
+
+    base = key()
+    assert key() == base
+    others = [key(segment_ids=torch.zeros(2, 8, dtype=torch.int64)), key(keep=None, segment_ids=keep.long()),
+              key(buffer=torch.empty(192, dtype=torch.int32))]
+    monkeypatch.setenv("FA4_INDUCTOR_BLOCK_SPARSITY", "0")
+    others.append(key())
+    assert all(other != base for other in others) and len(set(others)) == len(others)
