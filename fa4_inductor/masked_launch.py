@@ -34,14 +34,15 @@ def forward_key(q, k, v, softmax_scale, causal, window_left, window_right, softc
                 buffer: torch.Tensor) -> Hashable:
     """The front key of a forward masked by data that gets its masking ``buffer`` and allocates its outputs."""
     return (launch_plan.call_signature(q, k, v, softmax_scale, causal, window_left, window_right, softcap, None),
-            _mask_geometry(key_padding), _mask_geometry(segment_ids), buffer.shape, buffer.dtype,
+            _mask_geometry(key_padding), _mask_geometry(segment_ids), buffer.shape, buffer.stride(), buffer.dtype,
             masking.block_sparsity_switch())
 
 
 def backward_key(tensors: Sequence[torch.Tensor], params: dict, buffer: torch.Tensor) -> Hashable:
     """The front key of a backward masked by data: the geometry of its tensors (dout, q, k, v, out, lse, dq, dk,
     dv), its options (``params``, in the adapter's order) and its masking ``buffer``'s size."""
-    return (launch_plan.exact_signature(tensors, params), buffer.shape, buffer.dtype, masking.block_sparsity_switch())
+    return (launch_plan.exact_signature(tensors, params), buffer.shape, buffer.stride(), buffer.dtype,
+            masking.block_sparsity_switch())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,9 +84,9 @@ def views(buffer: torch.Tensor, where: Layout, *, backward: bool) -> tuple[list[
     """The parts of ``buffer`` (laid out as ``where`` says) one call reads: its aux tensors, and (partial count,
     partial indices, full count, full indices) of its direction or None; ValueError if the buffer's size
     differs (one made for another call)."""
-    if buffer.dtype != torch.int32 or buffer.dim() != 1 or buffer.shape[0] != where.size:
-        raise ValueError(f"masking buffer: expected {where.size} int32 elements, got {buffer.dtype} "
-                         f"{tuple(buffer.shape)}")
+    if buffer.dtype != torch.int32 or buffer.dim() != 1 or buffer.shape[0] != where.size or buffer.stride(0) != 1:
+        raise ValueError(f"masking buffer: expected {where.size} contiguous int32 elements, got {buffer.dtype} "
+                         f"{tuple(buffer.shape)} with stride {buffer.stride()}")
 
     specs = where.views
     aux = [buffer.as_strided(*specs[name]) for name in ("key_padding", "segment_ids") if name in specs]

@@ -32,10 +32,13 @@ def test_symbolic_layout_size_is_the_concrete_one(padding, documents, block):
     assert all(offset % 32 == 0 for offset, _ in concrete.parts.values())  # 128-byte aligned views
 
 
-def test_views_refuse_a_buffer_made_for_another_call():
+@pytest.mark.parametrize("wrong", ["size", "stride"])
+def test_views_refuse_a_buffer_made_for_another_call_or_not_contiguous(wrong):
     where = masking_buffer.layout(2, 300, 300, True, False, (128, 128))
+    buffer = torch.zeros(where.size + 32, dtype=torch.int32) if wrong == "size" else \
+        torch.zeros(2 * where.size, dtype=torch.int32)[::2]
     with pytest.raises(ValueError, match="masking buffer"):
-        masking_buffer.views(torch.zeros(where.size + 32, dtype=torch.int32), where, backward=True)
+        masking_buffer.views(buffer, where, backward=True)
 
 
 def test_a_padded_training_step_hands_its_masking_buffer_from_forward_to_backward():
