@@ -65,9 +65,9 @@ def _forward_masked_by_data(q, k, v, out, lse, params: dict, front_key=None) -> 
     masking_tensors = masking.tensors_of(fa4_masking)
     tensors = (q, k, v, out, lse, params["seqused_k"], *masking_tensors)
     signature = launch_plan.exact_signature(tensors, params)
-    _MASKED_FORWARD_PLANS.replay_or_learn(signature, tensors, q.device,
-                                          lambda: _fa4_forward(q, k, v, out, lse, **params, fa4_masking=fa4_masking),
-                                          fa4_api.recording_forward)
+    _MASKED_FORWARD_PLANS.replay_or_learn(
+        signature, tensors, q.device, lambda call: _fa4_forward(*call[:5], **params, fa4_masking=fa4_masking),
+        fa4_api.recording_forward, inputs=3)
     if front_key is not None:
         _BOUND_MASKED_CALLS.bind(front_key, _MASKED_FORWARD_PLANS.get(signature), masking_tensors,
                                  params["masking_buffer"])
@@ -198,6 +198,7 @@ def _forward_planned(q, k, v, out, lse, params: dict) -> None:
 
 def _learn(key, signature, tensors, params: dict) -> None:
     """Run the call through FA4's entry point and keep the launch plan it shows."""
+    tensors = launch_plan.distinct_inputs(tensors, 3)
     q, k, v, out, lse, _ = tensors
     with launch_plan.LEARNING, launch_plan.CallWatch() as watch, fa4_api.recording_forward() as launches:
         _fa4_forward(q, k, v, out, lse, **params)
@@ -369,9 +370,9 @@ def backward(
         masking_tensors = masking.tensors_of(fa4_masking)
     tensors = (*tensors, *masking_tensors)
     signature = launch_plan.exact_signature(tensors, params)
-    _BACKWARD_PLANS.replay_or_learn(signature, tensors, q.device,
-                                    lambda: _fa4_backward(*tensors[:9], **params, fa4_masking=fa4_masking),
-                                    fa4_api.recording_backward)
+    _BACKWARD_PLANS.replay_or_learn(
+        signature, tensors, q.device, lambda call: _fa4_backward(*call[:9], **params, fa4_masking=fa4_masking),
+        fa4_api.recording_backward, inputs=6)
     if front_key is not None:
         _BOUND_MASKED_CALLS.bind(front_key, _BACKWARD_PLANS.get(signature), masking_tensors, masking_buffer)
 

@@ -14,6 +14,9 @@ notes the buffers FA4 allocated and any other tensor op it ran. Tensor
 arguments become slots filled per call; every other argument must be fixed
 by the key. A call that ran tensor ops besides its kernels, or launched on a
 buffer that is neither the call's nor one FA4 allocated, is never replayed.
+A call passing one tensor in several slots (``attention(x, x, x)``) is
+learned on copies of the repeats (:func:`distinct_inputs`), so that each
+launch argument names one slot.
 
 - Forward (:class:`LaunchPlan`): one kernel on the call's tensors, per
   :func:`plan_key`. Seqlens are not in the key on sm90: there FA4's choices
@@ -206,7 +209,8 @@ class CallWatch(TorchDispatchMode):
 
 
 # What ``plan_from`` returns when this call can't tell (two of its tensors
-# are one buffer, so a slot is ambiguous): learn again on a later call.
+# are one buffer that ``distinct_inputs`` could not copy, so a slot is
+# ambiguous): learn again on a later call.
 UNDECIDED = object()
 
 
@@ -339,6 +343,35 @@ def sequence_from(launches: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]
     return LaunchSequence(tuple(plans), scratch)
 
 
+def distinct_inputs(tensors: Sequence[torch.Tensor | None], inputs: int) -> tuple[torch.Tensor | None, ...]:
+    """``tensors`` to learn a plan on: each of the first ``inputs`` (read-only inputs) that starts where an
+    earlier tensor starts (``attention(x, x, x)``) replaced by a copy in its layout, so that every launch argument
+    names one call tensor (else the plan stays undecided for as long as the caller passes one tensor twice).
+    The copy is made outside the learning call; an input whose layout a copy can't keep (overlapping, such as an
+    expanded GQA view) is left as it is."""
+    distinct = list(tensors)
+    for index in range(inputs):
+        tensor = distinct[index]
+        if tensor is None or not _dense(tensor):
+            continue
+        if any(other is not None and other.data_ptr() == tensor.data_ptr() for other in distinct[:index]):
+            distinct[index] = tensor.detach().clone(memory_format=torch.preserve_format)
+    return tuple(distinct)
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Is ``tensor`` non-overlapping and dense (so a ``preserve_format`` copy keeps its strides)?"""
+    if tensor.numel() == 0:
+        return False
+    expected = 1
+    for size, stride in sorted(((size, stride) for size, stride in zip(tensor.shape, tensor.stride()) if size != 1),
+                               key=lambda dim: dim[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _holds_tensor(arg: Any) -> bool:
     if isinstance(arg, torch.Tensor):
         return True
@@ -462,19 +495,20 @@ class PlanCache:
         return self._plans.get(key, False)
 
     def replay_or_learn(self, signature: Hashable, tensors: Sequence[torch.Tensor | None], device: torch.device,
-                        call_fa4: Callable[[], None], recording) -> None:
-        """Replay the launch sequence learned for ``signature`` on ``tensors``; without one, ``call_fa4()``
-        (FA4's entry point on these tensors), learning the sequence on the first call (``recording``: the
-        context manager that records FA4's launches)."""
+                        call_fa4: Callable[[Sequence[torch.Tensor | None]], None], recording, inputs: int) -> None:
+        """Replay the launch sequence learned for ``signature`` on ``tensors``; without one, ``call_fa4(tensors)``
+        (FA4's entry point on them), learning the sequence on the first call (``recording``: the context manager
+        that records FA4's launches; the first ``inputs`` tensors are read-only, see :func:`distinct_inputs`)."""
         plan = self.get(signature)
         if plan:
             plan.launch(tensors, device)
             return
         if plan is None:
-            call_fa4()
+            call_fa4(tensors)
             return
+        tensors = distinct_inputs(tensors, inputs)
         with LEARNING, CallWatch() as watch, recording() as launches:
-            call_fa4()
+            call_fa4(tensors)
         learned = None if watch.other_ops else sequence_from(launches, tensors, watch.allocations)
         if learned is not UNDECIDED:
             self.put(signature, learned)

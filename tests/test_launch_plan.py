@@ -120,13 +120,32 @@ def test_launch_with_a_buffer_fa4_allocated_is_never_replayed(plans):
     assert [plans.get(key) for key in plans.keys()] == [None] and len(stand_in.launches) == 2
 
 
-def test_one_buffer_in_two_slots_defers_learning(plans):
-    plans(_stand_in_fa4())
-    q = torch.randn(1, 8, 2, 16)
-    _forward(q, q, q)
-    assert fa4_adapter.forward_plans().keys() == []
-    _forward(q, q.clone(), q.clone())
-    assert len(fa4_adapter.forward_plans().keys()) == 1
+def test_one_tensor_in_three_slots_is_learned_on_copies_and_replays_for_any_inputs(plans):
+    """``attention(x, x, x)``: the plan is learned on copies of k and v (else each launch argument would name
+    three call tensors), then serves that call and calls with three tensors alike."""
+    stand_in = _stand_in_fa4()
+    plans(stand_in)
+    x = torch.randn(1, 8, 2, 16)
+    out, _ = _forward(x, x, x)
+    torch.testing.assert_close(out, x * 0.125)
+    assert len(fa4_adapter.forward_plans().keys()) == 1 and stand_in.compiles == 1
+    stand_in._flash_attn_fwd = None  # replays only from here on
+    for q, k, v in ((x, x, x), tuple(torch.randn(1, 8, 2, 16) for _ in range(3))):
+        out, _ = _forward(q, k, v)
+        assert [t is want for t, want in zip(stand_in.launches[-1][:3], (q, k, v))] == [True] * 3
+        torch.testing.assert_close(out, q * 0.125)
+
+
+def test_only_read_only_dense_inputs_that_alias_are_copied_for_learning():
+    x = torch.randn(2, 8, 4, 16)
+    expanded = torch.randn(2, 8, 1, 16).expand(2, 8, 4, 16)
+    transposed = torch.randn(2, 4, 8, 16).transpose(1, 2)
+    tensors = (x, x, transposed, expanded, expanded, x)
+    distinct = launch_plan.distinct_inputs(tensors, 5)  # the last is an output: never copied
+    assert distinct[0] is x and distinct[2] is transposed and distinct[3] is expanded and distinct[5] is x
+    assert distinct[1] is not x and torch.equal(distinct[1], x) and distinct[1].stride() == x.stride()
+    assert distinct[4] is expanded  # overlapping: a copy couldn't keep its layout
+    assert launch_plan.distinct_inputs((transposed, transposed), 2)[1].stride() == transposed.stride()
 
 
 def test_recorder_ignores_other_threads():
