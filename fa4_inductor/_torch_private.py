@@ -153,3 +153,20 @@ def is_tensor_property_symbol(symbol, shape_env) -> bool:
 
     sources = shape_env.var_to_sources.get(symbol, ())
     return not sources or any(isinstance(source, TensorPropertySource) for source in sources)
+
+
+def symbol_hint(shape_env, symbol) -> int | None:
+    """The value a ShapeEnv symbol has in the example being traced, None for a data-dependent one.
+
+    The ShapeEnv method was renamed: ``guarding_hint_or_throw`` from torch 2.13 (which deprecates
+    ``size_hint``), ``size_hint`` before.
+    """
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    hint = getattr(shape_env, "guarding_hint_or_throw", None)
+    if hint is None:
+        return shape_env.size_hint(symbol, allow_none=True)
+    try:
+        return hint(symbol)
+    except GuardOnDataDependentSymNode:
+        return None

@@ -38,7 +38,7 @@ from sympy.logic.boolalg import BooleanFunction
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 
-from ._torch_private import is_tensor_property_symbol
+from ._torch_private import is_tensor_property_symbol, symbol_hint
 from .emit import op_name
 
 _I, _J, _B, _H = sympy.symbols("q_idx kv_idx batch head", integer=True, nonnegative=True)
@@ -648,7 +648,7 @@ def _captured_scalars_at_their_values(value, shape_env):
     symbolic = value.as_coeff_Add()[1]
     if shape_env is None or symbolic.free_symbols & {_B, _H, _I, _J}:
         return value
-    hints = {s: shape_env.size_hint(s, allow_none=True) for s in symbolic.free_symbols}
+    hints = {s: symbol_hint(shape_env, s) for s in symbolic.free_symbols}
     if None in hints.values():
         return value
     total = symbolic.xreplace(hints)
