@@ -354,8 +354,8 @@ def backward(
     if seqused_k is not None:
         _fa4_backward(*tensors, **params)
         return
-    front_key = None
-    if masking_buffer is not None and _masked_by_data(params):
+    masked, front_key = _masked_by_data(params), None
+    if masked and masking_buffer is not None:
         # The hot path of a backward masked by data: its exact call seen before replays with no further decisions.
         front_key = masked_launch.backward_key(tensors, params, masking_buffer)
         bound = _BOUND_MASKED_CALLS.get(front_key)
@@ -365,7 +365,7 @@ def backward(
         if bound is None:
             front_key = None
     fa4_masking, masking_tensors = None, []
-    if _masked_by_data(params):
+    if masked:
         fa4_masking = masking.fa4_masking(q, k, v, params, backward=True, deterministic=params["deterministic"])
         masking_tensors = masking.tensors_of(fa4_masking)
     tensors = (*tensors, *masking_tensors)

@@ -352,24 +352,13 @@ def distinct_inputs(tensors: Sequence[torch.Tensor | None], inputs: int) -> tupl
     distinct = list(tensors)
     for index in range(inputs):
         tensor = distinct[index]
-        if tensor is None or not _dense(tensor):
+        if tensor is None or not any(other is not None and other.data_ptr() == tensor.data_ptr()
+                                     for other in distinct[:index]):
             continue
-        if any(other is not None and other.data_ptr() == tensor.data_ptr() for other in distinct[:index]):
-            distinct[index] = tensor.detach().clone(memory_format=torch.preserve_format)
+        copy = tensor.detach().clone(memory_format=torch.preserve_format)
+        if copy.stride() == tensor.stride():
+            distinct[index] = copy
     return tuple(distinct)
-
-
-def _dense(tensor: torch.Tensor) -> bool:
-    """Is ``tensor`` non-overlapping and dense (so a ``preserve_format`` copy keeps its strides)?"""
-    if tensor.numel() == 0:
-        return False
-    expected = 1
-    for size, stride in sorted(((size, stride) for size, stride in zip(tensor.shape, tensor.stride()) if size != 1),
-                               key=lambda dim: dim[1]):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _holds_tensor(arg: Any) -> bool:
