@@ -631,7 +631,7 @@ def _without_zero_offsets(expr, shape_env):
 def _constant_part(value, shape_env):
     """``value`` without its symbolic part when that part is 0 now (under a guard), after
     :func:`_captured_scalars_at_their_values`."""
-    value = sympy.expand(_captured_scalars_at_their_values(sympy.expand(value), shape_env))
+    value = _captured_scalars_at_their_values(sympy.expand(value), shape_env)
     constant, symbolic = value.as_coeff_Add()
     return constant if _zero_under_guard(symbolic, shape_env) else value
 
@@ -652,8 +652,10 @@ def _captured_scalars_at_their_values(value, shape_env):
     if None in hints.values():
         return value
     total = symbolic.xreplace(hints)
+    if total == 0:
+        return value
     coefficients = symbolic.as_coefficients_dict()
-    candidates = [s for s in hints if total != 0 and coefficients.get(s, 0) * hints[s] == total
+    candidates = [s for s in hints if coefficients.get(s, 0) * hints[s] == total
                   and not is_tensor_property_symbol(s, shape_env)]
     if len(candidates) != 1:
         return value
