@@ -7,6 +7,7 @@ the job; when PyTorch grows a public one, only this module changes.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -118,8 +119,9 @@ def outside_dispatch_modes():
     return _disable_current_modes()
 
 
+@functools.lru_cache(maxsize=1024)  # per-call allocations of the hot paths ask for the same few sizes
 def contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
-    """The strides of a contiguous tensor of this size."""
+    """The strides of a contiguous tensor of this size (a tuple of ints)."""
     strides, step = [], 1
     for extent in reversed(size):
         strides.append(step)
