@@ -10,8 +10,9 @@ q, k, v, the gradients' inputs, the masks' geometry, the buffer's size) is
 bound to a :class:`BoundMaskedCall`: later calls cut the same views of
 their own buffer and launch the sequence. That skips what a compiled step
 would redo for every masked call: the masking keywords, the route
-decisions, a signature over a dozen tensors (on a 2-core CPU host, the
-forward's Python around its launch went from ~26 to ~10 µs).
+decisions, a signature over a dozen tensors (a forward on this project's
+2-core CPU host with a stand-in kernel: 40 µs before, 29 µs bound, of
+which 10 µs allocate out and lse and 6 µs replay the launch).
 """
 
 from __future__ import annotations
