@@ -24,7 +24,7 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from . import launch_plan, masking
-from ._torch_private import contiguous_strides, empty_strided
+from ._torch_private import empty_contiguous
 
 
 def _mask_geometry(mask: torch.Tensor | None):
@@ -63,8 +63,8 @@ class BoundMaskedCall:
         """A forward: new contiguous out (B,S,H,Dv) and lse (fp32 B,H,S), launched on; returns them."""
         batch, seqlen_q, heads = q.shape[:3]
         out_size, lse_size = (batch, seqlen_q, heads, v.shape[-1]), (batch, heads, seqlen_q)
-        out = empty_strided(out_size, contiguous_strides(out_size), q.dtype, q.device)
-        lse = empty_strided(lse_size, contiguous_strides(lse_size), torch.float32, q.device)
+        out = empty_contiguous(out_size, q.dtype, q.device)
+        lse = empty_contiguous(lse_size, torch.float32, q.device)
         self.launch((q, k, v, out, lse, None), buffer)
         return out, lse
 
