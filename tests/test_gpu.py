@@ -552,6 +552,7 @@ def test_layers_with_one_padding_mask_share_one_masking_buffer(training):
     with fa4_inductor.enabled(compile=True, eager=False), torch.set_grad_enabled(training):
         compiled = torch.compile(fn, fullgraph=True)
         out = compiled(x, pad)
+        torch.cuda.synchronize()  # no kernel of the first call may land in the profile
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             compiled(x, pad)
@@ -564,10 +565,10 @@ def test_layers_with_one_padding_mask_share_one_masking_buffer(training):
             dout = torch.randn_like(out)
             (grad,), (ref_grad,) = _grads(out, (x,), dout), _grads(ref, (x,), dout.double())
             errors.append(((grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item())
-    buffers = sum("_masking_buffer" in name for name in names)
+    buffers = names.count("_masking_buffer")  # the Triton kernel's own name: no Inductor kernel shares it
     _report("shared_masking_buffer", training=training, masking_buffer_launches=buffers, fa4_ops=fa4_ops,
-            relative_errors=errors)
-    assert stats.counters["compile.fa4"] == 2 and buffers == 1, (buffers, fa4_ops)
+            kernels=names, relative_errors=errors)
+    assert stats.counters["compile.fa4"] == 2 and buffers == 1, (buffers, fa4_ops, names)
     assert max(errors) < 5e-2, errors
 
 
