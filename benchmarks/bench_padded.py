@@ -112,13 +112,20 @@ def _median_ms(step, rounds: int = 5) -> float:
     return statistics.median(do_bench(step, warmup=25, rep=100) for _ in range(rounds))
 
 
-def _varlen(q, k, v, lengths_q: torch.Tensor, lengths_k: torch.Tensor, causal: bool) -> torch.Tensor:
+def _varlen(lengths_q: torch.Tensor, lengths_k: torch.Tensor, causal: bool):
+    """FA4 varlen attention on packed (total, H, D) tokens of sequences this long, its cu_seqlens and maximal
+    lengths made once here (a user packing a batch makes them once per step, outside the attention)."""
     from flash_attn.cute import flash_attn_varlen_func
 
     cu_q, cu_k = (F.pad(n.cumsum(0), (1, 0)).to(torch.int32) for n in (lengths_q, lengths_k))
-    result = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=int(lengths_q.max()),
-                                    max_seqlen_k=int(lengths_k.max()), causal=causal)
-    return result[0] if isinstance(result, tuple) else result
+    longest_q, longest_k = int(lengths_q.max()), int(lengths_k.max())
+
+    def fn(q, k, v):
+        result = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=longest_q,
+                                        max_seqlen_k=longest_k, causal=causal)
+        return result[0] if isinstance(result, tuple) else result
+
+    return fn
 
 
 def _varlen_step(problem: str, extra: torch.Tensor):
@@ -129,7 +136,7 @@ def _varlen_step(problem: str, extra: torch.Tensor):
     else:
         lengths = _lengths()
     total = int(lengths.sum())
-    return _fwd_bwd(lambda q, k, v: _varlen(q, k, v, lengths, lengths, True), _leaves(total, H, D)), total
+    return _fwd_bwd(_varlen(lengths, lengths, True), _leaves(total, H, D)), total
 
 
 def _varlen_all_rows_step():
@@ -140,8 +147,10 @@ def _varlen_all_rows_step():
     padded = S - lengths
     (q, k, v), q_padded = _leaves(int(lengths.sum()), H, D), _leaves(int(padded.sum()), H, D)[0]
 
+    valid_rows, padded_rows = _varlen(lengths, lengths, True), _varlen(padded, lengths, False)
+
     def fn(q, q_padded, k, v):
-        return torch.cat([_varlen(q, k, v, lengths, lengths, True), _varlen(q_padded, k, v, padded, lengths, False)])
+        return torch.cat([valid_rows(q, k, v), padded_rows(q_padded, k, v)])
 
     return _fwd_bwd(fn, (q, q_padded, k, v))
 
