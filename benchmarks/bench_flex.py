@@ -1,7 +1,7 @@
 """FlexAttention programs on one GPU: the plugin's FA4 rewrite vs FlexAttention FLASH and Triton.
 
 Each problem is one ``flex_attention`` program (bf16, D=128, forward + backward), compiled three ways,
-side by side in one process, median of 5 rounds of ``triton.testing.do_bench``:
+side by side in one process, median of 5 rounds of ``triton.testing.do_bench`` in which the variants take turns:
 
 - ``plugin``: fa4_inductor on; the call becomes an FA4 call and the block mask built in the step is removed;
 - ``flex_flash``: no plugin, ``kernel_options={"BACKEND": "FLASH"}`` (PyTorch's own route to FA4's kernels);
@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import statistics
 
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-from triton.testing import do_bench
 
 import fa4_inductor
 import problem_runner
@@ -82,12 +80,6 @@ def _mask_mod(name: str, batch: int, seqlen: int):
     return PROBLEMS[name][4]()
 
 
-def _median_ms(step, rounds: int = 5) -> float:
-    step()
-    torch.cuda.synchronize()
-    return statistics.median(do_bench(step, warmup=25, rep=100) for _ in range(rounds))
-
-
 def _fwd_bwd(fn, inputs):
     out = fn(*inputs)
     # A contiguous gradient, as a loss on the output gives, for every variant alike. (ones_like would copy the
@@ -122,21 +114,24 @@ def run(name: str) -> dict:
         return program
 
     row: dict = {"problem": name, "shape": f"B{batch} H{heads}/{heads_kv} S{seqlen} D{D}", "ms": {}, "errors": {}}
-    outputs = {}
+    outputs, steps = {}, {}
     variants = [("plugin", in_step(), True), ("flex_flash", in_step({"BACKEND": "FLASH"}), False),
                 ("flex_triton", in_step(), False), ("flex_flash_premade", premade({"BACKEND": "FLASH"}), False)]
-    for variant, program, plugin in variants:
-        torch._dynamo.reset()
+    torch._dynamo.reset()
+    for variant, program, plugin in variants:  # compiled and warmed one by one, then timed taking turns
         stats.reset()
         try:
             with fa4_inductor.enabled(compile=True, eager=False) if plugin else contextlib.nullcontext():
-                compiled = torch.compile(program, fullgraph=True)
+                compiled = torch.compile(problem_runner.with_own_code(program, variant), fullgraph=True)
                 outputs[variant] = compiled(q, k, v).detach()
-                row["ms"][variant] = _median_ms(_fwd_bwd(compiled, (q, k, v)))
+                step = _fwd_bwd(compiled, (q, k, v))
+                step()  # compiles the backward
+                steps[variant] = step
         except Exception as exc:  # a peer that can't run this problem is reported, not fatal
             row["errors"][variant] = f"{type(exc).__name__}: {str(exc)[:300]}"
         if plugin:
             row["plugin_sites"] = [f"{r.decision}: {r.reason or r.features}" for r in stats.site_records()]
+    row["ms"] = problem_runner.interleaved_medians(steps)
     if "flex_flash" in outputs:
         row["max_abs_diff_vs_flex_flash"] = {
             name: (out.float() - outputs["flex_flash"].float()).abs().max().item() for name, out in outputs.items()}
@@ -152,7 +147,7 @@ def markdown(result: dict) -> str:
     names = ("plugin", "flex_flash", "flex_triton", "flex_flash_premade")
     lines = [f"# FlexAttention programs, forward + backward ({result['device']})", "",
              f"torch {result['torch']}, flash-attn-4 {result['fa4']}; bf16, D={D}. Median of 5 rounds of "
-             "triton.testing.do_bench, ms. The block mask is built inside the compiled step (the plugin removes "
+             "triton.testing.do_bench, the variants taking turns in each round, ms. The block mask is built inside the compiled step (the plugin removes "
              "it), except in the flex_flash_premade column, where FlexAttention FLASH gets it built once outside the timing. "
              "Speedups are the peer's time over the plugin's.", "",
              "| problem | shape | " + " | ".join(names) + " | vs FLASH | vs Triton | vs FLASH premade |",

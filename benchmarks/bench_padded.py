@@ -22,6 +22,8 @@ Variants, side by side in one process, median of ``triton.testing.do_bench`` (fo
   (built once, outside the timing), ``kernel_options={"BACKEND": "FLASH"}`` / default;
 - ``fa4_direct`` (``causal`` only): FA4's ``flash_attn_func`` on B,S,H,D-contiguous copies.
 
+Every variant is compiled and warmed first, then timed in rounds in which the variants take turns.
+
 q/k/v are B,H,S,D leaves (varlen: packed (total, H, D) leaves). Output: JSON and markdown in --out, with
 the plugin's kernels of one step (profiler) and its largest difference from FlexAttention FLASH.
 Usage: python benchmarks/bench_padded.py --out benchmarks/results
@@ -30,11 +32,9 @@ Usage: python benchmarks/bench_padded.py --out benchmarks/results
 from __future__ import annotations
 
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
-from triton.testing import do_bench
 
 import fa4_inductor
 import problem_runner
@@ -107,11 +107,6 @@ def _kernel_names(step) -> list[str]:
     return [e.name[:90] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def _median_ms(step, rounds: int = 5) -> float:
-    step()
-    return statistics.median(do_bench(step, warmup=25, rep=100) for _ in range(rounds))
-
-
 def _varlen(lengths_q: torch.Tensor, lengths_k: torch.Tensor, causal: bool):
     """FA4 varlen attention on packed (total, H, D) tokens of sequences this long, its cu_seqlens and maximal
     lengths made once here (a user packing a batch makes them once per step, outside the attention)."""
@@ -155,27 +150,31 @@ def _varlen_all_rows_step():
     return _fwd_bwd(fn, (q, q_padded, k, v))
 
 
+def _warm(step):
+    step()
+    return step
+
+
 def run(problem: str) -> dict:
     """Every variant on one problem; returns a result row."""
     torch.manual_seed(0)
     q, k, v = _leaves(B, H, S, D)
     extra = _segments() if problem == "documents" else (_padding(problem) if problem in ("right", "left") else None)
     function = {"documents": _sdpa_documents, "causal": _sdpa_causal}.get(problem, _sdpa_padded)
-    row: dict = {"problem": problem, "ms": {}}
-    outputs = {}
+    row: dict = {"problem": problem}
+    outputs, steps = {}, {}  # every variant compiled and warmed first, then timed taking turns
 
     torch._dynamo.reset()
     stats.reset()
     with fa4_inductor.enabled(compile=True, eager=False):
         plugin = torch.compile(lambda *a: function(*a), fullgraph=True)
         outputs["plugin"] = plugin(q, k, v, extra).detach()
-        step = _fwd_bwd(plugin, (q, k, v), extra)
-        row["ms"]["plugin"] = _median_ms(step)
-        row["plugin_kernels"] = sorted(set(_kernel_names(step)))
+        steps["plugin"] = _warm(_fwd_bwd(plugin, (q, k, v), extra))
+        row["plugin_kernels"] = sorted(set(_kernel_names(steps["plugin"])))
     row["plugin_sites"] = [f"{r.decision}: {r.reason or r.features}" for r in stats.site_records()]
 
     stock = torch.compile(lambda *a: function(*a), fullgraph=True)
-    row["ms"]["stock"] = _median_ms(_fwd_bwd(stock, (q, k, v), extra))
+    steps["stock"] = _warm(_fwd_bwd(stock, (q, k, v), extra))
 
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -186,9 +185,8 @@ def run(problem: str) -> dict:
             def fn(q, k, v, options=options):
                 return flex(q, k, v, block_mask=block_mask, kernel_options=options)
             outputs[name] = fn(q, k, v).detach()
-            row["ms"][name] = _median_ms(_fwd_bwd(fn, (q, k, v)))
+            steps[name] = _warm(_fwd_bwd(fn, (q, k, v)))
         except Exception as exc:  # a peer that can't run this problem is reported, not fatal
-            row["ms"][name] = None
             row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     if problem == "causal":
         from flash_attn.cute import flash_attn_func
@@ -197,13 +195,13 @@ def run(problem: str) -> dict:
             result = flash_attn_func(q, k, v, causal=True)
             return result[0] if isinstance(result, tuple) else result
         bshd = [t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v)]
-        row["ms"]["fa4_direct"] = _median_ms(_fwd_bwd(direct, bshd))
+        steps["fa4_direct"] = _warm(_fwd_bwd(direct, bshd))
     else:
-        varlen, tokens = _varlen_step(problem, extra)
-        row["ms"]["fa4_varlen"] = _median_ms(varlen)
-        row["varlen_tokens"] = tokens
+        varlen, row["varlen_tokens"] = _varlen_step(problem, extra)
+        steps["fa4_varlen"] = _warm(varlen)
         if problem == "right":
-            row["ms"]["fa4_varlen_all_rows"] = _median_ms(_varlen_all_rows_step())
+            steps["fa4_varlen_all_rows"] = _warm(_varlen_all_rows_step())
+    row["ms"] = problem_runner.interleaved_medians(steps)
     if "flex_flash" in outputs:
         row["plugin_vs_flex_flash_max_abs_diff"] = (outputs["plugin"].float() - outputs["flex_flash"].float()).abs().max().item()
     same_work = row["ms"].get("fa4_varlen_all_rows") or row["ms"].get("fa4_varlen") or row["ms"].get("fa4_direct")
@@ -217,7 +215,7 @@ def markdown(result: dict) -> str:
     lines = [f"# Padded and packed batches, forward + backward ({result['device']})", "",
              f"torch {result['torch']}, flash-attn-4 {result['fa4']}; bf16, B={B}, H={H}, S={S}, D={D}, causal; "
              f"padded rows keep {', '.join(f'{f:.1%}' for f in KEEP)} of their tokens; documents: 4 per row. "
-             "Median of 5 rounds of triton.testing.do_bench, ms. plugin / best = the plugin's time over the faster "
+             "Median of 5 rounds of triton.testing.do_bench, the variants taking turns in each round, ms. plugin / best = the plugin's time over the faster "
              "of FlexAttention FLASH and FA4 varlen (or direct) doing the same work: every row SDPA defines "
              "(fa4_varlen_all_rows where padded query rows see keys, i.e. right padding).", "",
              "| problem | " + " | ".join(names) + " | plugin / best |", "|---" * (len(names) + 2) + "|"]

@@ -1,15 +1,45 @@
-"""The command line shared by the per-problem GPU benchmarks: run each problem, save JSON and markdown as it goes."""
+"""What the per-problem GPU benchmarks share: their command line (run each problem, save JSON and markdown as it
+goes) and their timing (variants taking turns)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import pathlib
+import statistics
+import types
 from collections.abc import Callable
 
 import torch
+from torch._dynamo.utils import counters
 
 from fa4_inductor import fa4_api
+
+ROUNDS = 5
+
+
+def interleaved_medians(steps: dict[str, Callable[[], object]], rounds: int = ROUNDS) -> dict[str, float]:
+    """The median ms of each warm step over ``rounds`` rounds of ``triton.testing.do_bench``, the steps taking
+    turns within each round, so drift of clocks or host load hits every variant alike. RuntimeError if a step
+    compiled anything while timed (it would time a compile, and a plugin step would lose its rewrite)."""
+    from triton.testing import do_bench
+
+    torch.cuda.synchronize()
+    graphs = counters["stats"]["unique_graphs"]
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            samples[name].append(do_bench(step, warmup=25, rep=100))
+    if counters["stats"]["unique_graphs"] != graphs:
+        raise RuntimeError("a step compiled while it was being timed")
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def with_own_code(function: types.FunctionType, tag: str) -> types.FunctionType:
+    """``function`` with a code object of its own. Dynamo keeps compiled code per code object: variants made from
+    one closure would share it, and where their guards match (the plugin's and stock's) run each other's."""
+    code = function.__code__.replace(co_name=f"{function.__name__}_{tag}")
+    return types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
 
 
 def main(description: str, problems: list[str], tag: str, run: Callable[[str], dict],
