@@ -150,11 +150,6 @@ def _varlen_all_rows_step():
     return _fwd_bwd(fn, (q, q_padded, k, v))
 
 
-def _warm(step):
-    step()
-    return step
-
-
 def run(problem: str) -> dict:
     """Every variant on one problem; returns a result row."""
     torch.manual_seed(0)
@@ -169,12 +164,12 @@ def run(problem: str) -> dict:
     with fa4_inductor.enabled(compile=True, eager=False):
         plugin = torch.compile(lambda *a: function(*a), fullgraph=True)
         outputs["plugin"] = plugin(q, k, v, extra).detach()
-        steps["plugin"] = _warm(_fwd_bwd(plugin, (q, k, v), extra))
+        steps["plugin"] = problem_runner.warm(_fwd_bwd(plugin, (q, k, v), extra))
         row["plugin_kernels"] = sorted(set(_kernel_names(steps["plugin"])))
     row["plugin_sites"] = [f"{r.decision}: {r.reason or r.features}" for r in stats.site_records()]
 
     stock = torch.compile(lambda *a: function(*a), fullgraph=True)
-    steps["stock"] = _warm(_fwd_bwd(stock, (q, k, v), extra))
+    steps["stock"] = problem_runner.warm(_fwd_bwd(stock, (q, k, v), extra))
 
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -185,7 +180,7 @@ def run(problem: str) -> dict:
             def fn(q, k, v, options=options):
                 return flex(q, k, v, block_mask=block_mask, kernel_options=options)
             outputs[name] = fn(q, k, v).detach()
-            steps[name] = _warm(_fwd_bwd(fn, (q, k, v)))
+            steps[name] = problem_runner.warm(_fwd_bwd(fn, (q, k, v)))
         except Exception as exc:  # a peer that can't run this problem is reported, not fatal
             row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     if problem == "causal":
@@ -195,12 +190,12 @@ def run(problem: str) -> dict:
             result = flash_attn_func(q, k, v, causal=True)
             return result[0] if isinstance(result, tuple) else result
         bshd = [t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v)]
-        steps["fa4_direct"] = _warm(_fwd_bwd(direct, bshd))
+        steps["fa4_direct"] = problem_runner.warm(_fwd_bwd(direct, bshd))
     else:
         varlen, row["varlen_tokens"] = _varlen_step(problem, extra)
-        steps["fa4_varlen"] = _warm(varlen)
+        steps["fa4_varlen"] = problem_runner.warm(varlen)
         if problem == "right":
-            steps["fa4_varlen_all_rows"] = _warm(_varlen_all_rows_step())
+            steps["fa4_varlen_all_rows"] = problem_runner.warm(_varlen_all_rows_step())
     row["ms"] = problem_runner.interleaved_medians(steps)
     if "flex_flash" in outputs:
         row["plugin_vs_flex_flash_max_abs_diff"] = (outputs["plugin"].float() - outputs["flex_flash"].float()).abs().max().item()

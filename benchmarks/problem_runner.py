@@ -35,6 +35,12 @@ def interleaved_medians(steps: dict[str, Callable[[], object]], rounds: int = RO
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+def warm(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` after one call (which compiles what it runs, the backward included): ready to be timed."""
+    step()
+    return step
+
+
 def with_own_code(function: types.FunctionType, tag: str) -> types.FunctionType:
     """``function`` with a code object of its own. Dynamo keeps compiled code per code object: variants made from
     one closure would share it, and where their guards match (the plugin's and stock's) run each other's."""
