@@ -261,7 +261,8 @@ def test_static_cache_generate_decodes_on_fa4():
     position and the left padding are hidden. The compiled step's sites
     run FA4 with that mask as key padding; tokens and per-step logits
     match stock compiled generation (fp16, where near-ties of bf16 logits
-    don't flip a greedy token).
+    don't flip a greedy token), and it compiles no more graphs than stock's,
+    over two generations.
     """
     from transformers.generation.configuration_utils import CompileConfig
 
@@ -278,12 +279,18 @@ def test_static_cache_generate_decodes_on_fa4():
         return model.generate(ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False,
                               cache_implementation="static", compile_config=compile_config,
                               return_dict_in_generate=True, output_logits=True)
+    graphs = torch._dynamo.utils.counters["stats"]
+    graphs.clear()
     want = generate()
+    stock_graphs = graphs["unique_graphs"]
     torch._dynamo.reset()
+    graphs.clear()
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
         got = generate()
+        generate()  # a second generation reuses the compiled step
     records = stats.site_records()
     assert [r.decision for r in records] == ["fa4", "fa4"], [r.reason for r in records]
+    assert graphs["unique_graphs"] == stock_graphs, "the plugin's decoding step recompiled where stock's did not"
     assert all(r.features["padding"] and r.features["q_shape"].endswith(", 1, 16)") for r in records)
     assert torch.equal(got.sequences, want.sequences)
     for got_step, want_step in zip(got.logits, want.logits, strict=True):
