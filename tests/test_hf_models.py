@@ -120,7 +120,8 @@ def test_flex_attention_models_run_fa4_and_match_eager(name, padded, dynamic, mo
     same weights under ``"eager"`` attention (FlexAttention has no CPU backward to compare with: its device check
     is lifted so Dynamo traces it, and the rewritten graph runs FA4's CPU reference). Under ``dynamic=True`` the
     mask functions' cache offsets are graph sizes, 0 here: the rewrite holds under a guard on that; Mistral's
-    sliding window, a captured int, is a symbol too, taken at its value under a guard."""
+    sliding window, a captured int, is a symbol too, taken at its value under a guard; a longer batch then
+    compiles nothing new."""
     from torch.nn.attention import flex_attention as flex_module
 
     monkeypatch.setattr(flex_module, "_validate_device", lambda *args: None)
@@ -131,8 +132,14 @@ def test_flex_attention_models_run_fa4_and_match_eager(name, padded, dynamic, mo
     ids = torch.randint(0, 128, (2, 16))
     kwargs = {"attention_mask": _padding_mask("left")} if padded else {}
     want, want_grads = _logits_and_grads(reference, ids, kwargs)
+    compiled = torch.compile(model, dynamic=dynamic)
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
-        got, got_grads = _logits_and_grads(model, ids, kwargs, call=torch.compile(model, dynamic=dynamic))
+        got, got_grads = _logits_and_grads(model, ids, kwargs, call=compiled)
+        if dynamic:  # a longer batch reuses every graph (HF's mask code breaks the graph: a few graphs, all kept)
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            longer = {"attention_mask": torch.cat([kwargs["attention_mask"]] * 2, 1)} if padded else {}
+            _logits_and_grads(model, torch.randint(0, 128, (2, 32)), longer, call=compiled)
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     records = stats.site_records()
     if dynamic:  # Dynamo restarts once to specialize float attributes (see the Gemma2 dynamic test): last graph
         assert {r.decision for r in records} == {"fa4"}, [(r.node, r.reason) for r in records]
