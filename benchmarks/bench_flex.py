@@ -80,14 +80,6 @@ def _mask_mod(name: str, batch: int, seqlen: int):
     return PROBLEMS[name][4]()
 
 
-def _fwd_bwd(fn, inputs):
-    out = fn(*inputs)
-    # A contiguous gradient, as a loss on the output gives, for every variant alike. (ones_like would copy the
-    # strides of outputs that are transposed views, which AOTAutograd then copies to its traced layout.)
-    grad = torch.ones(out.shape, dtype=out.dtype, device=out.device)
-    return lambda: torch.autograd.grad(fn(*inputs), inputs, grad)
-
-
 def run(name: str) -> dict:
     """Every variant on one problem; returns a result row."""
     batch, heads, heads_kv, seqlen, _, score_mod = PROBLEMS[name]
@@ -124,7 +116,7 @@ def run(name: str) -> dict:
             with fa4_inductor.enabled(compile=True, eager=False) if plugin else contextlib.nullcontext():
                 compiled = torch.compile(problem_runner.with_own_code(program, variant), fullgraph=True)
                 outputs[variant] = compiled(q, k, v).detach()
-                steps[variant] = problem_runner.warm(_fwd_bwd(compiled, (q, k, v)))
+                steps[variant] = problem_runner.warm(problem_runner.fwd_bwd(compiled, (q, k, v)))
         except Exception as exc:  # a peer that can't run this problem is reported, not fatal
             row["errors"][variant] = f"{type(exc).__name__}: {str(exc)[:300]}"
         if plugin:

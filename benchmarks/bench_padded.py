@@ -92,12 +92,6 @@ def _leaves(*shape):
     return [torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_(True) for _ in range(3)]
 
 
-def _fwd_bwd(fn, inputs, *extra):
-    out = fn(*inputs, *extra)
-    grad = torch.ones(out.shape, dtype=out.dtype, device=out.device)  # contiguous for every variant: bench_flex
-    return lambda: torch.autograd.grad(fn(*inputs, *extra), inputs, grad)
-
-
 def _kernel_names(step) -> list[str]:
     step()
     torch.cuda.synchronize()
@@ -131,7 +125,7 @@ def _varlen_step(problem: str, extra: torch.Tensor):
     else:
         lengths = _lengths()
     total = int(lengths.sum())
-    return _fwd_bwd(_varlen(lengths, lengths, True), _leaves(total, H, D)), total
+    return problem_runner.fwd_bwd(_varlen(lengths, lengths, True), _leaves(total, H, D)), total
 
 
 def _varlen_all_rows_step():
@@ -147,7 +141,7 @@ def _varlen_all_rows_step():
     def fn(q, q_padded, k, v):
         return torch.cat([valid_rows(q, k, v), padded_rows(q_padded, k, v)])
 
-    return _fwd_bwd(fn, (q, q_padded, k, v))
+    return problem_runner.fwd_bwd(fn, (q, q_padded, k, v))
 
 
 def run(problem: str) -> dict:
@@ -164,12 +158,12 @@ def run(problem: str) -> dict:
     with fa4_inductor.enabled(compile=True, eager=False):
         plugin = torch.compile(lambda *a: function(*a), fullgraph=True)
         outputs["plugin"] = plugin(q, k, v, extra).detach()
-        steps["plugin"] = problem_runner.warm(_fwd_bwd(plugin, (q, k, v), extra))
+        steps["plugin"] = problem_runner.warm(problem_runner.fwd_bwd(plugin, (q, k, v), extra))
         row["plugin_kernels"] = sorted(set(_kernel_names(steps["plugin"])))
     row["plugin_sites"] = [f"{r.decision}: {r.reason or r.features}" for r in stats.site_records()]
 
     stock = torch.compile(lambda *a: function(*a), fullgraph=True)
-    steps["stock"] = problem_runner.warm(_fwd_bwd(stock, (q, k, v), extra))
+    steps["stock"] = problem_runner.warm(problem_runner.fwd_bwd(stock, (q, k, v), extra))
 
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -180,7 +174,7 @@ def run(problem: str) -> dict:
             def fn(q, k, v, options=options):
                 return flex(q, k, v, block_mask=block_mask, kernel_options=options)
             outputs[name] = fn(q, k, v).detach()
-            steps[name] = problem_runner.warm(_fwd_bwd(fn, (q, k, v)))
+            steps[name] = problem_runner.warm(problem_runner.fwd_bwd(fn, (q, k, v)))
         except Exception as exc:  # a peer that can't run this problem is reported, not fatal
             row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     if problem == "causal":
@@ -190,7 +184,7 @@ def run(problem: str) -> dict:
             result = flash_attn_func(q, k, v, causal=True)
             return result[0] if isinstance(result, tuple) else result
         bshd = [t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v)]
-        steps["fa4_direct"] = problem_runner.warm(_fwd_bwd(direct, bshd))
+        steps["fa4_direct"] = problem_runner.warm(problem_runner.fwd_bwd(direct, bshd))
     else:
         varlen, row["varlen_tokens"] = _varlen_step(problem, extra)
         steps["fa4_varlen"] = problem_runner.warm(varlen)

@@ -35,6 +35,16 @@ def interleaved_medians(steps: dict[str, Callable[[], object]], rounds: int = RO
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+def fwd_bwd(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], *extra) -> Callable[[], object]:
+    """A forward + backward step of ``fn(*inputs, *extra)``: the gradients of ``inputs`` by ``torch.autograd.grad``
+    (no accumulation timed), fed a contiguous gradient, as a loss on the output gives, for every variant alike.
+    (``ones_like`` would copy the strides of outputs that are transposed views, which AOTAutograd then copies to
+    its traced layout.)"""
+    out = fn(*inputs, *extra)
+    grad = torch.ones(out.shape, dtype=out.dtype, device=out.device)
+    return lambda: torch.autograd.grad(fn(*inputs, *extra), inputs, grad)
+
+
 def warm(step: Callable[[], object]) -> Callable[[], object]:
     """``step`` after one call (which compiles what it runs, the backward included): ready to be timed."""
     step()

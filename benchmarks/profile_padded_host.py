@@ -23,6 +23,7 @@ import torch
 
 import bench_padded
 import fa4_inductor
+import problem_runner
 
 
 def _step(problem: str, variant: str):
@@ -35,12 +36,12 @@ def _step(problem: str, variant: str):
         block_mask = create_block_mask(bench_padded._mask_mod(problem, extra), bench_padded.B, None,
                                        bench_padded.S, bench_padded.S, device="cuda")
         flex = torch.compile(flex_attention)
-        return bench_padded._fwd_bwd(
+        return problem_runner.fwd_bwd(
             lambda q, k, v: flex(q, k, v, block_mask=block_mask, kernel_options={"BACKEND": "FLASH"}), (q, k, v))
     function = {"documents": bench_padded._sdpa_documents, "causal": bench_padded._sdpa_causal}.get(
         problem, bench_padded._sdpa_padded)
     plugin = torch.compile(lambda *a: function(*a), fullgraph=True)
-    return bench_padded._fwd_bwd(plugin, (q, k, v), extra)
+    return problem_runner.fwd_bwd(plugin, (q, k, v), extra)
 
 
 def _timeline(step, steps: int, text: io.StringIO) -> None:
