@@ -10,7 +10,7 @@ side by side in one process, median of 5 rounds of ``triton.testing.do_bench`` i
 The program builds its block mask with ``create_block_mask`` inside the compiled step; the peers pay for that
 construction, the plugin removes it. ``flex_flash_premade``: FlexAttention FLASH with the block mask built once
 outside the timing (what torchtitan and gpt-fast do), the comparison of the attention alone. Output: JSON and markdown in --out, with each variant's largest difference
-from FlexAttention FLASH and the plugin's site decision.
+from FlexAttention FLASH, its GPU ms by kernel in one step (profiler) and the plugin's site decision.
 Usage: python benchmarks/bench_flex.py --out benchmarks/results
 """
 
@@ -122,6 +122,7 @@ def run(name: str) -> dict:
         if plugin:
             row["plugin_sites"] = [f"{r.decision}: {r.reason or r.features}" for r in stats.site_records()]
     row["ms"] = problem_runner.interleaved_medians(steps)
+    row["kernel_ms"] = {name: problem_runner.kernel_ms(step) for name, step in steps.items()}
     if "flex_flash" in outputs:
         row["max_abs_diff_vs_flex_flash"] = {
             name: (out.float() - outputs["flex_flash"].float()).abs().max().item() for name, out in outputs.items()}

@@ -25,7 +25,8 @@ Variants, side by side in one process, median of ``triton.testing.do_bench`` (fo
 Every variant is compiled and warmed first, then timed in rounds in which the variants take turns.
 
 q/k/v are B,H,S,D leaves (varlen: packed (total, H, D) leaves). Output: JSON and markdown in --out, with
-the plugin's kernels of one step (profiler) and its largest difference from FlexAttention FLASH.
+each variant's GPU ms by kernel in one step (profiler) and the plugin's largest difference from
+FlexAttention FLASH.
 Usage: python benchmarks/bench_padded.py --out benchmarks/results
 """
 
@@ -92,15 +93,6 @@ def _leaves(*shape):
     return [torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_(True) for _ in range(3)]
 
 
-def _kernel_names(step) -> list[str]:
-    step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    return [e.name[:90] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-
-
 def _varlen(lengths_q: torch.Tensor, lengths_k: torch.Tensor, causal: bool):
     """FA4 varlen attention on packed (total, H, D) tokens of sequences this long, its cu_seqlens and maximal
     lengths made once here (a user packing a batch makes them once per step, outside the attention)."""
@@ -159,7 +151,6 @@ def run(problem: str) -> dict:
         plugin = torch.compile(lambda *a: function(*a), fullgraph=True)
         outputs["plugin"] = plugin(q, k, v, extra).detach()
         steps["plugin"] = problem_runner.warm(problem_runner.fwd_bwd(plugin, (q, k, v), extra))
-        row["plugin_kernels"] = sorted(set(_kernel_names(steps["plugin"])))
     row["plugin_sites"] = [f"{r.decision}: {r.reason or r.features}" for r in stats.site_records()]
 
     stock = torch.compile(lambda *a: function(*a), fullgraph=True)
@@ -191,6 +182,7 @@ def run(problem: str) -> dict:
         if problem == "right":
             steps["fa4_varlen_all_rows"] = problem_runner.warm(_varlen_all_rows_step())
     row["ms"] = problem_runner.interleaved_medians(steps)
+    row["kernel_ms"] = {name: problem_runner.kernel_ms(step) for name, step in steps.items()}
     if "flex_flash" in outputs:
         row["plugin_vs_flex_flash_max_abs_diff"] = (outputs["plugin"].float() - outputs["flex_flash"].float()).abs().max().item()
     same_work = row["ms"].get("fa4_varlen_all_rows") or row["ms"].get("fa4_varlen") or row["ms"].get("fa4_direct")

@@ -45,6 +45,20 @@ def fwd_bwd(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], *
     return lambda: torch.autograd.grad(fn(*inputs, *extra), inputs, grad)
 
 
+def kernel_ms(step: Callable[[], object]) -> dict[str, float]:
+    """GPU ms by kernel name (first 90 characters) of one call of a warm ``step``, from the profiler: where a
+    variant's time goes, and proof of which kernels ran."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    ms: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            ms[event.name[:90]] = ms.get(event.name[:90], 0.0) + event.device_time / 1000
+    return dict(sorted(ms.items(), key=lambda item: -item[1]))
+
+
 def warm(step: Callable[[], object]) -> Callable[[], object]:
     """``step`` after one call (which compiles what it runs, the backward included): ready to be timed."""
     step()

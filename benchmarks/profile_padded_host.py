@@ -179,17 +179,11 @@ def main() -> None:
         host = (time.perf_counter() - start) / args.steps
         torch.cuda.synchronize()
         wall = (time.perf_counter() - start) / args.steps
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            step()
-            torch.cuda.synchronize()
-        kernels = {}
-        for event in prof.events():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
-                kernels[event.name[:80]] = kernels.get(event.name[:80], 0.0) + event.device_time / 1000
+        kernels = problem_runner.kernel_ms(step)
         text = io.StringIO()
         text.write(f"{args.problem} ({args.variant}): host {host * 1e3:.3f} ms/step (enqueue), wall "
                    f"{wall * 1e3:.3f} ms/step, GPU kernels {sum(kernels.values()):.3f} ms/step\n")
-        for name, ms in sorted(kernels.items(), key=lambda item: -item[1]):
+        for name, ms in kernels.items():
             text.write(f"  {ms:8.3f} ms  {name}\n")
         _timeline(step, 20, text)
         if args.variant == "plugin" and args.problem != "causal":
