@@ -10,6 +10,7 @@
 #              (HF_MODELS narrows them; HF_STATIC=1 compiles without dynamic=True, HF_TAG names the results)
 #   block      the compiled qkv-projection block vs stock and FA4 called by hand
 #   fuzz       the differential fuzz on the GPU (FUZZ_PROGRAMS programs, default 400, for at most FUZZ_MINUTES)
+#   probe      FA4 varlen run in place over padded batches (left padding, documents) vs the plugin and packed varlen
 # BENCH_ARGS is passed to bench_attention.py (e.g. "--s 1024 --block-s 4096" for a short run).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -38,6 +39,7 @@ for step in $STEPS; do
     block) timeout 300 python3 benchmarks/bench_attention.py --out $OUT/bench --d 128 --s 4096 --block-s 4096 16384 \
         2>&1 | grep -v "^{" | tail -12 ;;
     fuzz) timeout 580 python3 benchmarks/fuzz_gpu.py --programs ${FUZZ_PROGRAMS:-400} --minutes ${FUZZ_MINUTES:-9} --out $OUT 2>&1 | tail -12 ;;
+    probe) timeout 300 python3 benchmarks/probe_zero_copy_varlen.py --out $OUT 2>&1 | grep -v -i warn | tail -8 ;;
     *) echo "unknown step $step" ;;
   esac
 done
