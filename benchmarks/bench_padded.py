@@ -93,6 +93,11 @@ def _leaves(*shape):
     return [torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_(True) for _ in range(3)]
 
 
+def fa4_output(result):
+    """The attention output of an FA4 ``flash_attn_*func`` call, which returns it alone or with its lse."""
+    return result[0] if isinstance(result, tuple) else result
+
+
 def _varlen(lengths_q: torch.Tensor, lengths_k: torch.Tensor, causal: bool):
     """FA4 varlen attention on packed (total, H, D) tokens of sequences this long, its cu_seqlens and maximal
     lengths made once here (a user packing a batch makes them once per step, outside the attention)."""
@@ -102,9 +107,8 @@ def _varlen(lengths_q: torch.Tensor, lengths_k: torch.Tensor, causal: bool):
     longest_q, longest_k = int(lengths_q.max()), int(lengths_k.max())
 
     def fn(q, k, v):
-        result = flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=longest_q,
-                                        max_seqlen_k=longest_k, causal=causal)
-        return result[0] if isinstance(result, tuple) else result
+        return fa4_output(flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                                 max_seqlen_q=longest_q, max_seqlen_k=longest_k, causal=causal))
 
     return fn
 
@@ -172,8 +176,7 @@ def run(problem: str) -> dict:
         from flash_attn.cute import flash_attn_func
 
         def direct(q, k, v):
-            result = flash_attn_func(q, k, v, causal=True)
-            return result[0] if isinstance(result, tuple) else result
+            return fa4_output(flash_attn_func(q, k, v, causal=True))
         bshd = [t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v)]
         steps["fa4_direct"] = problem_runner.warm(problem_runner.fwd_bwd(direct, bshd))
     else:
