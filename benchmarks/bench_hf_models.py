@@ -79,22 +79,42 @@ def _median_ms(fn, reps: int = 10) -> float:
     return statistics.median(times)
 
 
-def _attention_kernels(fn) -> dict[str, int]:
+def _is_fa4(name: str) -> bool:
+    return "flash_attncute" in name.lower()
+
+
+def _is_other_attention(name: str) -> bool:
+    # (Inductor's Triton kernels are named after the ops they fuse, e.g. "..._flash_attn_fwd_...")
+    lowered = name.lower()
+    return not lowered.startswith("triton_") and any(
+        t in lowered for t in ("fmha", "flash", "cudnn", "attention", "efficient"))
+
+
+def _kernel_profile(fn) -> dict:
+    """Attention kernels of one step, counted and timed: FA4's, other attention kernels' (names of the first
+    few), the GPU ms of every kernel of the step (against its time, the host's share), and the kernels taking
+    the most GPU time."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    counts: dict = {"fa4": 0, "other_attention": 0, "other_names": []}
+    counts: dict = {"fa4": 0, "other_attention": 0, "other_names": [], "gpu_ms_attention": 0.0, "gpu_ms_all": 0.0}
+    by_name: dict[str, float] = {}
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        name = e.name.lower()
-        if "flash_attncute" in name:
+        ms = e.device_time / 1000
+        counts["gpu_ms_all"] += ms
+        by_name[e.name[:100]] = by_name.get(e.name[:100], 0.0) + ms
+        if _is_fa4(e.name):
             counts["fa4"] += 1
-        elif not name.startswith("triton_") and any(t in name for t in ("fmha", "flash", "cudnn", "attention", "efficient")):
-            # (Inductor's Triton kernels are named after the ops they fuse, e.g. "..._flash_attn_fwd_...")
+        elif _is_other_attention(e.name):
             counts["other_attention"] += 1
             if e.name[:120] not in counts["other_names"]:
                 counts["other_names"].append(e.name[:120])
+        else:
+            continue
+        counts["gpu_ms_attention"] += ms
+    counts["top_gpu_ms"] = dict(sorted(by_name.items(), key=lambda item: -item[1])[:25])
     return counts
 
 
@@ -105,7 +125,7 @@ def _measure(step, reference, valid) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return {"ms": _median_ms(step), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-                "kernels": _attention_kernels(step),
+                "kernels": _kernel_profile(step),
                 "rel_err_vs_eager": ((logits - reference).norm() / reference.norm()).item()}
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
@@ -230,6 +250,12 @@ def markdown(result: dict) -> str:
             notes.append(f"{r['model']} S={r['S']} {r['mode']}: plugin without block sparsity "
                          f"{r['plugin_no_sparsity_ms']:.2f} ms, with it {r['plugin_ms']:.2f} ms "
                          f"({r['speedup_vs_no_sparsity']:.2f}x).")
+        gpu = [f"{v} {r[f'{v}_ms']:.2f} ms: kernels {r[f'{v}_kernels']['gpu_ms_all']:.2f}, attention kernels "
+               f"{r[f'{v}_kernels']['gpu_ms_attention']:.2f}" for v in ("stock", "hf_fa4", "plugin", "flex_flash")
+               if "gpu_ms_all" in r.get(f"{v}_kernels", {})]
+        if gpu:
+            notes.append(f"{r['model']} S={r['S']} {r['mode']}, GPU time of one step's kernels (profiler): "
+                         + "; ".join(gpu) + ".")
         vs_hf = f"{r['speedup_vs_hf_fa4']:.2f}x" if "speedup_vs_hf_fa4" in r else ""
         lines.append(
             f"| {r['model']} | {r['S']} | {r['mode']} | {r['stock_ms']:.2f} | {hf} | {r['plugin_ms']:.2f} | {r['speedup']:.2f}x | {vs_hf} | "

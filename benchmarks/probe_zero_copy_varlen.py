@@ -11,6 +11,12 @@ by ``cu_seqlens``/``seqused`` computed on the device from the mask? Rows are vie
 
 Each is timed (forward + backward) side by side with the plugin's compiled step and FA4 varlen on packed tokens
 (``bench_padded``'s problems), and checked against the plugin at every position.
+
+``..._with_fixup`` variants price an exact route built on it: varlen is exact only for rows whose visible keys
+are one run, so such a route must also run a block-sparse FA4 call (the plugin's) for the other rows, with
+empty lists for the rows varlen serves, before the varlen call overwrites those rows. Here every row is
+varlen's, so the block-sparse call has only its fixed costs (forward writes, backward preprocess, empty main
+kernel, dQ postprocess), which is what is measured (results: ``probe_varlen_fixup_h200.md``).
 Usage: python benchmarks/probe_zero_copy_varlen.py --out OUT_DIR
 """
 
@@ -28,7 +34,8 @@ import fa4_inductor
 import problem_runner
 from bench_padded import B, D, H, S
 
-DOCUMENT_ROOM = (4 * B, 64 * B, B * S)  # sequences the documents' cu_seqlens make room for: tight, loose, any input
+DOCUMENT_ROOM = (4 * B, 64 * B)  # sequences the documents' cu_seqlens make room for: tight, loose
+# (room for B * S sequences, the only bound that holds for any input, took 10.2 ms: probe_zero_copy_varlen_h200.md)
 
 
 def _in_place_varlen(cu_q, cu_k, used_q, used_k):
@@ -41,6 +48,54 @@ def _in_place_varlen(cu_q, cu_k, used_q, used_k):
         return bench_padded.fa4_output(out).view(B, S, H, D)
 
     return fn
+
+
+def _with_fixup(cu_q, cu_k, used_q, used_k, empty_masking: tuple[dict, dict]):
+    """The in-place varlen call preceded, forward and backward, by a block-sparse FA4 call whose lists are all
+    empty (``empty_masking``: its forward and backward FA4 masking keywords)."""
+    from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
+
+    from fa4_inductor import fa4_api
+
+    scale = D ** -0.5
+    varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_q=used_q, seqused_k=used_k, max_seqlen_q=S,
+                  max_seqlen_k=S, causal=True, softmax_scale=scale)
+
+    class Fixup(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out = torch.empty_like(q)
+            lse = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
+            fa4_api.flash_forward(q, k, v, out, lse, softmax_scale=scale, softcap=0.0, seqused_k=None,
+                                  masking=empty_masking[0])
+            flat = [t.view(B * S, H, D) for t in (q, k, v, out)]
+            lse_varlen = _flash_attn_fwd(*flat[:3], out=flat[3], return_lse=True, **varlen)[1]
+            ctx.save_for_backward(q, k, v, out, lse, lse_varlen)
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            q, k, v, out, lse, lse_varlen = ctx.saved_tensors
+            dout = dout.contiguous()
+            dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+            fa4_api.flash_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale=scale, softcap=0.0,
+                                   seqused_k=None, deterministic=False, masking=empty_masking[1])
+            flat = [t.view(B * S, H, D) for t in (q, k, v, out, dout, dq, dk, dv)]
+            _flash_attn_bwd(*flat[:5], lse_varlen, dq=flat[5], dk=flat[6], dv=flat[7], **varlen)
+            return dq, dk, dv
+
+    return Fixup.apply
+
+
+def _empty_masking(q: torch.Tensor) -> tuple[dict, dict]:
+    """FA4 masking keywords (forward, backward) of the plugin's block-sparse route for a causal call whose key
+    padding hides every key: every list empty."""
+    from fa4_inductor import masking
+
+    params = dict(causal=True, window_left=-1, window_right=-1, segment_ids=None,
+                  key_padding=torch.zeros((B, S), dtype=torch.bool, device=q.device))
+    params["masking_buffer"] = masking.make_buffer(params["key_padding"], None, S, D, D, params)
+    return tuple(masking.fa4_masking(q, q, q, params, backward=backward) for backward in (False, True))
 
 
 def _left_sequences(pad: torch.Tensor):
@@ -88,11 +143,15 @@ def run(problem: str) -> dict:
         grads = torch.autograd.grad(out, (q, k, v), grad)
         steps["plugin"] = problem_runner.warm(problem_runner.fwd_bwd(plugin, (q, k, v), extra))
     variants = {}
+    empty = _empty_masking(bshd[0])
     if problem == "left":
         variants["in_place_varlen"] = _in_place_varlen(*_left_sequences(extra))
+        variants["in_place_varlen_with_fixup"] = _with_fixup(*_left_sequences(extra), empty)
     else:
         for capacity in DOCUMENT_ROOM:
             variants[f"in_place_varlen_cap{capacity}"] = _in_place_varlen(*_document_sequences(extra, capacity))
+            variants[f"in_place_varlen_cap{capacity}_with_fixup"] = _with_fixup(
+                *_document_sequences(extra, capacity), empty)
     for name, fn in variants.items():
         try:
             probe_out = fn(*bshd)
@@ -106,6 +165,8 @@ def run(problem: str) -> dict:
     varlen, row["varlen_tokens"] = bench_padded._varlen_step(problem, extra)
     steps["fa4_varlen_packed"] = problem_runner.warm(varlen)
     row["ms"] = problem_runner.interleaved_medians(steps)
+    row["kernel_ms"] = {name: problem_runner.kernel_ms(step) for name, step in steps.items()
+                        if name == "plugin" or name.endswith("with_fixup") or name == "fa4_varlen_packed"}
     print(json.dumps(row), flush=True)
     return row
 
