@@ -11,6 +11,7 @@
 #   block      the compiled qkv-projection block vs stock and FA4 called by hand
 #   fuzz       the differential fuzz on the GPU (FUZZ_PROGRAMS programs, default 400, for at most FUZZ_MINUTES)
 #   probe      FA4 varlen run in place over padded batches (left padding, documents) vs the plugin and packed varlen
+#   gqa_probe  the left-padded HF Llama benchmark's attention alone: the plugin vs FA4 varlen, with and without GQA
 # BENCH_ARGS is passed to bench_attention.py (e.g. "--s 1024 --block-s 4096" for a short run).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -40,6 +41,7 @@ for step in $STEPS; do
         2>&1 | grep -v "^{" | tail -12 ;;
     fuzz) timeout 580 python3 benchmarks/fuzz_gpu.py --programs ${FUZZ_PROGRAMS:-400} --minutes ${FUZZ_MINUTES:-9} --out $OUT 2>&1 | tail -12 ;;
     probe) timeout 300 python3 benchmarks/probe_zero_copy_varlen.py --out $OUT 2>&1 | grep -v -i warn | tail -8 ;;
+    gqa_probe) timeout 300 python3 benchmarks/probe_gqa_masked.py --out $OUT 2>&1 | grep -v -i warn | tail -4 ;;
     *) echo "unknown step $step" ;;
   esac
 done
