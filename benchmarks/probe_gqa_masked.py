@@ -33,10 +33,6 @@ B, HQ, HKV, S, D = 2, 16, 4, 4096, 128
 PADDED = S // 3  # row 1's padded positions
 
 
-def _leaves(*shape):
-    return [torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_(True) for _ in range(3)]
-
-
 def _masked(q, k, v, pad):
     i, j = torch.arange(S, device=q.device)[:, None], torch.arange(S, device=q.device)[None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=(i >= j)[None, None] & pad[:, None, None, :],
@@ -48,8 +44,8 @@ def _causal(q, k, v, _):
 
 
 def _plugin(function, heads_kv: int, pad):
-    q = _leaves(B, HQ, S, D)[0]
-    k, v = _leaves(B, heads_kv, S, D)[:2]
+    q = bench_padded._leaves(B, HQ, S, D)[0]
+    k, v = bench_padded._leaves(B, heads_kv, S, D)[:2]
     with fa4_inductor.enabled(compile=True, eager=False):
         compiled = torch.compile(problem_runner.with_own_code(function, f"kv{heads_kv}"), fullgraph=True)
         return problem_runner.warm(problem_runner.fwd_bwd(compiled, (q, k, v), pad))
@@ -58,8 +54,8 @@ def _plugin(function, heads_kv: int, pad):
 def _varlen(heads_kv: int):
     lengths = torch.tensor([S, S - PADDED], device="cuda")
     total = int(lengths.sum())
-    q = _leaves(total, HQ, D)[0]
-    k, v = _leaves(total, heads_kv, D)[:2]
+    q = bench_padded._leaves(total, HQ, D)[0]
+    k, v = bench_padded._leaves(total, heads_kv, D)[:2]
     return problem_runner.warm(problem_runner.fwd_bwd(bench_padded._varlen(lengths, lengths, True), (q, k, v)))
 
 
@@ -68,8 +64,8 @@ def _masked_direct(pad, pack_gqa: bool):
     from fa4_inductor import fa4_api, masking
 
     module = fa4_api.module()
-    q = _leaves(B, S, HQ, D)[0]
-    k, v = _leaves(B, S, HKV, D)[:2]
+    q = bench_padded._leaves(B, S, HQ, D)[0]
+    k, v = bench_padded._leaves(B, S, HKV, D)[:2]
     params = dict(causal=True, window_left=-1, window_right=-1, segment_ids=None, key_padding=pad)
     params["masking_buffer"] = masking.make_buffer(pad, None, S, D, D, params)
     forward_masking, backward_masking = (masking.fa4_masking(q, k, v, params, backward=b) for b in (False, True))
