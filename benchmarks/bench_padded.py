@@ -98,6 +98,16 @@ def fa4_output(result):
     return result[0] if isinstance(result, tuple) else result
 
 
+def plugin_masking(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor) -> tuple[dict, dict]:
+    """The plugin's FA4 masking keywords (forward, backward) for a causal call on these B,S,H,D tensors masked by
+    the (B, S) ``key_padding``, from one masking buffer made here (as a compiled step makes it)."""
+    from fa4_inductor import masking
+
+    params = dict(causal=True, window_left=-1, window_right=-1, segment_ids=None, key_padding=key_padding)
+    params["masking_buffer"] = masking.make_buffer(key_padding, None, q.shape[1], q.shape[-1], v.shape[-1], params)
+    return tuple(masking.fa4_masking(q, k, v, params, backward=backward) for backward in (False, True))
+
+
 def _varlen(lengths_q: torch.Tensor, lengths_k: torch.Tensor, causal: bool):
     """FA4 varlen attention on packed (total, H, D) tokens of sequences this long, its cu_seqlens and maximal
     lengths made once here (a user packing a batch makes them once per step, outside the attention)."""

@@ -61,14 +61,12 @@ def _varlen(heads_kv: int):
 
 def _masked_direct(pad, pack_gqa: bool):
     """FA4's forward and backward with the plugin's masking keywords for causal & ``pad``, 4 KV heads."""
-    from fa4_inductor import fa4_api, masking
+    from fa4_inductor import fa4_api
 
     module = fa4_api.module()
     q = bench_padded._leaves(B, S, HQ, D)[0]
     k, v = bench_padded._leaves(B, S, HKV, D)[:2]
-    params = dict(causal=True, window_left=-1, window_right=-1, segment_ids=None, key_padding=pad)
-    params["masking_buffer"] = masking.make_buffer(pad, None, S, D, D, params)
-    forward_masking, backward_masking = (masking.fa4_masking(q, k, v, params, backward=b) for b in (False, True))
+    forward_masking, backward_masking = bench_padded.plugin_masking(q, k, v, pad)
 
     class Masked(torch.autograd.Function):
         @staticmethod

@@ -87,17 +87,6 @@ def _with_fixup(cu_q, cu_k, used_q, used_k, empty_masking: tuple[dict, dict]):
     return Fixup.apply
 
 
-def _empty_masking(q: torch.Tensor) -> tuple[dict, dict]:
-    """FA4 masking keywords (forward, backward) of the plugin's block-sparse route for a causal call whose key
-    padding hides every key: every list empty."""
-    from fa4_inductor import masking
-
-    params = dict(causal=True, window_left=-1, window_right=-1, segment_ids=None,
-                  key_padding=torch.zeros((B, S), dtype=torch.bool, device=q.device))
-    params["masking_buffer"] = masking.make_buffer(params["key_padding"], None, S, D, D, params)
-    return tuple(masking.fa4_masking(q, q, q, params, backward=backward) for backward in (False, True))
-
-
 def _left_sequences(pad: torch.Tensor):
     """cu_seqlens / seqused of the left-padded rows, computed on the device from the (B, S) key padding."""
     rows = torch.arange(B, device="cuda", dtype=torch.int32) * S
@@ -143,7 +132,8 @@ def run(problem: str) -> dict:
         grads = torch.autograd.grad(out, (q, k, v), grad)
         steps["plugin"] = problem_runner.warm(problem_runner.fwd_bwd(plugin, (q, k, v), extra))
     variants = {}
-    empty = _empty_masking(bshd[0])
+    # the plugin's masking for a causal call whose key padding hides every key: every list empty
+    empty = bench_padded.plugin_masking(*bshd, torch.zeros((B, S), dtype=torch.bool, device="cuda"))
     if problem == "left":
         variants["in_place_varlen"] = _in_place_varlen(*_left_sequences(extra))
         variants["in_place_varlen_with_fixup"] = _with_fixup(*_left_sequences(extra), empty)
