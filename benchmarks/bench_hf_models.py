@@ -28,6 +28,7 @@ import torch
 import transformers
 
 import fa4_inductor
+import problem_runner
 from fa4_inductor import stats
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, VOCAB = 4, 2048, 16, 4, 32000
@@ -94,27 +95,20 @@ def _kernel_profile(fn) -> dict:
     """Attention kernels of one step, counted and timed: FA4's, other attention kernels' (names of the first
     few), the GPU ms of every kernel of the step (against its time, the host's share), and the kernels taking
     the most GPU time."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    counts: dict = {"fa4": 0, "other_attention": 0, "other_names": [], "gpu_ms_attention": 0.0, "gpu_ms_all": 0.0}
-    by_name: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        ms = e.device_time / 1000
-        counts["gpu_ms_all"] += ms
-        by_name[e.name[:100]] = by_name.get(e.name[:100], 0.0) + ms
-        if _is_fa4(e.name):
+    launches = problem_runner.kernel_launches(fn)
+    counts: dict = {"fa4": 0, "other_attention": 0, "other_names": [], "gpu_ms_attention": 0.0,
+                    "gpu_ms_all": sum(ms for _, ms in launches)}
+    for name, ms in launches:
+        if _is_fa4(name):
             counts["fa4"] += 1
-        elif _is_other_attention(e.name):
+        elif _is_other_attention(name):
             counts["other_attention"] += 1
-            if e.name[:120] not in counts["other_names"]:
-                counts["other_names"].append(e.name[:120])
+            if name[:120] not in counts["other_names"]:
+                counts["other_names"].append(name[:120])
         else:
             continue
         counts["gpu_ms_attention"] += ms
-    counts["top_gpu_ms"] = dict(sorted(by_name.items(), key=lambda item: -item[1])[:25])
+    counts["top_gpu_ms"] = dict(list(problem_runner.ms_by_name(launches, 100).items())[:25])
     return counts
 
 

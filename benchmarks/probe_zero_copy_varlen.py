@@ -135,13 +135,14 @@ def run(problem: str) -> dict:
     # the plugin's masking for a causal call whose key padding hides every key: every list empty
     empty = bench_padded.plugin_masking(*bshd, torch.zeros((B, S), dtype=torch.bool, device="cuda"))
     if problem == "left":
-        variants["in_place_varlen"] = _in_place_varlen(*_left_sequences(extra))
-        variants["in_place_varlen_with_fixup"] = _with_fixup(*_left_sequences(extra), empty)
+        sequences = _left_sequences(extra)
+        variants["in_place_varlen"] = _in_place_varlen(*sequences)
+        variants["in_place_varlen_with_fixup"] = _with_fixup(*sequences, empty)
     else:
         for capacity in DOCUMENT_ROOM:
-            variants[f"in_place_varlen_cap{capacity}"] = _in_place_varlen(*_document_sequences(extra, capacity))
-            variants[f"in_place_varlen_cap{capacity}_with_fixup"] = _with_fixup(
-                *_document_sequences(extra, capacity), empty)
+            sequences = _document_sequences(extra, capacity)
+            variants[f"in_place_varlen_cap{capacity}"] = _in_place_varlen(*sequences)
+            variants[f"in_place_varlen_cap{capacity}_with_fixup"] = _with_fixup(*sequences, empty)
     for name, fn in variants.items():
         try:
             probe_out = fn(*bshd)

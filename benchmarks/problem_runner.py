@@ -45,18 +45,28 @@ def fwd_bwd(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], *
     return lambda: torch.autograd.grad(fn(*inputs, *extra), inputs, grad)
 
 
-def kernel_ms(step: Callable[[], object]) -> dict[str, float]:
-    """GPU ms by kernel name (first 90 characters) of one call of a warm ``step``, from the profiler: where a
-    variant's time goes, and proof of which kernels ran."""
+def kernel_launches(step: Callable[[], object]) -> list[tuple[str, float]]:
+    """(kernel name, GPU ms) of every kernel one call of a warm ``step`` launches, in order, from the profiler."""
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
+    return [(event.name, event.device_time / 1000) for event in prof.events()
+            if event.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def ms_by_name(launches: list[tuple[str, float]], name_length: int = 90) -> dict[str, float]:
+    """GPU ms of ``launches`` summed by kernel name (its first ``name_length`` characters), largest first."""
     ms: dict[str, float] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            ms[event.name[:90]] = ms.get(event.name[:90], 0.0) + event.device_time / 1000
+    for name, time in launches:
+        ms[name[:name_length]] = ms.get(name[:name_length], 0.0) + time
     return dict(sorted(ms.items(), key=lambda item: -item[1]))
+
+
+def kernel_ms(step: Callable[[], object]) -> dict[str, float]:
+    """GPU ms by kernel name of one call of a warm ``step``, largest first: where a variant's time goes, and
+    proof of which kernels ran."""
+    return ms_by_name(kernel_launches(step))
 
 
 def warm(step: Callable[[], object]) -> Callable[[], object]:
