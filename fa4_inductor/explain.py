@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import graph_dump
+from . import fa4_api, graph_dump, plan_trust, stats
 from .pattern_registry import RewriteContext, rewrite_graph, source_location
 from .stats import SiteRecord
 
@@ -41,6 +41,8 @@ class Report:
     arch: str | None
     records: list[SiteRecord]
     graphs: list[graph_dump.GraphDump] = dataclasses.field(default_factory=list)
+    # How FA4 calls run in this process (launch plans off for an untested FA4, plans that failed their check).
+    notes: list[str] = dataclasses.field(default_factory=list)
     # The rewritten graph modules (for SVG rendering); not part of the JSON.
     graph_modules: list[torch.fx.GraphModule] = dataclasses.field(default_factory=list, repr=False, compare=False)
 
@@ -55,6 +57,7 @@ class Report:
             "arch": self.arch,
             "records": [r.to_dict() for r in self.records],
             "graphs": [dataclasses.asdict(g) for g in self.graphs],
+            "notes": self.notes,
         }, indent=1)
 
     @classmethod
@@ -62,11 +65,12 @@ class Report:
         """Rebuild a report written by :meth:`to_json`."""
         data = json.loads(text)
         return cls(data["arch"], [SiteRecord(**r) for r in data["records"]],
-                   [graph_dump.GraphDump(**g) for g in data["graphs"]])
+                   [graph_dump.GraphDump(**g) for g in data["graphs"]], data.get("notes", []))
 
     def __str__(self) -> str:
         where = f"on {self.arch}" if self.arch else "on the tensors' devices"
         lines = [f"fa4_inductor: {len(self.fa4_sites)} of {len(self.records)} attention sites run FA4 {where}"]
+        lines += [f"note: {note}" for note in self.notes]
         for i, r in enumerate(self.records, 1):
             lines.append(f"[{i}] {r.decision.upper():8} {r.location or '?'}  {r.module_path or ''}".rstrip())
             lines.append(f"    pattern: {r.pattern or 'none'}   node: {r.node} ({r.target})")
@@ -95,9 +99,23 @@ def _unmatched_softmax_records(graph: torch.fx.Graph, graph_name: str, known: se
     return records
 
 
+def runtime_notes() -> list[str]:
+    """What a report should say about how FA4 calls run in this process: launch plans off, and why; launch plans
+    whose first replay disagreed with FA4 (those calls run FA4's entry point)."""
+    notes = []
+    if fa4_api.version() is not None and plan_trust.off_reason() is not None:
+        notes.append(plan_trust.off_reason())
+    failed = stats.counters["plans.check_failed"]
+    if failed:
+        notes.append(f"{failed} launch plan(s) disagreed with FA4's own call on their first replay and are not used "
+                     f"(of {stats.counters['plans.checked']} checked): a sign the installed flash-attn-4 "
+                     f"{fa4_api.version()} changed inside")
+    return notes
+
+
 def explain(model_or_fn, *args, arch: str | None = "sm90", devices=("cuda", "cpu"), **kwargs) -> Report:
     """Run ``model_or_fn(*args, **kwargs)`` once and report every attention site."""
-    report = Report(arch, [])
+    report = Report(arch, [], notes=runtime_notes())
     arch_major = _arch_major(arch)
 
     def capture(gm: torch.fx.GraphModule, example_inputs):

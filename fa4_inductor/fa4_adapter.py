@@ -5,7 +5,9 @@ touches ``flash_attn.cute``) with the masking keywords of :mod:`.masking`.
 Three things keep FA4's costs out of the training loop:
 
 - Forward and backward calls replay cached launch plans
-  (:mod:`.launch_plan`) instead of FA4's per-call Python; forward plans
+  (:mod:`.launch_plan`, one per exact call signature, each trusted only
+  after its first replay matched FA4's own call: :mod:`.plan_trust`)
+  instead of FA4's per-call Python; trusted single-kernel forward plans
   are mirrored into the C++ kernel of :mod:`.native`, so a planned call
   from a graph runs no Python at all.
 - :func:`precompile_forward` / :func:`precompile_backward` build the kernels
@@ -35,6 +37,9 @@ from ._torch_private import concrete_fake_like, fresh_fake_mode
 log = logging.getLogger(__name__)
 
 _FORWARD_PLANS = launch_plan.PlanCache(mirror=native.PLANS)  # planned calls skip Python when native
+# The tensors each call writes, by position in the tensors its plan launches on (what a plan's check compares).
+_FORWARD_OUTPUTS = {3: "out", 4: "lse"}
+_BACKWARD_OUTPUTS = {6: "dq", 7: "dk", 8: "dv"}
 
 
 def _fa4_forward(q, k, v, out, lse, *, softmax_scale, causal, window_left, window_right, softcap, seqused_k,
@@ -67,7 +72,7 @@ def _forward_masked_by_data(q, k, v, out, lse, params: dict, front_key=None) -> 
     signature = launch_plan.exact_signature(tensors, params)
     _MASKED_FORWARD_PLANS.replay_or_learn(
         signature, tensors, q.device, lambda call: _fa4_forward(*call[:5], **params, fa4_masking=fa4_masking),
-        fa4_api.recording_forward, inputs=3)
+        fa4_api.recording_forward, inputs=3, outputs=_FORWARD_OUTPUTS, kind="masked forward")
     if front_key is not None:
         _BOUND_MASKED_CALLS.bind(front_key, _MASKED_FORWARD_PLANS.get(signature), masking_tensors,
                                  params["masking_buffer"])
@@ -87,9 +92,10 @@ def _decode_splits(q, k, params: dict) -> int:
     return 1 if None in sizes else split_kv.num_splits(*sizes, sms)
 
 
-def _hints(values) -> list[int | None]:
-    """Symbolic sizes (precompiling for a dynamic graph) by their hints, so that deciding adds no guards."""
-    return [s.node.hint if isinstance(s, torch.SymInt) else s for s in values]
+def _hints(values) -> list:
+    """Symbolic sizes and scalars (precompiling for a dynamic graph) by their hints, so that deciding adds no guards
+    and keys hash."""
+    return [s.node.hint if isinstance(s, (torch.SymInt, torch.SymFloat, torch.SymBool)) else s for s in values]
 
 
 def split_count(q, k, v, params: dict) -> int:
@@ -139,8 +145,7 @@ def forward(
     is an aligned B,S,H,Dv buffer FA4 writes into; ``masking_buffer`` the
     call's masking buffer (:mod:`.masking_buffer`) when made already.
     Decoding-shaped calls run split-KV on sm90 (:mod:`.split_kv`). Calls
-    replay the launch plan of their key once one has been learned (calls
-    with ``key_padding`` or ``segment_ids``: of their exact signature).
+    replay the launch plan of their exact signature once it is trusted.
     """
     front_key = None
     if out is None:
@@ -173,8 +178,9 @@ def forward(
 
 
 def _forward_planned(q, k, v, out, lse, params: dict) -> None:
-    """One FA4 forward into ``out``/``lse``: by launch plan when one is known, else FA4's entry point
-    (learning the plan of a new key on the way)."""
+    """One FA4 forward into ``out``/``lse``: by the trusted launch plan of its exact signature when there is one,
+    else through :meth:`.launch_plan.PlanCache.replay_or_learn` (FA4's entry point, learning or checking the plan
+    on the way); a trusted single-kernel plan is then bound for the hot path and the native launcher."""
     if _masked_by_data(params):
         _forward_masked_by_data(q, k, v, out, lse, params)
         return
@@ -182,35 +188,20 @@ def _forward_planned(q, k, v, out, lse, params: dict) -> None:
     signature = launch_plan.call_signature(q, k, v, params["softmax_scale"], params["causal"], params["window_left"],
                                            params["window_right"], params["softcap"], params["seqused_k"])
     bound = _FORWARD_PLANS.by_signature(signature)
-    if bound is False:  # a new signature: its plan key may have a plan already
-        key = launch_plan.plan_key(q, k, v, params)
-        plan = _FORWARD_PLANS.get(key) if key is not None else None
-        if plan is False:
-            _learn(key, signature, tensors, params)
-            return
-        bound = launch_plan.bind(plan, q, v) if plan else None
-        _FORWARD_PLANS.index(signature, bound)
     if bound:
         bound.plan.launch(tensors)
-    else:
-        _fa4_forward(q, k, v, out, lse, **params)
-
-
-def _learn(key, signature, tensors, params: dict) -> None:
-    """Run the call through FA4's entry point and keep the launch plan it shows."""
-    tensors = launch_plan.distinct_inputs(tensors, 3)
-    q, k, v, out, lse, _ = tensors
-    with launch_plan.LEARNING, launch_plan.CallWatch() as watch, fa4_api.recording_forward() as launches:
-        _fa4_forward(q, k, v, out, lse, **params)
-    learned = None if watch.other_ops else launch_plan.plan_from(launches, tensors)
-    if learned is not launch_plan.UNDECIDED:
-        _FORWARD_PLANS.put(key, learned)
-        _FORWARD_PLANS.index(signature, launch_plan.bind(learned, q, v) if learned else None)
-        log.debug("FA4 forward launch plan %s for %s", "learned" if learned else "not replayable", key)
+        return
+    _FORWARD_PLANS.replay_or_learn(signature, tensors, q.device, lambda call: _fa4_forward(*call[:5], **params),
+                                   fa4_api.recording_forward, inputs=3, outputs=_FORWARD_OUTPUTS, kind="forward")
+    sequence = _FORWARD_PLANS.get(signature)
+    if bound is False and sequence is not False:
+        single = sequence.single() if sequence else None
+        _FORWARD_PLANS.index(signature, launch_plan.bind(single, q, v) if single else None)
 
 
 def forward_plans() -> launch_plan.PlanCache:
-    """The forward launch plans learned in this process (calls masked by data: :func:`masked_forward_plans`)."""
+    """The forward launch plans learned in this process, by call signature (calls masked by data:
+    :func:`masked_forward_plans`)."""
     return _FORWARD_PLANS
 
 
@@ -251,11 +242,11 @@ _precompiled: set = set()
 def _precompile_once(what: str, q, k, v, params: dict, build) -> float:
     if fa4_api.unavailable_reason() is not None:
         return 0.0
-    key = (what, q.dtype, tuple(q.shape[2:]), k.shape[2], v.shape[-1], params["causal"],
-           params["window_left"], params["window_right"], bool(params["softcap"]),
+    key = (what, q.dtype, *_hints((*q.shape[2:], k.shape[2], v.shape[-1], params["softcap"])), params["causal"],
+           params["window_left"], params["window_right"],
            params["seqused_k"] is None, params.get("key_padding") is None, params.get("segment_ids") is None,
            _route(what, q, k, v, params),
-           split_count(q, k, v, params) if what == "forward" else 1)
+           split_count(q, k, v, params) if what == "forward" else torch.are_deterministic_algorithms_enabled())
     if key in _precompiled:
         return 0.0
     _precompiled.add(key)
@@ -372,7 +363,8 @@ def backward(
     signature = launch_plan.exact_signature(tensors, params)
     _BACKWARD_PLANS.replay_or_learn(
         signature, tensors, q.device, lambda call: _fa4_backward(*call[:9], **params, fa4_masking=fa4_masking),
-        fa4_api.recording_backward, inputs=6)
+        fa4_api.recording_backward, inputs=6, outputs=_BACKWARD_OUTPUTS,
+        kind="masked backward" if masked else "backward", exact=params["deterministic"])
     if front_key is not None:
         _BOUND_MASKED_CALLS.bind(front_key, _BACKWARD_PLANS.get(signature), masking_tensors, masking_buffer)
 

@@ -1,34 +1,31 @@
 """Cached launch plans: call FA4's compiled kernels without FA4's per-call Python.
 
-FA4's entry points redo on every call what a compile key already fixes:
-argument checks, tile and scheduler heuristics, a compile key of ~60 fields,
-its hash. That host work (~60-100 µs on an H100 host) dwarfs a small
-attention kernel. A plan keeps the compiled kernel FA4 chose and the
-arguments it launched with; later calls allocate the outputs and launch the
-kernel directly.
+FA4's entry points redo on every call what a call's exact signature already
+fixes: argument checks, tile and scheduler heuristics, a compile key of ~60
+fields, its hash. That host work (~60-100 µs on an H100 host) dwarfs a small
+attention kernel. A plan keeps the kernels FA4 launched and their arguments;
+later calls with the same signature allocate the outputs and launch them
+directly.
 
-A plan is learned from FA4 itself: the first call runs FA4's entry point
-with its compile caches wrapped by :class:`Recorder` s, which note the
-kernels FA4 launched and their arguments, under a :class:`CallWatch`, which
-notes the buffers FA4 allocated and any other tensor op it ran. Tensor
-arguments become slots filled per call; every other argument must be fixed
-by the key. A call that ran tensor ops besides its kernels, or launched on a
-buffer that is neither the call's nor one FA4 allocated, is never replayed.
-A call passing one tensor in several slots (``attention(x, x, x)``) is
-learned on copies of the repeats (:func:`distinct_inputs`), so that each
-launch argument names one slot.
+A plan is learned from FA4 itself: the first call of a signature runs FA4's
+entry point with its compile caches wrapped by :class:`Recorder` s, which
+note the kernels FA4 launched and their arguments, under a
+:class:`CallWatch`, which notes the buffers FA4 allocated and any other
+tensor op it ran. Tensor arguments become slots filled per call (the call's
+tensors, or scratch buffers allocated alike on each call, zero-filled where
+FA4 zero-filled them); every other argument must be fixed by the signature.
+A call that ran tensor ops besides its kernels, or launched on a buffer that
+is neither the call's nor one FA4 allocated, is never replayed. A call
+passing one tensor in several slots (``attention(x, x, x)``) is learned on
+copies of the repeats (:func:`distinct_inputs`), so that each launch argument
+names one slot.
 
-- Forward (:class:`LaunchPlan`): one kernel on the call's tensors, per
-  :func:`plan_key`. Seqlens are not in the key on sm90: there FA4's choices
-  depend on the query length only through "does it fit one M block"
-  (``seqlen_class``), which the CPU test checks against FA4's own compile
-  keys. On other archs the exact shapes are in the key.
-- Backward (:class:`LaunchSequence`): FA4's preprocess, main and
-  postprocess kernels in order, per exact call signature, with the scratch
-  buffers FA4 allocated (accumulators, row sums, semaphores) allocated
-  alike on each call, zero-filled where FA4 zero-filled them. Forward
-  calls masked by data (key padding, documents) are learned the same way,
-  per exact signature (:meth:`PlanCache.replay_or_learn`).
+A learned plan serves no call before its first replay matched FA4's own call
+on the same inputs (:mod:`.plan_trust`); :class:`PlanCache` runs that check.
+Forward calls are planned by :func:`call_signature` (trusted single-kernel
+forwards are bound to their outputs' sizes, :class:`BoundPlan`, and mirrored
+into the native launcher); backward calls and calls masked by data by
+:func:`exact_signature`.
 
 Tensors FA4 passes inside tuples (its block-sparsity lists, ``AuxData``),
 also as views of the call's tensors (lists expanded over heads), are made
@@ -45,43 +42,13 @@ from typing import Any
 
 import torch
 
-from . import cuda_arch
+from . import plan_trust
 from ._torch_private import TorchDispatchMode, contiguous_strides, empty_strided, outside_dispatch_modes
 
 log = logging.getLogger(__name__)
 
 # Learning swaps an attribute of FA4's entry point: one learner at a time, or two swaps could interleave.
 LEARNING = threading.Lock()
-
-# Query lengths up to this (times the GQA group) each get their own plan;
-# FA4's tiles are at most 256 rows, so longer queries all behave alike.
-_SMALL_SEQLEN = 256
-
-
-def seqlen_class(seqlen_q: int, group: int) -> tuple[int, int]:
-    """The part of the query length FA4's kernel choice depends on."""
-    return min(seqlen_q, _SMALL_SEQLEN + 1), min(seqlen_q * group, _SMALL_SEQLEN + 1)
-
-
-def plan_key(q, k, v, params: dict[str, Any], arch_major: int | None = None) -> Hashable | None:
-    """Everything FA4's launch depends on besides the tensors' data; None if not plannable."""
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        return None  # FA4 copies such inputs; its own path handles them
-    batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    if batch == 0 or seqlen_q == 0 or seqlen_k == 0:
-        return None  # FA4 returns early without a launch
-    if arch_major is None:
-        arch_major = cuda_arch.major(q.device.index)
-    arch = arch_major
-    shapes = seqlen_class(seqlen_q, heads // heads_kv) if arch == 9 else (batch, seqlen_q, seqlen_k)
-    broadcast = tuple(tuple(s == 0 for s in t.stride()) for t in (q, k, v))
-    seqused_k = params["seqused_k"]
-    return (
-        arch, q.device.index, q.dtype, heads, heads_kv, head_dim, v.shape[-1], broadcast, shapes,
-        params["softmax_scale"], params["causal"], params["window_left"], params["window_right"],
-        params["softcap"], seqused_k is None,
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,9 +116,15 @@ def direct_entry(kernel: Callable[..., Any], arg_count: int) -> Callable[..., An
 class Recorder:
     """Stands in for one FA4 compile cache during one call of this thread.
 
-    Appends each launch, ``(kernel, args)``, to ``launches``; the recorders
-    of one call share that list, so it holds the call's launches in order.
-    Other threads pass through.
+    Appends each launch of a kernel fetched from it (``cache[key]``, or
+    ``cache.get(key)`` as FA4 4.0.0b40's backward fetches its main kernel),
+    ``(kernel, args)``, to ``launches``; the recorders of one call share that
+    list, so it holds the call's launches in order. Other threads pass
+    through. A kernel compiled during the call is noted as ``(COMPILED, ())``:
+    FA4 may launch it from its own variable, past the cache (4.0.0b40's
+    backward does), so such a call is not learned from. A kernel fetched
+    another way goes unrecorded: the check of a plan's first replay
+    (:mod:`.plan_trust`) is what catches that.
     """
 
     def __init__(self, inner, launches: list | None = None):
@@ -164,9 +137,17 @@ class Recorder:
 
     def __setitem__(self, key, fn) -> None:
         self.inner[key] = fn
+        if threading.get_ident() == self.owner:
+            self.launches.append((COMPILED, ()))
 
     def __getitem__(self, key):
-        fn = self.inner[key]
+        return self._recording(self.inner[key])
+
+    def get(self, key, default=None):
+        fn = self.inner.get(key)
+        return default if fn is None else self._recording(fn)
+
+    def _recording(self, fn):
         if threading.get_ident() != self.owner:
             return fn
 
@@ -208,18 +189,12 @@ class CallWatch(TorchDispatchMode):
         return result
 
 
-# What ``plan_from`` returns when this call can't tell (two of its tensors
+# What ``sequence_from`` returns when this call can't tell (two of its tensors
 # are one buffer that ``distinct_inputs`` could not copy, so a slot is
-# ambiguous): learn again on a later call.
+# ambiguous; or it compiled a kernel): learn again on a later call.
 UNDECIDED = object()
-
-
-def plan_from(launches: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
-              tensors: Sequence[torch.Tensor | None]) -> LaunchPlan | None | object:
-    """Turn a call's one recorded launch into a plan, None if never replayable, or UNDECIDED."""
-    if len(launches) != 1:
-        return None
-    return _launch_from(*launches[0], tensors)
+# The launch a Recorder notes when FA4 compiled a kernel during the call.
+COMPILED = object()
 
 
 def _launch_from(kernel, launch_args, tensors: Sequence[torch.Tensor | None],
@@ -313,6 +288,10 @@ class LaunchSequence:
         for plan in self.launches:
             plan.launch(buffers)
 
+    def single(self) -> LaunchPlan | None:
+        """The one kernel launch of a sequence with no scratch buffers (a forward FA4 launches alone), or None."""
+        return self.launches[0] if len(self.launches) == 1 and not self.scratch else None
+
 
 def sequence_from(launches: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]],
                   tensors: Sequence[torch.Tensor | None],
@@ -325,6 +304,8 @@ def sequence_from(launches: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]
     """
     if not launches:
         return None
+    if any(kernel is COMPILED for kernel, _ in launches):
+        return UNDECIDED
     pool = [*tensors, *(buffer for buffer, _ in allocations)]
     plans = []
     for kernel, args in launches:
@@ -437,18 +418,16 @@ def bind(plan: LaunchPlan, q: torch.Tensor, v: torch.Tensor) -> BoundPlan:
 
 
 class PlanCache:
-    """Plans by plan key, plus a front index of bound plans by exact call signature.
+    """Launch plans by exact call signature, each trusted once its first replay matched FA4's own call, plus a
+    front index of trusted forwards bound to their outputs' sizes (:class:`BoundPlan`).
 
-    The front index turns a repeated call into one dict lookup; a new shape
-    computes the plan key once and, if that key's plan exists, binds it to
-    the new signature (no FA4 call). ``None`` marks a key (or signature)
-    whose launches can't be replayed. A ``mirror`` (``add(signature, bound)``,
-    ``clear()``) is told of every bound plan indexed and of every clearing of
-    the front index.
+    The front index turns a repeated forward into one dict lookup. ``None`` marks a signature whose launches are
+    never replayed. A ``mirror`` (``add(signature, bound)``, ``clear()``) is told of every bound plan indexed and
+    of every clearing of the front index.
     """
 
     def __init__(self, max_signatures: int = 4096, mirror=None):
-        self._plans: dict[Hashable, LaunchPlan | LaunchSequence | None] = {}
+        self._plans: dict[Hashable, tuple[LaunchSequence | None, bool]] = {}  # signature -> (plan, trusted)
         self._by_signature: dict[Hashable, BoundPlan | None] = {}
         self._max_signatures = max_signatures
         self._mirror = mirror
@@ -459,7 +438,7 @@ class PlanCache:
         return self._by_signature.get(signature, False)
 
     def index(self, signature: Hashable, bound: BoundPlan | None) -> None:
-        """Index a bound plan (None: not replayable) under an exact call signature."""
+        """Index a trusted bound plan (None: not replayable) under an exact call signature."""
         with self._lock:
             if len(self._by_signature) >= self._max_signatures:
                 self._clear_signatures()  # bounded under endlessly varying shapes
@@ -472,39 +451,48 @@ class PlanCache:
         if self._mirror is not None:
             self._mirror.clear()
 
-    def put(self, key: Hashable, plan: Any) -> None:
-        """Store what was learned for ``key``."""
+    def _put(self, signature: Hashable, plan: LaunchSequence | None, trusted: bool) -> None:
         with self._lock:
             if len(self._plans) >= self._max_signatures:
-                self._plans.clear()  # bounded when keys are exact shapes
-            self._plans[key] = plan
+                self._plans.clear()  # bounded under endlessly varying shapes
+            self._plans[signature] = (plan, trusted)
 
-    def get(self, key: Hashable) -> LaunchPlan | None | bool:
-        """The plan of a plan key, None if unplannable, False if not learned yet."""
-        return self._plans.get(key, False)
+    def get(self, signature: Hashable) -> LaunchSequence | None | bool:
+        """The trusted plan of a signature, None if never replayed, False if not learned or not checked yet."""
+        plan, trusted = self._plans.get(signature, (False, False))
+        return plan if plan is None or trusted else False
 
     def replay_or_learn(self, signature: Hashable, tensors: Sequence[torch.Tensor | None], device: torch.device,
-                        call_fa4: Callable[[Sequence[torch.Tensor | None]], None], recording, inputs: int) -> None:
-        """Replay the launch sequence learned for ``signature`` on ``tensors``; without one, ``call_fa4(tensors)``
-        (FA4's entry point on them), learning the sequence on the first call (``recording``: the context manager
-        that records FA4's launches; the first ``inputs`` tensors are read-only, see :func:`distinct_inputs`)."""
-        plan = self.get(signature)
-        if plan:
+                        call_fa4: Callable[[Sequence[torch.Tensor | None]], None], recording, *, inputs: int,
+                        outputs: dict[int, str], kind: str, exact: bool = True) -> None:
+        """Run one call of ``signature`` on ``tensors``: replay its trusted plan; check an untrusted one
+        (:func:`.plan_trust.replay_checked`, ``outputs``, ``kind`` and ``exact`` as it takes them); else
+        ``call_fa4(tensors)`` (FA4's entry point on them), learning the plan on the signature's first call
+        (``recording``: the context manager that records FA4's launches; the first ``inputs`` tensors are
+        read-only, see :func:`distinct_inputs`)."""
+        plan, trusted = self._plans.get(signature, (False, False))
+        if plan and trusted:
             plan.launch(tensors, device)
-            return
-        if plan is None:
+        elif plan and not plan_trust.capturing():
+            passed = plan_trust.replay_checked(kind, tensors, outputs, lambda call: plan.launch(call, device),
+                                               call_fa4, exact)
+            self._put(signature, plan if passed else None, trusted=True)
+        elif plan is not False or plan_trust.off_reason() is not None:
             call_fa4(tensors)
-            return
+        else:
+            self._learn(signature, tensors, call_fa4, recording, inputs, kind)
+
+    def _learn(self, signature, tensors, call_fa4, recording, inputs: int, kind: str) -> None:
         tensors = distinct_inputs(tensors, inputs)
         with LEARNING, CallWatch() as watch, recording() as launches:
             call_fa4(tensors)
         learned = None if watch.other_ops else sequence_from(launches, tensors, watch.allocations)
         if learned is not UNDECIDED:
-            self.put(signature, learned)
-            log.debug("FA4 launch sequence %s for %s", "learned" if learned else "not replayable", signature)
+            self._put(signature, learned, trusted=False)
+            log.debug("FA4 %s launch sequence %s for %s", kind, "learned" if learned else "not replayable", signature)
 
     def keys(self) -> list[Hashable]:
-        """The plan keys learned so far (for tests and inspection)."""
+        """The signatures learned so far (for tests and inspection)."""
         return list(self._plans)
 
     def clear(self) -> None:

@@ -13,8 +13,9 @@ learns plans as before; :class:`NativePlans` mirrors each one here.
 The library is compiled on first use with the system C++ compiler against
 the installed torch and tvm-ffi (about 20-40 s, once) and cached under
 ``~/.cache/fa4_inductor/native`` by a hash of the source and versions.
-``FA4_INDUCTOR_NATIVE=0`` turns it off; if it can't be built or loaded, the
-Python kernel serves every call and the reason is logged.
+``FA4_INDUCTOR_NATIVE=0`` turns it off, and so does anything that turns launch
+plans off (:mod:`.plan_trust`); if it can't be built or loaded, the Python
+kernel serves every call and the reason is logged.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 
-from . import launch_plan
+from . import launch_plan, plan_trust
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def _compile(target: pathlib.Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = pathlib.Path(scratch) / target.name
         command = [
-            os.environ.get("CXX", "c++"), "-shared", "-fPIC", "-O2", "-std=c++17",
+            os.environ.get("CXX", "c++"), "-shared", "-fPIC", "-O2", "-std=c++20",  # torch >= 2.15 headers need C++20
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
             *(f"-I{path}" for path in cpp_extension.include_paths()),
             f"-I{tvm_ffi.libinfo.find_include_path()}",
@@ -107,6 +108,8 @@ def install_cuda_forward() -> bool:
         return False
     if not torch.cuda.is_available() or importlib.util.find_spec("tvm_ffi") is None:
         return False  # no GPU, or no FA4 (tvm-ffi comes with it): the Python kernel says why when called
+    if plan_trust.off_reason() is not None:
+        return False  # it only replays launch plans
     reason = load()
     if reason is not None:
         log.warning("fa4_inductor: native forward launcher unavailable, using the Python kernel (%s)", reason)

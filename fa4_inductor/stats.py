@@ -4,7 +4,9 @@ Eager calls are counted (``eager.fa4`` / ``eager.fallback`` and one
 counter per reason); graph rewrites leave one :class:`SiteRecord` per
 attention site, which :func:`fa4_inductor.explain` and the ``TORCH_LOGS``
 artifact read. Each distinct fallback reason is logged once at INFO, every
-occurrence at DEBUG, under the ``fa4_inductor`` logger.
+occurrence at DEBUG, under the ``fa4_inductor`` logger. Launch-plan checks
+(:mod:`.plan_trust`) are counted under ``plans.*``; a failed one is logged
+as a warning, once per kind of call.
 """
 
 from __future__ import annotations
@@ -78,6 +80,22 @@ def record_site(record: SiteRecord) -> None:
         log.info("rewrote %s (%s) at %s -> fa4 %s", record.node, record.pattern, record.location, record.features)
     else:
         log.info("left %s at %s on the stock path: %s", record.node, record.location, record.reason)
+
+
+def record_plan_check(kind: str, failure: str | None) -> None:
+    """Count one launch-plan check of a ``kind`` of call (``forward``, ``backward``, ...): passed when ``failure``
+    is None, else failed for that reason (the call then ran on FA4's own outputs)."""
+    with _lock:
+        counters["plans.checked"] += 1
+        if failure is None:
+            return
+        counters["plans.check_failed"] += 1
+        counters[f"plans.check_failed.{kind}"] += 1
+        first = ("plans", kind) not in _logged_reasons
+        _logged_reasons.add(("plans", kind))
+    (log.warning if first else log.debug)(
+        "fa4_inductor: a %s launch plan disagreed with FA4's own call and is not used (%s); that call signature "
+        "runs FA4's entry point from now on", kind, failure)
 
 
 def site_records() -> list[SiteRecord]:
