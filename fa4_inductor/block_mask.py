@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -74,9 +73,11 @@ def _band_states(seqlen_q, seqlen_k, block_q, block_k, parts: MaskParts, device)
 
 
 def _per_block(values: torch.Tensor, block: int, fill) -> torch.Tensor:
-    """(B, S) -> (B, nBlocks, block), the last block filled with ``fill``."""
+    """(B, S) -> (B, nBlocks, block), the last block filled with ``fill`` (in ``values``' dtype: ``F.pad`` takes a
+    float fill, which can't hold int64's extremes)."""
     batch, length = values.shape
-    padded = F.pad(values, (0, block_count(length, block) * block - length), value=fill)
+    padded = values.new_full((batch, block_count(length, block) * block), fill)
+    padded[:, :length] = values
     return padded.view(batch, -1, block)
 
 

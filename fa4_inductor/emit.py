@@ -91,16 +91,18 @@ def erase_if_unused(nodes: list[Node]) -> None:
     """Erase the given pure nodes, and their inputs in turn, once nothing uses them.
 
     Used to drop subgraphs a rewrite made dead (a mask the kernel now
-    computes itself). In-place methods and impure calls are kept.
+    computes itself). Impure calls are kept, and so are in-place writes but
+    those of a fresh tensor nothing else reads (``full(-inf).triu_(1)``).
     """
+    from .graph_mutations import unobservable_write, written
+
     pending, erased = list(nodes), set()
     while pending:
         node = pending.pop()
         if node in erased or node.users or node.op not in ("call_function", "call_method") or node.is_impure():
             continue
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        if name.endswith("_") and not name.endswith("__"):
-            continue  # in-place
+        if written(node) and not unobservable_write(node):
+            continue
         inputs = [n for n in node.all_input_nodes]
         node.graph.erase_node(node)
         erased.add(node)

@@ -38,6 +38,7 @@ from sympy.logic.boolalg import BooleanFunction
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 
+from . import graph_mutations
 from ._torch_private import is_tensor_property_symbol, symbol_hint
 from .emit import op_name
 
@@ -168,16 +169,40 @@ _NEW_TRUE = {"ones", "ones_like", "new_ones"}
 _NEW_ZEROS = {"zeros", "zeros_like", "new_zeros"}
 
 
+# In-place ops read as their out-of-place twins: the value the op leaves in its tensor, which is what later readers
+# of that tensor see (the evaluator applies a write for the readers after it; graph_mutations checks the rest).
+_OUT_OF_PLACE = {"masked_fill_": "masked_fill", "triu_": "triu", "tril_": "tril", "add_": "add", "sub_": "sub",
+                 "mul_": "mul", "iadd": "add", "__iadd__": "add", "isub": "sub", "__isub__": "sub", "imul": "mul",
+                 "__imul__": "mul", "iand": "and_", "__iand__": "and_", "ior": "or_", "__ior__": "or_",
+                 "logical_and_": "and_", "logical_or_": "or_", "logical_not_": "invert", "bitwise_not_": "invert",
+                 "abs_": "abs", "copy_": "copy_"}
+
+
 class _Evaluator:
-    def __init__(self):
+    def __init__(self, mutations: graph_mutations.Mutations | None = None):
         self.cache: dict[Node, Any] = {}
         self.visited: list[Node] = []
         self.lookup_sources: dict[str, Node] = {}
+        self.mutations = mutations
+        self.modeled = graph_mutations.Modeled()
 
-    def value(self, arg: Any) -> Any:
+    def value(self, arg: Any, reader: Node | None = None) -> Any:
+        """The index formula of ``arg`` as ``reader`` reads it: after the in-place writes of it that come before."""
         if isinstance(arg, Node):
+            if reader is not None and self.mutations is not None:
+                self.modeled.readers.setdefault(arg, set()).add(reader)
+                write = self.mutations.last_write(arg, before=reader)
+                if write is not None:
+                    self.modeled.writes.add(write)
+                    arg = write
             if arg not in self.cache:
-                self.cache[arg] = self._node(arg)
+                try:
+                    self.cache[arg] = self._node(arg)
+                except NotAnalyzable:
+                    raise
+                except Exception as exc:  # e.g. sympy refusing arithmetic on a boolean lookup
+                    raise NotAnalyzable(f"the mask's '{arg.name}' ({op_name(arg) or arg.op}) combines values the "
+                                        "analysis can't model") from exc
                 self.visited.append(arg)
             return self.cache[arg]
         if isinstance(arg, (int, float, bool, torch.SymInt, torch.SymFloat)):
@@ -199,12 +224,17 @@ class _Evaluator:
         if isinstance(example, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float)):
             return example  # a size computation: its value is known symbolically
         name = op_name(node) or str(node.target)
+        name = _OUT_OF_PLACE.get(name, name)
+        if name not in _OUT_OF_PLACE.values() and graph_mutations.written(node):
+            raise NotAnalyzable(f"the mask is written in place by {name}, which the analysis does not model")
+        if name == "copy_":  # the tensor now holds the source, broadcast to its shape
+            return self._passthrough(self.value(node.args[1], node), example)
         if node.target is operator.getitem:
             index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
             if any(isinstance(i, Node) for i in index):
-                return self._gather(self.lookup_source(node.args[0]), [self.value(i) for i in index])
-            return self._getitem(self.value(node.args[0]), node.args[1], _example(node.args[0]))
-        if name == "tensor" and len(node.args) == 1 and isinstance(node.args[0], (int, float, bool)):
+                return self._gather(self.lookup_source(node.args[0], node), [self.value(i, node) for i in index])
+            return self._getitem(self.value(node.args[0], node), node.args[1], _example(node.args[0]))
+        if name in ("tensor", "scalar_tensor") and len(node.args) == 1 and isinstance(node.args[0], (int, float, bool)):
             return node.args[0]  # torch.tensor(0.0): a scalar
         if name in _NEW_TRUE:
             return IndexTensor(sympy.true, len(example.shape))
@@ -212,8 +242,8 @@ class _Evaluator:
             return IndexTensor(sympy.true, len(example.shape), additive=True)
         if name in ("full", "new_full") and isinstance(example, torch.Tensor):
             return self._full(node, example)
-        args = [self.value(a) for a in node.args]
-        kwargs = {k: self.value(v) for k, v in node.kwargs.items()}
+        args = [self.value(a, node) for a in node.args]
+        kwargs = {k: self.value(v, node) for k, v in node.kwargs.items()}
         if name == "arange":
             return self._arange(args)
         if name in ("ne", "__ne__") and args[1:] == [0] and isinstance(args[0], IndexTensor) \
@@ -257,11 +287,11 @@ class _Evaluator:
         kind = TensorLookup if example.dtype == torch.bool else ValueLookup
         return IndexTensor(kind(sympy.Symbol(node.name), _axis(0), _axis(ndim - 1)), ndim)
 
-    def lookup_source(self, source: Any) -> Any:
+    def lookup_source(self, source: Any, reader: Node | None = None) -> Any:
         """What a gather reads from: index arithmetic, or else a 2-D tensor taken as it is (segment ids the graph
         computes, e.g. from ``position_ids``, are looked up, not analyzed)."""
         try:
-            return self.value(source)
+            return self.value(source, reader)
         except NotAnalyzable:
             example = _example(source)
             if isinstance(source, Node) and isinstance(example, torch.Tensor) and example.dim() in (1, 2):
@@ -420,9 +450,20 @@ class _Evaluator:
         # Masked entries: -inf or a huge negative (Hugging Face uses torch.finfo(dtype).min).
         return bool(keep.is_zero) and (drop == sympy.S.NegativeInfinity or (drop.is_number and float(drop) <= -1e30))
 
+    @staticmethod
+    def _number(value):
+        """A 0-d constant tensor (``torch.zeros(())``, ``torch.full((), -inf)``, as transformers >= 5.23 passes to
+        ``where``) as the number it holds, in mask terms (an additive mask's kept 0 or hiding -inf); else ``value``."""
+        if isinstance(value, IndexTensor) and value.ndim == 0 and value.expr in (sympy.true, sympy.false):
+            if value.additive:
+                return 0.0 if value.expr is sympy.true else -math.inf
+            return value.expr is sympy.true
+        return value
+
     def _where(self, cond, a, b):
         if not isinstance(cond, IndexTensor):
             raise NotAnalyzable("where with a non-index condition")
+        a, b = self._number(a), self._number(b)
         if isinstance(a, IndexTensor) or isinstance(b, IndexTensor):
             raise NotAnalyzable("where selecting between tensors")
         if self._additive(a, b):
@@ -432,6 +473,7 @@ class _Evaluator:
         raise NotAnalyzable(f"where({a!r}, {b!r}) is not a 0/-inf mask")
 
     def _masked_fill(self, base, cond, fill):
+        fill = self._number(fill)
         if not isinstance(base, IndexTensor) or not isinstance(cond, IndexTensor):
             raise NotAnalyzable("masked_fill of non-index values")
         if not (base.expr is sympy.true or base.additive) or not self._additive(0, fill):
@@ -493,12 +535,16 @@ def _static_window(value, name: str) -> int:
     return int(value)
 
 
-def analyze_mask(mask: Node, q_len, kv_len, *, hides_where_true: bool = False) -> tuple[MaskStructure, list[Node]]:
-    """Prove the structure of ``mask`` (a node broadcastable to (B, H, S_q, S_kv)); a boolean mask keeps the keys
-    where it is true, or hides them with ``hides_where_true`` (the condition of ``scores.masked_fill(c, -inf)``).
+def analyze_mask(mask: Node, q_len, kv_len, *, hides_where_true: bool = False, reader: Node | None = None,
+                 mutations: graph_mutations.Mutations | None = None
+                 ) -> tuple[MaskStructure, list[Node], graph_mutations.Modeled]:
+    """Prove the structure of ``mask`` (a node broadcastable to (B, H, S_q, S_kv)) as ``reader`` reads it (after the
+    in-place writes of ``mutations`` that come before); a boolean mask keeps the keys where it is true, or hides
+    them with ``hides_where_true`` (the condition of ``scores.masked_fill(c, -inf)``).
 
-    Returns the FA4 parameters and the nodes the analysis read (candidates
-    for removal once the mask is no longer used). Raises
+    Returns the FA4 parameters, the nodes the analysis read (candidates
+    for removal once the mask is no longer used) and the writes it applied
+    (for :meth:`.graph_mutations.Mutations.unsafe_read`). Raises
     :class:`NotAnalyzable` with the reason otherwise.
     """
     example = _example(mask)
@@ -506,8 +552,8 @@ def analyze_mask(mask: Node, q_len, kv_len, *, hides_where_true: bool = False) -
         raise NotAnalyzable("the mask has no tensor metadata")
     if example.dtype != torch.bool and not example.is_floating_point():
         raise NotAnalyzable(f"mask dtype {example.dtype}")
-    evaluator = _Evaluator()
-    value = _evaluate(evaluator, mask)
+    evaluator = _Evaluator(mutations)
+    value = _evaluate(evaluator, mask, reader)
     if example.is_floating_point() and not value.additive:
         raise NotAnalyzable("float mask that is not a 0/-inf mask")
     if hides_where_true:
@@ -522,7 +568,7 @@ def analyze_mask(mask: Node, q_len, kv_len, *, hides_where_true: bool = False) -
     structure = _structure(expr, evaluator.lookup_sources, q_len, kv_len)
     visited = [n for n in evaluator.visited if n not in (structure.key_padding, structure.segment_ids,
                                                          structure.key_lengths)]
-    return structure, visited
+    return structure, visited, evaluator.modeled
 
 
 def analyze_mask_mod(mask_mod: torch.fx.GraphModule, buffers: tuple, q_len, kv_len) -> MaskStructure:
@@ -545,11 +591,8 @@ def analyze_mask_mod(mask_mod: torch.fx.GraphModule, buffers: tuple, q_len, kv_l
     return _structure(value.expr, evaluator.lookup_sources, q_len, kv_len)
 
 
-def _evaluate(evaluator: "_Evaluator", node: Node) -> IndexTensor:
-    try:
-        value = evaluator.value(node)
-    except TypeError as exc:  # sympy refusing a combination (e.g. arithmetic on a boolean lookup)
-        raise NotAnalyzable(f"the mask combines values the analysis can't model ({exc})") from exc
+def _evaluate(evaluator: "_Evaluator", node: Node, reader: Node | None = None) -> IndexTensor:
+    value = evaluator.value(node, reader)
     if not isinstance(value, IndexTensor):
         raise NotAnalyzable("the mask is not a tensor")
     return value
@@ -557,9 +600,19 @@ def _evaluate(evaluator: "_Evaluator", node: Node) -> IndexTensor:
 
 def _structure(expr, lookup_sources: dict[str, Node], q_len, kv_len) -> MaskStructure:
     """FA4's parameters for a boolean formula in (batch, head, q_idx, kv_idx) and tensor lookups."""
+    try:
+        return _structure_of(expr, lookup_sources, q_len, kv_len)
+    except NotAnalyzable:
+        raise
+    except Exception as exc:  # sympy refusing a relation it can't order (e.g. of a boolean lookup)
+        raise NotAnalyzable(f"the mask's formula {expr} is beyond the analysis") from exc
+
+
+def _structure_of(expr, lookup_sources: dict[str, Node], q_len, kv_len) -> MaskStructure:
     shape_env = _shape_env(lookup_sources, q_len, kv_len)
     expr = _without_zero_offsets(expr, shape_env)
     expr, segment_ids = _documents(expr, lookup_sources, q_len, kv_len)
+    expr = _positions_within_documents(expr, segment_ids, lookup_sources)
     expr, key_lengths = _key_lengths(expr, lookup_sources)
     expr, key_padding = _key_padding(expr, lookup_sources, kv_len)
     if key_lengths is not None and key_padding is not None:
@@ -693,6 +746,59 @@ def _documents(expr, sources: dict[str, Node], q_len, kv_len) -> tuple[Any, Node
     if not guard_or_false(_example(source).shape[-1] == kv_len):
         raise NotAnalyzable(f"segment ids '{name}' have {_example(source).shape[-1]} columns for {kv_len} keys")
     return expr.xreplace({eq: _SAME_DOCUMENT for eq in matches}), source
+
+
+_DOCUMENT_OFFSET = sympy.Symbol("document_offset", integer=True)
+
+
+def _positions_within_documents(expr, segment_ids: Node | None, sources: dict[str, Node]):
+    """Lookups ``pos[batch, q_idx]`` / ``pos[batch, kv_idx]`` as ``q_idx + d`` / ``kv_idx + d`` (``d`` one offset),
+    where the document mask is and-ed with everything and its segments restart wherever ``pos`` doesn't step by
+    one (:func:`_restart_positions`): within a document positions then differ exactly as indices do. Hugging Face
+    >= 5.23 evaluates a packed batch's causal or window part on its ``position_ids`` this way; a bound left
+    depending on ``d`` (one position alone) is rejected later."""
+    positions = _restart_positions(segment_ids) if segment_ids is not None else None
+    if positions is None or not (isinstance(expr, sympy.And) and _SAME_DOCUMENT in expr.args):
+        return expr
+    mapping = {}
+    for lookup in expr.atoms(ValueLookup):
+        name, row, index = lookup.args
+        if _root(sources[str(name)]) is positions and row == _B and index in (_I, _J):
+            mapping[lookup] = index + _DOCUMENT_OFFSET
+    return expr.xreplace(mapping)
+
+
+def _root(node: Node) -> Node:
+    """``node`` seen through ops that keep its values and their indices (casts, copies, an expand of equal rank)."""
+    while op_name(node) in _PASSTHROUGH and isinstance(node.args[0], Node) \
+            and getattr(_example(node.args[0]), "dim", lambda: -1)() == getattr(_example(node), "dim", lambda: -2)():
+        node = node.args[0]
+    return node
+
+
+def _restart_positions(segments: Node) -> Node | None:
+    """The (B, S) ``pos`` when ``segments`` is ``cumsum(diff(pos, prepend=<one column>, dim=-1) != 1, -1)`` (Hugging
+    Face's ``find_packed_sequence_indices``): a new segment wherever a position doesn't follow the one before; else
+    None. Then ``seg[b, i] == seg[b, j]`` implies ``pos[b, j] - pos[b, i] == j - i``."""
+    def last_axis(value, node):
+        return value == -1 or value == _example(node).dim() - 1
+
+    segments = _root(segments)
+    if op_name(segments) != "cumsum" or _example(segments) is None or _example(segments).dim() != 2:
+        return None
+    dim = segments.args[1] if len(segments.args) > 1 else segments.kwargs.get("dim")
+    steps = segments.args[0]
+    if not last_axis(dim, segments) or op_name(steps) not in ("ne", "__ne__") or steps.args[1:] != (1,):
+        return None
+    difference = _root(steps.args[0])
+    if op_name(difference) != "diff" or len(difference.args) != 1 or set(difference.kwargs) - {"dim", "prepend", "n"}:
+        return None
+    prepend, positions = difference.kwargs.get("prepend"), difference.args[0]
+    if (difference.kwargs.get("n", 1) != 1 or not last_axis(difference.kwargs.get("dim", -1), difference)
+            or not isinstance(prepend, Node) or not isinstance(positions, Node)
+            or not statically_known_true(_example(prepend).shape[-1] == 1)):
+        return None
+    return _root(positions)
 
 
 def _key_lengths(expr, sources: dict[str, Node]) -> tuple[Any, Node | None]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch._inductor.pattern_matcher import Match, PatternExpr, PatternMatcherPass, register_graph_pattern
 
-from . import stats
+from . import graph_mutations, stats
 
 
 @dataclasses.dataclass
@@ -35,6 +36,8 @@ class RewriteContext:
     publish: bool = True
     graph_name: str = "graph"
     records: list = dataclasses.field(default_factory=list)
+    # The graph's in-place writes, which no rewrite may miss (set by :func:`rewrite_graph`).
+    mutations: graph_mutations.Mutations | None = None
 
 
 @dataclasses.dataclass
@@ -64,6 +67,8 @@ class AttentionPattern:
     analyze: Callable[[Match, RewriteContext], SiteDecision | None]
     rewrite: Callable[[Match, SiteDecision], None]
 
+
+log = logging.getLogger(__name__)
 
 _PATTERNS: list[AttentionPattern] = []
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
@@ -120,13 +125,26 @@ def _record(pattern: AttentionPattern, decision: SiteDecision, context: RewriteC
     context.records.append(record)
 
 
+def _analyzed(pattern: AttentionPattern, match: Match, context: RewriteContext) -> SiteDecision | None:
+    """``pattern.analyze``; a site whose analysis raised stays as it is, with a reason naming the pattern and node
+    (the exception is logged, not shown as the reason)."""
+    try:
+        return pattern.analyze(match, context)
+    except Exception:
+        node = match.output_node()
+        log.warning("fa4_inductor: the %s analysis failed on '%s'; the site stays on the stock path", pattern.name,
+                    node.name, exc_info=log.isEnabledFor(logging.DEBUG))
+        return SiteDecision(node, f"the {pattern.name} analysis can't read the code at '{node.name}' "
+                                  f"({getattr(node.target, '__name__', node.target)}); left as written", {})
+
+
 def _pass_for(context: RewriteContext) -> PatternMatcherPass:
     matcher = PatternMatcherPass(pass_name="fa4_inductor")
     for pattern in registered_patterns():
         decisions: dict[torch.fx.Node, SiteDecision] = {}
 
         def check(match: Match, pattern=pattern, decisions=decisions) -> bool:
-            decision = pattern.analyze(match, context)
+            decision = _analyzed(pattern, match, context)
             if decision is None:
                 return False
             _record(pattern, decision, context, match.output_node())
@@ -145,6 +163,7 @@ def _pass_for(context: RewriteContext) -> PatternMatcherPass:
 def rewrite_graph(graph: torch.fx.Graph, context: RewriteContext) -> list[stats.SiteRecord]:
     """Apply every registered pattern to ``graph``; return the site records."""
     context.graph_name = f"{context.graph_name}_{next(_graph_ids)}"
+    context.mutations = graph_mutations.Mutations(graph)
     order = {node.name: i for i, node in enumerate(graph.nodes)}
     _pass_for(context).apply(graph)
     context.records.sort(key=lambda r: order.get(r.node, len(order)))

@@ -121,6 +121,8 @@ def decide(
     blocker: str | None = None,
     mask_hides_where_true: bool = False,
     mask_structure: MaskStructure | None = None,
+    mask_reader: Node | None = None,
+    read_inputs: list | None = None,
 ) -> SiteDecision:
     """Decide one SDPA-style site (B,H,S,D operands) for FA4.
 
@@ -128,8 +130,10 @@ def decide(
     analyzed into causal/window parameters, or ``mask_structure`` gives them already analyzed (a FlexAttention
     mask_mod); ``blocker`` is a reason found
     by the caller that rules the site out; ``mask_hides_where_true`` says ``attn_mask`` marks the hidden keys
-    (``scores.masked_fill(mask, -inf)``), not the kept ones. The decision's ``captured``
-    holds the operands the rewrite uses and the nodes that become dead.
+    (``scores.masked_fill(mask, -inf)``), not the kept ones, and ``mask_reader`` is the node that reads it (default
+    ``node``). A site whose rewrite would miss an in-place write falls back (:mod:`fa4_inductor.graph_mutations`);
+    ``read_inputs`` are the inputs of ``node`` whose values the rewrite reads (default: all).
+    The decision's ``captured`` holds the operands the rewrite uses and the nodes that become dead.
     """
     key, k_repeats = strip_kv_repeat(key)
     value, v_repeats = strip_kv_repeat(value)
@@ -164,15 +168,19 @@ def decide(
                                          guard_ok=name == "dropout_p")
         reason = reason or bad
     causal, window = bool(constants["is_causal"]), (-1, -1)
+    modeled = None
     if attn_mask is not None and reason is None:
         try:
-            mask_structure, mask_nodes = analyze_mask(attn_mask, q.shape[2], k.shape[2],
-                                                      hides_where_true=mask_hides_where_true)
+            mask_structure, mask_nodes, modeled = analyze_mask(
+                attn_mask, q.shape[2], k.shape[2], hides_where_true=mask_hides_where_true,
+                reader=mask_reader or node, mutations=context.mutations)
             captured["dead"] = [attn_mask, *mask_nodes]
         except NotAnalyzable as exc:
             reason = f"attn_mask not expressible in FA4: {exc}"
     if mask_structure is not None and reason is None:
         causal, window = mask_structure.causal, (mask_structure.window_left, mask_structure.window_right)
+        if constants["is_causal"]:  # SDPA applies both: the mask and-ed with the causal triangle (S_q == S_kv)
+            causal, window = window[0] < 0, (window[0], 0) if window[0] >= 0 else (-1, -1)
         captured["key_padding"] = mask_structure.key_padding
         captured["key_lengths"] = mask_structure.key_lengths
         captured["segment_ids"] = mask_structure.segment_ids
@@ -189,6 +197,10 @@ def decide(
     if context.assume_cuda:
         call = dataclasses.replace(call, device=torch.device("cuda"))
     reason = unsupported_reason(call, context.devices, arch_major=context.arch_major)
+    if reason is None and context.mutations is not None:
+        reason = context.mutations.unsafe_read(node, [captured[name] for name in (
+            "query", "key", "value", "key_padding", "key_lengths", "segment_ids") if captured.get(name) is not None],
+            modeled, read_inputs)
     features.update(causal=causal, window=None if window == (-1, -1) else window)
     softmax_scale = constants["scale"]
     if softmax_scale is None and reason is None:

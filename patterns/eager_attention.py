@@ -138,22 +138,24 @@ def _einsum(node: Node) -> tuple[str, Node, Node] | None:
 def _peel_scores(scores: Node) -> dict[str, Any]:
     """Walk back from the softmax input to ``q @ kᵀ``."""
     node = _peel_casts(scores)
-    if _is(node, "add", "__add__", "iadd") and all(isinstance(a, Node) for a in node.args[:2]):
+    # In-place spellings (``scores += mask``, ``scores.masked_fill_(m, -inf).softmax(-1)``) read as their out-of-place
+    # twins: the site falls back where another reader would see the write (fa4_inductor.graph_mutations).
+    if _is(node, "add", "__add__", "iadd", "add_", "__iadd__") and all(isinstance(a, Node) for a in node.args[:2]):
         for scores_side, mask_side in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
             try:
                 inner = _peel_scores(scores_side)
             except NoMatch:
                 continue
             if inner["mask"] is None:
-                inner["mask"] = mask_side
+                inner["mask"], inner["mask_reader"] = mask_side, node
                 return inner
         raise NoMatch("no attention scores under the mask addition")
-    if _is(node, "masked_fill") and isinstance(node.args[1], Node) and _scalar(node.args[2]) is not None \
-            and isinstance(node.args[2], (int, float)) and node.args[2] <= -1e30:
+    if _is(node, "masked_fill", "masked_fill_") and isinstance(node.args[1], Node) \
+            and _scalar(node.args[2]) is not None and isinstance(node.args[2], (int, float)) and node.args[2] <= -1e30:
         inner = _peel_scores(node.args[0])
         if inner["mask"] is not None:
             raise NoMatch("two masks on the scores")
-        inner["mask"], inner["mask_hides_where_true"] = node.args[1], True
+        inner["mask"], inner["mask_hides_where_true"], inner["mask_reader"] = node.args[1], True, node
         return inner
     capped = _constant_operand(node) if _is(node, "mul", "__mul__") else None
     if capped and _is(capped[0], "tanh"):
@@ -237,7 +239,7 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
     decision = decide(
         output, context, scores["query"], key, value, dropout_p=dropout_p,
         scale=scores["scale"], enable_gqa=False, attn_mask=scores["mask"], softcap=scores["softcap"],
-        mask_hides_where_true=scores["mask_hides_where_true"],
+        mask_hides_where_true=scores["mask_hides_where_true"], mask_reader=scores.get("mask_reader"),
     )
     if decision.reason and key is not scores["key"]:
         key.graph.erase_node(key)

@@ -125,6 +125,7 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision:
     decision = decide(
         node, context, query, key, value, scale=_scale(scale, transform.scale), softcap=transform.softcap,
         enable_gqa=bool(q.shape[1] != k.shape[1]), blocker=blocker, mask_structure=structure,
+        read_inputs=[query, key, value, *score_buffers, *mask_buffers],  # not the block lists: FA4 needs none
     )
     decision.features.update(flex_backend=kernel_options.get("BACKEND", "AUTO"),
                              block_mask="graph input" if _lists_from_outside(block_mask) else "built in graph")

@@ -1,6 +1,13 @@
-"""One check for the rewrite tests: a compiled program gives eager's output and gradients."""
+"""Checks shared by the rewrite tests: a compiled program gives eager's output and gradients; reasons read as
+written for users."""
+
+import re
 
 import torch
+
+# What a Python exception's message looks like, as opposed to a reason written for users.
+EXCEPTION_TEXT = re.compile(r"\b\w*(Error|Exception)\b|unsupported operand|has no attribute|not subscriptable|"
+                            r"positional argument|object is not|Traceback|StrictGreaterThan|'Not'")
 
 
 def assert_matches_eager(fn, compiled, inputs, extra=(), *, grad_atol=2e-2, seed=2, label="") -> torch.Tensor:

@@ -4,7 +4,9 @@ Each :class:`Program` is a seeded choice of how model code writes attention (SDP
 matmul/einsum with the scale in several places, casts around the softmax, ``masked_fill``), which mask it
 builds in the graph (none, causal, a window, ``.abs()`` windows, ``tril``, key padding, BERT's extended mask,
 documents, and constructs FA4 cannot express: a learned bias, query padding, or-ed masks), GQA, the operands'
-layout and dynamic shapes; "flex" programs write the same masks as FlexAttention mask_mods, with a score_mod
+layout and dynamic shapes, and whether the mask and scores are built with in-place ops (``&=``, timm's
+``bias.masked_fill_``, ``scores += mask``; or a write of the scores the softmax then reads, which the rewrite
+can't see and must leave alone); "flex" programs write the same masks as FlexAttention mask_mods, with a score_mod
 (identity, a scale, a softcap; the learned bias goes there). ``expressible`` says whether FA4 can compute it; the fuzz checks the rewrite is
 right on every program and counts how many expressible ones it rewrote. Every query row sees at least one
 key, so eager softmax spellings stay finite.
@@ -27,6 +29,9 @@ SPELLINGS = ("sdpa", "sdpa_repeat_kv", "matmul", "matmul_div", "einsum", "presca
 BANDS = ("none", "causal", "window", "abs_window", "tril")
 EXTRAS = ("none", "padding", "bert_extended", "documents", "relative_bias", "query_padding", "or_mask")
 UNEXPRESSIBLE = ("relative_bias", "query_padding", "or_mask")
+# How the mask and scores are built: out of place, in place where the rewrite applies the writes, or with the scores
+# written in place after the softmax's input was made (only the matmul spellings; the site must stay as it is).
+BUILDERS = ("functional", "inplace", "late_write")
 # Head dims up to 128 whose gradients FA4 4.0.0b36 gets wrong on sm90 (flash-attention PR #2896); the CPU reference
 # is exact.
 SM90_WRONG_BACKWARD_HEAD_DIMS = (8, 16, 40, 48, 72, 80, 104, 112)
@@ -48,10 +53,20 @@ class Program:
     dynamic: bool
     seed: int
     score: str = "identity"  # the score_mod of a "flex" program: one of SCORE_MODS
+    builder: str = "functional"  # one of BUILDERS
 
     @property
     def expressible(self) -> bool:
-        return self.extra not in UNEXPRESSIBLE
+        """Can the rewrite compute this program on FA4 (a late write of the scores: no, by design)?"""
+        return self.extra not in UNEXPRESSIBLE and not self.late_write
+
+    @property
+    def late_write(self) -> bool:
+        """Does the program write its scores in place after the softmax's input was made (a boolean mask to apply,
+        a matmul spelling)?"""
+        has_keep = self.band != "none" or self.extra not in ("none", "relative_bias")
+        return (self.builder == "late_write" and self.spelling not in ("sdpa", "sdpa_repeat_kv", "flex") and has_keep
+                and self.extra != "bert_extended")
 
     def expressible_on_sm90(self) -> bool:
         """Can FA4 compute this program, gradients included, on an sm90 GPU?"""
@@ -118,6 +133,11 @@ def _keep(program: Program, q, padding, segments) -> torch.Tensor | None:
         extra = padding.bool()[b, i] | (j == i)
     elif program.extra == "or_mask":
         extra = (j <= i - 2) | (j >= i)  # a hole below the diagonal: no band
+    if extra is not None and keep is not None and program.builder != "functional":
+        combined = torch.ones(q.shape[0], 1, s, s, dtype=torch.bool, device=q.device)
+        combined &= keep
+        combined &= extra
+        return combined
     if extra is not None:
         keep = extra if keep is None else keep & extra
     return keep
@@ -125,13 +145,22 @@ def _keep(program: Program, q, padding, segments) -> torch.Tensor | None:
 
 def _additive(program: Program, keep, q, padding):
     """The mask as an additive float mask, in the spelling the program uses."""
+    inplace = program.builder != "functional"
     if program.extra == "bert_extended":  # BERT: (1 - mask) * finfo.min for the padding, the band as -inf
-        extended = (1.0 - padding[:, None, None, :].to(q.dtype)) * torch.finfo(q.dtype).min
+        extended = 1.0 - padding[:, None, None, :].to(q.dtype)
+        if inplace:
+            extended.mul_(torch.finfo(q.dtype).min)
+        else:
+            extended = extended * torch.finfo(q.dtype).min
         band = _keep(dataclasses.replace(program, extra="none"), q, padding, None)
         return extended if band is None else extended + torch.where(band, 0.0, float("-inf")).to(q.dtype)
     if keep is None:
         return None
     low = torch.finfo(q.dtype).min if program.seed % 2 else float("-inf")
+    if inplace:  # timm's bias: zeros, then masked_fill_ where hidden
+        bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~keep, low)
+        return bias
     return torch.where(keep, 0.0, low).to(q.dtype)
 
 
@@ -211,11 +240,16 @@ def _attention(program: Program, group: int, d: int, q, k, v, padding, segments,
         scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(d)
     else:
         scores = torch.matmul(q, k.transpose(-2, -1)) * d ** -0.5
-    if program.spelling == "masked_fill" and keep is not None and program.extra != "bert_extended":
-        scores = scores.masked_fill(~keep, float("-inf"))
+    if program.late_write:
+        scores.masked_fill_(~keep, float("-inf"))  # the softmax below reads scores: the write is no visible input
+    elif program.spelling == "masked_fill" and keep is not None and program.extra != "bert_extended":
+        scores = scores.masked_fill_(~keep, float("-inf")) if program.builder != "functional" \
+            else scores.masked_fill(~keep, float("-inf"))
     else:
         mask = _additive(program, keep, q, padding)
-        if mask is not None:
+        if mask is not None and program.builder != "functional":
+            scores += mask
+        elif mask is not None:
             scores = scores + mask
     if program.extra == "relative_bias":
         scores = scores + bias
@@ -240,7 +274,8 @@ def random_programs(count: int, seed: int = 0, max_seqlen: int = 40, spellings=S
         program = Program(
             spelling=rng.choice(spellings), band=band, extra=extra, batch=rng.choice((1, 2, 3)), heads=heads,
             heads_kv=rng.choice((heads, heads // 2)), seqlen=rng.randint(5, max_seqlen), head_dim=rng.choice(head_dims),
-            layout=rng.choice(("bhsd", "bshd")), dynamic=rng.random() < 0.3, seed=seed * 100003 + index)
+            layout=rng.choice(("bhsd", "bshd")), dynamic=rng.random() < 0.3, seed=seed * 100003 + index,
+            builder=rng.choices(BUILDERS, weights=(6, 3, 1))[0])
         if program.spelling == "flex":
             program = dataclasses.replace(program, score=rng.choice(list(SCORE_MODS)))
         programs.append(program)

@@ -17,7 +17,7 @@ import torch
 import fa4_inductor
 from fa4_inductor.pattern_registry import RewriteContext, rewrite_graph
 
-from tests.compare import assert_matches_eager
+from tests.compare import EXCEPTION_TEXT, assert_matches_eager
 from tests.fuzz_programs import random_programs
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ def _fuzz(programs, through_inductor_every: int | None):
             fa4_inductor.stats.reset()
         else:
             _run(program, _rewriting_backend(records))
+        assert not [r.reason for r in records if EXCEPTION_TEXT.search(r.reason or "")], program
         ran_fa4 = any(r.decision == "fa4" for r in records)
         assert program.expressible or not ran_fa4, f"rewrote what FA4 can't express: {program}"
         if program.expressible:

@@ -118,6 +118,41 @@ def test_packed_documents_match_eager_at_every_position(band, source):
     _compare(fn, _qkv(), (ids,), padding=False, documents=True)
 
 
+@pytest.mark.parametrize("band", ["causal", "window"])
+def test_packed_documents_banded_on_positions_match_eager_at_every_position(band):
+    """transformers >= 5.23 evaluates a packed batch's causal or window part on the positions,
+    ``pos[b, kv] <= pos[b, q]``, and-ed with documents derived from the same positions: within a document positions
+    step as indices do, so the band is FA4's."""
+    def fn(q, k, v, pos):
+        seg = _segments_from_positions(pos)
+        b = torch.arange(q.shape[0])[:, None, None, None]
+        i, j = torch.arange(q.shape[2])[None, None, :, None], torch.arange(k.shape[2])[None, None, None, :]
+        wide = pos.expand(q.shape[0], -1)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=(seg[b, i] == seg[b, j]) & BANDS[band](wide[b, i], wide[b, j]))
+
+    record = _compare(fn, _qkv(), (_position_ids(),), padding=False, documents=True)
+    assert record.features["causal"] == (band == "causal")
+
+
+@pytest.mark.parametrize("segments, band, reason", [
+    ("given", lambda pi, pj: pj <= pi, "values of a tensor"),  # positions need not step within given segments
+    ("derived", lambda pi, pj: (pj <= pi) & (pj < 5), "not a bound on kv_idx - q_idx"),  # one position alone
+], ids=["given_segments", "bound_on_one_position"])
+def test_position_bands_fa4_cannot_express_fall_back(segments, band, reason):
+    def fn(q, k, v, pos, given):
+        seg = given if segments == "given" else _segments_from_positions(pos)
+        b = torch.arange(q.shape[0])[:, None, None, None]
+        i, j = torch.arange(q.shape[2])[None, None, :, None], torch.arange(k.shape[2])[None, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(seg[b, i] == seg[b, j]) & band(pos[b, i], pos[b, j]))
+
+    position_ids = _position_ids()
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        torch.compile(fn)(*_qkv(), position_ids, _segments_from_positions(position_ids))
+    (record,) = stats.site_records()
+    assert record.decision == "fallback" and reason in record.reason, record.reason
+
+
 @pytest.mark.parametrize("kind", ["right", "left"])
 def test_documents_and_padding_together(kind):
     def fn(q, k, v, seg, pad):
