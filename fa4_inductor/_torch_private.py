@@ -25,6 +25,24 @@ def destroy_library(library: torch.library.Library) -> None:
     library._destroy()
 
 
+def forget_python_dispatch(qualified_names) -> None:
+    """Drop the Python dispatcher's cached routing of these ops (``"aten::name"``), all overloads.
+
+    ``OpOverload._dispatch_cache`` remembers, per dispatch key, whether to call
+    the C++ kernel or decompose in Python, and registering or destroying a
+    library's kernels doesn't invalidate it. After an override of a
+    CompositeImplicitAutograd op at an Autograd key is gone, a stale "call the
+    C++ kernel" makes AOTAutograd trace the op opaquely, and gradients through
+    it come out disconnected (seen: a later stock compile's zero gradients).
+    PyTorch clears the same cache where it swaps kernels itself (``torch.export``).
+    """
+    for qualified_name in qualified_names:
+        namespace, name = qualified_name.split("::")
+        packet = getattr(getattr(torch.ops, namespace), name)
+        for overload in packet.overloads():
+            getattr(packet, overload)._dispatch_cache.clear()
+
+
 def trace_artifact(name: str, payload_fn) -> None:
     """Emit a string artifact into ``TORCH_TRACE`` output (read by tlparse).
 

@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import fa4_adapter, stats, support
-from ._torch_private import destroy_library
+from ._torch_private import destroy_library, forget_python_dispatch
 from .support import AttentionCall, unsupported_reason
 
 REGISTRY_NAME = "fa4_inductor"
@@ -166,12 +166,17 @@ def _cuda_backward(stock, devices):
                              cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, philox_seed, philox_offset,
                              scale=scale)
         stats.record_eager("fa4", _CUDA_BWD)
-        grads = _grads_bhsd(grad_out, query, key, value, out, logsumexp, scale, is_causal)
         # The meta kernel promises gradients laid out like the inputs (empty_like), and compiled graphs assert it:
         # context parallelism's shards are B,H,S,D-contiguous, FA4's gradients B,S,H,D.
-        return tuple(grad if grad.stride() == like.stride() else torch.empty_like(like).copy_(grad)
-                     for grad, like in zip(grads, (query, key, value)))
+        return _in_layouts(_grads_bhsd(grad_out, query, key, value, out, logsumexp, scale, is_causal),
+                           [torch.empty_like(t) for t in (query, key, value)])
     return impl
+
+
+def _in_layouts(grads, layouts) -> tuple[torch.Tensor, ...]:
+    """Each gradient in the layout of its ``layouts`` tensor (what the stock kernel's meta promises, and compiled
+    graphs assert), copied only where it differs."""
+    return tuple(grad if grad.stride() == like.stride() else like.copy_(grad) for grad, like in zip(grads, layouts))
 
 
 def _cpu_forward(stock, devices):
@@ -195,7 +200,10 @@ def _cpu_backward(stock, devices):
             return _fallback(stock, _CPU_BWD, reason, keyset, grad_out, query, key, value, out, logsumexp,
                              dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
         stats.record_eager("fa4", _CPU_BWD)
-        return _grads_bhsd(grad_out, query, key, value, out, logsumexp.contiguous(), scale, is_causal)
+        # The stock CPU kernel's gradients are B,S,H,D in memory (its meta: empty_permuted).
+        return _in_layouts(_grads_bhsd(grad_out, query, key, value, out, logsumexp.contiguous(), scale, is_causal),
+                           [torch.empty_permuted(t.shape, (0, 2, 1, 3), dtype=t.dtype, device=t.device)
+                            for t in (query, key, value)])
     return impl
 
 
@@ -220,16 +228,19 @@ class EagerOverride:
 
     def __init__(self, devices: Sequence[str]):
         self.devices = tuple(devices)
+        self._ops = sorted({op for device in self.devices for op, _, _ in _OVERRIDES[device]})
         self._library: torch.library.Library | None = torch.library.Library("aten", "IMPL")
         for device in self.devices:
             for op, make_impl, key in _OVERRIDES[device]:
                 stock = _stock_kernel(op, key)
                 self._library.impl(op.split("::")[1], make_impl(stock, self.devices), key, with_keyset=True)
+        forget_python_dispatch(self._ops)
 
     def remove(self) -> None:
-        """Restore the stock kernels (idempotent)."""
+        """Restore the stock kernels, and PyTorch's routing of their ops, exactly (idempotent)."""
         if self._library is not None:
             destroy_library(self._library)
+            forget_python_dispatch(self._ops)
             self._library = None
 
 

@@ -85,6 +85,7 @@ class FA4AttentionPass(CustomGraphPass):
         self.devices = devices
         self.arch_major = arch_major
         self.post_pass: SharedMaskingBuffersPass | None = None
+        self.previous_timing: str | None = None  # Inductor's pre-grad pass timing before install()
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         if self.previous is not None:
@@ -99,18 +100,27 @@ class FA4AttentionPass(CustomGraphPass):
         return _chained_uuid(self.previous, f"{self.devices}|{self.arch_major}|{fa4_api.version()}")
 
 
+# torch >= 2.12 runs a pre-grad pass that has a uuid after the cache lookup ("late"): a graph from Inductor's cache
+# then runs no pass at all, so a warm cache would leave stats without the records of sites that run FA4. "early"
+# runs the pre-grad passes before the lookup (as torch 2.11 did), so every compile, hit or miss, records its sites.
+_TIMING, _EARLY = "pre_grad_pass_timing", "early"
+
+
 def install(devices: tuple[str, ...]) -> FA4AttentionPass:
-    """Chain our passes after the current ``pre_grad_custom_pass`` and ``post_grad_custom_post_pass``; return the
-    pre-grad one (holding the other)."""
+    """Chain our passes after the current ``pre_grad_custom_pass`` and ``post_grad_custom_post_pass``, and have
+    pre-grad passes run on cache hits too; return the pre-grad pass (holding the other)."""
     attention_pass = FA4AttentionPass(inductor_config.pre_grad_custom_pass, devices)
     attention_pass.post_pass = SharedMaskingBuffersPass(inductor_config.post_grad_custom_post_pass)
     inductor_config.pre_grad_custom_pass = attention_pass
     inductor_config.post_grad_custom_post_pass = attention_pass.post_pass
+    if hasattr(inductor_config, _TIMING):
+        attention_pass.previous_timing = getattr(inductor_config, _TIMING)
+        setattr(inductor_config, _TIMING, _EARLY)
     return attention_pass
 
 
 def uninstall(attention_pass: FA4AttentionPass) -> None:
-    """Put back the passes that were there before ``install``."""
+    """Put back the passes (and the pre-grad pass timing) that were there before ``install``."""
     for name, ours in (("pre_grad_custom_pass", attention_pass), ("post_grad_custom_post_pass",
                                                                    attention_pass.post_pass)):
         if ours is None:
@@ -120,3 +130,5 @@ def uninstall(attention_pass: FA4AttentionPass) -> None:
         else:
             log.warning("%s was replaced after fa4_inductor installed its pass; leaving the current value in place",
                         name)
+    if attention_pass.previous_timing is not None and getattr(inductor_config, _TIMING) == _EARLY:
+        setattr(inductor_config, _TIMING, attention_pass.previous_timing)

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
-from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import cuda_arch, fa4_api
 
@@ -147,7 +147,8 @@ def unsupported_reason(
                                      backward=call.needs_backward and call.device.type == "cuda")
     if reason:
         return reason
-    if call.is_causal and not statically_known_true(sq == sk):
+    # Under dynamic shapes the two lengths may be separate symbols (self attention: equal whenever it runs).
+    if call.is_causal and not guard_or_false(sq == sk):
         return "is_causal with S_q != S_kv: SDPA aligns top-left, FA4 bottom-right"
     if any(_static_int(s) != 1 for s in call.last_dim_strides):
         return "query/key/value last dim is not contiguous"

@@ -1,6 +1,10 @@
 """torch.compile with the plugin: SDPA sites become fa4 ops, forward and backward (CPU reference)."""
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,6 +15,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 import fa4_inductor
 from fa4_inductor import inductor_pass, stats
 from fa4_inductor.pattern_registry import RewriteContext, rewrite_graph, registered_patterns
+from tests.compare import assert_matches_eager
 
 pytestmark = pytest.mark.usefixtures("no_compile_cache")
 
@@ -111,8 +116,11 @@ def test_mask_falls_back_until_mask_analysis():
 def test_cpu_not_routed_means_no_rewrite():
     model, x = _model()
     with inductor_config.patch(pre_grad_custom_pass=None, post_grad_custom_post_pass=None):
-        inductor_pass.install(("cuda",))
-        torch.compile(model)(x)
+        installed = inductor_pass.install(("cuda",))
+        try:
+            torch.compile(model)(x)
+        finally:
+            inductor_pass.uninstall(installed)
     assert "not routed" in stats.site_records()[0].reason
 
 
@@ -236,3 +244,39 @@ def test_dynamic_float_dropout_attribute_of_zero_is_guarded_not_a_fallback():
         got = torch.compile(Attention(), dynamic=True, fullgraph=True)(q, k, v)
     assert [r.decision for r in stats.site_records()][-1] == "fa4", stats.site_records()[-1].reason
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-2, rtol=2e-2)
+
+
+def test_a_warm_inductor_cache_still_records_every_site(tmp_path):
+    """A second process loading the same graph from Inductor's caches gets the site records and counters too."""
+    script = (
+        "import json, torch, torch.nn.functional as F, fa4_inductor\n"
+        "fa4_inductor.enable(devices=('cpu',), eager=False)\n"
+        "q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16, requires_grad=True)\n"
+        "torch.compile(lambda q: F.scaled_dot_product_attention(q, q, q, is_causal=True))(q).sum().backward()\n"
+        "from torch._dynamo.utils import counters\n"
+        "print(json.dumps([[r.decision for r in fa4_inductor.stats.site_records()], "
+        "counters['aot_autograd']['autograd_cache_hit']]))\n")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path), TORCHINDUCTOR_FX_GRAPH_CACHE="1",
+               TORCHINDUCTOR_AUTOGRAD_CACHE="1")
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert runs == [[["fa4"], 0], [["fa4"], 1]]
+
+
+def test_dynamic_lengths_starting_at_the_head_dim_stay_on_fa4_in_training():
+    """dynamic=True with the first length equal to the head dim (duck sizing gives both one symbol): the graph
+    compiled for the next lengths keeps S_q == S_kv (a guard) and its causal site on FA4, forward and backward."""
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    with fa4_inductor.enabled(devices=("cpu",)):
+        compiled = torch.compile(fn, dynamic=True)
+        for length in (32, 48, 64, 100):
+            torch.manual_seed(length)
+            inputs = [torch.randn(2, 4, length, 32, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+            assert_matches_eager(fn, compiled, inputs)
+    assert [r.decision for r in stats.site_records()] == ["fa4"] * len(stats.site_records())
+    assert not stats.counters["eager.fallback"]

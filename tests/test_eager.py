@@ -106,21 +106,66 @@ def test_direct_aten_flash_call_is_overridden():
     assert got[0].stride() == want[0].stride() and got[1].stride() == want[1].stride()
 
 
+def test_direct_aten_flash_backward_call_gives_the_stock_kernels_layouts():
+    """Compiled graphs assert the strides the stock kernel's meta promises (B,S,H,D memory on CPU)."""
+    q, k, v = (t.detach() for t in _qkv())
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=True)[:2]
+    args = (torch.randn_like(out), q, k, v, out, lse, 0.0, True)
+    want = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(*args)
+    with fa4_inductor.enabled(compile=False, devices=("cpu",)):
+        got = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(*args)
+    assert stats.counters["eager.fa4"] == 1
+    for g, w in zip(got, want):
+        assert g.stride() == w.stride()
+        torch.testing.assert_close(g, w, atol=3e-2, rtol=3e-2)
+
+
 def test_enable_disable_round_trip_restores_pytorch():
     q, k, v = _qkv()
     before = torch.library.get_kernel("aten::scaled_dot_product_attention", "AutogradCPU")
     user_pass = inductor_config.pre_grad_custom_pass
+    timing = getattr(inductor_config, "pre_grad_pass_timing", None)  # torch >= 2.12
     for _ in range(3):
         assert fa4_inductor.enable(devices=("cpu",)) is True
         assert fa4_inductor.enable(devices=("cpu",)) is True  # idempotent
         assert inductor_config.pre_grad_custom_pass is not user_pass
+        assert timing is None or inductor_config.pre_grad_pass_timing == "early"
         fa4_inductor.disable()
         fa4_inductor.disable()
         assert inductor_config.pre_grad_custom_pass is user_pass
+        assert getattr(inductor_config, "pre_grad_pass_timing", None) == timing
     F.scaled_dot_product_attention(q, k, v)
     assert stats.counters["eager.fa4"] == 0
     after = torch.library.get_kernel("aten::scaled_dot_product_attention", "AutogradCPU")
     assert repr(before) == repr(after)
+
+
+def test_a_stock_compile_after_the_override_keeps_its_gradients():
+    """A compile traced through the override leaves PyTorch's Python dispatcher routing SDPA to the override's C++
+    slot; once the override is gone that stale routing must not survive (it disconnected the gradients of the
+    next stock compile)."""
+    def fn(x, w1, w2):
+        h = x
+        for w in (w1, w2):
+            q = (h @ w).view(2, 16, 4, 16).transpose(1, 2)
+            h = h + F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2).reshape(2, 16, 64)
+        return h
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 64, dtype=torch.bfloat16)
+    weights = [torch.randn(64, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+
+    def grads(run):
+        return torch.autograd.grad(run(x, *weights).float().square().sum(), weights)
+
+    want = grads(fn)
+    with inductor_config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+        with fa4_inductor.enabled(compile=False, devices=("cpu",)):
+            grads(torch.compile(fn))
+        torch._dynamo.reset()
+        got = grads(torch.compile(fn))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=2e-2 * w.abs().max().item(), rtol=0)
 
 
 def test_enabled_context_restores_previous_settings():

@@ -87,7 +87,12 @@ def _assert_grads_close(got_grads, want_grads, tol=5e-2):
 @pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "qwen2", "gpt2"])
 def test_decoder_sites_run_fa4_and_match_eager(name, impl):
     torch.manual_seed(0)
-    model = _build(name, impl).to(torch.bfloat16).eval()  # eval: dropout off, grads still flow
+    try:
+        model = _build(name, impl).to(torch.bfloat16).eval()  # eval: dropout off, grads still flow
+    except ValueError as exc:  # transformers >= 5.23 has no SDPA path for Gemma 2 (its softcap)
+        if not (name == "gemma2" and impl == "sdpa" and "does not support an attention implementation" in str(exc)):
+            raise
+        pytest.skip(f"transformers {transformers.__version__} builds no SDPA Gemma 2")
     ids = torch.randint(0, 128, (2, 24))
     want, want_grads = _logits_and_grads(model, ids, {})
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
@@ -302,3 +307,29 @@ def test_static_cache_generate_decodes_on_fa4():
     assert torch.equal(got.sequences, want.sequences)
     for got_step, want_step in zip(got.logits, want.logits, strict=True):
         torch.testing.assert_close(got_step, want_step, atol=2e-3, rtol=2e-3)
+
+
+def test_disabling_leaves_pytorch_as_it_was():
+    """After compiling and training GPT-2 with the plugin (compile and eager routing on), PyTorch is as before: the
+    Inductor settings and SDPA kernels are the stock ones, and a stock torch.compile of the same model (the graphs
+    Dynamo compiled under the plugin reused, and after a reset compiled anew) gives eager's gradients."""
+    from torch._inductor import config as inductor_config
+
+    torch.manual_seed(0)
+    model = _build("gpt2", "sdpa").to(torch.bfloat16).eval()
+    ids = torch.randint(0, 128, (2, 24))
+    settings = {name: getattr(inductor_config, name) for name in (
+        "pre_grad_custom_pass", "post_grad_custom_post_pass", "pre_grad_pass_timing") if hasattr(inductor_config, name)}
+    kernel = repr(torch.library.get_kernel("aten::scaled_dot_product_attention", "AutogradCPU"))
+    want, want_grads = _logits_and_grads(model, ids, {})
+    with fa4_inductor.enabled(devices=("cpu",)):
+        _logits_and_grads(model, ids, {}, call=torch.compile(model))
+    assert stats.counters["compile.fa4"] == 2
+    assert {name: getattr(inductor_config, name) for name in settings} == settings
+    assert repr(torch.library.get_kernel("aten::scaled_dot_product_attention", "AutogradCPU")) == kernel
+    for reset in (False, True):
+        if reset:
+            torch._dynamo.reset()
+        got, got_grads = _logits_and_grads(model, ids, {}, call=torch.compile(model))
+        assert _rel(got, want) < 2e-2
+        _assert_grads_close(got_grads, want_grads)
