@@ -12,6 +12,9 @@
 #   fuzz       the differential fuzz on the GPU (FUZZ_PROGRAMS programs, default 400, for at most FUZZ_MINUTES)
 #   probe      FA4 varlen run in place over padded batches (left padding, documents) vs the plugin and packed varlen
 #   gqa_probe  the left-padded HF Llama benchmark's attention alone: the plugin vs FA4 varlen, with and without GQA
+#   vs_fa4     plain, GQA and window problems: the plugin vs FA4 direct and stock compile (results named by FA4 version)
+#   plan_check what checking a launch plan on its first replay costs
+#   stock_probe stock torch.compile's SDPA gradients on transposed views vs float64
 # BENCH_ARGS is passed to bench_attention.py (e.g. "--s 1024 --block-s 4096" for a short run).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -19,6 +22,9 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the repository root, for ex
 STEPS=${STEPS:-tests overhead first_step attention padded hf_padded}
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "pip install -e . failed"; exit 1; }
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader
+fa4_beta() {  # "b40" for flash-attn-4 4.0.0b40: result files are named by the FA4 they measured
+  python3 -c "import importlib.metadata as m; print('b' + m.version('flash-attn-4').rsplit('b', 1)[-1])"
+}
 for step in $STEPS; do
   echo "== $step"
   case $step in
@@ -42,6 +48,11 @@ for step in $STEPS; do
     fuzz) timeout 580 python3 benchmarks/fuzz_gpu.py --programs ${FUZZ_PROGRAMS:-400} --minutes ${FUZZ_MINUTES:-9} --out $OUT 2>&1 | tail -12 ;;
     probe) timeout 300 python3 benchmarks/probe_zero_copy_varlen.py --out $OUT 2>&1 | grep -v -i warn | tail -8 ;;
     gqa_probe) timeout 300 python3 benchmarks/probe_gqa_masked.py --out $OUT 2>&1 | grep -v -i warn | tail -4 ;;
+    vs_fa4) timeout 400 python3 benchmarks/bench_vs_fa4.py --out $OUT --tag vs_fa4_h200_$(fa4_beta) 2>&1 | grep -v "^{" \
+        | tail -14 ;;
+    plan_check) timeout 200 python3 benchmarks/probe_plan_check.py --out $OUT --tag plan_check_h200_$(fa4_beta) 2>&1 \
+        | tail -12 ;;
+    stock_probe) timeout 300 python3 benchmarks/probe_stock_transposed.py --out $OUT 2>&1 | grep -v "^{" | tail -14 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -8,6 +8,7 @@ lines) when set, for the closing notes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 import fa4_inductor
 from examples.attention_block import AttentionBlock
-from fa4_inductor import fa4_adapter, fa4_api, masking, native, stats
+from fa4_inductor import fa4_adapter, fa4_api, launch_plan, masking, native, stats
 from fa4_inductor.reference import visible_keys
 
 pytestmark = pytest.mark.gpu
@@ -162,7 +163,8 @@ def test_block_sparse_calls_replay_their_launch_plans_exactly(case, monkeypatch)
     keywords (its buffer is made anew, cut at the views learned, the kernels replayed) and still matches fp64.
     The first three cases run block sparsity, the last the mask_mod on every tile."""
     torch.manual_seed(1)
-    _op_against_fp64(case)
+    for _ in range(WARM_CALLS):
+        _op_against_fp64(case)
     entered = []
     for module, name in ((fa4_api, "flash_forward"), (fa4_api, "flash_backward"), (masking, "fa4_masking")):
         monkeypatch.setattr(module, name, lambda *args, _name=name, _real=getattr(module, name), **kwargs: (
@@ -214,6 +216,18 @@ def test_split_kv_decoding_matches_fp64_reference(batch, padded, seqlen_k):
     assert lse_err < 1e-2
 
 
+# Calls until a call signature replays its trusted plan: one that compiles FA4's kernels (not learned from), one that
+# learns, one whose replay is checked against FA4's own call.
+WARM_CALLS = 3
+
+
+def _steady(step):
+    """``step`` after :data:`WARM_CALLS` calls: what it launches from now on is what every later call launches."""
+    for _ in range(WARM_CALLS):
+        result = step()
+    return result
+
+
 def _kernel_names(fn) -> list[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
@@ -225,32 +239,41 @@ def _attention_kernels(names):
     return [n for n in names if any(t in n.lower() for t in ("flash", "fmha", "attention", "cudnn"))]
 
 
-@pytest.mark.parametrize("heads_kv, causal", [(8, False), (2, True)])
-def test_launch_plan_replays_are_bitwise_fa4(heads_kv, causal):
-    """One plan serves every long sequence length, with FA4's own results bit for bit."""
-    params = dict(softmax_scale=0.1, causal=causal, window_left=-1, window_right=-1, softcap=0.0, seqused_k=None)
+@pytest.mark.parametrize("heads_kv, causal, window", [(8, False, -1), (2, True, -1), (8, False, 1500)])
+def test_launch_plan_replays_are_bitwise_fa4(heads_kv, causal, window):
+    """Each call signature's plan is learned, checked against FA4 on its first replay, then replayed, with FA4's
+    own results bit for bit at every step (a window longer than some sequences: FA4 4.0.0b40 clamps it to the
+    length it launches with)."""
+    params = dict(softmax_scale=0.1, causal=causal, window_left=window, window_right=-1 if window < 0 else 0,
+                  softcap=0.0, seqused_k=None)
     fa4_adapter.forward_plans().clear()
+    stats.reset()
     for seqlen in (1000, 2048, 3001):
         q = torch.randn(2, seqlen, 8, 128, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(2, seqlen, heads_kv, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        out, lse = fa4_adapter.forward(q, k, v, **params)
-        ref_out, ref_lse = (torch.empty_like(out), torch.empty_like(lse))
-        fa4_adapter._fa4_forward(q, k, v, ref_out, ref_lse, **params)
-        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+        for _ in range(3):
+            out, lse = fa4_adapter.forward(q, k, v, **params)
+            ref_out, ref_lse = (torch.empty_like(out), torch.empty_like(lse))
+            fa4_adapter._fa4_forward(q, k, v, ref_out, ref_lse, **params)
+            assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
     plans = fa4_adapter.forward_plans()
-    assert len(plans.keys()) == 1 and plans.get(plans.keys()[0])
+    assert len(plans.keys()) == 3 and all(plans.get(key) for key in plans.keys())
+    assert stats.counters["plans.checked"] == 3 and not stats.counters["plans.check_failed"], dict(stats.counters)
 
 
 @pytest.mark.parametrize("heads_kv, causal, seqused", [(8, False, False), (2, True, False), (8, False, True)])
 def test_native_launcher_replays_bitwise_on_the_current_stream(heads_kv, causal, seqused):
     """The op's C++ kernel: a planned signature launches FA4's kernel from C++, with FA4's own results
-    bit for bit, on the caller's stream."""
+    bit for bit, on the caller's stream. (FA4 4.0.0b40 allocates a workspace per ``seqused_k`` call: that plan
+    replays from Python, with a fresh workspace.)"""
     assert native.PLANS.enabled, native.load()
     q = torch.randn(2, 700, 8, 128, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(2, 700, heads_kv, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     seqused_k = torch.tensor([300, 700], device="cuda", dtype=torch.int32) if seqused else None
     params = dict(softmax_scale=0.1, causal=causal, window_left=-1, window_right=-1, softcap=0.0, seqused_k=seqused_k)
-    torch.ops.fa4.flash_attn_fwd_kernel(q, k, v, *params.values())  # learns the plan through Python
+    before = native.PLANS.count()
+    for _ in range(WARM_CALLS):  # learns the plan through Python, then checks it against FA4's own call
+        torch.ops.fa4.flash_attn_fwd_kernel(q, k, v, *params.values())
     planned = native.PLANS.count()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -263,7 +286,9 @@ def test_native_launcher_replays_bitwise_on_the_current_stream(heads_kv, causal,
     torch.cuda.current_stream().wait_stream(side)
     ref_out, ref_lse = torch.empty_like(out), torch.empty_like(lse)
     fa4_adapter._fa4_forward(q, k, v, ref_out, ref_lse, **params)
-    assert native.PLANS.count() == planned >= 1
+    sequence = fa4_adapter.forward_plans().get(launch_plan.call_signature(q, k, v, *params.values()))
+    assert sequence, "no trusted plan"
+    assert native.PLANS.count() == planned == before + (sequence.single() is not None)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
@@ -301,6 +326,78 @@ def test_backward_launch_sequence_replays_match_fa4(heads_kv, causal, determinis
     _report("backward_launch_sequence", heads_kv=heads_kv, causal=causal, deterministic=deterministic,
             launches=len(sequence.launches), scratch=[(str(r.dtype), r.zeroed) for r in sequence.scratch],
             max_rel_err=max(errors))
+
+
+def _tampered_backward(sequence: launch_plan.LaunchSequence, how: str) -> launch_plan.LaunchSequence:
+    """A backward launch sequence changed the way a new FA4 could change what a replay sees: its main kernel
+    missed (4.0.0b40 fetched it past the recorder), or its accumulators allocated without the zero-fill FA4 does."""
+    if how == "main_kernel_missed":
+        return dataclasses.replace(sequence, launches=sequence.launches[:1] + sequence.launches[2:])
+    return dataclasses.replace(sequence, scratch=tuple(dataclasses.replace(r, zeroed=False) for r in sequence.scratch))
+
+
+@pytest.mark.parametrize("how", ["main_kernel_missed", "accumulators_not_zeroed"])
+def test_a_plan_that_would_replay_wrong_fails_its_check_and_the_call_keeps_fa4s_gradients(how):
+    """The check of a plan's first replay is what stands between a changed FA4 and a wrong gradient."""
+    params = dict(softmax_scale=0.1, causal=True, window_left=-1, window_right=-1, softcap=0.0, seqused_k=None)
+    torch.manual_seed(0)
+    q = torch.randn(2, 1500, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 1500, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    out, lse = fa4_adapter.forward(q, k, v, **params)
+    plans = fa4_adapter.backward_plans()
+    plans.clear()
+    stats.reset()
+
+    def backward():
+        dout = torch.randn_like(out)
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        fa4_adapter.backward(dout, q, k, v, out, lse, **params, dq=grads[0], dk=grads[1], dv=grads[2])
+        want = [torch.empty_like(t) for t in (q, k, v)]
+        fa4_adapter._fa4_backward(dout, q, k, v, out, lse, *want, **params, deterministic=False)
+        return max(((g.float() - w.float()).abs().max() / w.float().abs().max()).item() for g, w in zip(grads, want))
+
+    errors = [backward()]  # learned (unless the call compiled FA4's kernels: then on the next)
+    if not plans.keys():
+        errors.append(backward())
+    (signature,) = plans.keys()
+    learned, _ = plans._plans[signature]
+    plans._put(signature, _tampered_backward(learned, how), trusted=False)
+    # Freed blocks of the accumulators' sizes hold NaN, so an allocation that skips the zero-fill sees garbage.
+    garbage = [torch.full(r.size, float("nan"), dtype=r.dtype, device="cuda") if r.dtype.is_floating_point
+               else torch.full(r.size, -7, dtype=r.dtype, device="cuda") for r in learned.scratch]
+    del garbage
+    errors += [backward() for _ in range(2)]  # the checked first replay, then FA4's own path
+    _report("tampered_plan_check", how=how, errors=errors, counters=dict(stats.counters))
+    assert stats.counters["plans.check_failed.backward"] == 1 and plans.get(signature) is None
+    assert max(errors) < 1e-2, errors
+
+
+def test_stock_compile_after_the_plugin_is_disabled_gives_right_gradients():
+    """After compiling and training with the plugin (compile and eager routing on), a stock torch.compile of the
+    same model, the plugin off, must give eager's gradients (once seen: h.1.ln_1 gradients exactly zero)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=256, n_embd=512, n_layer=2, n_head=8, n_positions=512,
+                                     attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation="sdpa")
+    model = transformers.GPT2LMHeadModel(config).cuda().bfloat16()
+    ids = torch.randint(0, 256, (2, 512), device="cuda")
+
+    def gradients(run):
+        model.zero_grad(set_to_none=True)
+        run(ids).logits.float().square().mean().backward()
+        return {name: p.grad.float().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    want = gradients(model)
+    torch._dynamo.reset()
+    with fa4_inductor.enabled(devices=("cuda", "cpu")):
+        for _ in range(3):
+            gradients(torch.compile(model))
+    errors = []
+    for _ in range(3):
+        got = gradients(torch.compile(model))
+        errors.append(max(((got[n] - w).norm() / w.norm().clamp_min(1e-6)).item() for n, w in want.items()))
+    _report("stock_after_disable", errors=errors)
+    assert max(errors) < 5e-2, errors
 
 
 def test_eager_override_runs_fa4_and_falls_back_with_reason():
@@ -415,7 +512,7 @@ def test_compiled_block_runs_fa4_forward_and_backward():
             out = compiled(x)
             out.float().square().mean().backward()
             return out
-        step()
+        _steady(step)
         names = _kernel_names(step)
     ref = block.double()(x.double())
     block.bfloat16()
@@ -596,6 +693,31 @@ def test_compiled_causal_sdpa_on_transposed_views_keeps_right_gradients():
     assert stats.counters["compile.fa4"] == 1 and errors["plugin"] < 2e-2, errors
 
 
+@pytest.mark.parametrize("mask", ["prefix_lm", "chunked"])
+def test_masked_sites_left_to_stock_keep_right_gradients_on_transposed_views(mask):
+    """Masks FA4 can't express stay with stock SDPA; on (B, S, H, D) leaves seen transposed, the site the plugin
+    leaves must still give float64's gradients (``docs/stock_sdpa_transposed_views.md``)."""
+    torch.manual_seed(0)
+    leaves = _leaves(*[(2, 1000, 8, 64)] * 3)
+
+    def fn(q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        i, j = torch.arange(q.shape[2], device=q.device)[:, None], torch.arange(k.shape[2], device=q.device)[None, :]
+        keep = ((j <= i) | (j < 250)) if mask == "prefix_lm" else (i // 128 == j // 128)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+    ref = fn(*(t.double() for t in leaves))
+    dout = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, leaves, dout)
+    torch._dynamo.reset()
+    stats.reset()
+    with fa4_inductor.enabled(compile=True, eager=False):
+        grads = torch.autograd.grad(torch.compile(fn, fullgraph=True)(*leaves), leaves, dout.bfloat16())
+    errors = [((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, ref_grads)]
+    _report("stock_site_transposed_views", mask=mask, relative_grad_errors=errors)
+    assert stats.counters["compile.fallback"] == 1 and max(errors) < 2e-2, (errors, stats.site_records())
+
+
 def test_compiled_sdpa_on_leaves_runs_only_fa4_kernels():
     """SDPA on (B, H, S, D) leaves, forward + backward: FA4's kernels (and the zero-fill of its accumulators) and
     no layout copies: the gradients land in the leaves' layout."""
@@ -613,7 +735,7 @@ def test_compiled_sdpa_on_leaves_runs_only_fa4_kernels():
 
         def step():
             return torch.autograd.grad(compiled(q, k, v), (q, k, v), grad)
-        grads = step()
+        grads = _steady(step)
         names = _kernel_names(step)
     assert [g.stride() for g in grads] == [t.stride() for t in (q, k, v)]
     others = [n for n in names if "flash_attncute" not in n and "fill" not in n.lower()]
@@ -634,7 +756,7 @@ def test_compiled_attention_block_runs_no_copies_around_fa4():
 
         def step():
             return torch.autograd.grad(compiled(x), (x, *block.parameters()), grad)
-        step()
+        _steady(step)
         names = _kernel_names(step)
     # Allowed besides FA4 and the GEMMs: zero-fills of FA4's accumulators, and the stack that is the backward of
     # the model's own ``unbind`` of the qkv projection (FA4 called by hand in eager runs it too).
