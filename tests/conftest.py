@@ -24,7 +24,7 @@ def clean_state():
 
 @pytest.fixture
 def no_compile_cache():
-    """Compile for real (the rewrite only runs on a cache miss)."""
+    """Compile for real: no graph from Inductor's caches, each test's rewrite runs on the code under test."""
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
         yield

@@ -21,7 +21,7 @@ def _start_two_ranks(script: str, *args: str) -> subprocess.Popen:
     # --standalone: a local rendezvous on a free port, so runs on one host don't collide.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(EXAMPLES / script), "--device", "cpu", *args]
-    # Site records are written when the rewrite runs, i.e. on an Inductor cache miss: caches off.
+    # Caches off: each run compiles (and rewrites) afresh.
     env = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0")
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 

@@ -21,7 +21,7 @@ from tests.compare import EXCEPTION_TEXT, assert_matches_eager
 from tests.fuzz_programs import random_programs
 
 log = logging.getLogger(__name__)
-pytestmark = pytest.mark.usefixtures("no_compile_cache")  # Inductor runs the rewrite on cache misses only
+pytestmark = pytest.mark.usefixtures("no_compile_cache")  # every program compiled afresh
 
 PROGRAMS = 240
 FLEX_PROGRAMS = 40

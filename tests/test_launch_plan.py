@@ -1,4 +1,4 @@
-"""Launch plans: which calls share a plan, and learning/replaying one through the adapter (CPU stand-in for FA4)."""
+"""Launch plans (CPU stand-ins for FA4): one per call signature, learned, checked on their first replay, replayed."""
 
 import types
 
