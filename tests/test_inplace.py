@@ -189,11 +189,19 @@ def test_sites_whose_rewrite_would_miss_a_write_fall_back_and_stay_exact(name):
     assert record.decision == "fallback" and reason in record.reason, record.reason
 
 
-def test_sdpa_with_a_padding_mask_and_is_causal_applies_both():
-    """torch applies ``attn_mask`` and ``is_causal`` together; the rewrite must too."""
+def test_sdpa_with_a_padding_mask_and_is_causal_applies_both_or_stays_where_torch_refuses_them():
+    """torch 2.13 applies ``attn_mask`` and ``is_causal`` together, and so must the rewrite; torch 2.15 raises, and
+    the site stays as written (raising just as it does without the plugin)."""
     def fn(q, k, v, pad):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=pad[:, None, None, :], is_causal=True)
 
+    try:
+        fn(*_qkv(), _padding())
+    except RuntimeError:  # torch refuses the pair; so does Dynamo's tracing, before anything reaches the rewrite
+        with fa4_inductor.enabled(eager=False, devices=("cpu",)), pytest.raises(Exception, match="is_causal"):
+            torch.compile(fn, fullgraph=True)(*_qkv(), _padding())
+        assert not [r for r in stats.site_records() if r.decision == "fa4"]
+        return
     record = _compile_and_compare(fn)
     assert record.decision == "fa4" and record.features["causal"] and record.features["padding"]
     window = _compile_and_compare_window()
