@@ -81,6 +81,23 @@ def _analyze_mods(score_mod: Node, block_mask: tuple, score_buffers, mask_buffer
     return structure, transform, None
 
 
+def _logsumexp_base(node: Node) -> str | None:
+    """How the graph reads the op's logsumexp: ``"log2"`` when every use scales it by ln 2 (torch's flex_attention
+    does for its kernels' base-2 statistics: in torch 2.11 for every backend, since for all but FLASH),
+    ``"natural"`` when none does, ``"mixed"``, or None when it isn't read."""
+    uses = [use for user in node.users if user.target is operator.getitem and user.args[1] == _LOGSUMEXP
+            for use in user.users]
+    scaled = [_scales_by_ln2(use) for use in uses]
+    if not scaled:
+        return None
+    return "log2" if all(scaled) else "natural" if not any(scaled) else "mixed"
+
+
+def _scales_by_ln2(node: Node) -> bool:
+    return (node.op == "call_function" and node.target in (operator.mul, torch.mul)
+            and any(isinstance(a, float) and math.isclose(a, math.log(2.0)) for a in node.args))
+
+
 def _reads_batch(structure: MaskStructure) -> bool:
     """Does the mask differ between batch rows (padding, per-row documents)? Ids shared by every row don't."""
     per_row_documents = structure.segment_ids is not None and example_value(structure.segment_ids).dim() == 2
@@ -117,6 +134,8 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision:
         blocker = blocker or "the caller reads the running maxima (AuxRequest(max_scores=True)), which FA4 doesn't return"
     if any(user.target is not operator.getitem for user in node.users):
         blocker = blocker or "the op's result tuple is used as a whole"
+    elif _logsumexp_base(node) == "mixed":
+        blocker = blocker or "the op's logsumexp is read both in base 2 and in natural log"
     if q.shape[0] != k.shape[0]:
         blocker = blocker or "query and key/value have different batch sizes (a broadcast block mask)"
     if structure is not None and _reads_batch(structure) and _block_rows(block_mask) == 1 != q.shape[0]:
@@ -130,12 +149,13 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision:
     decision.features.update(flex_backend=kernel_options.get("BACKEND", "AUTO"),
                              block_mask="graph input" if _lists_from_outside(block_mask) else "built in graph")
     decision.captured["dead"] = [t for t in block_mask[2:-3] if isinstance(t, Node)]
-    decision.captured["stats_are_log2"] = kernel_options.get("BACKEND", "AUTO") != "FLASH"
+    decision.captured["stats_are_log2"] = _logsumexp_base(node) == "log2"
     return decision
 
 
 def rewrite(match: Match, decision: SiteDecision) -> None:
-    """Replace the op's output and logsumexp (in its base: log2 unless the FLASH backend) by an FA4 call's."""
+    """Replace the op's output and logsumexp (in the base the graph reads it in, :func:`_logsumexp_base`) by an FA4
+    call's."""
     node = decision.node
     graph = node.graph
     out, lse = emit_fa4(decision, node)

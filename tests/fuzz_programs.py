@@ -197,9 +197,11 @@ def _flex_mods(program: Program, padding, segments, bias):
     }
     band, extra = bands[program.band], extras[program.extra]
     mask_mod = None
-    if band or extra:
+    if band is not None or extra is not None:  # "is not None": torch 2.11's Dynamo can't take a function's truth
+        bands, extras = [f for f in (band,) if f is not None], [f for f in (extra,) if f is not None]
+
         def mask_mod(b, h, q_idx, kv_idx):
-            parts = [f(q_idx, kv_idx) for f in (band,) if f] + [f(b, q_idx, kv_idx) for f in (extra,) if f]
+            parts = [f(q_idx, kv_idx) for f in bands] + [f(b, q_idx, kv_idx) for f in extras]
             return parts[0] & parts[1] if len(parts) == 2 else parts[0]
     score_mod = SCORE_MODS[program.score]
     if program.extra == "relative_bias":
