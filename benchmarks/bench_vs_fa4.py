@@ -51,8 +51,12 @@ def _sdpa(causal: bool, window: int | None, heads: int, heads_kv: int):
     return attention
 
 
-def run(name: str) -> dict:
-    """Every variant on one problem; returns a result row."""
+VARIANTS = ("plugin", "stock", "fa4_direct")
+
+
+def variant_steps(name: str, row: dict | None = None, variants: tuple[str, ...] = VARIANTS) -> tuple[dict, dict]:
+    """The warm forward + backward step of each of ``variants`` on one problem, and its output; ``row`` gets the
+    plugin's sites and launch-plan checks."""
     from flash_attn.cute import flash_attn_func
 
     batch, heads, heads_kv, seqlen, causal, window = PROBLEMS[name]
@@ -66,10 +70,12 @@ def run(name: str) -> dict:
         return fa4_output(flash_attn_func(q, k, v, causal=causal and window is None,
                                           window_size=(window, 0) if window is not None else (None, None)))
 
-    row: dict = {"problem": name, "shape": f"B{batch} H{heads}/{heads_kv} S{seqlen} D{D}", "ms": {}}
+    row = {} if row is None else row
     outputs, steps = {}, {}
     torch._dynamo.reset()
     for variant, plugin in (("plugin", True), ("stock", False)):
+        if variant not in variants:
+            continue
         stats.reset()
         with fa4_inductor.enabled(compile=True, eager=False) if plugin else contextlib.nullcontext():
             compiled = torch.compile(problem_runner.with_own_code(attention, variant), fullgraph=True)
@@ -79,8 +85,17 @@ def run(name: str) -> dict:
                 steps[variant]()  # the first replays: each launch plan checked against FA4's own call
                 row["plugin_sites"] = [f"{r.decision}: {r.reason or r.features}" for r in stats.site_records()]
                 row["plan_checks"] = {key: value for key, value in stats.counters.items() if key.startswith("plans.")}
-    outputs["fa4_direct"] = fa4_direct(q, k, v).detach()
-    steps["fa4_direct"] = problem_runner.warm(problem_runner.fwd_bwd(fa4_direct, (q, k, v)))
+    if "fa4_direct" in variants:
+        outputs["fa4_direct"] = fa4_direct(q, k, v).detach()
+        steps["fa4_direct"] = problem_runner.warm(problem_runner.fwd_bwd(fa4_direct, (q, k, v)))
+    return steps, outputs
+
+
+def run(name: str) -> dict:
+    """Every variant on one problem; returns a result row."""
+    batch, heads, heads_kv, seqlen, _, _ = PROBLEMS[name]
+    row: dict = {"problem": name, "shape": f"B{batch} H{heads}/{heads_kv} S{seqlen} D{D}", "ms": {}}
+    steps, outputs = variant_steps(name, row)
     row["ms"] = problem_runner.interleaved_medians(steps)
     row["kernel_ms"] = {variant: problem_runner.kernel_ms(step) for variant, step in steps.items()}
     row["max_abs_diff_vs_fa4_direct"] = {

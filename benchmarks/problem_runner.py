@@ -39,10 +39,17 @@ def fwd_bwd(fn: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], *
     """A forward + backward step of ``fn(*inputs, *extra)``: the gradients of ``inputs`` by ``torch.autograd.grad``
     (no accumulation timed), fed a contiguous gradient, as a loss on the output gives, for every variant alike.
     (``ones_like`` would copy the strides of outputs that are transposed views, which AOTAutograd then copies to
-    its traced layout.)"""
+    its traced layout.) Its halves are attributes: ``step.forward()`` returns the output, ``step.backward(out)``
+    its gradients."""
     out = fn(*inputs, *extra)
     grad = torch.ones(out.shape, dtype=out.dtype, device=out.device)
-    return lambda: torch.autograd.grad(fn(*inputs, *extra), inputs, grad)
+
+    def step():
+        return torch.autograd.grad(fn(*inputs, *extra), inputs, grad)
+
+    step.forward = lambda: fn(*inputs, *extra)
+    step.backward = lambda out: torch.autograd.grad(out, inputs, grad)
+    return step
 
 
 def kernel_launches(step: Callable[[], object]) -> list[tuple[str, float]]:

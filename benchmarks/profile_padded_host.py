@@ -1,10 +1,11 @@
-"""Where the host time of a padded (block-sparse) training step goes: compiled forward + backward steps of
-``bench_padded``'s problem (left padding by default), next to the step's GPU kernel time.
+"""Where the host time of a training step goes: compiled forward + backward steps of ``bench_padded``'s problem
+(left padding by default) or of a ``bench_vs_fa4`` problem, next to the step's GPU kernel time.
 
 Three views of the same steps: enqueue and wall time per step; a torch.profiler timeline (GPU busy time per
 step, the largest GPU idle gaps, CPU time by op: the ``fa4`` ops, aten calls, autograd nodes); a cProfile of the
 Python. ``--variant flex_flash`` profiles FlexAttention FLASH's step on the same problem (block mask premade,
-as in ``bench_padded``) for comparison.
+as in ``bench_padded``) for comparison; on a ``bench_vs_fa4`` problem, ``stock`` and ``fa4_direct`` are its
+other variants, and the enqueue time of its forward and of its backward alone is reported too.
 
 Usage: python benchmarks/profile_padded_host.py --problem left --variant plugin --out OUT_DIR
 """
@@ -20,13 +21,17 @@ import statistics
 import time
 
 import torch
+from triton.testing import do_bench
 
 import bench_padded
+import bench_vs_fa4
 import fa4_inductor
 import problem_runner
 
 
 def _step(problem: str, variant: str):
+    if problem in bench_vs_fa4.PROBLEMS:
+        return bench_vs_fa4.variant_steps(problem, variants=(variant,))[0][variant]
     q, k, v = bench_padded._leaves(bench_padded.B, bench_padded.H, bench_padded.S, bench_padded.D)
     extra = {"documents": bench_padded._segments, "causal": lambda: None}.get(
         problem, lambda: bench_padded._padding(problem))()
@@ -63,7 +68,7 @@ def _timeline(step, steps: int, text: io.StringIO) -> None:
     span = kernels[-1][1] - kernels[0][0]
     text.write(f"\ntimeline of {steps} steps: GPU span {span / steps / 1e3:.3f} ms/step, busy "
                f"{busy / steps / 1e3:.3f} ms/step, idle {(span - busy) / steps / 1e3:.3f} ms/step\n")
-    text.write("largest GPU idle gaps (µs, the kernel that ended each):\n")
+    text.write("largest GPU idle gaps (µs, the kernel launched after each):\n")
     for gap, name in sorted(gaps, reverse=True)[:12]:
         text.write(f"  {gap:8.1f}  {name[:90]}\n")
     text.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
@@ -89,6 +94,21 @@ def _host_us(fn, calls: int = 30, busy: bool = False) -> float:
 
 def _idle_and_busy(name: str, fn, text: io.StringIO) -> None:
     text.write(f"  {_host_us(fn):9.1f} µs  {_host_us(fn, busy=True):9.1f} µs  {name}\n")
+
+
+def _halves(step, text: io.StringIO) -> None:
+    """Host µs of a step's forward alone and of its backward alone, started on an idle GPU and behind a busy one."""
+    def backward_of_a_new_forward(busy: bool) -> float:
+        samples = []
+        for _ in range(30):
+            out = step.forward()
+            samples.append(_host_us(lambda: step.backward(out), calls=1, busy=busy))
+        return statistics.median(samples)
+
+    text.write("  idle GPU    busy GPU\n")
+    _idle_and_busy("forward", step.forward, text)
+    text.write(f"  {backward_of_a_new_forward(False):9.1f} µs  {backward_of_a_new_forward(True):9.1f} µs  backward\n")
+    _idle_and_busy("forward + backward", step, text)
 
 
 def _call_costs(problem: str, text: io.StringIO) -> None:
@@ -163,12 +183,15 @@ def _launch_costs(tensors, scale: float, masks: dict, buffer: torch.Tensor, text
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--problem", default="left", choices=("left", "right", "documents", "causal"))
-    parser.add_argument("--variant", default="plugin", choices=("plugin", "flex_flash"))
+    parser.add_argument("--problem", default="left",
+                        choices=("left", "right", "documents", "causal", *bench_vs_fa4.PROBLEMS))
+    parser.add_argument("--variant", default="plugin", choices=("plugin", "flex_flash", "stock", "fa4_direct"))
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
-    with fa4_inductor.enabled(compile=args.variant == "plugin", eager=False):
+    # bench_vs_fa4's problems enable the plugin for their plugin variant themselves.
+    plugin = args.variant == "plugin" and args.problem not in bench_vs_fa4.PROBLEMS
+    with fa4_inductor.enabled(compile=plugin, eager=False):
         step = _step(args.problem, args.variant)
         for _ in range(5):
             step()
@@ -182,11 +205,15 @@ def main() -> None:
         kernels = problem_runner.kernel_ms(step)
         text = io.StringIO()
         text.write(f"{args.problem} ({args.variant}): host {host * 1e3:.3f} ms/step (enqueue), wall "
-                   f"{wall * 1e3:.3f} ms/step, GPU kernels {sum(kernels.values()):.3f} ms/step\n")
+                   f"{wall * 1e3:.3f} ms/step, GPU kernels {sum(kernels.values()):.3f} ms/step, "
+                   f"triton.testing.do_bench {do_bench(step, warmup=25, rep=100):.3f} ms\n")
         for name, ms in kernels.items():
             text.write(f"  {ms:8.3f} ms  {name}\n")
+        if args.problem in bench_vs_fa4.PROBLEMS:
+            text.write("host time of the step and its halves:\n")
+            _halves(step, text)
         _timeline(step, 20, text)
-        if args.variant == "plugin" and args.problem != "causal":
+        if args.variant == "plugin" and args.problem in ("left", "right", "documents"):
             text.write("\nhost time per call, started on an idle GPU and behind a ~2 ms kernel:\n")
             _call_costs(args.problem, text)
         profiler = cProfile.Profile()

@@ -12,7 +12,9 @@
 #   fuzz       the differential fuzz on the GPU (FUZZ_PROGRAMS programs, default 400, for at most FUZZ_MINUTES)
 #   probe      FA4 varlen run in place over padded batches (left padding, documents) vs the plugin and packed varlen
 #   gqa_probe  the left-padded HF Llama benchmark's attention alone: the plugin vs FA4 varlen, with and without GQA
-#   vs_fa4     plain, GQA and window problems: the plugin vs FA4 direct and stock compile (results named by FA4 version)
+#   vs_fa4     plain, GQA and window problems: the plugin vs FA4 direct and stock compile (results named by FA4 version;
+#              VS_FA4_PROBLEMS narrows them)
+#   host_profile where a step's host time goes, per variant (PROFILE_PROBLEM: a bench_vs_fa4 or bench_padded problem)
 #   plan_check what checking a launch plan on its first replay costs
 #   stock_probe stock torch.compile's SDPA gradients on transposed views vs float64
 # BENCH_ARGS is passed to bench_attention.py (e.g. "--s 1024 --block-s 4096" for a short run).
@@ -48,8 +50,12 @@ for step in $STEPS; do
     fuzz) timeout 580 python3 benchmarks/fuzz_gpu.py --programs ${FUZZ_PROGRAMS:-400} --minutes ${FUZZ_MINUTES:-9} --out $OUT 2>&1 | tail -12 ;;
     probe) timeout 300 python3 benchmarks/probe_zero_copy_varlen.py --out $OUT 2>&1 | grep -v -i warn | tail -8 ;;
     gqa_probe) timeout 300 python3 benchmarks/probe_gqa_masked.py --out $OUT 2>&1 | grep -v -i warn | tail -4 ;;
-    vs_fa4) timeout 400 python3 benchmarks/bench_vs_fa4.py --out $OUT --tag vs_fa4_h200_$(fa4_beta) 2>&1 | grep -v "^{" \
-        | tail -14 ;;
+    vs_fa4) timeout 400 python3 benchmarks/bench_vs_fa4.py --out $OUT --tag vs_fa4_h200_$(fa4_beta) \
+        ${VS_FA4_PROBLEMS:+--problems $VS_FA4_PROBLEMS} 2>&1 | grep -v "^{" | tail -14 ;;
+    host_profile) for variant in ${PROFILE_VARIANTS:-plugin fa4_direct stock}; do
+        timeout 200 python3 benchmarks/profile_padded_host.py --problem ${PROFILE_PROBLEM:-causal_s1k_b16} \
+          --variant $variant --out $OUT/$(fa4_beta) 2>&1 | head -${PROFILE_LINES:-14}
+      done ;;
     plan_check) timeout 200 python3 benchmarks/probe_plan_check.py --out $OUT --tag plan_check_h200_$(fa4_beta) 2>&1 \
         | tail -12 ;;
     stock_probe) timeout 300 python3 benchmarks/probe_stock_transposed.py --out $OUT 2>&1 | grep -v "^{" | tail -14 ;;

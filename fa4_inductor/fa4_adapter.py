@@ -8,8 +8,9 @@ Three things keep FA4's costs out of the training loop:
   (:mod:`.launch_plan`, one per exact call signature, each trusted only
   after its first replay matched FA4's own call: :mod:`.plan_trust`)
   instead of FA4's per-call Python; trusted single-kernel forward plans
-  are mirrored into the C++ kernel of :mod:`.native`, so a planned call
-  from a graph runs no Python at all.
+  and backward sequences without masking tensors are mirrored into the
+  C++ kernels of :mod:`.native`, so a planned call from a graph runs no
+  Python at all.
 - :func:`precompile_forward` / :func:`precompile_backward` build the kernels
   under fake tensors, so the op's fake impls compile them while
   ``torch.compile`` compiles the graph, not on the first step.
@@ -306,7 +307,7 @@ def _in_fresh_fake_mode(build) -> None:
         build()
 
 
-_BACKWARD_PLANS = launch_plan.PlanCache()
+_BACKWARD_PLANS = launch_plan.PlanCache(trusted_mirror=native.BACKWARD_PLANS)  # trusted ones replay from C++
 
 
 def backward(

@@ -423,14 +423,16 @@ class PlanCache:
 
     The front index turns a repeated forward into one dict lookup. ``None`` marks a signature whose launches are
     never replayed. A ``mirror`` (``add(signature, bound)``, ``clear()``) is told of every bound plan indexed and
-    of every clearing of the front index.
+    of every clearing of the front index; a ``trusted_mirror`` (``add(signature, sequence)``, ``clear()``) of every
+    plan that passed its check and of every clearing of the plans.
     """
 
-    def __init__(self, max_signatures: int = 4096, mirror=None):
+    def __init__(self, max_signatures: int = 4096, mirror=None, trusted_mirror=None):
         self._plans: dict[Hashable, tuple[LaunchSequence | None, bool]] = {}  # signature -> (plan, trusted)
         self._by_signature: dict[Hashable, BoundPlan | None] = {}
         self._max_signatures = max_signatures
         self._mirror = mirror
+        self._trusted_mirror = trusted_mirror
         self._lock = threading.Lock()
 
     def by_signature(self, signature: Hashable) -> BoundPlan | None | bool:
@@ -453,9 +455,16 @@ class PlanCache:
 
     def _put(self, signature: Hashable, plan: LaunchSequence | None, trusted: bool) -> None:
         with self._lock:
-            if len(self._plans) >= self._max_signatures:
-                self._plans.clear()  # bounded under endlessly varying shapes
+            if signature not in self._plans and len(self._plans) >= self._max_signatures:
+                self._clear_plans()  # bounded under endlessly varying shapes
             self._plans[signature] = (plan, trusted)
+            if plan and trusted and self._trusted_mirror is not None:
+                self._trusted_mirror.add(signature, plan)
+
+    def _clear_plans(self) -> None:
+        self._plans.clear()
+        if self._trusted_mirror is not None:
+            self._trusted_mirror.clear()
 
     def get(self, signature: Hashable) -> LaunchSequence | None | bool:
         """The trusted plan of a signature, None if never replayed, False if not learned or not checked yet."""
@@ -498,5 +507,5 @@ class PlanCache:
     def clear(self) -> None:
         """Forget every plan."""
         with self._lock:
-            self._plans.clear()
+            self._clear_plans()
             self._clear_signatures()

@@ -30,8 +30,8 @@ calls with the same masks (AOTAutograd's CSE merges their buffer ops in a
 training graph, :mod:`fa4_inductor.buffer_sharing` in an inference graph).
 
 On CUDA the kernels call FA4 through :mod:`fa4_inductor.fa4_adapter` (the
-forward through the C++ launcher of :mod:`fa4_inductor.native` when it
-builds, which replays learned launch plans with no Python); on CPU they run
+forward and the backward through the C++ launcher of :mod:`fa4_inductor.native`
+when it builds, which replays learned, checked launch plans with no Python); on CPU they run
 :mod:`fa4_inductor.reference`. Fake impls give exact shapes,
 dtypes and strides (symbolic sizes included); on CUDA they also compile the
 FA4 kernels the graph will need, while the graph compiles.
@@ -111,10 +111,11 @@ _library.define(f"flash_attn_fwd_masked_kernel(Tensor q, Tensor k, Tensor v, {_A
                 "-> (Tensor, Tensor)", tags=_TAGS)
 # The Python kernel behind the native launcher: it serves the calls the launcher has no plan for.
 _library.define(f"_flash_attn_fwd_python(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)")
-_library.define(
-    f"flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_ARGS}, "
-    "Tensor? masking_buffer=None) -> (Tensor, Tensor, Tensor)", tags=_TAGS,
-)
+_BACKWARD_SCHEMA = (f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_ARGS}, "
+                    "Tensor? masking_buffer=None) -> (Tensor, Tensor, Tensor)")
+_library.define(f"flash_attn_bwd{_BACKWARD_SCHEMA}", tags=_TAGS)
+# The Python kernel behind the native backward launcher: it serves the calls the launcher has no plan for.
+_library.define(f"_flash_attn_bwd_python{_BACKWARD_SCHEMA}")
 
 
 def _precompile_wanted(q: Tensor) -> bool:
@@ -284,7 +285,10 @@ _library.impl("masking_buffer", _masking_buffer_cuda, "CUDA")
 _library.impl("masking_buffer", _masking_buffer_cpu, "CPU")
 _library.impl("flash_attn_fwd_masked_kernel", _masked_forward_kernel_cuda, "CUDA")
 _library.impl("flash_attn_fwd_masked_kernel", _masked_forward_kernel_cpu, "CPU")
-_library.impl("flash_attn_bwd", _backward_kernel, "CUDA")
+_library.impl("_flash_attn_bwd_python", _backward_kernel, "CUDA")
+_library.impl("_flash_attn_bwd_python", _backward_kernel, "CPU")
+if not native.install_cuda_backward():
+    _library.impl("flash_attn_bwd", _backward_kernel, "CUDA")
 _library.impl("flash_attn_bwd", _backward_kernel, "CPU")
 torch.library.register_fake(f"{_OP_NS}::flash_attn_fwd_kernel", _forward_kernel_fake, lib=_library)
 torch.library.register_fake(f"{_OP_NS}::masking_buffer", _masking_buffer_fake, lib=_library)

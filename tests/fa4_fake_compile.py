@@ -183,9 +183,12 @@ def sm90_only() -> dict:
     decode = {**_params(causal=False), "key_padding": decode_padding}
     decode_splits = fa4_adapter.split_count(dq, dk, dv, decode)
     decode_s = fa4_adapter.precompile_forward(dq, dk, dv, **decode)
-    forward_kernels = fa4_api.module()._flash_attn_fwd.compile_cache.cache.values()
+    fa4 = fa4_api.module()
+    backward_kernels = [kernel for entry in (fa4._bwd_preprocess, fa4._flash_attn_bwd, fa4._bwd_postprocess_convert)
+                        for kernel in entry.compile_cache.cache.values()]
     return {"decode_splits": decode_splits, "decode_s": round(decode_s, 2),
-            "forward_kernels_python_wrapped": [_python_wrapped(kernel) for kernel in forward_kernels]}
+            "forward_kernels_python_wrapped": [_python_wrapped(k) for k in fa4._flash_attn_fwd.compile_cache.cache.values()],
+            "backward_kernels_python_wrapped": [_python_wrapped(kernel) for kernel in backward_kernels]}
 
 
 if __name__ == "__main__":

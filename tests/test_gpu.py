@@ -261,6 +261,20 @@ def test_launch_plan_replays_are_bitwise_fa4(heads_kv, causal, window):
     assert stats.counters["plans.checked"] == 3 and not stats.counters["plans.check_failed"], dict(stats.counters)
 
 
+def _behind_slow_work_on_a_side_stream(call):
+    """``call()`` on a side stream behind slow work, its input made there first (``call`` makes it): a launcher
+    that used another stream would race that input. Returns what ``call`` returns, synchronized back."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        busy = torch.randn(4096, 4096, device="cuda")
+        for _ in range(4):
+            busy = busy @ busy
+        result = call()
+    torch.cuda.current_stream().wait_stream(side)
+    return result
+
+
 @pytest.mark.parametrize("heads_kv, causal, seqused", [(8, False, False), (2, True, False), (8, False, True)])
 def test_native_launcher_replays_bitwise_on_the_current_stream(heads_kv, causal, seqused):
     """The op's C++ kernel: a planned signature launches FA4's kernel from C++, with FA4's own results
@@ -275,21 +289,55 @@ def test_native_launcher_replays_bitwise_on_the_current_stream(heads_kv, causal,
     for _ in range(WARM_CALLS):  # learns the plan through Python, then checks it against FA4's own call
         torch.ops.fa4.flash_attn_fwd_kernel(q, k, v, *params.values())
     planned = native.PLANS.count()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # slow work ahead of the inputs on the side stream: a wrong stream races it
-        busy = torch.randn(4096, 4096, device="cuda")
-        for _ in range(4):
-            busy = busy @ busy
-        q_side = q * 1.0
-        out, lse = torch.ops.fa4.flash_attn_fwd_kernel(q_side, k, v, *params.values())
-    torch.cuda.current_stream().wait_stream(side)
+    out, lse = _behind_slow_work_on_a_side_stream(
+        lambda: torch.ops.fa4.flash_attn_fwd_kernel(q * 1.0, k, v, *params.values()))
     ref_out, ref_lse = torch.empty_like(out), torch.empty_like(lse)
     fa4_adapter._fa4_forward(q, k, v, ref_out, ref_lse, **params)
     sequence = fa4_adapter.forward_plans().get(launch_plan.call_signature(q, k, v, *params.values()))
     assert sequence, "no trusted plan"
     assert native.PLANS.count() == planned == before + (sequence.single() is not None)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+@pytest.mark.parametrize("heads_kv, causal, layout, deterministic",
+                         [(8, False, "bshd", True), (2, True, "bhsd", True), (2, True, "bshd", False)])
+def test_native_backward_replays_fa4s_gradients_on_the_current_stream(heads_kv, causal, layout, deterministic):
+    """The backward op's C++ kernel: a checked launch sequence runs FA4's three kernels from C++ on fresh scratch,
+    with FA4's own gradients (bit for bit where deterministic, else within atomic-add reordering), in the layout
+    the Python kernel gives, on the caller's stream."""
+    assert native.BACKWARD_PLANS.enabled, native.load()
+    params = dict(softmax_scale=0.1, causal=causal, window_left=-1, window_right=-1, softcap=0.0)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        def leaf(heads):
+            if layout == "bhsd":  # B,S,H,D views of B,H,S,D memory, as a model's transposes give
+                return torch.randn(2, heads, 900, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+            return torch.randn(2, 900, heads, 128, device="cuda", dtype=torch.bfloat16)
+
+        q, k, v = leaf(8), leaf(heads_kv), leaf(heads_kv)
+        out, lse = torch.ops.fa4.flash_attn_fwd_kernel(q, k, v, *params.values())
+        dout = torch.randn_like(out)
+        before = native.BACKWARD_PLANS.count()
+        for _ in range(WARM_CALLS):  # learns the sequence through Python, then checks it against FA4's own call
+            torch.ops.fa4.flash_attn_bwd(dout, q, k, v, out, lse, *params.values())
+        assert native.BACKWARD_PLANS.count() == before + 1, "the checked sequence was not mirrored"
+        grads = _behind_slow_work_on_a_side_stream(
+            lambda: torch.ops.fa4.flash_attn_bwd(dout * 1.0, q, k, v, out, lse, *params.values()))
+        want = [fa4_adapter.gradient_like(t) for t in (q, k, v)]
+        fa4_adapter._fa4_backward(dout, q, k, v, out, lse, *want, **params, seqused_k=None,
+                                  deterministic=deterministic)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    errors = []
+    for got, ref in zip(grads, want):
+        assert got.stride() == ref.stride()
+        if deterministic:
+            assert torch.equal(got, ref)
+        errors.append(((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item())
+    assert max(errors) < 1e-2, errors
+    _report("native_backward", heads_kv=heads_kv, causal=causal, layout=layout, deterministic=deterministic,
+            max_rel_err=max(errors))
 
 
 @pytest.mark.parametrize("heads_kv, causal", [(8, False), (2, True)])

@@ -1,9 +1,9 @@
-"""The C++ forward launcher (``fa4_inductor.native``) on CPU tensors.
+"""The C++ launcher (``fa4_inductor.native``) on CPU tensors, forward and backward.
 
-A Python TVM-FFI function stands in for FA4's compiled kernel: the launcher
-must hand it the call's tensors in the plan's slots and the constants in
-place, return the out/lse it wrote, and send unplanned calls to the Python
-kernel (on CPU: the reference).
+Python TVM-FFI functions stand in for FA4's compiled kernels: the launcher
+must hand them the call's tensors (and a backward's scratch buffers) in the
+plan's slots and the constants in place, return the outputs they wrote, and
+send unplanned calls to the Python kernel (on CPU: the reference).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from fa4_inductor import launch_plan, native
+from fa4_inductor import fa4_adapter, launch_plan, native
 
 if shutil.which("c++") is None:
     pytest.skip("no C++ compiler to build the native launcher", allow_module_level=True)
@@ -126,3 +126,160 @@ def test_plan_cache_tells_its_mirror():
     cache.index("c", bound)  # over the bound: cleared first
     cache.clear()
     assert events == [("add", "a"), ("clear",), ("add", "c"), ("clear",)]
+
+
+BACKWARD_PARAMS = dict(softmax_scale=0.5, causal=True, window_left=-1, window_right=-1, softcap=0.0)
+
+
+@pytest.fixture
+def backward_plans():
+    assert native.load() is None
+    mirrored = native.NativeBackwardPlans()
+    mirrored.enabled = True
+    mirrored.clear()
+    yield mirrored
+    mirrored.clear()
+
+
+def _backward_inputs(layout: str = "bshd"):
+    """dout, q, k, v, out (B,S,H,D; "bhsd": views of B,H,S,D memory) and lse (B,H,S)."""
+    def tensor():
+        t = torch.randn(2, 2, 8, 4) if layout == "bhsd" else torch.randn(2, 8, 2, 4)
+        return t.transpose(1, 2) if layout == "bhsd" else t
+    return (*(tensor() for _ in range(5)), torch.randn(2, 2, 8))
+
+
+def _backward_signature(inputs, **masks):
+    """The exact signature fa4_adapter.backward gives this call (its gradients as the Python kernel makes them)."""
+    grads = [fa4_adapter.gradient_like(t) for t in inputs[1:4]]
+    params = dict(BACKWARD_PARAMS, seqused_k=None, key_padding=None, segment_ids=None, masking_buffer=None,
+                  deterministic=torch.are_deterministic_algorithms_enabled())
+    params.update(masks)
+    return launch_plan.exact_signature((*inputs, *grads), params)
+
+
+def _alias(a) -> torch.Tensor:
+    """A torch view of a TVM-FFI tensor argument's float32 CPU memory (``torch.from_dlpack`` of the launcher's
+    borrowed tensor views crashes)."""
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(a.shape, a.strides))
+    memory = (ctypes.c_float * extent).from_address(a.data_ptr())
+    return torch.frombuffer(memory, dtype=torch.float32).as_strided(tuple(a.shape), tuple(a.strides))
+
+
+def _stand_in_backward(seen: dict):
+    """FA4's three backward kernels as TVM-FFI functions over slots (dout, q, k, v, out, lse, dq, dk, dv, then
+    two scratch buffers, the first zero-filled): dq = dout * out * scale + 1, dk = k, dv = v."""
+    def preprocess(dout, out, accum):
+        accum = _alias(accum)
+        seen.setdefault("accum_was_zero", []).append(bool((accum == 0).all()))
+        accum.add_(_alias(dout) * _alias(out))
+
+    def main(k, v, accum, dq, dk, dv, scale):
+        seen.setdefault("scale", []).append(scale)
+        _alias(dq).copy_(_alias(accum) * scale)
+        _alias(dk).copy_(_alias(k))
+        _alias(dv).copy_(_alias(v))
+
+    def postprocess(dq, other):
+        seen.setdefault("other", []).append(tuple(_alias(other).shape))
+        _alias(dq).add_(1)
+
+    launches = (launch_plan.LaunchPlan(tvm_ffi.convert(preprocess), (None,) * 3, ((0, 0), (1, 4), (2, 9))),
+                launch_plan.LaunchPlan(tvm_ffi.convert(main), (None,) * 6 + (0.5,),
+                                       ((0, 2), (1, 3), (2, 9), (3, 6), (4, 7), (5, 8))),
+                launch_plan.LaunchPlan(tvm_ffi.convert(postprocess), (None, None), ((0, 6), (1, 10))))
+    scratch = (launch_plan.Scratch((2, 8, 2, 4), (64, 8, 4, 1), torch.float32, True),
+               launch_plan.Scratch((3, 5), (1, 3), torch.float32, False))
+    return launch_plan.LaunchSequence(launches, scratch)
+
+
+def _native_backward(inputs):
+    return torch.ops.fa4_native.backward(*inputs, *BACKWARD_PARAMS.values())
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_planned_backward_launches_its_kernels_in_order_on_fresh_scratch(backward_plans, layout):
+    seen = {}
+    assert backward_plans.add(_backward_signature(_backward_inputs(layout)), _stand_in_backward(seen))
+    assert backward_plans.count() == 1
+    for _ in range(2):  # the second call gets a fresh zero-filled accumulator, not the first's
+        inputs = _backward_inputs(layout)
+        dout, q, k, v, out, _ = inputs
+        dq, dk, dv = _native_backward(inputs)
+        torch.testing.assert_close(dq, dout * out * 0.5 + 1)
+        torch.testing.assert_close(dk, k)
+        torch.testing.assert_close(dv, v)
+        for grad, t in zip((dq, dk, dv), (q, k, v)):
+            assert grad.stride() == fa4_adapter.gradient_like(t).stride()  # the Python kernel's layout
+    assert seen == {"accum_was_zero": [True, True], "scale": [0.5, 0.5], "other": [(3, 5), (3, 5)]}
+
+
+def test_unplanned_or_masked_backward_goes_to_the_python_kernel(backward_plans):
+    seen = {}
+    backward_plans.add(_backward_signature(_backward_inputs()), _stand_in_backward(seen))
+    for inputs in (_backward_inputs("bhsd"), tuple(t[:1] for t in _backward_inputs())):  # new strides, new batch
+        got = _native_backward(inputs)
+        want = torch.ops.fa4.flash_attn_bwd(*inputs, *BACKWARD_PARAMS.values())  # CPU: the reference
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+    inputs = _backward_inputs()
+    padding = torch.ones(2, 8, dtype=torch.bool)
+    got = torch.ops.fa4_native.backward(*inputs, *BACKWARD_PARAMS.values(), key_padding=padding)
+    want = torch.ops.fa4.flash_attn_bwd(*inputs, *BACKWARD_PARAMS.values(), key_padding=padding)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert seen == {}
+
+
+def test_backward_plans_the_launcher_cant_serve_stay_in_python(backward_plans):
+    inputs = _backward_inputs()
+    sequence = _stand_in_backward({})
+    assert not backward_plans.add(_backward_signature(inputs, key_padding=torch.ones(1)), sequence)  # masked
+    grads = [torch.empty_like(t).transpose(1, 2).contiguous().transpose(1, 2) for t in inputs[1:4]]
+    params = dict(BACKWARD_PARAMS, seqused_k=None, key_padding=None, segment_ids=None, masking_buffer=None,
+                  deterministic=False)
+    other_layout = launch_plan.exact_signature((*inputs, *grads), params)
+    assert not backward_plans.add(other_layout, sequence)  # gradients in a layout the launcher doesn't allocate
+    python_kernel = _with_first_kernel(sequence, lambda *args: None)
+    assert not backward_plans.add(_backward_signature(inputs), python_kernel)  # a kernel that isn't TVM-FFI
+    assert backward_plans.count() == 0
+
+
+def _with_first_kernel(sequence, kernel):
+    """``sequence`` with its first launch calling ``kernel``."""
+    first = sequence.launches[0]
+    launches = (launch_plan.LaunchPlan(kernel, first.args, first.slots), *sequence.launches[1:])
+    return launch_plan.LaunchSequence(launches, sequence.scratch)
+
+
+def test_backward_kernel_error_is_raised_with_its_message(backward_plans):
+    def failing(*args):
+        raise ValueError("bad backward launch")
+
+    sequence = _stand_in_backward({})
+    broken = _with_first_kernel(sequence, tvm_ffi.convert(failing))
+    inputs = _backward_inputs()
+    assert backward_plans.add(_backward_signature(inputs), broken)
+    with pytest.raises(RuntimeError, match="FA4 kernel call failed.*bad backward launch"):
+        _native_backward(inputs)
+
+
+def test_plan_cache_tells_its_trusted_mirror_of_checked_plans():
+    events = []
+
+    class Mirror:
+        def add(self, signature, sequence):
+            events.append(("add", signature))
+
+        def clear(self):
+            events.append(("clear",))
+
+    cache = launch_plan.PlanCache(max_signatures=2, trusted_mirror=Mirror())
+    plan = launch_plan.LaunchSequence((launch_plan.LaunchPlan(lambda out: out.fill_(1.0), (None,), ((0, 0),)),), ())
+    tensors = (torch.zeros(1),)
+    for signature in ("a", "b", "c"):
+        cache._put(signature, plan, trusted=False)  # learned, not checked yet: not mirrored
+        cache.replay_or_learn(signature, tensors, torch.device("cpu"), lambda call: call[0].fill_(1.0), None,
+                              inputs=0, outputs={0: "out"}, kind="test")  # its check, which it passes
+    cache.clear()
+    assert events == [("add", "a"), ("add", "b"), ("clear",), ("add", "c"), ("clear",)], events
