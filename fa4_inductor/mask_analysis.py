@@ -148,6 +148,11 @@ def _broadcast(*values: Any) -> tuple[list[Any], int]:
     return exprs, ndim
 
 
+def _is_one(size: Any) -> bool:
+    """Is this size 1, with no guard?"""
+    return statically_known_true(size == 1)
+
+
 def _example(node: Any) -> Any:
     if isinstance(node, Node):
         return node.meta.get("example_value", node.meta.get("val"))
@@ -242,6 +247,13 @@ class _Evaluator:
             return IndexTensor(sympy.true, len(example.shape), additive=True)
         if name in ("full", "new_full") and isinstance(example, torch.Tensor):
             return self._full(node, example)
+        if name in _PASSTHROUGH:  # the other arguments give only a shape or dtype (``type_as(q)``, ``expand_as(x)``)
+            return self._passthrough(self.value(node.args[0], node), example)
+        if name in ("cat", "concat", "concatenate", "hstack") and isinstance(example, torch.Tensor):
+            return self._concatenation(node, name, example)
+        if name in ("view", "reshape", "_unsafe_view") and isinstance(example, torch.Tensor):
+            # The target shape is read from the result (its arguments may be a tuple, -1 or size nodes).
+            return self._unit_reshape(self.value(node.args[0], node), _example(node.args[0]), example)
         args = [self.value(a, node) for a in node.args]
         kwargs = {k: self.value(v, node) for k, v in node.kwargs.items()}
         if name == "arange":
@@ -256,8 +268,6 @@ class _Evaluator:
             return IndexTensor(sympy.Not(x), ndim)
         if name in ("abs", "__abs__") and isinstance(args[0], IndexTensor):
             return IndexTensor(sympy.Abs(args[0].expr), args[0].ndim)
-        if name in _PASSTHROUGH:
-            return self._passthrough(args[0], example)
         if name == "unsqueeze":
             return self._unsqueeze(args[0], args[1] if len(args) > 1 else kwargs["dim"])
         if name in ("tril", "triu"):
@@ -424,6 +434,39 @@ class _Evaluator:
         exprs, ndim = _broadcast(*index)
         mapping = {_axis(k): e for k, e in enumerate(exprs)}
         return IndexTensor(value.expr.xreplace(mapping), ndim, value.additive)
+
+    def _concatenation(self, node: Node, name: str, example: torch.Tensor) -> IndexTensor:
+        """``cat``/``hstack`` where every piece but one is empty along the joined axis (meta-llama's
+        ``hstack([zeros(S, start_pos), mask])`` at ``start_pos = 0``): the one piece."""
+        pieces = node.args[0] if node.args else node.kwargs.get("tensors")
+        default = (1 if example.dim() > 1 else 0) if name == "hstack" else 0
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", default)
+        if not isinstance(pieces, (list, tuple)) or not all(isinstance(p, Node) for p in pieces) or \
+                not isinstance(dim, int):
+            raise NotAnalyzable(f"{name} of something other than a list of tensors")
+        filled = [p for p in pieces if not statically_known_true(_example(p).shape[dim] == 0)]
+        if len(filled) != 1:
+            raise NotAnalyzable(f"the mask joins {len(filled)} non-empty pieces with {name}: modeled only where all "
+                                "but one are empty")
+        if _example(filled[0]).dtype != example.dtype:
+            raise NotAnalyzable(f"{name} changes the mask's dtype")
+        return self._passthrough(self.value(filled[0], node), example)
+
+    @staticmethod
+    def _unit_reshape(value, before, after):
+        """A ``view``/``reshape`` that only adds or removes axes of size 1 (``pad.view(b, 1, 1, s)``): each axis of
+        size above 1 keeps its index, in order; a removed unit axis reads index 0."""
+        if not isinstance(value, IndexTensor) or not isinstance(before, torch.Tensor):
+            raise NotAnalyzable("reshape of a non-index value")
+        kept_before = [(axis, size) for axis, size in enumerate(before.shape) if not _is_one(size)]
+        kept_after = [(axis, size) for axis, size in enumerate(after.shape) if not _is_one(size)]
+        if len(kept_before) != len(kept_after) or not all(
+                statically_known_true(a == b) for (_, a), (_, b) in zip(kept_before, kept_after)):
+            raise NotAnalyzable(f"the mask is reshaped from {tuple(before.shape)} to {tuple(after.shape)}: only "
+                                "adding or removing axes of size 1 is modeled")
+        mapping = {_axis(axis): sympy.Integer(0) for axis in range(before.dim())}
+        mapping.update({_axis(a): _axis(b) for (a, _), (b, _) in zip(kept_before, kept_after)})
+        return IndexTensor(_shift(value, before.dim()).xreplace(mapping), after.dim(), value.additive)
 
     @staticmethod
     def _unsqueeze(value, dim):

@@ -4,10 +4,10 @@ Matches: the code of Hugging Face's ``attn_implementation="eager"`` and its
 cousins, anchored on the softmax (``dim=-1``, optionally with
 ``dtype=float32``), read backwards: an optional mask added to the scores
 (analyzed like an SDPA mask), an optional softcap ``tanh(x / c) * c``, an
-optional scale (``* s`` or ``/ s``), and ``matmul(q, k.transpose(-2, -1))``
-with K optionally GQA-repeated; and forwards: an optional cast back
-(``.to(dtype)``), an optional dropout that is a no-op (``p=0`` or
-``training=False``), and ``matmul(p, v)``. Emits: one ``fa4.flash_attn_fwd``
+optional scale (``* s`` or ``/ s``, ``s`` a number or a 0-d constant tensor), and
+``matmul(q, k.transpose(-2, -1))`` with K optionally GQA-repeated; and forwards:
+casts (``.to(dtype)``) and copies (``.clone()``) in any order around an optional
+dropout that is a no-op (``p=0`` or ``training=False``), and ``matmul(p, v)``. Emits: one ``fa4.flash_attn_fwd``
 with the scale, softcap, causal/window found, replacing the final matmul;
 the score/softmax chain and the mask are removed. Extra check: every step
 has a single user (attention weights used elsewhere, e.g. returned to the
@@ -47,8 +47,10 @@ def _single_user(node: Node) -> Node:
 
 
 def _scalar(value: Any) -> Any:
-    """A Python number, or a graph node holding a scalar (``dynamic=True`` turns module
-    float attributes into ``.item()`` nodes); None for anything else."""
+    """A Python number (also given as a 0-d constant tensor, ``torch.full((), c)`` / ``torch.tensor(c)``), or a
+    graph node holding a scalar (``dynamic=True`` turns module float attributes into ``.item()`` nodes); None for
+    anything else."""
+    value = _constant_tensor_value(value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
     if isinstance(example_value(value), (torch.SymFloat, torch.SymInt)):
@@ -56,13 +58,28 @@ def _scalar(value: Any) -> Any:
     return None
 
 
+def _constant_tensor_value(value: Any) -> Any:
+    """The number a 0-d constant tensor made in the graph holds (``torch.full([], c)``, ``torch.tensor(c)``,
+    ``torch.scalar_tensor(c)``; a graph node where the number is symbolic), else ``value`` itself."""
+    if not isinstance(value, Node) or not _is(value, "full", "tensor", "scalar_tensor"):
+        return value
+    example = example_value(value)
+    if not isinstance(example, torch.Tensor) or example.dim() != 0 or example.requires_grad:
+        return value
+    size, number = (value.args[:2] if _is(value, "full") else ((), value.args[0] if value.args else None))
+    symbolic = isinstance(example_value(number), (torch.SymFloat, torch.SymInt))  # e.g. sqrt(head_dim), dynamic
+    if tuple(size) != () or isinstance(number, bool) or not (isinstance(number, (int, float)) or symbolic):
+        return value
+    return number
+
+
 def _constant_operand(node: Node) -> tuple[Node, Any] | None:
     """For ``x * c`` / ``c * x`` (c a scalar) return (x, c); None otherwise."""
     a, b = node.args[:2]
     if isinstance(a, Node) and _scalar(b) is not None and not isinstance(example_value(a), (torch.SymFloat, torch.SymInt)):
-        return a, b
+        return a, _scalar(b)
     if isinstance(b, Node) and _scalar(a) is not None:
-        return b, a
+        return b, _scalar(a)
     return None
 
 
@@ -100,7 +117,7 @@ def _peel_factors(node: Any, factors: list) -> Any:
             node = scaled[0]
             factors.append(scaled[1])
         elif _is(node, "div", "truediv", "__truediv__") and _scalar(node.args[1]) is not None:
-            divisor = node.args[1]
+            divisor = _scalar(node.args[1])
             factors.append(1.0 / divisor if isinstance(divisor, (int, float)) else GraphScale(divisors=(divisor,)))
             node = node.args[0]
         else:
@@ -150,8 +167,8 @@ def _peel_scores(scores: Node) -> dict[str, Any]:
                 inner["mask"], inner["mask_reader"] = mask_side, node
                 return inner
         raise NoMatch("no attention scores under the mask addition")
-    if _is(node, "masked_fill", "masked_fill_") and isinstance(node.args[1], Node) \
-            and _scalar(node.args[2]) is not None and isinstance(node.args[2], (int, float)) and node.args[2] <= -1e30:
+    fill = _scalar(node.args[2]) if _is(node, "masked_fill", "masked_fill_") else None
+    if isinstance(fill, (int, float)) and fill <= -1e30 and isinstance(node.args[1], Node):
         inner = _peel_scores(node.args[0])
         if inner["mask"] is not None:
             raise NoMatch("two masks on the scores")
@@ -195,18 +212,22 @@ def _peel_scale(node: Node) -> dict[str, Any]:
 
 def _peel_output(softmax: Node) -> tuple[Node, Node, float]:
     """Walk forward from the softmax to ``matmul(p, v)``: (output node, v, dropout p)."""
-    probs, dropout_p = softmax, 0.0
+    probs, dropout_p, dropped = softmax, 0.0, False
     node = _single_user(probs)
-    while _is(node, *_CASTS) and _is_float_cast(node):
-        probs, node = node, _single_user(node)
-    if _is(node, "dropout"):
-        p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
-        if _scalar(p) is None or not isinstance(training, bool):
-            raise NoMatch("dropout with a computed p or training flag")
-        if isinstance(p, Node):
-            p = guarded_value(p)  # a dynamic float attribute
-        dropout_p = float(p) if training else 0.0
-        probs, node = node, _single_user(node)
+    while True:
+        # Casts and copies keep the probabilities and their gradient (not detach: it would cut the gradient).
+        if (_is(node, *_CASTS) and _is_float_cast(node)) or _is(node, "clone", "contiguous"):
+            probs, node = node, _single_user(node)
+        elif _is(node, "dropout") and not dropped:
+            p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
+            if _scalar(p) is None or not isinstance(training, bool):
+                raise NoMatch("dropout with a computed p or training flag")
+            if isinstance(p, Node):
+                p = guarded_value(p)  # a dynamic float attribute
+            dropout_p, dropped = (float(p) if training else 0.0), True
+            probs, node = node, _single_user(node)
+        else:
+            break
     einsum = _einsum(node)
     if einsum is not None and einsum[0] == "output" and einsum[1] is probs:
         return node, einsum[2], dropout_p

@@ -101,6 +101,11 @@ PADDED = {
     "alone": (lambda i, j, b, pad: pad[:, None, None, :], False),
     "gather_and_causal": (lambda i, j, b, pad: (j <= i) & pad[b, j], True),
     "int_mask_and_causal": (lambda i, j, b, pad: pad.long().bool()[b, j] & (j <= i), True),
+    # (B, 1, 1, S) by a shape given as sizes, as a tuple with -1, or read from the tensor (x-transformers, timm).
+    "view": (lambda i, j, b, pad: pad.view(pad.shape[0], 1, 1, pad.shape[1]), False),
+    "reshape_tuple_and_causal": (lambda i, j, b, pad: (j <= i) & pad.reshape((pad.shape[0], 1, 1, -1)), True),
+    "view_of_a_view": (lambda i, j, b, pad: pad.view(pad.shape[0], 1, pad.shape[1]).view(pad.shape[0], 1, 1, -1),
+                       False),
 }
 
 
@@ -165,6 +170,8 @@ def test_key_padding_under_dynamic_shapes_guards_mask_width_equals_key_length():
     (lambda i, j, pad: (j <= i) | pad[:, None, None, :], torch.ones(B, S, dtype=torch.bool), "not and-ed"),
     (lambda i, j, pad: pad[:, None, :, None], torch.ones(B, S, dtype=torch.bool), "not [batch, kv_idx]"),
     (lambda i, j, pad: pad[:, None], torch.ones(B, S, S, dtype=torch.bool), "a dense mask"),
+    (lambda i, j, pad: pad.view(B * S).view(B, 1, 1, S), torch.ones(B, S, dtype=torch.bool),
+     "only adding or removing axes of size 1"),
 ])
 def test_padding_masks_fa4_cannot_express_fall_back(build, pad, reason):
     def fn(q, k, v, pad):

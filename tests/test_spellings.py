@@ -95,12 +95,42 @@ def einsum_additive_mask(q, k, v):
     return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(scores, dim=-1), v)
 
 
+def meta_llama_prefill(q, k, v, start_pos=0):
+    """meta-llama's mask with its cache-offset part, empty at ``start_pos`` 0 (a prefill with no cache)."""
+    mask = torch.full((q.shape[2], k.shape[2]), float("-inf")).triu(1)
+    mask = torch.hstack([torch.zeros((q.shape[2], start_pos)), mask]).type_as(q)
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1]) + mask
+    return torch.matmul(F.softmax(scores.float(), dim=-1).type_as(q), v)
+
+
+def cloned_probabilities(q, k, v):
+    return (q @ k.transpose(-2, -1) * 0.25).softmax(-1).clone().matmul(v)
+
+
+def cast_after_dropout(q, k, v):
+    probs = F.softmax((q @ k.transpose(-2, -1)).float() * 0.25, dim=-1)
+    return F.dropout(probs, p=0.0, training=True).to(q.dtype) @ v
+
+
+def zero_dim_tensor_scale_and_fill(q, k, v):
+    scores = q @ k.transpose(-2, -1) / torch.full([], math.sqrt(q.shape[-1]))
+    scores = scores.masked_fill(~_causal(q, k), torch.full((), float("-inf")))
+    return scores.softmax(-1) @ v
+
+
+def zero_dim_tensor_factor(q, k, v):
+    return (torch.tensor(0.25) * (q @ k.transpose(-2, -1))).softmax(-1) @ v
+
+
 SPELLINGS = {  # name: (program, causal, window)
     "einsum": (einsum, False, None), "timm_vit": (timm_vit, False, None), "whisper": (whisper, True, None),
     "whisper_permuted_key": (whisper_permuted_key, False, None), "meta_llama": (meta_llama, True, None),
     "nanogpt_manual": (nanogpt_manual, True, None), "nanogpt_flash": (nanogpt_flash, True, None),
     "module_softmax": (module_softmax, False, None), "abs_window": (abs_window, False, (3, 3)),
     "zeros_masked_fill": (zeros_masked_fill, True, None), "einsum_additive_mask": (einsum_additive_mask, True, None),
+    "meta_llama_prefill": (meta_llama_prefill, True, None), "cloned_probabilities": (cloned_probabilities, False, None), "cast_after_dropout": (cast_after_dropout, False, None),
+    "zero_dim_tensor_scale_and_fill": (zero_dim_tensor_scale_and_fill, True, None),
+    "zero_dim_tensor_factor": (zero_dim_tensor_factor, False, None),
 }
 
 
@@ -149,3 +179,19 @@ def test_t5_relative_bias_falls_back_with_its_reason():
         torch.compile(fn)(*_qkv())
     (record,) = stats.site_records()
     assert record.decision == "fallback" and "attn_mask not expressible" in record.reason
+
+
+def test_a_mask_joined_from_two_filled_pieces_falls_back_with_its_reason():
+    """meta-llama's mask with a cache offset (``start_pos`` > 0): two filled pieces, not modeled; the site stays."""
+    def fn(q, k, v):
+        offset = 8
+        mask = torch.full((q.shape[2], k.shape[2] - offset), float("-inf")).triu(1)
+        mask = torch.cat([torch.zeros((q.shape[2], offset)), mask], dim=-1).type_as(q)
+        return torch.softmax((q @ k.transpose(-1, -2) + mask).float(), dim=-1).type_as(q) @ v
+
+    q, k, v = (t.detach() for t in _qkv())
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = torch.compile(fn)(q, k, v)
+    (record,) = stats.site_records()
+    assert record.decision == "fallback" and "2 non-empty pieces with cat" in record.reason, record.reason
+    torch.testing.assert_close(got, fn(q, k, v))
