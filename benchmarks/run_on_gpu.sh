@@ -17,6 +17,7 @@
 #   host_profile where a step's host time goes, per variant (PROFILE_PROBLEM: a bench_vs_fa4 or bench_padded problem)
 #   plan_check what checking a launch plan on its first replay costs
 #   stock_probe stock torch.compile's SDPA gradients on transposed views vs float64
+#   vit_mha    a ViT-B/16 train step with nn.MultiheadAttention: stock compile vs the plugin (results named by FA4)
 # BENCH_ARGS is passed to bench_attention.py (e.g. "--s 1024 --block-s 4096" for a short run).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -59,6 +60,8 @@ for step in $STEPS; do
     plan_check) timeout 200 python3 benchmarks/probe_plan_check.py --out $OUT --tag plan_check_h200_$(fa4_beta) 2>&1 \
         | tail -12 ;;
     stock_probe) timeout 300 python3 benchmarks/probe_stock_transposed.py --out $OUT 2>&1 | grep -v "^{" | tail -14 ;;
+    vit_mha) timeout 400 python3 benchmarks/bench_vit_mha.py --out $OUT --tag vit_mha_train_h200_$(fa4_beta) 2>&1 \
+        | grep -v "^{" | tail -10 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -104,6 +104,8 @@ class MaskStructure:
     key_padding: Node | None = None
     segment_ids: Node | None = None
     key_lengths: Node | None = None
+    # ``key_padding``'s nonzero entries mark the hidden keys instead (PyTorch's ``key_padding_mask``).
+    key_padding_hides: bool = False
 
     @property
     def is_full(self) -> bool:
@@ -669,14 +671,18 @@ def _structure_of(expr, lookup_sources: dict[str, Node], q_len, kv_len) -> MaskS
         raise NotAnalyzable("the mask depends on the batch or head index")
     if expr is sympy.false:
         raise NotAnalyzable("the mask hides every key")
+    padding_hides = False
     for found, symbol, what in ((key_padding or key_lengths, _KEEP, "padding lookup"),
                                 (segment_ids, _SAME_DOCUMENT, "document mask")):
         if found is None:
             continue
         atoms = expr.args if isinstance(expr, sympy.And) else (expr,)
-        if symbol not in atoms:
+        atom = symbol
+        if symbol is _KEEP and key_padding is not None and symbol not in atoms and sympy.Not(symbol) in atoms:
+            padding_hides, atom = True, sympy.Not(symbol)  # keys kept where the lookup is false
+        if atom not in atoms:
             raise NotAnalyzable(f"the {what} is not and-ed with the rest of the mask")
-        expr = sympy.And(*(a for a in atoms if a != symbol))
+        expr = sympy.And(*(a for a in atoms if a != atom))
         if expr.has(symbol):
             raise NotAnalyzable(f"the {what} appears more than once")
     lower, upper = _bounds(expr)
@@ -689,7 +695,8 @@ def _structure_of(expr, lookup_sources: dict[str, Node], q_len, kv_len) -> MaskS
     left = -1 if lower is None else _static_window(_constant_part(offset - lower, shape_env), "left")
     causal = right == 0 and left < 0
     return MaskStructure(causal=causal, window_left=left, window_right=-1 if causal else right,
-                         key_padding=key_padding, segment_ids=segment_ids, key_lengths=key_lengths)
+                         key_padding=key_padding, segment_ids=segment_ids, key_lengths=key_lengths,
+                         key_padding_hides=padding_hides)
 
 
 def _shape_env(lookup_sources: dict[str, Node], *sizes):

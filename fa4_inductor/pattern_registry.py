@@ -68,9 +68,28 @@ class AttentionPattern:
     rewrite: Callable[[Match, SiteDecision], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class GraphExpansion:
+    """A library call whose attention is inside it, one node in Dynamo's graph (``F.multi_head_attention_forward``).
+
+    ``expand`` writes the node out as the PyTorch ops it computes, with one SDPA call the patterns then decide
+    (its nodes carry ``EXPANDED_FROM``), and returns None; or it leaves the node and returns why.
+    """
+
+    name: str
+    matches: str
+    emits: str
+    targets: tuple[Any, ...]
+    expand: Callable[[torch.fx.Node, "RewriteContext"], str | None]
+
+
+# Node meta key: the expansion that wrote the node; the site's record names the expansion as its pattern.
+EXPANDED_FROM = "fa4_expanded_from"
+
 log = logging.getLogger(__name__)
 
 _PATTERNS: list[AttentionPattern] = []
+_EXPANSIONS: list[GraphExpansion] = []
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _graph_ids = itertools.count()
 
@@ -83,11 +102,26 @@ def register(pattern: AttentionPattern) -> AttentionPattern:
     return pattern
 
 
+def register_expansion(expansion: GraphExpansion) -> GraphExpansion:
+    """Add an expansion; expansions run before the patterns."""
+    if any(e.name == expansion.name for e in _EXPANSIONS):
+        raise ValueError(f"graph expansion {expansion.name!r} is registered twice")
+    _EXPANSIONS.append(expansion)
+    return expansion
+
+
 def registered_patterns() -> Sequence[AttentionPattern]:
     """The registered patterns, in the order they are tried."""
     from . import patterns  # noqa: F401  (registers the built-in patterns)
 
     return tuple(_PATTERNS)
+
+
+def registered_expansions() -> Sequence[GraphExpansion]:
+    """The registered expansions, in the order they run."""
+    from . import patterns  # noqa: F401  (registers the built-in expansions)
+
+    return tuple(_EXPANSIONS)
 
 
 def source_location(node: torch.fx.Node) -> tuple[str | None, str | None]:
@@ -108,13 +142,13 @@ def source_location(node: torch.fx.Node) -> tuple[str | None, str | None]:
     return location, module_path
 
 
-def _record(pattern: AttentionPattern, decision: SiteDecision, context: RewriteContext, anchor: torch.fx.Node) -> None:
+def _record(pattern_name: str, decision: SiteDecision, context: RewriteContext, anchor: torch.fx.Node) -> None:
     location, module_path = source_location(decision.node)
     record = stats.SiteRecord(
         graph=context.graph_name,
         node=decision.node.name,
         target=getattr(decision.node.target, "__name__", str(decision.node.target)),
-        pattern=pattern.name,
+        pattern=pattern_name,
         decision="fallback" if decision.reason else "fa4",
         reason=decision.reason,
         location=location,
@@ -147,7 +181,7 @@ def _pass_for(context: RewriteContext) -> PatternMatcherPass:
             decision = _analyzed(pattern, match, context)
             if decision is None:
                 return False
-            _record(pattern, decision, context, match.output_node())
+            _record(decision.node.meta.get(EXPANDED_FROM, pattern.name), decision, context, match.output_node())
             decisions[match.output_node()] = decision
             return decision.reason is None
 
@@ -160,9 +194,27 @@ def _pass_for(context: RewriteContext) -> PatternMatcherPass:
     return matcher
 
 
+def _expand(graph: torch.fx.Graph, context: RewriteContext) -> None:
+    """Run the expansions on their nodes; a node one leaves gets a fallback record with its reason."""
+    by_target = {target: e for e in registered_expansions() for target in e.targets}
+    for node in list(graph.nodes):
+        expansion = by_target.get(node.target) if node.op == "call_function" else None
+        if expansion is None:
+            continue
+        try:
+            reason = expansion.expand(node, context)
+        except Exception:
+            log.warning("fa4_inductor: the %s expansion failed on '%s'; the call stays as written", expansion.name,
+                        node.name, exc_info=log.isEnabledFor(logging.DEBUG))
+            reason = f"the {expansion.name} expansion can't read the call at '{node.name}'; left as written"
+        if reason is not None:
+            _record(expansion.name, SiteDecision(node, reason, {}), context, node)
+
+
 def rewrite_graph(graph: torch.fx.Graph, context: RewriteContext) -> list[stats.SiteRecord]:
     """Apply every registered pattern to ``graph``; return the site records."""
     context.graph_name = f"{context.graph_name}_{next(_graph_ids)}"
+    _expand(graph, context)
     context.mutations = graph_mutations.Mutations(graph)
     order = {node.name: i for i, node in enumerate(graph.nodes)}
     _pass_for(context).apply(graph)

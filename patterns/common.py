@@ -182,6 +182,7 @@ def decide(
         if constants["is_causal"]:  # SDPA applies both: the mask and-ed with the causal triangle (S_q == S_kv)
             causal, window = window[0] < 0, (window[0], 0) if window[0] >= 0 else (-1, -1)
         captured["key_padding"] = mask_structure.key_padding
+        captured["key_padding_hides"] = mask_structure.key_padding_hides
         captured["key_lengths"] = mask_structure.key_lengths
         captured["segment_ids"] = mask_structure.segment_ids
         features["mask"] = "full" if mask_structure.is_full else "analyzed"
@@ -231,7 +232,7 @@ def emit_fa4(decision: SiteDecision, before: Node) -> tuple[Node, Node]:
             decision.params["softmax_scale"] = _emit_scale(graph, decision.params["softmax_scale"])
         padding = decision.params["key_padding"]
         if padding is not None:  # a 0/1 or bool (B, S_kv) or (B, 1, 1, S_kv) input: FA4 takes bool (B, S_kv)
-            padding = call_with_meta(graph, torch.ne, (padding, 0))
+            padding = call_with_meta(graph, torch.eq if captured.get("key_padding_hides") else torch.ne, (padding, 0))
             if example_value(padding).dim() > 2:
                 padding = call_with_meta(graph, torch.flatten, (padding, 1))
         if captured.get("key_lengths") is not None:  # (B,) lengths: keys below them are kept

@@ -14,7 +14,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import fa4_inductor
 from fa4_inductor import inductor_pass, stats
-from fa4_inductor.pattern_registry import RewriteContext, rewrite_graph, registered_patterns
+from fa4_inductor.pattern_registry import RewriteContext, registered_expansions, registered_patterns, rewrite_graph
 from tests.compare import assert_matches_eager
 
 pytestmark = pytest.mark.usefixtures("no_compile_cache")
@@ -212,6 +212,9 @@ def test_patterns_declare_what_they_match_and_emit():
     patterns = registered_patterns()
     assert [p.name for p in patterns][:3] == ["sdpa", "aten_sdpa_forward", "aten_sdpa_flash_backward"]
     assert all(p.matches and p.emits for p in patterns)
+    expansions = registered_expansions()
+    assert [e.name for e in expansions] == ["multihead_attention", "transformer_encoder_layer"]
+    assert all(e.matches and e.emits and e.targets for e in expansions)
 
 
 def test_rewrite_graph_directly_records_sites():

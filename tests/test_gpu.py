@@ -8,6 +8,7 @@ lines) when set, for the closing notes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -570,6 +571,61 @@ def test_compiled_block_runs_fa4_forward_and_backward():
             counters=dict(stats.counters))
     assert stats.counters["compile.fa4"] >= 1
     assert not any(t in n.lower() for n in names for t in FA2_OR_CUDNN if "cute" not in n.lower()), names
+    assert rel < 2e-2
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["plain", "key_padding"])
+def test_compiled_multihead_attention_runs_fa4_forward_and_backward(padded):
+    """nn.MultiheadAttention (F.multi_head_attention_forward, one node in Dynamo's graph) trains on FA4 kernels
+    only, its key_padding_mask as FA4 key padding; output and gradients against float64."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(1024, 8, batch_first=True).cuda().bfloat16()
+    x = torch.randn(4, 1000, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    padding = torch.zeros(4, 1000, dtype=torch.bool, device="cuda")
+    padding[1, 700:] = padding[3, 31:] = padded
+
+    def fn(module, x):
+        return module(x, x, x, key_padding_mask=padding if padded else None, need_weights=False)[0]
+
+    stats.reset()
+    torch._dynamo.reset()
+    with fa4_inductor.enabled(compile=True, eager=False):
+        compiled = torch.compile(lambda x: fn(mha, x), fullgraph=True)
+        out = compiled(x)
+        names = _kernel_names(lambda: compiled(x).float().square().mean().backward())
+    dout = torch.randn_like(out)
+    got = _grads(out, [x, mha.in_proj_weight], dout)
+    mha64 = copy.deepcopy(mha).double()
+    x64 = x.detach().double().requires_grad_()
+    ref = fn(mha64, x64)
+    want = _grads(ref, [x64, mha64.in_proj_weight], dout.double())
+    errors = [((g.double() - w).norm() / w.norm()).item() for g, w in zip([out, *got], [ref, *want])]
+    _report("compiled_multihead_attention", padded=padded, rel_errors=errors,
+            kernels=sorted(set(_attention_kernels(names))), sites=[r.decision for r in stats.site_records()])
+    assert [(r.pattern, r.decision) for r in stats.site_records()] == [("multihead_attention", "fa4")]
+    assert not any(t in n.lower() for n in names for t in FA2_OR_CUDNN if "cute" not in n.lower()), names
+    assert max(errors) < 2e-2, errors
+
+
+def test_encoder_layer_inference_fast_path_runs_fa4():
+    """nn.TransformerEncoderLayer in inference hands its forward to one fused op; with the plugin it runs FA4."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(1024, 16, 4096, dropout=0.0, batch_first=True, norm_first=True,
+                                             activation="gelu").cuda().bfloat16().eval()
+    x = torch.randn(4, 1000, 1024, device="cuda", dtype=torch.bfloat16)
+    padding = torch.zeros(4, 1000, dtype=torch.bool, device="cuda")
+    padding[1, 700:] = True
+    stats.reset()
+    torch._dynamo.reset()
+    with torch.no_grad(), fa4_inductor.enabled(compile=True, eager=False):
+        compiled = torch.compile(lambda x: layer(x, src_key_padding_mask=padding), fullgraph=True)
+        out = compiled(x)
+        names = _kernel_names(lambda: compiled(x))
+        want = layer(x, src_key_padding_mask=padding)  # eager: torch._transformer_encoder_layer_fwd
+    rel = ((out.float() - want.float()).norm() / want.float().norm()).item()
+    _report("encoder_layer_fast_path", rel_err=rel, kernels=sorted(set(_attention_kernels(names))))
+    assert [(r.pattern, r.decision) for r in stats.site_records()] == [("transformer_encoder_layer", "fa4")]
+    assert any("cute" in n.lower() or "flash" in n.lower() for n in _attention_kernels(names)), names
     assert rel < 2e-2
 
 
