@@ -27,12 +27,15 @@ def example_value(node: Any) -> Any:
 
 
 def op_name(node: Any) -> str | None:
-    """The method or function name a call node invokes (``"transpose"``, ``"le"``), else None."""
+    """The method or function name a call node invokes (``"transpose"``, ``"le"``; an aten overload by its op's
+    name, ``aten.mul.Scalar`` as ``"mul"``), else None."""
     if not isinstance(node, Node):
         return None
     if node.op == "call_method":
         return node.target
     if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):
+            return node.target._opname
         return getattr(node.target, "__name__", None)
     return None
 

@@ -863,8 +863,23 @@ def _key_lengths(expr, sources: dict[str, Node]) -> tuple[Any, Node | None]:
     return expr.xreplace({bounds[0]: _KEEP}), sources[str(bounds[0].gts.args[0])]
 
 
+def _zero_tests_as_lookups(expr):
+    """``v[i0, i1] != 0`` (or ``== 0``) of an integer lookup, a 0/1 mask compared with 0 (DistilBERT's ``mask == 0``),
+    as the boolean lookup ``v[i0, i1]`` (or its negation): FA4's key padding reads its source as ``!= 0``."""
+    def is_zero_test(e):
+        return isinstance(e, (sympy.Eq, sympy.Ne)) and sympy.S.Zero in e.args \
+            and any(isinstance(a, ValueLookup) for a in e.args)
+
+    def as_lookup(e):
+        lookup = TensorLookup(*next(a for a in e.args if isinstance(a, ValueLookup)).args)
+        return lookup if isinstance(e, sympy.Ne) else sympy.Not(lookup)
+
+    return expr.replace(is_zero_test, as_lookup)
+
+
 def _key_padding(expr, sources: dict[str, Node], kv_len) -> tuple[Any, Node | None]:
     """Replace a ``pad[batch, kv_idx]`` lookup by a plain boolean symbol; return the (B, S_kv) source."""
+    expr = _zero_tests_as_lookups(expr)
     lookups = expr.atoms(TensorLookup)
     if not lookups:
         return expr, None

@@ -263,7 +263,11 @@ def _padding_from_lengths(graph, lengths: Node, key: Node) -> Node:
 
 def replace_with_fa4(decision: SiteDecision, output: Node) -> None:
     """Emit the decided FA4 call before ``output``, route its users there, drop dead nodes."""
-    out, _ = emit_fa4(decision, output)
-    output.replace_all_uses_with(out)
+    replace_output(decision, output, emit_fa4(decision, output)[0])
+
+
+def replace_output(decision: SiteDecision, output: Node, new: Node) -> None:
+    """Route ``output``'s users to ``new``, erase it and the nodes the decision made dead."""
+    output.replace_all_uses_with(new)
     output.graph.erase_node(output)
     erase_if_unused([*decision.captured["dead"], *decision.captured.get("replaced", [])])

@@ -1,7 +1,8 @@
 """Hand-written attention: ``softmax(q @ kᵀ · scale [softcap] [+ mask]) @ v``.
 
 Matches: the code of Hugging Face's ``attn_implementation="eager"`` and its
-cousins, anchored on the softmax (``dim=-1``, optionally with
+cousins, over (B, H, S, D) operands or (B * H, S, D) ones with ``bmm``/``baddbmm`` (diffusers' classic
+``AttnProcessor``, PyTorch's fuse_attention set), anchored on the softmax (``dim=-1``, optionally with
 ``dtype=float32``), read backwards: an optional mask added to the scores
 (analyzed like an SDPA mask), an optional softcap ``tanh(x / c) * c``, an
 optional scale (``* s`` or ``/ s``, ``s`` a number or a 0-d constant tensor), and
@@ -27,9 +28,11 @@ from torch.fx import Node
 from fa4_inductor.emit import call_with_meta, example_value, op_name
 from fa4_inductor.pattern_registry import AttentionPattern, RewriteContext, SiteDecision, register
 
-from .common import GraphScale, decide, guarded_value, replace_with_fa4
+from .common import GraphScale, decide, emit_fa4, guarded_value, replace_output, replace_with_fa4
 
-SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
+# aten._safe_softmax (what SDPA's math decomposition calls) gives zeros in a row whose every score is -inf, as FA4.
+SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax, torch.ops.aten._safe_softmax,
+           torch.ops.aten._safe_softmax.default)
 
 
 class NoMatch(Exception):
@@ -88,7 +91,16 @@ def _is(node: Any, *names: str) -> bool:
 
 
 def _is_matmul(node: Node) -> bool:
-    return _is(node, "matmul") or (node.op == "call_function" and node.target is operator.matmul)
+    return _is(node, "matmul", "bmm") or (node.op == "call_function" and node.target is operator.matmul)
+
+
+def _is_last_two_transposed(node: Any) -> bool:
+    """``x.transpose(-2, -1)`` (any spelling of the two last dims)."""
+    value = example_value(node)
+    if not _is(node, "transpose") or not isinstance(value, torch.Tensor):
+        return False
+    rank = value.dim()
+    return sorted(int(d) % rank for d in node.args[1:3]) == [rank - 2, rank - 1]
 
 
 # Casts that keep a tensor's values (up to its precision): FA4 computes scores and softmax in float32 anyway.
@@ -167,12 +179,15 @@ def _peel_scores(scores: Node) -> dict[str, Any]:
                 inner["mask"], inner["mask_reader"] = mask_side, node
                 return inner
         raise NoMatch("no attention scores under the mask addition")
-    fill = _scalar(node.args[2]) if _is(node, "masked_fill", "masked_fill_") else None
-    if isinstance(fill, (int, float)) and fill <= -1e30 and isinstance(node.args[1], Node):
-        inner = _peel_scores(node.args[0])
+    fill = _scalar(node.args[2]) if _is(node, "masked_fill", "masked_fill_", "where") else None
+    if isinstance(fill, (int, float)) and fill <= -1e30 and all(isinstance(a, Node) for a in node.args[:2]):
+        # masked_fill(scores, hidden, fill), or where(kept, scores, fill) (GPT-2)
+        mask, scores_node = (node.args[1], node.args[0]) if _is(node, "masked_fill", "masked_fill_") \
+            else (node.args[0], node.args[1])
+        inner = _peel_scores(scores_node)
         if inner["mask"] is not None:
             raise NoMatch("two masks on the scores")
-        inner["mask"], inner["mask_hides_where_true"], inner["mask_reader"] = node.args[1], True, node
+        inner["mask"], inner["mask_hides_where_true"], inner["mask_reader"] = mask, not _is(node, "where"), node
         return inner
     capped = _constant_operand(node) if _is(node, "mul", "__mul__") else None
     if capped and _is(capped[0], "tanh"):
@@ -193,21 +208,37 @@ def _peel_scale(node: Node) -> dict[str, Any]:
     einsum = _einsum(node)
     if einsum is not None and einsum[0] == "scores":
         query, key = einsum[1:]
-    elif _is_matmul(node):
-        query, key_t = node.args[:2]
+    elif _is_matmul(node) or _is(node, "baddbmm"):
+        query, key_t = node.args[1:3] if _is(node, "baddbmm") else node.args[:2]
+        if _is(node, "baddbmm"):
+            _peel_baddbmm(node, factors, found)
         key_t = _peel_factors(key_t, factors)
-        if _is(key_t, "transpose") and sorted(int(d) % 4 for d in key_t.args[1:3]) == [2, 3]:
+        rank = example_value(node).dim()
+        if _is_last_two_transposed(key_t):
             key = key_t.args[0]
-        elif isinstance(example_value(key_t), torch.Tensor) and example_value(key_t).dim() == 4:
+        elif isinstance(example_value(key_t), torch.Tensor) and example_value(key_t).dim() == rank:
             key, found["key_transposed"] = None, key_t  # permute, .mT, ...: the rewrite transposes it back
         else:
-            raise NoMatch("the scores' right operand is not a 4-D kᵀ")
+            raise NoMatch(f"the scores' right operand is not a {rank}-D kᵀ")
     else:
         raise NoMatch("the scores are not q @ k^T")
     found["query"] = _peel_factors(query, factors)
     found["key"] = _peel_factors(key, factors) if key is not None else None
     found["scale"] = _scale(factors)
     return found
+
+
+def _peel_baddbmm(node: Node, factors: list, found: dict[str, Any]) -> None:
+    """``baddbmm(input, q, kᵀ, beta=b, alpha=a)`` = ``b * input + a * (q @ kᵀ)``: ``input`` ignored at b=0 (an
+    ``empty`` tensor, diffusers' AttnProcessor), an additive mask at b=1; ``a`` is a factor of the scale."""
+    beta, alpha = _scalar(_arg(node, 3, "beta", 1)), _scalar(_arg(node, 4, "alpha", 1))
+    if not isinstance(beta, (int, float)) or alpha is None:
+        raise NoMatch("baddbmm with a computed beta or alpha")
+    if beta not in (0, 1):
+        raise NoMatch(f"baddbmm with beta={beta}: the scores are not q @ k^T plus a mask")
+    factors.append(alpha)
+    if beta == 1:
+        found["mask"], found["mask_reader"] = node.args[0], node
 
 
 def _peel_output(softmax: Node) -> tuple[Node, Node, float]:
@@ -239,38 +270,60 @@ def _peel_output(softmax: Node) -> tuple[Node, Node, float]:
 def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
     """Decide a hand-written attention site anchored on ``match``'s softmax.
 
-    Returns None for a softmax that is not over the last dim of a 4-D
-    tensor (not an attention site at all).
+    Returns None for a softmax that is not over the last dim of a 4-D tensor, or of a 3-D one over ``q @ kᵀ``
+    (``bmm`` over (B * H, S, D) operands): not an attention site at all.
     """
     softmax = match.output_node()
     dim = _arg(softmax, 1, "dim")
     shape = example_value(softmax).shape if isinstance(example_value(softmax), torch.Tensor) else ()
-    if len(shape) != 4 or dim not in (-1, 3):
+    if len(shape) not in (3, 4) or dim not in (-1, len(shape) - 1):
         return None
+    if len(shape) == 3 and _is(softmax.args[0], "view", "reshape") and example_value(softmax.args[0].args[0]).dim() == 4:
+        return SiteDecision(softmax, "not attention as written: the scores go from (B * H, S, S) to 4-D and back "
+                                     "(mBART's bmm form), which the pattern does not follow", {})
     try:
         scores = _peel_scores(softmax.args[0])
+    except NoMatch as exc:
+        # A 3-D softmax is attention only over q @ kᵀ (bmm); others (routers, classifiers) are no site at all.
+        return None if len(shape) == 3 else SiteDecision(softmax, f"not attention: {exc}", {})
+    try:
         output, value, dropout_p = _peel_output(softmax)
     except NoMatch as exc:
         return SiteDecision(softmax, f"not attention: {exc}", {})
-    key = scores["key"]
+    query, key, mask, added = scores["query"], scores["key"], scores["mask"], []
     if key is None:  # kᵀ written some other way (permute, .mT): FA4 gets it transposed back, a view
         key_t = scores["key_transposed"]
         with key_t.graph.inserting_after(key_t):
-            key = call_with_meta(key_t.graph, torch.transpose, (key_t, 2, 3))
+            key = call_with_meta(key_t.graph, torch.transpose, (key_t, -2, -1))
+        added.append(key)
+    if len(shape) == 3:  # (B * H, S, D) operands (bmm): one head each, as (B * H, 1, S, D)
+        with output.graph.inserting_before(output):
+            query, key, value = (call_with_meta(output.graph, torch.unsqueeze, (t, 1)) for t in (query, key, value))
+            added[:0] = [query, key, value]
+            if mask is not None and isinstance(example_value(mask), torch.Tensor) and example_value(mask).dim() == 3:
+                mask = call_with_meta(output.graph, torch.unsqueeze, (mask, 1))
+                added.insert(0, mask)
     decision = decide(
-        output, context, scores["query"], key, value, dropout_p=dropout_p,
-        scale=scores["scale"], enable_gqa=False, attn_mask=scores["mask"], softcap=scores["softcap"],
+        output, context, query, key, value, dropout_p=dropout_p,
+        scale=scores["scale"], enable_gqa=False, attn_mask=mask, softcap=scores["softcap"],
         mask_hides_where_true=scores["mask_hides_where_true"], mask_reader=scores.get("mask_reader"),
     )
-    if decision.reason and key is not scores["key"]:
-        key.graph.erase_node(key)
+    if decision.reason:
+        for node in added:
+            node.graph.erase_node(node)
     decision.captured["replaced"] = [softmax.args[0], key, value]
     return decision
 
 
 def rewrite(match: Match, decision: SiteDecision) -> None:
     """Replace ``matmul(p, v)`` by an FA4 call; the score chain dies with it."""
-    replace_with_fa4(decision, decision.node)
+    if example_value(decision.node).dim() == 4:
+        replace_with_fa4(decision, decision.node)
+        return
+    out, _ = emit_fa4(decision, decision.node)  # (B * H, 1, S, D): the one head squeezed back out
+    with decision.node.graph.inserting_before(decision.node):
+        out = call_with_meta(decision.node.graph, torch.squeeze, (out, 1))
+    replace_output(decision, decision.node, out)
 
 
 register(AttentionPattern(

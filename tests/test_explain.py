@@ -28,21 +28,23 @@ def test_known_sites_give_exact_records():
         gqa = F.scaled_dot_product_attention(q, kg, vg, enable_gqa=True)
         dropped = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
         manual = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
-        flat = torch.softmax(torch.bmm(q[0], k[0].transpose(1, 2)), dim=-1) @ v[0]  # 3-D: no pattern yet
-        return causal + gqa + dropped + manual + flat
+        flat = torch.softmax(torch.bmm(q[0], k[0].transpose(1, 2)), dim=-1) @ v[0]  # 3-D: heads in the batch
+        outer = torch.softmax(q[0][..., :1] * k[0][..., :1].transpose(1, 2), dim=-1) @ v[0]  # no q @ kᵀ: no pattern
+        return causal + gqa + dropped + manual + flat + outer
     q, k, v = _qkv()
     _, kg, vg = _qkv(hkv=2)
     report = explain(fn, q, k, v, kg, vg)
     rows = [(r.pattern, r.decision, r.features.get("causal"), r.features.get("gqa_ratio")) for r in report.records]
     assert rows == [("sdpa", "fa4", True, 1), ("sdpa", "fa4", False, 2), ("sdpa", "fallback", False, 1),
-                    ("eager_attention", "fa4", False, 1), (None, "fallback", None, None)]
+                    ("eager_attention", "fa4", False, 1), ("eager_attention", "fa4", False, 1),
+                    (None, "fallback", None, None)]
     assert "dropout_p=0.1" in report.records[2].reason
     files, lines = zip(*(r.location.rsplit(":", 1) for r in report.records))
     assert all(f.endswith("test_explain.py") for f in files)
     first = int(lines[0])
-    assert [int(n) for n in lines] == [first + i for i in range(5)]  # the five lines of fn
+    assert [int(n) for n in lines] == [first + i for i in range(6)]  # the six lines of fn
     assert report.records[0].features["q_shape"] == "(1, 4, 8, 64)"
-    assert "3 of 5 attention sites run FA4 on sm90" in str(report)
+    assert "4 of 6 attention sites run FA4 on sm90" in str(report)
     assert stats.counters["compile.fa4"] == 0  # explaining is not compiling
 
 

@@ -97,6 +97,14 @@ BOTH_LAYOUTS = ("self_weights_unread", "key_padding", "cross_attention", "separa
     pytest.param(name, batch_first, id=f"{name}-{'batch_first' if batch_first else 'sequence_first'}")
     for name in CASES for batch_first in ((True, False) if name in BOTH_LAYOUTS else (True,))])
 def test_multihead_attention_runs_fa4_and_matches_eager(name, batch_first):
+    causal, padding = _compile_case(name, batch_first)
+    (record,) = _site_records()
+    assert record.decision == "fa4", record.reason
+    assert (record.features["causal"], record.features["padding"]) == (causal, padding)
+
+
+def _compile_case(name, batch_first, dynamic=False):
+    """Compile the case with the plugin and check it against eager; returns its expected (causal, padding)."""
     kwargs, inputs, call, causal, padding = CASES[name]
     module = _module(nn.MultiheadAttention, E, H, batch_first=batch_first, **kwargs)
     leaves, extra = inputs(batch_first)
@@ -105,23 +113,13 @@ def test_multihead_attention_runs_fa4_and_matches_eager(name, batch_first):
         return call(module, *args)
 
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
-        assert_matches_eager(fn, torch.compile(fn, fullgraph=True), leaves, extra, label=name)
-    (record,) = _site_records()
-    assert record.decision == "fa4", record.reason
-    assert (record.features["causal"], record.features["padding"]) == (causal, padding)
+        assert_matches_eager(fn, torch.compile(fn, fullgraph=True, dynamic=dynamic), leaves, extra, label=name)
+    return causal, padding
 
 
 @pytest.mark.parametrize("name", ["key_padding_and_causal", "cross_attention"])
 def test_multihead_attention_under_dynamic_shapes(name):
-    kwargs, inputs, call, causal, padding = CASES[name]
-    module = _module(nn.MultiheadAttention, E, H, batch_first=True, **kwargs)
-    leaves, extra = inputs(True)
-
-    def fn(*args):
-        return call(module, *args)
-
-    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
-        assert_matches_eager(fn, torch.compile(fn, fullgraph=True, dynamic=True), leaves, extra, label=name)
+    _compile_case(name, True, dynamic=True)
     # Dynamo compiles this frame twice under dynamic=True, without the plugin too.
     assert {(r.decision, r.reason) for r in _site_records()} == {("fa4", None)}
 
