@@ -607,6 +607,34 @@ def test_compiled_multihead_attention_runs_fa4_forward_and_backward(padded):
     assert max(errors) < 2e-2, errors
 
 
+def test_compiled_bmm_attention_runs_fa4_forward_and_backward():
+    """The (B * H, S, D) bmm form (diffusers' classic AttnProcessor: baddbmm on an empty tensor with beta=0) trains
+    on FA4 kernels only; output and gradients against float64."""
+    def attention(q, k, v):
+        empty = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype, device=q.device)
+        scores = torch.baddbmm(empty, q, k.transpose(-1, -2), beta=0, alpha=q.shape[-1] ** -0.5)
+        return torch.bmm(scores.softmax(dim=-1).to(v.dtype), v)
+
+    torch.manual_seed(0)
+    q, k, v = _leaves(*[(4 * 16, 1024, 64)] * 3)
+    stats.reset()
+    torch._dynamo.reset()
+    with fa4_inductor.enabled(compile=True, eager=False):
+        compiled = torch.compile(attention, fullgraph=True)
+        out = compiled(q, k, v)
+        names = _kernel_names(lambda: compiled(q, k, v).float().square().mean().backward())
+    dout = torch.randn_like(out)
+    got = _grads(out, [q, k, v], dout)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = F.softmax(q64 @ k64.transpose(-1, -2) * 0.125, dim=-1) @ v64
+    want = _grads(ref, [q64, k64, v64], dout.double())
+    errors = [((g.double() - w).norm() / w.norm()).item() for g, w in zip([out, *got], [ref, *want])]
+    _report("compiled_bmm_attention", rel_errors=errors, kernels=sorted(set(_attention_kernels(names))))
+    assert [(r.pattern, r.decision) for r in stats.site_records()] == [("eager_attention", "fa4")]
+    assert not any(t in n.lower() for n in names for t in FA2_OR_CUDNN if "cute" not in n.lower()), names
+    assert max(errors) < 2e-2, errors
+
+
 def test_encoder_layer_inference_fast_path_runs_fa4():
     """nn.TransformerEncoderLayer in inference hands its forward to one fused op; with the plugin it runs FA4."""
     torch.manual_seed(0)
