@@ -107,11 +107,19 @@ def _is_last_two_transposed(node: Any) -> bool:
 _CASTS = ("to", "float", "type", "type_as", "half", "bfloat16", "double")
 
 
-def _peel_casts(node: Any) -> Any:
-    """See through dtype casts (``scores.float()``, ``.to(torch.float32)``, ``.type_as(q)``)."""
-    while _is(node, *_CASTS) and isinstance(node.args[0], Node) and _is_float_cast(node):
+def _peel_casts(node: Any, exact_only: bool = False) -> Any:
+    """See through dtype casts (``scores.float()``, ``.to(torch.float32)``, ``.type_as(q)``); with ``exact_only``
+    only through those that keep every value (to a wider type): q and k rounded to bf16 after float32 rotary code
+    (OLMo, Cohere) are the bf16 tensors the scores are made of, not their float32 sources."""
+    while _is(node, *_CASTS) and isinstance(node.args[0], Node) and _is_float_cast(node) \
+            and not (exact_only and _narrows(node)):
         node = node.args[0]
     return node
+
+
+def _narrows(cast: Node) -> bool:
+    before, after = example_value(cast.args[0]).dtype, example_value(cast).dtype
+    return before != after and after.itemsize <= before.itemsize
 
 
 def _is_float_cast(node: Node) -> bool:
@@ -120,10 +128,11 @@ def _is_float_cast(node: Node) -> bool:
         node.args[0]).device
 
 
-def _peel_factors(node: Any, factors: list) -> Any:
-    """See through ``x * c``, ``c * x`` and ``x / c`` with scalar ``c`` (and casts); collect the factors."""
+def _peel_factors(node: Any, factors: list, operand: bool = False) -> Any:
+    """See through ``x * c``, ``c * x`` and ``x / c`` with scalar ``c`` (and casts, on an ``operand`` of the scores
+    only those that keep its values); collect the factors."""
     while True:
-        node = _peel_casts(node)
+        node = _peel_casts(node, exact_only=operand)
         scaled = _constant_operand(node) if _is(node, "mul", "__mul__") else None
         if scaled:
             node = scaled[0]
@@ -212,7 +221,7 @@ def _peel_scale(node: Node) -> dict[str, Any]:
         query, key_t = node.args[1:3] if _is(node, "baddbmm") else node.args[:2]
         if _is(node, "baddbmm"):
             _peel_baddbmm(node, factors, found)
-        key_t = _peel_factors(key_t, factors)
+        key_t = _peel_factors(key_t, factors, operand=True)
         rank = example_value(node).dim()
         if _is_last_two_transposed(key_t):
             key = key_t.args[0]
@@ -222,8 +231,8 @@ def _peel_scale(node: Node) -> dict[str, Any]:
             raise NoMatch(f"the scores' right operand is not a {rank}-D kᵀ")
     else:
         raise NoMatch("the scores are not q @ k^T")
-    found["query"] = _peel_factors(query, factors)
-    found["key"] = _peel_factors(key, factors) if key is not None else None
+    found["query"] = _peel_factors(query, factors, operand=True)
+    found["key"] = _peel_factors(key, factors, operand=True) if key is not None else None
     found["scale"] = _scale(factors)
     return found
 

@@ -29,6 +29,11 @@ def _build(name: str, impl: str):
             **COMMON, num_key_value_heads=2, head_dim=16, sliding_window=8, attn_implementation=impl))
     if name == "qwen2":
         return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON, num_key_value_heads=2, attn_implementation=impl))
+    if name in ("olmo", "olmo2", "cohere"):  # rotary in float32, q and k rounded back to bf16 before the scores
+        config, model = {"olmo": (transformers.OlmoConfig, transformers.OlmoForCausalLM),
+                         "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
+                         "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM)}[name]
+        return model(config(**COMMON, num_key_value_heads=2, attn_implementation=impl))
     if name == "gpt2":
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, attn_implementation=impl))
@@ -49,6 +54,7 @@ EXPECTED = {
     "qwen2": [dict(causal=True, window=None, gqa_ratio=2)] * 2,
     "mistral": [dict(causal=False, window=(7, 0), gqa_ratio=2)] * 2,
     "gpt2": [dict(causal=True, window=None, gqa_ratio=1)] * 2,
+    **{name: [dict(causal=True, window=None, gqa_ratio=2, dtype="bfloat16")] * 2 for name in ("olmo", "olmo2", "cohere")},
 }
 SOFTCAP = {"sdpa": None, "eager": 50.0}  # HF's SDPA path drops Gemma2's softcap; eager applies it
 
@@ -83,8 +89,9 @@ def _assert_grads_close(got_grads, want_grads, tol=5e-2):
         assert _rel(got_grads[key], want) < tol, key
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "qwen2", "gpt2"])
+@pytest.mark.parametrize("name, impl", [
+    *((name, impl) for name in ("llama", "mistral", "gemma2", "qwen2", "gpt2") for impl in ("sdpa", "eager")),
+    *((name, "eager") for name in ("olmo", "olmo2", "cohere"))])  # their sdpa paths read q and k as llama's do
 def test_decoder_sites_run_fa4_and_match_eager(name, impl):
     torch.manual_seed(0)
     try:
