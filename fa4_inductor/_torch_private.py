@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 # The base class of dispatch modes: documented (extending PyTorch), but importable from a private module only.
@@ -190,3 +190,51 @@ def symbol_hint(shape_env, symbol) -> int | None:
         return hint(symbol)
     except GuardOnDataDependentSymNode:
         return None
+
+
+def decide_tensor_branches(decide) -> Callable[[], None]:
+    """Have Dynamo ask ``decide(node)`` about a one-element tensor it is about to branch on (``if t:``), and take the
+    branch it answers (True or False) instead of breaking the graph; None leaves Dynamo to break it. Returns the
+    function that undoes this.
+
+    Dynamo has no hook here: it calls its conditional-jump handlers (``InstructionTranslatorBase.POP_JUMP_*``)
+    through a per-class ``dispatch_table`` that each translator class builds when it is made, so the wrapper goes
+    into those tables, in every translator class. Only the jumps that pop their value are decided: the tensor is
+    consumed there, so it never turns into a Python bool anywhere the program reads it.
+    """
+    import dis
+
+    from torch._dynamo import symbolic_convert
+    from torch._dynamo.variables import ConstantVariable, TensorVariable
+
+    def decided(original):
+        def handler(translator, instruction):
+            value = translator.stack[-1] if translator.stack else None
+            if isinstance(value, TensorVariable):
+                truth = decide(value.proxy.node)
+                if truth is not None:
+                    translator.stack[-1] = ConstantVariable.create(bool(truth))
+            return original(translator, instruction)
+        return handler
+
+    opcodes = [code for name, code in dis.opmap.items()
+               if name.startswith("POP_JUMP") and name.endswith(("IF_TRUE", "IF_FALSE"))]
+    classes, pending = [], [symbolic_convert.InstructionTranslatorBase]
+    while pending:
+        cls = pending.pop()
+        classes.append(cls)
+        pending.extend(cls.__subclasses__())
+    replaced = []
+    for cls in classes:
+        table = cls.__dict__.get("dispatch_table")
+        for code in opcodes if table is not None else ():
+            if table[code] is not None:
+                ours = decided(table[code])
+                replaced.append((table, code, table[code], ours))
+                table[code] = ours
+
+    def undo() -> None:
+        for table, code, original, ours in replaced:
+            if table[code] is ours:
+                table[code] = original
+    return undo

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from . import fa4_api, inductor_pass
+from . import drawn_branches, fa4_api, inductor_pass
 from .eager import EagerOverride, register_with_pytorch
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ def enable(*, compile: bool = True, eager: bool = True, devices: Sequence[str] =
             return False
         override = EagerOverride(settings.devices) if settings.eager else None
         graph_pass = inductor_pass.install(settings.devices) if settings.compile else None
+        if settings.compile:  # LayerDrop at 0 would split a model's graph and hide its masks from the pass
+            drawn_branches.see_through()
         _active = _Active(settings, override, graph_pass)
         log.info("fa4_inductor enabled: %s", settings)
         return True
@@ -89,6 +91,7 @@ def _disable_locked() -> None:
         _active.eager_override.remove()
     if _active.graph_pass is not None:
         inductor_pass.uninstall(_active.graph_pass)
+        drawn_branches.stop_seeing_through()
     log.info("fa4_inductor disabled (was %s)", _active.settings)
     _active = None
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from . import fa4_api, graph_dump, plan_trust, stats
+from . import drawn_branches, fa4_api, graph_dump, plan_trust, stats
 from .pattern_registry import RewriteContext, rewrite_graph, source_location
 from .stats import SiteRecord
 
@@ -132,5 +132,9 @@ def explain(model_or_fn, *args, arch: str | None = "sm90", devices=("cuda", "cpu
         return original_forward
 
     compiled: Any = torch.compile(model_or_fn, backend=capture)
-    compiled(*args, **kwargs)
+    drawn_branches.see_through()
+    try:
+        compiled(*args, **kwargs)
+    finally:
+        drawn_branches.stop_seeing_through()
     return report

@@ -333,7 +333,7 @@ class _Evaluator:
                 return IndexTensor(sympy.true, example.dim(), additive=True)
             if self._additive(0, value):
                 return IndexTensor(sympy.false, example.dim(), additive=True)
-        raise NotAnalyzable(f"full({value!r}) is not a mask value")
+        raise self._not_a_mask(f"full({value!r})", 0, value)
 
     @staticmethod
     def _binary(name, args):
@@ -496,6 +496,14 @@ class _Evaluator:
         return bool(keep.is_zero) and (drop == sympy.S.NegativeInfinity or (drop.is_number and float(drop) <= -1e30))
 
     @staticmethod
+    def _not_a_mask(what: str, keep_value, drop_value) -> NotAnalyzable:
+        """Why ``keep_value``/``drop_value`` make no 0/-inf mask; a finite negative fill (-1e4, -1e9) says why it
+        is not taken as -inf."""
+        if _sym(keep_value).is_zero and isinstance(drop_value, (int, float)) and -1e30 < drop_value < 0:
+            return NotAnalyzable(f"{what}: {finite_fill_reason(drop_value)}")
+        return NotAnalyzable(f"{what} is not a 0/-inf mask")
+
+    @staticmethod
     def _number(value):
         """A 0-d constant tensor (``torch.zeros(())``, ``torch.full((), -inf)``, as transformers >= 5.23 passes to
         ``where``) as the number it holds, in mask terms (an additive mask's kept 0 or hiding -inf); else ``value``."""
@@ -510,21 +518,40 @@ class _Evaluator:
             raise NotAnalyzable("where with a non-index condition")
         a, b = self._number(a), self._number(b)
         if isinstance(a, IndexTensor) or isinstance(b, IndexTensor):
-            raise NotAnalyzable("where selecting between tensors")
+            return self._where_over_mask(cond, a, b)
         if self._additive(a, b):
             return IndexTensor(cond.expr, cond.ndim, additive=True)
         if self._additive(b, a):
             return IndexTensor(sympy.Not(cond.expr), cond.ndim, additive=True)
-        raise NotAnalyzable(f"where({a!r}, {b!r}) is not a 0/-inf mask")
+        raise self._not_a_mask(f"where({a!r}, {b!r})", *((b, a) if isinstance(a, (int, float)) and a < 0 else (a, b)))
+
+    def _where_over_mask(self, cond, a, b):
+        """``where(cond, mask, -inf)`` (or ``where(cond, -inf, mask)``) of a 0/-inf mask, as Hugging Face's SDPA path
+        lays a boolean mask over a position bias (T5's cross-attention bias is zeros): the keys both keep."""
+        for mask, hide, kept in ((a, b, cond.expr), (b, a, sympy.Not(cond.expr))):
+            if isinstance(mask, IndexTensor) and mask.additive and not isinstance(hide, IndexTensor) \
+                    and self._additive(0, hide):
+                (keep, mask_keeps), ndim = _broadcast(IndexTensor(kept, cond.ndim), mask)
+                return IndexTensor(sympy.And(keep, mask_keeps), ndim, additive=True)
+        raise NotAnalyzable("where selecting between tensors that are not a 0/-inf mask and -inf")
 
     def _masked_fill(self, base, cond, fill):
         fill = self._number(fill)
         if not isinstance(base, IndexTensor) or not isinstance(cond, IndexTensor):
             raise NotAnalyzable("masked_fill of non-index values")
-        if not (base.expr is sympy.true or base.additive) or not self._additive(0, fill):
-            raise NotAnalyzable("masked_fill that is not a 0/-inf mask filled with -inf")
+        if not (base.expr is sympy.true or base.additive):
+            raise NotAnalyzable("masked_fill of a value that is not a 0/-inf mask")
+        if not self._additive(0, fill):
+            raise self._not_a_mask(f"masked_fill with {fill!r}", 0, fill)
         (c, keep), ndim = _broadcast(cond, base)
         return IndexTensor(sympy.And(keep, sympy.Not(c)), max(ndim, base.ndim), additive=True)
+
+
+def finite_fill_reason(fill: float) -> str:
+    """Why a finite negative fill of hidden scores is not FA4's masking."""
+    return (f"the finite fill {fill:g} leaves each hidden key a weight of exp({fill:g} - the row's largest score), "
+            "which FA4 drops; that is exact only under a bound on the scores the graph does not give, and a row "
+            "that hides every key averages all values where FA4 gives zeros")
 
 
 def _without_abs(expr):

@@ -25,6 +25,7 @@ import torch
 from torch._inductor.pattern_matcher import CallFunctionVarArgs, CallMethodVarArgs, Match
 from torch.fx import Node
 
+from fa4_inductor import mask_analysis
 from fa4_inductor.emit import call_with_meta, example_value, op_name
 from fa4_inductor.pattern_registry import AttentionPattern, RewriteContext, SiteDecision, register
 
@@ -37,6 +38,10 @@ SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax, tor
 
 class NoMatch(Exception):
     """The code around this softmax is not (this kind of) attention."""
+
+
+class NotServed(NoMatch):
+    """The code around this softmax is attention that FA4 does not compute as written."""
 
 
 def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
@@ -198,6 +203,10 @@ def _peel_scores(scores: Node) -> dict[str, Any]:
             raise NoMatch("two masks on the scores")
         inner["mask"], inner["mask_hides_where_true"], inner["mask_reader"] = mask, not _is(node, "where"), node
         return inner
+    filled = node.args[0] if _is(node, "masked_fill", "masked_fill_") else node.args[1] if fill is not None else None
+    if isinstance(fill, (int, float)) and fill < 0 and isinstance(filled, Node):
+        _peel_scores(filled)  # scores filled with -1e4 or -1e9
+        raise NotServed(f"scores filled where hidden: {mask_analysis.finite_fill_reason(fill)}")
     capped = _constant_operand(node) if _is(node, "mul", "__mul__") else None
     if capped and _is(capped[0], "tanh"):
         cap, inner = capped[1], capped[0].args[0]
@@ -292,6 +301,8 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
                                      "(mBART's bmm form), which the pattern does not follow", {})
     try:
         scores = _peel_scores(softmax.args[0])
+    except NotServed as exc:
+        return SiteDecision(softmax, str(exc), {})
     except NoMatch as exc:
         # A 3-D softmax is attention only over q @ kᵀ (bmm); others (routers, classifiers) are no site at all.
         return None if len(shape) == 3 else SiteDecision(softmax, f"not attention: {exc}", {})

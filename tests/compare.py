@@ -24,3 +24,19 @@ def assert_matches_eager(fn, compiled, inputs, extra=(), *, grad_atol=2e-2, seed
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g / scale, w / scale, atol=grad_atol, rtol=0, msg=lambda m: f"{label}: {m}")
     return got
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``|got - want| / |want|`` in the Frobenius norm."""
+    return ((got - want).norm() / want.norm().clamp_min(1e-6)).item()
+
+
+def assert_parameter_grads_close(got_grads: dict, want_grads: dict, tol: float = 5e-2) -> None:
+    """Each parameter's gradient within ``tol`` (relative) of eager's; parameters only the compiled run has a
+    gradient for (unused outputs, such as BERT's pooler) must have zero gradients."""
+    extra = got_grads.keys() - want_grads.keys()
+    assert want_grads.keys() <= got_grads.keys() and all(got_grads[k].count_nonzero() == 0 for k in extra)
+    for key, want in want_grads.items():
+        if want.norm() < 1e-5:
+            continue  # zero in exact math (a key bias under softmax): only rounding noise is left
+        assert relative_error(got_grads[key], want) < tol, key

@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import fa4_inductor  # noqa: E402
+from tests.compare import assert_parameter_grads_close, relative_error  # noqa: E402
 from fa4_inductor import stats  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("no_compile_cache")
@@ -76,19 +77,6 @@ def _logits_and_grads(model, ids, kwargs, call=None):
     return logits.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-6)).item()
-
-
-def _assert_grads_close(got_grads, want_grads, tol=5e-2):
-    extra = got_grads.keys() - want_grads.keys()  # unused outputs (BERT's pooler) get zero grads when compiled
-    assert want_grads.keys() <= got_grads.keys() and all(got_grads[k].count_nonzero() == 0 for k in extra)
-    for key, want in want_grads.items():
-        if want.norm() < 1e-5:
-            continue  # zero in exact math (a key bias under softmax): only rounding noise is left
-        assert _rel(got_grads[key], want) < tol, key
-
-
 @pytest.mark.parametrize("name, impl", [
     *((name, impl) for name in ("llama", "mistral", "gemma2", "qwen2", "gpt2") for impl in ("sdpa", "eager")),
     *((name, "eager") for name in ("olmo", "olmo2", "cohere"))])  # their sdpa paths read q and k as llama's do
@@ -111,8 +99,8 @@ def test_decoder_sites_run_fa4_and_match_eager(name, impl):
     for record, features in zip(records, expected):
         assert {k: record.features[k] for k in features} == features
         assert record.pattern == ("sdpa" if impl == "sdpa" else "eager_attention")
-    assert _rel(got, want) < 2e-2
-    _assert_grads_close(got_grads, want_grads)
+    assert relative_error(got, want) < 2e-2
+    assert_parameter_grads_close(got_grads, want_grads)
 
 
 FLEX_EXPECTED = {  # per-site features with attn_implementation="flex_attention"
@@ -162,8 +150,8 @@ def test_flex_attention_models_run_fa4_and_match_eager(name, padded, dynamic, mo
         assert {k: record.features[k] for k in features} == features and record.features["padding"] == padded
     valid = kwargs["attention_mask"].bool() if padded else torch.ones(ids.shape, dtype=torch.bool)
     assert torch.isfinite(got).all()
-    assert _rel(got[valid], want[valid]) < 2e-2
-    _assert_grads_close(got_grads, want_grads)
+    assert relative_error(got[valid], want[valid]) < 2e-2
+    assert_parameter_grads_close(got_grads, want_grads)
 
 
 def test_no_mask_tensor_left_in_compiled_graph():
@@ -215,8 +203,8 @@ def test_padding_mask_runs_fa4_and_stays_exact(name, impl, side):
     assert all(r.features["padding"] and r.features["causal"] == (name == "llama") for r in records)
     valid = kwargs["attention_mask"].bool()  # padded positions' outputs are don't-care in HF, but must be finite
     assert torch.isfinite(got).all()
-    assert _rel(got[valid], want[valid]) < 2e-2
-    _assert_grads_close(got_grads, want_grads)
+    assert relative_error(got[valid], want[valid]) < 2e-2
+    assert_parameter_grads_close(got_grads, want_grads)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -250,8 +238,8 @@ def test_packed_sequences_from_position_ids_run_fa4_documents(name):
     records = stats.site_records()
     assert [r.decision for r in records] == ["fa4", "fa4"], [(r.node, r.reason) for r in records]
     assert all(r.features["documents"] for r in records)
-    assert _rel(got, want) < 2e-2
-    _assert_grads_close(got_grads, want_grads)
+    assert relative_error(got, want) < 2e-2
+    assert_parameter_grads_close(got_grads, want_grads)
 
 
 def test_gemma2_eager_dynamic_shapes_graph_scalars():
@@ -270,7 +258,7 @@ def test_gemma2_eager_dynamic_shapes_graph_scalars():
     records = stats.site_records()
     assert [r.decision for r in records] in (["fa4"] * 2, ["fa4"] * 4), [r.reason for r in records]
     assert [r.features["softcap"] for r in records[-2:]] == [50.0, 50.0]
-    assert _rel(got.float(), want.float()) < 2e-2
+    assert relative_error(got.float(), want.float()) < 2e-2
 
 
 def test_static_cache_generate_decodes_on_fa4():
@@ -338,5 +326,5 @@ def test_disabling_leaves_pytorch_as_it_was():
         if reset:
             torch._dynamo.reset()
         got, got_grads = _logits_and_grads(model, ids, {}, call=torch.compile(model))
-        assert _rel(got, want) < 2e-2
-        _assert_grads_close(got_grads, want_grads)
+        assert relative_error(got, want) < 2e-2
+        assert_parameter_grads_close(got_grads, want_grads)

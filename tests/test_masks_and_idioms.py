@@ -166,6 +166,40 @@ def test_key_padding_under_dynamic_shapes_guards_mask_width_equals_key_length():
     torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
 
 
+OVER_A_BIAS = {  # Hugging Face's SDPA path lays a boolean mask over a position bias: T5's cross-attention's is zeros
+    "zeros_bias": (lambda q, i, j, pad: torch.where(
+        pad[:, None, None, :], torch.zeros(1, q.shape[1], q.shape[2], q.shape[2], dtype=q.dtype),
+        torch.finfo(q.dtype).min), False),
+    "negated_condition": (lambda q, i, j, pad: torch.where(
+        ~pad[:, None, None, :], -math.inf, torch.zeros(1, 1, q.shape[2], q.shape[2], dtype=q.dtype)), False),
+    "causal_bias": (lambda q, i, j, pad: torch.where(
+        pad[:, None, None, :], torch.full((q.shape[2], q.shape[2]), -math.inf, dtype=q.dtype).triu(1),
+        torch.finfo(q.dtype).min), True),
+}
+
+
+@pytest.mark.parametrize("name", list(OVER_A_BIAS))
+def test_boolean_mask_laid_over_a_zero_or_causal_bias_is_key_padding(name):
+    build, causal = OVER_A_BIAS[name]
+
+    def fn(q, k, v, pad):
+        i, j = _idx(q.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=build(q, i, j, pad))
+    pad = _padding()
+    record = _check(lambda q, k, v: fn(q, k, v, pad), *_qkv())
+    assert record.features["padding"] and record.features["causal"] == causal
+
+
+def test_boolean_mask_laid_over_a_learned_bias_falls_back():
+    bias, pad = torch.randn(1, H, S, S, dtype=torch.bfloat16), _padding()
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(
+            pad[:, None, None, :], bias * 2, torch.finfo(q.dtype).min))
+    record = _check(fn, *_qkv(), expect_fa4=False)
+    assert "not expressible" in record.reason
+
+
 @pytest.mark.parametrize("build, pad, reason", [
     (lambda i, j, pad: (j <= i) | pad[:, None, None, :], torch.ones(B, S, dtype=torch.bool), "not and-ed"),
     (lambda i, j, pad: pad[:, None, :, None], torch.ones(B, S, dtype=torch.bool), "not [batch, kv_idx]"),

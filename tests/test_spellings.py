@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import fa4_inductor
 from fa4_inductor import stats
-from tests.compare import assert_matches_eager
+from tests.compare import EXCEPTION_TEXT, assert_matches_eager
 
 pytestmark = pytest.mark.usefixtures("no_compile_cache")
 
@@ -194,4 +194,32 @@ def test_a_mask_joined_from_two_filled_pieces_falls_back_with_its_reason():
         got = torch.compile(fn)(q, k, v)
     (record,) = stats.site_records()
     assert record.decision == "fallback" and "2 non-empty pieces with cat" in record.reason, record.reason
+    torch.testing.assert_close(got, fn(q, k, v))
+
+
+def _kept(q, k):
+    return torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
+
+
+FINITE_FILLS = {
+    "masked_fill_scores": lambda q, k, v: (q @ k.mT * 0.25).masked_fill(~_kept(q, k), -1e9).softmax(-1) @ v,
+    "where_scores": lambda q, k, v: torch.where(_kept(q, k), q @ k.mT, -1e4).softmax(-1) @ v,
+    "where_mask": lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.where(_kept(q, k), 0.0, -1e4).to(q.dtype)),
+    "full_mask": lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.full((q.shape[2], k.shape[2]), -1e9).triu(1).to(q.dtype)),
+}
+
+
+@pytest.mark.parametrize("name", list(FINITE_FILLS))
+def test_finite_fills_stay_with_the_reason(name):
+    """-1e4 and -1e9 fills leave hidden keys a weight FA4 drops: exact only under a score bound no graph gives, so
+    the site stays, saying so, and gives eager's result."""
+    fn = FINITE_FILLS[name]
+    q, k, v = (t.detach() for t in _qkv())
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = torch.compile(fn, fullgraph=True)(q, k, v)
+    (record,) = stats.site_records()
+    assert record.decision == "fallback" and "the finite fill" in record.reason, record.reason
+    assert not EXCEPTION_TEXT.search(record.reason)
     torch.testing.assert_close(got, fn(q, k, v))

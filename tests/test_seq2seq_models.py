@@ -1,0 +1,162 @@
+"""Models with LayerDrop (OPT, BART, mBART, Marian, Whisper) and T5, training, compiled with the plugin on CPU.
+
+Their ``if torch.rand([]) < self.layerdrop`` broke each forward into a graph per layer, so the masks reached the
+attention as opaque inputs; with the plugin the whole forward is one graph and every site runs FA4 with the mask's
+structure (T5's self-attention sites carry a learned position bias: a reason of their own).
+"""
+
+import copy
+import inspect
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fa4_inductor  # noqa: E402
+from fa4_inductor import stats  # noqa: E402
+from tests.compare import relative_error  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("no_compile_cache")
+
+SEQ2SEQ = dict(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+               decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+               dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)  # layerdrop: the configs' default 0
+
+
+def _build(name: str, impl: str):
+    if name == "opt":
+        return transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=128, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+            max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, attn_implementation=impl))
+    if name == "bart":
+        return transformers.BartForConditionalGeneration(transformers.BartConfig(**SEQ2SEQ, attn_implementation=impl))
+    if name == "mbart":
+        return transformers.MBartForConditionalGeneration(transformers.MBartConfig(**SEQ2SEQ, attn_implementation=impl))
+    if name == "marian":
+        return transformers.MarianMTModel(transformers.MarianConfig(
+            **SEQ2SEQ, pad_token_id=1, decoder_start_token_id=2, attn_implementation=impl))
+    if name == "whisper":
+        return transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
+            **SEQ2SEQ, num_mel_bins=8, max_source_positions=32, max_target_positions=64, pad_token_id=1,
+            bos_token_id=2, eos_token_id=2, decoder_start_token_id=2, attn_implementation=impl))
+    if name == "t5":
+        return transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0,
+            decoder_start_token_id=0, attn_implementation=impl))
+    raise ValueError(name)
+
+
+FA4, BIAS = "fa4", "position bias"
+
+
+def _draws_at_layerdrop_zero() -> bool:
+    """Whether this transformers draws LayerDrop's ``torch.rand([])`` even at ``layerdrop=0`` (newer releases guard
+    the draw with ``self.layerdrop > 0.0``, and their forward is one graph without the plugin too)."""
+    source = inspect.getsource(transformers.models.opt.modeling_opt.OPTDecoder.forward)
+    return "torch.rand([])" in source and "self.layerdrop > 0" not in source
+
+
+def _branch_breaks(graph_breaks) -> list[str]:
+    """Dynamo's graph breaks at a branch on a tensor (LayerDrop's ``if torch.rand([]) < self.layerdrop``)."""
+    return [reason for reason in graph_breaks if "jump" in reason.lower() or "branching" in reason.lower()]
+
+
+ENCODER_DECODER = ["encoder", "encoder", "self", "cross", "self", "cross"]
+
+
+def _expected(name: str, padded: bool) -> list[tuple[str, bool, bool]]:
+    """(decision, causal, padding) per site, in graph order."""
+    if name == "opt":
+        return [(FA4, True, padded)] * 2
+    if name == "whisper":  # no encoder mask; the padding mask is the decoder's
+        return [{"encoder": (FA4, False, False), "self": (FA4, True, padded), "cross": (FA4, False, False)}[kind]
+                for kind in ENCODER_DECODER]
+    if name == "t5":  # relative-position bias in self-attention; cross-attention's bias is zeros
+        return [{"encoder": (BIAS, False, False), "self": (BIAS, False, False), "cross": (FA4, False, padded)}[kind]
+                for kind in ENCODER_DECODER]
+    return [{"encoder": (FA4, False, padded), "self": (FA4, True, False), "cross": (FA4, False, padded)}[kind]
+            for kind in ENCODER_DECODER]
+
+
+def _inputs(name: str, padded: bool) -> dict:
+    ids = torch.randint(3, 128, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    if name == "opt":
+        return dict(input_ids=ids, **({"attention_mask": mask} if padded else {}))
+    if name == "whisper":
+        return dict(input_features=torch.randn(2, 8, 64, dtype=torch.bfloat16), decoder_input_ids=ids,
+                    **({"decoder_attention_mask": mask} if padded else {}))
+    return dict(input_ids=ids, decoder_input_ids=ids, **({"attention_mask": mask} if padded else {}))
+
+
+def _logits_and_grads(model, call, inputs):
+    model.zero_grad(set_to_none=True)
+    logits = call(**inputs).logits
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+    (logits.float() * weights).mean().backward()
+    return logits.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _errors(result, exact) -> dict:
+    """Relative error of the logits and of each gradient that is not zero in exact math, against ``exact``."""
+    pairs = [("logits", result[0], exact[0]), *((key, result[1][key], truth) for key, truth in exact[1].items())]
+    return {key: relative_error(value, truth) for key, value, truth in pairs if truth.norm() >= 1e-5}
+
+
+def _assert_as_exact_as_stock(got, eager, stock, exact):
+    """Every output and gradient of the compiled bf16 model as close to the float32 model's (``exact``) as bf16
+    eager's or, where Inductor's own rounding moves it (``stock()``, compiled without the plugin), stock's."""
+    got_errors, eager_errors = _errors(got, exact), _errors(eager, exact)
+    worse = [key for key in got_errors if got_errors[key] > 1.25 * eager_errors[key] + 1e-2]
+    if worse:
+        stock_errors = _errors(stock(), exact)
+        worse = [key for key in worse if got_errors[key] > 1.25 * max(eager_errors[key], stock_errors[key]) + 1e-2]
+    assert not worse, {key: (got_errors[key], eager_errors[key]) for key in worse}
+
+
+@pytest.mark.parametrize("name, impl, padded", [
+    *((name, "sdpa", True) for name in ("opt", "bart", "mbart", "marian", "whisper", "t5")),
+    ("opt", "eager", True), ("bart", "eager", True), ("opt", "sdpa", False), ("whisper", "sdpa", False)])
+def test_training_forward_is_one_graph_with_every_site_on_fa4(name, impl, padded):
+    torch.manual_seed(0)
+    model_fp32 = _build(name, impl).train()
+    model = copy.deepcopy(model_fp32).to(torch.bfloat16)
+    inputs = _inputs(name, padded)
+    exact = _logits_and_grads(model_fp32, model_fp32, {
+        key: value.float() if value.is_floating_point() else value for key, value in inputs.items()})
+    eager = _logits_and_grads(model, model, inputs)
+    counters = torch._dynamo.utils.counters
+    counters["stats"].clear()
+    counters["graph_break"].clear()
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = _logits_and_grads(model, torch.compile(model), inputs)
+    assert not _branch_breaks(counters["graph_break"])
+    # torch 2.11's Dynamo also breaks at transformers' copy.deepcopy of the config, outside the layers.
+    assert counters["stats"]["unique_graphs"] == 1 or counters["graph_break"]
+    records = stats.site_records()
+    decisions = [(FA4 if r.decision == "fa4" else BIAS if (r.reason or "").startswith("attn_mask not expressible")
+                  else r.reason, r.features.get("causal", False), r.features.get("padding", False)) for r in records]
+    assert decisions == _expected(name, padded), [(r.node, r.reason) for r in records]
+    if name != "t5" and _draws_at_layerdrop_zero():
+        assert stats.counters["compile.drawn_branches_decided"] >= 2
+    assert got[1].keys() == eager[1].keys()
+
+    def stock():
+        torch._dynamo.reset()
+        return _logits_and_grads(model, torch.compile(model), inputs)
+    _assert_as_exact_as_stock(got, eager, stock, exact)
+
+
+def test_stock_compile_still_breaks_at_layerdrop_once_disabled():
+    """The graph break is stock Dynamo's: with the plugin off, OPT's training forward is split again."""
+    if not _draws_at_layerdrop_zero():
+        pytest.skip(f"transformers {transformers.__version__} draws no LayerDrop at layerdrop=0")
+    torch.manual_seed(0)
+    model = _build("opt", "sdpa").train()
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        pass
+    torch._dynamo.utils.counters["graph_break"].clear()
+    torch.compile(model)(**_inputs("opt", True))
+    assert _branch_breaks(torch._dynamo.utils.counters["graph_break"])
