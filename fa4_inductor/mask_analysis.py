@@ -38,7 +38,7 @@ from sympy.logic.boolalg import BooleanFunction
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 
-from . import graph_mutations
+from . import graph_mutations, modeled_ops
 from ._torch_private import is_tensor_property_symbol, symbol_hint
 from .emit import op_name
 
@@ -53,13 +53,17 @@ class NotAnalyzable(Exception):
 class IndexTensor:
     """A tensor given by a formula of its axis indices ``x0, x1, ...``.
 
-    ``additive`` marks a float mask where ``expr`` is the condition under
-    which the entry is 0 (kept) rather than -inf (masked).
+    Three kinds of value, told apart by ``additive`` and ``expr``: an additive mask (``additive``: the entry is 0,
+    a kept key, where ``expr`` holds, else -inf), an indicator (``expr`` a truth value: the entry is True or 1 where
+    it holds, else False or 0, in whatever dtype the tensor has) or a number per entry (index arithmetic, an integer
+    tensor's values). ``shape`` is the tensor's (from the graph), so that an axis of size 1 broadcast to more is
+    read at index 0 (:func:`_aligned`); None only for values made inside one op's model.
     """
 
     expr: Any
     ndim: int
     additive: bool = False
+    shape: tuple | None = None
 
 
 class TensorLookup(BooleanFunction):
@@ -137,22 +141,111 @@ def _sym(value: Any) -> Any:
 
 
 def _shift(t: IndexTensor, ndim: int) -> Any:
-    """Right-align ``t`` to ``ndim`` axes (broadcasting): rename its axis symbols."""
+    """Right-align ``t`` to ``ndim`` axes (a view that adds leading axes of size 1): rename its axis symbols."""
     offset = ndim - t.ndim
     if offset == 0 or not isinstance(t.expr, sympy.Basic):
         return t.expr
     return t.expr.xreplace({_axis(k): _axis(k + offset) for k in range(t.ndim)})
 
 
-def _broadcast(*values: Any) -> tuple[list[Any], int]:
-    ndim = max((v.ndim for v in values if isinstance(v, IndexTensor)), default=0)
-    exprs = [_shift(v, ndim) if isinstance(v, IndexTensor) else _sym(v) for v in values]
-    return exprs, ndim
-
-
 def _is_one(size: Any) -> bool:
     """Is this size 1, with no guard?"""
     return statically_known_true(size == 1)
+
+
+def _aligned(value: IndexTensor, shape: tuple) -> Any:
+    """``value``'s formula read at the indices of a tensor of ``shape`` that it broadcasts to: axes right-aligned,
+    and an axis of size 1 read at index 0 where ``shape`` has more (its only entry; a symbol is kept only while it
+    stands for an axis of size 1 in the result too)."""
+    if not isinstance(value.expr, sympy.Basic) or value.ndim == 0:
+        return value.expr
+    if value.shape is None:
+        raise NotAnalyzable("a mask value of unknown shape is broadcast")
+    offset = len(shape) - value.ndim
+    if offset < 0:
+        raise NotAnalyzable(f"a mask of {value.ndim} axes is read as one of {len(shape)}")
+    return value.expr.xreplace({
+        _axis(k): sympy.Integer(0) if _is_one(size) and not _is_one(shape[k + offset]) else _axis(k + offset)
+        for k, size in enumerate(value.shape)})
+
+
+def _broadcast_shape(*shapes: tuple) -> tuple:
+    """The shape tensors of ``shapes`` broadcast to (a size 1 where every one has size 1)."""
+    ndim = max((len(s) for s in shapes), default=0)
+    result = []
+    for axis in range(ndim):
+        sizes = [s[axis - ndim + len(s)] for s in shapes if axis - ndim + len(s) >= 0]
+        wider = [size for size in sizes if not _is_one(size)]
+        result.append(wider[0] if wider else 1)
+    return tuple(result)
+
+
+def _broadcast(*values: Any) -> tuple[list[Any], int]:
+    """The formulas of ``values`` (index tensors or numbers) read at the indices of their broadcast shape, and its
+    number of axes."""
+    tensors = [v for v in values if isinstance(v, IndexTensor)]
+    if any(v.shape is None and v.ndim for v in tensors):
+        raise NotAnalyzable("a mask value of unknown shape is broadcast")
+    shape = _broadcast_shape(*(v.shape if v.shape is not None else () for v in tensors))
+    exprs = [_aligned(v, shape) if isinstance(v, IndexTensor) else _sym(v) for v in values]
+    return exprs, len(shape)
+
+
+def _truth(value: Any) -> Any:
+    """Where a value is nonzero (what ``bool`` conversion and ``logical_*`` read), as a formula."""
+    if isinstance(value, IndexTensor):
+        return _converted(value, torch.bool).expr
+    return _sym(bool(value))
+
+
+def _converted(value: IndexTensor, dtype: torch.dtype) -> IndexTensor:
+    """``value`` as a tensor of ``dtype`` holds it (a cast, ``copy_`` into such a tensor): -inf and every nonzero
+    become True in bool; index values stay exact in float32 and wider (up to 2**24, beyond any mask FA4 is given),
+    and a 0/1 integer mask's in any float."""
+    if value.additive:
+        if dtype == torch.bool:  # 0 (kept) -> False, -inf (hidden) -> True
+            return IndexTensor(sympy.Not(value.expr), value.ndim, shape=value.shape)
+        if not dtype.is_floating_point:
+            raise NotAnalyzable(f"a 0/-inf mask converted to {dtype}")
+        return value
+    if _is_boolean(value.expr):
+        return value  # an indicator: True/1 where the formula holds, in every dtype
+    if dtype == torch.bool:
+        expr = TensorLookup(*value.expr.args) if isinstance(value.expr, ValueLookup) else sympy.Ne(value.expr, 0)
+        return IndexTensor(expr, value.ndim, shape=value.shape)
+    if dtype.is_floating_point and dtype.itemsize < 4:
+        if isinstance(value.expr, ValueLookup):  # an integer 0/1 mask (as tokenizers make them) rounds to itself
+            return IndexTensor(TensorLookup(*value.expr.args), value.ndim, shape=value.shape)
+        raise NotAnalyzable(f"index values converted to {dtype}, which rounds integers above 256")
+    if not dtype.is_floating_point and not dtype.is_complex and sympy.sympify(value.expr).is_integer is not True:
+        raise NotAnalyzable(f"values that may not be integers converted to {dtype}")
+    return value
+
+
+def _with_shape(value: Any, example: Any, node: Node) -> Any:
+    """``value``, the model of ``node``, with the shape of ``node``'s tensor; checks that the model has its number
+    of axes and, for a bool or integer tensor, is no 0/-inf mask (an op whose model missed a conversion falls back
+    here rather than being read wrong)."""
+    if not isinstance(value, IndexTensor) or not isinstance(example, torch.Tensor):
+        return value
+    if value.ndim != example.dim():
+        raise NotAnalyzable(f"the model of '{node.name}' has {value.ndim} axes where the tensor has {example.dim()}")
+    if value.additive and not example.is_floating_point():
+        raise NotAnalyzable(f"'{node.name}' is a {example.dtype} tensor modeled as a 0/-inf mask")
+    if example.dtype == torch.bool and not _is_boolean(value.expr):
+        raise NotAnalyzable(f"'{node.name}' is a bool tensor modeled as numbers")
+    return dataclasses.replace(value, shape=tuple(example.shape))
+
+
+def _as_dtype_number(value: int | float | bool, dtype: torch.dtype) -> int | float | bool:
+    """A Python number as a 0-d tensor of ``dtype`` holds it."""
+    if dtype == torch.bool:
+        return bool(value)
+    if dtype.is_floating_point:  # rounding keeps the values masks are read by: 0, and huge negatives or -inf
+        return float(value)
+    if isinstance(value, float) and not value.is_integer():
+        raise NotAnalyzable(f"{value!r} converted to {dtype}")
+    return int(value)
 
 
 def _example(node: Any) -> Any:
@@ -166,23 +259,18 @@ _COMPARE = {"le": sympy.Le, "lt": sympy.Lt, "ge": sympy.Ge, "gt": sympy.Gt, "eq"
             "__ne__": sympy.Ne}
 _ARITH = {"add": operator.add, "sub": operator.sub, "__add__": operator.add, "__sub__": operator.sub,
           "mul": operator.mul, "__mul__": operator.mul, "__radd__": operator.add}
-_LOGIC = {"and_": sympy.And, "__and__": sympy.And, "logical_and": sympy.And, "bitwise_and": sympy.And,
-          "or_": sympy.Or, "__or__": sympy.Or, "logical_or": sympy.Or, "bitwise_or": sympy.Or}
-_NOT = {"invert", "__invert__", "logical_not", "bitwise_not"}
+# Bitwise ops are logical only on 0/1 values (bool tensors, indicators); logical ops read every nonzero as True.
+_BITWISE = {"and_": sympy.And, "__and__": sympy.And, "bitwise_and": sympy.And,
+            "or_": sympy.Or, "__or__": sympy.Or, "bitwise_or": sympy.Or}
+_LOGICAL = {"logical_and": sympy.And, "logical_or": sympy.Or}
+_LOGIC = _BITWISE | _LOGICAL
+_NOT = {"invert", "__invert__", "bitwise_not"}
 # Ops that change neither values nor the index formula (broadcast/cast/copy).
 _PASSTHROUGH = {"expand", "expand_as", "to", "bool", "long", "int", "contiguous", "clone", "detach", "type_as"}
+_CASTS = {"float", "half", "bfloat16", "double", "type"}
 _NEW_TRUE = {"ones", "ones_like", "new_ones"}
 # New float tensors of zeros: an additive mask that keeps every key.
 _NEW_ZEROS = {"zeros", "zeros_like", "new_zeros"}
-
-
-# In-place ops read as their out-of-place twins: the value the op leaves in its tensor, which is what later readers
-# of that tensor see (the evaluator applies a write for the readers after it; graph_mutations checks the rest).
-_OUT_OF_PLACE = {"masked_fill_": "masked_fill", "triu_": "triu", "tril_": "tril", "add_": "add", "sub_": "sub",
-                 "mul_": "mul", "iadd": "add", "__iadd__": "add", "isub": "sub", "__isub__": "sub", "imul": "mul",
-                 "__imul__": "mul", "iand": "and_", "__iand__": "and_", "ior": "or_", "__ior__": "or_",
-                 "logical_and_": "and_", "logical_or_": "or_", "logical_not_": "invert", "bitwise_not_": "invert",
-                 "abs_": "abs", "copy_": "copy_"}
 
 
 class _Evaluator:
@@ -204,7 +292,7 @@ class _Evaluator:
                     arg = write
             if arg not in self.cache:
                 try:
-                    self.cache[arg] = self._node(arg)
+                    self.cache[arg] = _with_shape(self._node(arg), _example(arg), arg)
                 except NotAnalyzable:
                     raise
                 except Exception as exc:  # e.g. sympy refusing arithmetic on a boolean lookup
@@ -231,9 +319,12 @@ class _Evaluator:
         if isinstance(example, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float)):
             return example  # a size computation: its value is known symbolically
         name = op_name(node) or str(node.target)
-        name = _OUT_OF_PLACE.get(name, name)
-        if name not in _OUT_OF_PLACE.values() and graph_mutations.written(node):
+        name = modeled_ops.IN_PLACE.get(name, name)  # an in-place op read as the value it leaves in its tensor
+        if name not in modeled_ops.IN_PLACE.values() and graph_mutations.written(node):
             raise NotAnalyzable(f"the mask is written in place by {name}, which the analysis does not model")
+        unmodeled = modeled_ops.unmodeled_argument(node, name)
+        if unmodeled is not None:
+            raise NotAnalyzable(f"the mask uses {unmodeled}")
         if name == "copy_":  # the tensor now holds the source, broadcast to its shape
             return self._passthrough(self.value(node.args[1], node), example)
         if node.target is operator.getitem:
@@ -242,42 +333,52 @@ class _Evaluator:
                 return self._gather(self.lookup_source(node.args[0], node), [self.value(i, node) for i in index])
             return self._getitem(self.value(node.args[0], node), node.args[1], _example(node.args[0]))
         if name in ("tensor", "scalar_tensor") and len(node.args) == 1 and isinstance(node.args[0], (int, float, bool)):
-            return node.args[0]  # torch.tensor(0.0): a scalar
+            return _as_dtype_number(node.args[0], example.dtype)  # torch.tensor(0.0): a scalar
         if name in _NEW_TRUE:
             return IndexTensor(sympy.true, len(example.shape))
-        if name in _NEW_ZEROS and example.is_floating_point():
-            return IndexTensor(sympy.true, len(example.shape), additive=True)
+        if name in _NEW_ZEROS:  # float zeros: an additive mask keeping every key (an indicator that is 0 elsewhere)
+            return IndexTensor(sympy.true, example.dim(), additive=True) if example.is_floating_point() \
+                else IndexTensor(sympy.false, example.dim())
         if name in ("full", "new_full") and isinstance(example, torch.Tensor):
             return self._full(node, example)
-        if name in _PASSTHROUGH:  # the other arguments give only a shape or dtype (``type_as(q)``, ``expand_as(x)``)
+        if name in _PASSTHROUGH or name in _CASTS:  # the other arguments give only a shape or dtype (``type_as(q)``)
             return self._passthrough(self.value(node.args[0], node), example)
         if name in ("cat", "concat", "concatenate", "hstack") and isinstance(example, torch.Tensor):
             return self._concatenation(node, name, example)
+        if name == "unflatten" and isinstance(example, torch.Tensor):
+            raise NotAnalyzable(f"the mask's axis {node.args[1]} is split into {node.args[2]}: heads folded into the "
+                                "batch, as a 3-D (B * heads, L, S) attn_mask has them, a mask per batch row and head "
+                                "that FA4 can't take")
         if name in ("view", "reshape", "_unsafe_view") and isinstance(example, torch.Tensor):
             # The target shape is read from the result (its arguments may be a tuple, -1 or size nodes).
             return self._unit_reshape(self.value(node.args[0], node), _example(node.args[0]), example)
         args = [self.value(a, node) for a in node.args]
         kwargs = {k: self.value(v, node) for k, v in node.kwargs.items()}
         if name == "arange":
-            return self._arange(args)
+            return self._arange(node, example)
         if name in ("ne", "__ne__") and args[1:] == [0] and isinstance(args[0], IndexTensor) \
                 and isinstance(args[0].expr, ValueLookup):
             return self._passthrough(args[0], example)  # ``mask != 0`` of a 0/1 mask: the mask as a boolean
-        if name in _COMPARE or name in _ARITH or name in _LOGIC:
+        if name in _COMPARE or name in _ARITH:
             return self._binary(name, args)
+        if name in _LOGIC:
+            return self._logic(name, args)
+        if name == "logical_not" and isinstance(args[0], IndexTensor):
+            return IndexTensor(sympy.Not(_truth(args[0])), args[0].ndim)
         if name in _NOT:
-            (x,), ndim = _broadcast(args[0])
-            return IndexTensor(sympy.Not(x), ndim)
+            if not (isinstance(args[0], IndexTensor) and not args[0].additive and _is_boolean(args[0].expr)):
+                raise NotAnalyzable(f"{name} of values that are not 0/1 (a bitwise, not a logical, negation)")
+            return IndexTensor(sympy.Not(args[0].expr), args[0].ndim)
         if name in ("abs", "__abs__") and isinstance(args[0], IndexTensor):
             return IndexTensor(sympy.Abs(args[0].expr), args[0].ndim)
         if name == "unsqueeze":
             return self._unsqueeze(args[0], args[1] if len(args) > 1 else kwargs["dim"])
         if name in ("tril", "triu"):
             return self._triangle(name, args[0], args[1] if len(args) > 1 else kwargs.get("diagonal", 0))
-        if name in ("where",):
-            return self._where(*args)
+        if name in ("where",) and len(args) == 3:
+            return self._where(*args, example)
         if name == "masked_fill":
-            return self._masked_fill(*args)
+            return self._masked_fill(*args, example)
         raise NotAnalyzable(f"the mask uses {name}, which the analysis does not model")
 
     def _input_lookup(self, node: Node, example: torch.Tensor) -> IndexTensor:
@@ -287,7 +388,7 @@ class _Evaluator:
             if example.is_floating_point() or example.is_complex() or example.dtype == torch.bool:
                 raise NotAnalyzable(f"the mask reads the 1-D {example.dtype} tensor '{node.name}'")
             self.lookup_sources[node.name] = node
-            return IndexTensor(VectorLookup(sympy.Symbol(node.name), _axis(0)), 1)
+            return IndexTensor(VectorLookup(sympy.Symbol(node.name), _axis(0)), 1, shape=tuple(example.shape))
         middle = example.shape[1:-1]
         if not all(statically_known_true(size == 1) for size in middle):
             raise NotAnalyzable(f"the mask reads the tensor input '{node.name}' of shape {tuple(example.shape)}, "
@@ -297,7 +398,7 @@ class _Evaluator:
         self.lookup_sources[node.name] = node
         ndim = example.dim()
         kind = TensorLookup if example.dtype == torch.bool else ValueLookup
-        return IndexTensor(kind(sympy.Symbol(node.name), _axis(0), _axis(ndim - 1)), ndim)
+        return IndexTensor(kind(sympy.Symbol(node.name), _axis(0), _axis(ndim - 1)), ndim, shape=tuple(example.shape))
 
     def lookup_source(self, source: Any, reader: Node | None = None) -> Any:
         """What a gather reads from: index arithmetic, or else a 2-D tensor taken as it is (segment ids the graph
@@ -311,23 +412,27 @@ class _Evaluator:
                 return self.cache[source]
             raise
 
-    @staticmethod
-    def _arange(args):
-        numbers = [a for a in args if not isinstance(a, (torch.dtype, torch.device, str)) and a is not None]
-        if len(numbers) == 1:
-            start, end = 0, numbers[0]
-        elif len(numbers) == 2:
-            start, end = numbers
-        else:
-            raise NotAnalyzable("arange with a step")
-        del end
+    def _arange(self, node: Node, example: torch.Tensor) -> IndexTensor:
+        """``arange([start,] end[, step])``: ``start + x0`` for step 1, in an integer dtype or float32 and wider."""
+        positional = [self.value(a, node) for a in node.args]
+        bounds = dict(zip(("end",) if len(positional) == 1 else ("start", "end", "step"), positional))
+        bounds.update({k: self.value(v, node) for k, v in node.kwargs.items() if k in ("start", "end", "step")})
+        if bounds.get("step", 1) != 1:
+            raise NotAnalyzable(f"arange with step {bounds['step']!r}")
+        start = bounds.get("start", 0)
+        if isinstance(start, IndexTensor) or isinstance(start, bool) or start is None:
+            raise NotAnalyzable(f"arange from {start!r}")
+        if example.dtype.is_floating_point and example.dtype.itemsize < 4:
+            raise NotAnalyzable(f"arange in {example.dtype}, which rounds integers above 256")
+        if not (isinstance(start, (torch.SymInt, int)) or (isinstance(start, float) and start.is_integer())):
+            raise NotAnalyzable(f"arange from {start!r}, not an integer")
         return IndexTensor(_sym(start) + _axis(0), 1)
 
     def _full(self, node: Node, example: torch.Tensor) -> IndexTensor:
         """``full(size, value)``: every key kept (a boolean True, or an additive 0) or none (False, -inf)."""
         value = node.args[-1] if len(node.args) > 1 else node.kwargs.get("fill_value")
-        if example.dtype == torch.bool and isinstance(value, bool):
-            return IndexTensor(sympy.true if value else sympy.false, example.dim())
+        if example.dtype == torch.bool and isinstance(value, (bool, int, float)):
+            return IndexTensor(sympy.true if value else sympy.false, example.dim())  # nonzero (-inf too) is True
         if example.is_floating_point() and isinstance(value, (int, float)):
             if self._additive(value, -math.inf):
                 return IndexTensor(sympy.true, example.dim(), additive=True)
@@ -342,19 +447,45 @@ class _Evaluator:
         indicator = _Evaluator._indicator_arithmetic(name, args)
         if indicator is not None:
             return indicator
+        masks = [isinstance(x, IndexTensor) and (x.additive or _is_boolean(x.expr)) for x in args]
+        if name in _COMPARE and any(masks):
+            return _Evaluator._compare_mask(name, args, masks)
         (a, b), ndim = _broadcast(*args)
         if name in _COMPARE:
-            booleans = [_is_boolean(x) for x in (a, b)]
-            if any(booleans):  # a boolean compared with 0 or 1 (``tril(ones) == 0``): the boolean or its negation
-                boolean, other = (a, b) if booleans[0] else (b, a)
-                if _COMPARE[name] in (sympy.Eq, sympy.Ne) and other in (0, 1) and not all(booleans):
-                    keeps = (_COMPARE[name] is sympy.Eq) == (other == 1)
-                    return IndexTensor(boolean if keeps else sympy.Not(boolean), ndim)
-                raise NotAnalyzable(f"{name} of a boolean mask with {other}")
             return IndexTensor(_COMPARE[name](a, b), ndim)
-        if name in _LOGIC:
-            return IndexTensor(_LOGIC[name](a, b), ndim)
         return IndexTensor(_ARITH[name](a, b), ndim)
+
+    @staticmethod
+    def _compare_mask(name, args, masks) -> IndexTensor:
+        """A mask compared with a number (``tril(ones) == 0``, ``additive_mask < 0``): each entry holds one of two
+        values (an indicator 1 or 0, an additive mask 0 or -inf), so the result is the comparison of each, chosen
+        by the mask's formula."""
+        if all(masks):
+            raise NotAnalyzable(f"{name} of two masks")
+        mask, other = (args[0], args[1]) if masks[0] else (args[1], args[0])
+        if not isinstance(other, (int, float)):
+            raise NotAnalyzable(f"{name} of a mask with a value that is not a number")
+        where_true, where_false = (0.0, -math.inf) if mask.additive else (1, 0)
+
+        def compared(entry):
+            left, right = (entry, other) if masks[0] else (other, entry)
+            return _COMPARE[name](_sym(left), _sym(right))
+        return IndexTensor(sympy.Or(sympy.And(mask.expr, compared(where_true)),
+                                    sympy.And(sympy.Not(mask.expr), compared(where_false))), mask.ndim)
+
+    @staticmethod
+    def _logic(name, args) -> IndexTensor:
+        """``&``/``|`` of 0/1 values (bool tensors, indicators: bitwise is logical there) or ``logical_and/or`` of
+        any values (nonzero is True)."""
+        if len(args) != 2:
+            raise NotAnalyzable(f"{name} with {len(args)} arguments")
+        if name in _BITWISE and not all(isinstance(x, bool) or (isinstance(x, IndexTensor) and not x.additive and
+                                                                _is_boolean(x.expr)) for x in args):
+            raise NotAnalyzable(f"{name} of values that are not 0/1 (bitwise, not logical)")
+        truths = [IndexTensor(_truth(x), x.ndim, shape=x.shape) if isinstance(x, IndexTensor) else bool(x)
+                  for x in args]
+        (a, b), ndim = _broadcast(*truths)
+        return IndexTensor(_LOGIC[name](a, b), ndim)
 
     @staticmethod
     def _indicator_arithmetic(name, args) -> IndexTensor | None:
@@ -387,35 +518,42 @@ class _Evaluator:
 
     @staticmethod
     def _passthrough(value, example):
+        """``value`` cast, copied or broadcast to ``example``'s dtype and shape."""
         if not isinstance(value, IndexTensor):
             raise NotAnalyzable("cast of a non-index value")
-        ndim = len(example.shape) if isinstance(example, torch.Tensor) else value.ndim
-        expr = _shift(value, ndim)
-        if isinstance(example, torch.Tensor) and example.dtype == torch.bool and isinstance(expr, ValueLookup):
-            expr = TensorLookup(*expr.args)  # an integer lookup cast to bool is its nonzero-ness
-        return IndexTensor(expr, ndim, value.additive)
+        if not isinstance(example, torch.Tensor):
+            raise NotAnalyzable("a cast with no tensor metadata")
+        shape = tuple(example.shape)
+        return _converted(IndexTensor(_aligned(value, shape), len(shape), value.additive, shape), example.dtype)
 
     @staticmethod
     def _getitem(value, index, example=None):
+        """Basic indexing: ``None`` adds an axis, a slice with step 1 reads ``in[k + start]`` (its stop only sets the
+        result's size, which comes from the graph), an integer reads one index and drops the axis."""
         if not isinstance(value, IndexTensor):
             raise NotAnalyzable("indexing of a non-index value")
         index = index if isinstance(index, tuple) else (index,)
         mapping, out_axis, in_axis = {}, 0, 0
+
+        def size():
+            if example is None:
+                raise NotAnalyzable("negative mask index without shape")
+            return example.shape[in_axis]
         for item in index:
             if item is None:
                 out_axis += 1
             elif isinstance(item, slice) and item.step in (None, 1):
-                # out[k] = in[k + start]
-                start = item.start or 0
-                if not isinstance(start, int):
+                start = 0 if item.start is None else item.start
+                if not isinstance(start, int) or isinstance(start, bool):
                     raise NotAnalyzable(f"mask slice start {start!r}")
-                if start < 0:
-                    if example is None:
-                        raise NotAnalyzable("negative mask slice without shape")
-                    start += example.shape[in_axis]
+                if start < 0:  # counted from the end, clamped at 0 as Python slices are
+                    start = _sym(size()) + start if guard_or_false(size() + start >= 0) else 0
                 mapping[_axis(in_axis)] = _axis(out_axis) + _sym(start)
                 in_axis += 1
                 out_axis += 1
+            elif isinstance(item, int) and not isinstance(item, bool):
+                mapping[_axis(in_axis)] = sympy.Integer(item) if item >= 0 else _sym(size()) + item
+                in_axis += 1
             elif item is Ellipsis:
                 raise NotAnalyzable("Ellipsis in mask indexing")
             else:
@@ -433,6 +571,8 @@ class _Evaluator:
             raise NotAnalyzable("the mask gathers with an index per axis only from index tensors")
         if not all(isinstance(i, IndexTensor) for i in index):
             raise NotAnalyzable("the mask gathers with something other than index arithmetic")
+        if any(i.additive or _is_boolean(i.expr) for i in index):
+            raise NotAnalyzable("the mask is indexed by a boolean tensor (a selection, not a gather)")
         exprs, ndim = _broadcast(*index)
         mapping = {_axis(k): e for k, e in enumerate(exprs)}
         return IndexTensor(value.expr.xreplace(mapping), ndim, value.additive)
@@ -513,10 +653,17 @@ class _Evaluator:
             return value.expr is sympy.true
         return value
 
-    def _where(self, cond, a, b):
-        if not isinstance(cond, IndexTensor):
-            raise NotAnalyzable("where with a non-index condition")
+    def _where(self, cond, a, b, example):
+        if not isinstance(cond, IndexTensor) or cond.additive or not _is_boolean(cond.expr):
+            raise NotAnalyzable("where with a condition that is not a boolean mask")
         a, b = self._number(a), self._number(b)
+        if example.dtype == torch.bool:  # where(c, x, y) of booleans: x where c, else y
+            (c, x, y), ndim = _broadcast(cond, a, b)
+            if not all(_is_boolean(v) for v in (x, y)):
+                raise NotAnalyzable("where selecting between values that are not booleans")
+            return IndexTensor(sympy.Or(sympy.And(c, x), sympy.And(sympy.Not(c), y)), ndim)
+        if not example.is_floating_point():
+            raise NotAnalyzable(f"where into {example.dtype}")
         if isinstance(a, IndexTensor) or isinstance(b, IndexTensor):
             return self._where_over_mask(cond, a, b)
         if self._additive(a, b):
@@ -531,14 +678,23 @@ class _Evaluator:
         for mask, hide, kept in ((a, b, cond.expr), (b, a, sympy.Not(cond.expr))):
             if isinstance(mask, IndexTensor) and mask.additive and not isinstance(hide, IndexTensor) \
                     and self._additive(0, hide):
-                (keep, mask_keeps), ndim = _broadcast(IndexTensor(kept, cond.ndim), mask)
+                (keep, mask_keeps), ndim = _broadcast(IndexTensor(kept, cond.ndim, shape=cond.shape), mask)
                 return IndexTensor(sympy.And(keep, mask_keeps), ndim, additive=True)
         raise NotAnalyzable("where selecting between tensors that are not a 0/-inf mask and -inf")
 
-    def _masked_fill(self, base, cond, fill):
+    def _masked_fill(self, base, cond, fill, example):
         fill = self._number(fill)
         if not isinstance(base, IndexTensor) or not isinstance(cond, IndexTensor):
             raise NotAnalyzable("masked_fill of non-index values")
+        if cond.additive or not _is_boolean(cond.expr):
+            raise NotAnalyzable("masked_fill with a condition that is not a boolean mask")
+        if example.dtype == torch.bool:  # the fill converted to bool: nonzero (-inf too) is True
+            if not isinstance(fill, (bool, int, float)) or base.additive or not _is_boolean(base.expr):
+                raise NotAnalyzable("masked_fill of a bool tensor with a value that is not a number")
+            (c, keep), ndim = _broadcast(cond, base)
+            return IndexTensor(sympy.Or(c, keep) if fill else sympy.And(sympy.Not(c), keep), ndim)
+        if not example.is_floating_point():
+            raise NotAnalyzable(f"masked_fill of a {example.dtype} tensor")
         if not (base.expr is sympy.true or base.additive):
             raise NotAnalyzable("masked_fill of a value that is not a 0/-inf mask")
         if not self._additive(0, fill):
@@ -608,11 +764,12 @@ def _static_window(value, name: str) -> int:
 
 
 def analyze_mask(mask: Node, q_len, kv_len, *, hides_where_true: bool = False, reader: Node | None = None,
-                 mutations: graph_mutations.Mutations | None = None
+                 mutations: graph_mutations.Mutations | None = None, batch=None, heads=None
                  ) -> tuple[MaskStructure, list[Node], graph_mutations.Modeled]:
     """Prove the structure of ``mask`` (a node broadcastable to (B, H, S_q, S_kv)) as ``reader`` reads it (after the
     in-place writes of ``mutations`` that come before); a boolean mask keeps the keys where it is true, or hides
-    them with ``hides_where_true`` (the condition of ``scores.masked_fill(c, -inf)``).
+    them with ``hides_where_true`` (the condition of ``scores.masked_fill(c, -inf)``). ``batch`` and ``heads`` are
+    the attention's B and H (None: unknown, so a mask axis of size 1 there is read at index 0).
 
     Returns the FA4 parameters, the nodes the analysis read (candidates
     for removal once the mask is no longer used) and the writes it applied
@@ -631,12 +788,11 @@ def analyze_mask(mask: Node, q_len, kv_len, *, hides_where_true: bool = False, r
     if hides_where_true:
         if value.additive or example.dtype != torch.bool:
             raise NotAnalyzable("masked_fill with a condition that is not boolean")
-        value = IndexTensor(sympy.Not(value.expr), value.ndim)
+        value = IndexTensor(sympy.Not(value.expr), value.ndim, shape=value.shape)
     if value.ndim > 4:
         raise NotAnalyzable("mask has more than 4 dims")
-    (expr,), _ = _broadcast(IndexTensor(value.expr, value.ndim))
-    expr = sympy.sympify(expr).xreplace(
-        {_axis(value.ndim - 4 + k): s for k, s in enumerate((_B, _H, _I, _J)) if value.ndim - 4 + k >= 0})
+    expr = _aligned(value, tuple(2 if size is None else size for size in (batch, heads, q_len, kv_len)))
+    expr = sympy.sympify(expr).xreplace({_axis(k): s for k, s in enumerate((_B, _H, _I, _J))})
     structure = _structure(expr, evaluator.lookup_sources, q_len, kv_len)
     visited = [n for n in evaluator.visited if n not in (structure.key_padding, structure.segment_ids,
                                                          structure.key_lengths)]
@@ -847,10 +1003,20 @@ def _positions_within_documents(expr, segment_ids: Node | None, sources: dict[st
 
 def _root(node: Node) -> Node:
     """``node`` seen through ops that keep its values and their indices (casts, copies, an expand of equal rank)."""
-    while op_name(node) in _PASSTHROUGH and isinstance(node.args[0], Node) \
+    while op_name(node) in _PASSTHROUGH and isinstance(node.args[0], Node) and _keeps_values(node) \
             and getattr(_example(node.args[0]), "dim", lambda: -1)() == getattr(_example(node), "dim", lambda: -2)():
         node = node.args[0]
     return node
+
+
+def _keeps_values(cast: Node) -> bool:
+    """Does ``cast`` keep every value of its input (same dtype, or integers to a wider integer type)?"""
+    before, after = _example(cast.args[0]), _example(cast)
+    if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
+        return False
+    widened = not (before.dtype.is_floating_point or after.dtype.is_floating_point or torch.bool in (
+        before.dtype, after.dtype)) and after.dtype.itemsize >= before.dtype.itemsize
+    return before.dtype == after.dtype or widened
 
 
 def _restart_positions(segments: Node) -> Node | None:
@@ -915,6 +1081,9 @@ def _key_padding(expr, sources: dict[str, Node], kv_len) -> tuple[Any, Node | No
     (lookup,) = lookups
     name, first, second = lookup.args
     source = sources[str(name)]
+    if first == 0 and second == _J and not _is_one(kv_len):
+        raise NotAnalyzable(f"the padding mask '{name}' has one row, broadcast to every batch row (FA4's key padding "
+                            "takes a row per batch row)")
     if first != _B or second != _J:
         raise NotAnalyzable(f"the mask reads '{name}' at [{first}, {second}], not [batch, kv_idx]")
     columns = _example(source).shape[-1]

@@ -19,6 +19,7 @@ import operator
 import sympy
 import torch
 
+from . import modeled_ops
 from .emit import op_name
 from .mask_analysis import NotAnalyzable
 
@@ -61,6 +62,13 @@ def analyze_score_mod(score_mod: torch.fx.GraphModule, buffers: tuple) -> ScoreT
 
 def _apply(node: torch.fx.Node, args: list):
     name = op_name(node)
+    unmodeled = modeled_ops.unmodeled_argument(node)
+    if unmodeled is not None:
+        raise NotAnalyzable(f"score_mod uses {unmodeled}")
+    if name in _CASTS and node.meta.get("example_value", node.meta.get("val")) is not None:
+        result = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(result, torch.Tensor) and result.dtype not in (torch.float32, torch.float64):
+            raise NotAnalyzable(f"score_mod converts the score to {result.dtype}, which FA4 does not round to")
     if name in _BINARY and len(args) == 2:
         return _BINARY[name](*args)
     if name in ("neg", "__neg__"):

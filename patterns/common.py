@@ -172,7 +172,8 @@ def decide(
     if attn_mask is not None and reason is None:
         try:
             mask_structure, mask_nodes, modeled = analyze_mask(
-                attn_mask, q.shape[2], k.shape[2], hides_where_true=mask_hides_where_true,
+                attn_mask, q.shape[2], k.shape[2], hides_where_true=mask_hides_where_true, batch=q.shape[0],
+                heads=q.shape[1],
                 reader=mask_reader or node, mutations=context.mutations)
             captured["dead"] = [attn_mask, *mask_nodes]
         except NotAnalyzable as exc:

@@ -25,7 +25,7 @@ import torch
 from torch._inductor.pattern_matcher import CallFunctionVarArgs, CallMethodVarArgs, Match
 from torch.fx import Node
 
-from fa4_inductor import mask_analysis
+from fa4_inductor import mask_analysis, modeled_ops
 from fa4_inductor.emit import call_with_meta, example_value, op_name
 from fa4_inductor.pattern_registry import AttentionPattern, RewriteContext, SiteDecision, register
 
@@ -92,7 +92,14 @@ def _constant_operand(node: Node) -> tuple[Node, Any] | None:
 
 
 def _is(node: Any, *names: str) -> bool:
-    return op_name(node) in names
+    """Is ``node`` a call of one of ``names``? A call with an argument the analysis does not model (a division's
+    ``rounding_mode``, an ``alpha``, an ``out``) makes the site fall back, naming it."""
+    if op_name(node) not in names:
+        return False
+    unmodeled = modeled_ops.unmodeled_argument(node)
+    if unmodeled is not None:
+        raise NotServed(f"the attention uses {unmodeled}")
+    return True
 
 
 def _is_matmul(node: Node) -> bool:
@@ -306,8 +313,13 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
     except NoMatch as exc:
         # A 3-D softmax is attention only over q @ kᵀ (bmm); others (routers, classifiers) are no site at all.
         return None if len(shape) == 3 else SiteDecision(softmax, f"not attention: {exc}", {})
+    unmodeled = modeled_ops.unmodeled_argument(softmax)
+    if unmodeled is not None:
+        return SiteDecision(softmax, f"the attention uses {unmodeled}", {})
     try:
         output, value, dropout_p = _peel_output(softmax)
+    except NotServed as exc:
+        return SiteDecision(softmax, str(exc), {})
     except NoMatch as exc:
         return SiteDecision(softmax, f"not attention: {exc}", {})
     query, key, mask, added = scores["query"], scores["key"], scores["mask"], []

@@ -5,6 +5,8 @@ import re
 
 import torch
 
+from fa4_inductor.pattern_registry import RewriteContext, rewrite_graph
+
 # What a Python exception's message looks like, as opposed to a reason written for users.
 EXCEPTION_TEXT = re.compile(r"\b\w*(Error|Exception)\b|unsupported operand|has no attribute|not subscriptable|"
                             r"positional argument|object is not|Traceback|StrictGreaterThan|'Not'")
@@ -40,3 +42,13 @@ def assert_parameter_grads_close(got_grads: dict, want_grads: dict, tol: float =
         if want.norm() < 1e-5:
             continue  # zero in exact math (a key bias under softmax): only rounding noise is left
         assert relative_error(got_grads[key], want) < tol, key
+
+
+def rewriting_backend(records: list):
+    """A torch.compile backend that applies the plugin's rewrite to each Dynamo graph (as Inductor's pre-grad hook
+    does) and runs the result eagerly (the ops' CPU reference), appending the site records to ``records``."""
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        records.extend(rewrite_graph(gm.graph, RewriteContext(devices=("cpu",), publish=False)))
+        gm.recompile()
+        return gm
+    return backend

@@ -15,9 +15,8 @@ import pytest
 import torch
 
 import fa4_inductor
-from fa4_inductor.pattern_registry import RewriteContext, rewrite_graph
 
-from tests.compare import EXCEPTION_TEXT, assert_matches_eager
+from tests.compare import EXCEPTION_TEXT, assert_matches_eager, rewriting_backend
 from tests.fuzz_programs import random_programs
 
 log = logging.getLogger(__name__)
@@ -25,14 +24,6 @@ pytestmark = pytest.mark.usefixtures("no_compile_cache")  # every program compil
 
 PROGRAMS = 240
 FLEX_PROGRAMS = 40
-
-
-def _rewriting_backend(records: list):
-    def backend(gm: torch.fx.GraphModule, example_inputs):
-        records.extend(rewrite_graph(gm.graph, RewriteContext(devices=("cpu",), publish=False)))
-        gm.recompile()
-        return gm
-    return backend
 
 
 def _run(program, backend):
@@ -66,7 +57,7 @@ def _fuzz(programs, through_inductor_every: int | None):
             records = fa4_inductor.stats.site_records()
             fa4_inductor.stats.reset()
         else:
-            _run(program, _rewriting_backend(records))
+            _run(program, rewriting_backend(records))
         assert not [r.reason for r in records if EXCEPTION_TEXT.search(r.reason or "")], program
         ran_fa4 = any(r.decision == "fa4" for r in records)
         assert program.expressible or not ran_fa4, f"rewrote what FA4 can't express: {program}"
