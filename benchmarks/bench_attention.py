@@ -29,7 +29,7 @@ from triton.testing import do_bench
 
 import fa4_inductor
 from examples.attention_block import AttentionBlock
-from fa4_inductor import fa4_api
+from fa4_inductor.runtime import fa4_version
 
 ROUNDS = 5  # interleaved timing rounds per variant; each round is one do_bench median
 
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--block-s", type=int, nargs="+", default=[4096, 16384])
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "fa4": fa4_api.version(), "python": platform.python_version(), "kernels": [], "blocks": []}
+              "fa4": fa4_version.version(), "python": platform.python_version(), "kernels": [], "blocks": []}
     for d in args.d:
         for s in args.s:
             for causal in (False, True):

@@ -31,7 +31,8 @@ import transformers
 from triton.testing import do_bench_cudagraph
 
 import fa4_inductor
-from fa4_inductor import fa4_adapter, stats
+from fa4_inductor.runtime import fa4_call
+from fa4_inductor import stats
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
@@ -57,19 +58,19 @@ def kernel_row(batch: int, kv_len: int) -> dict:
     variants = {
         "stock_sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
         "stock_sdpa_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
-        "fa4": lambda: fa4_adapter._fa4_forward(qb, kb, vb, out, lse, **params),  # FA4 alone: one CTA per KV head
-        "fa4_key_padding": lambda: fa4_adapter._fa4_forward(qb, kb, vb, out, lse, **params, key_padding=padding),
-        "plugin": lambda: fa4_adapter.forward(qb, kb, vb, **params),  # split-KV on sm90
-        "plugin_key_padding": lambda: fa4_adapter.forward(qb, kb, vb, **params, key_padding=padding),
+        "fa4": lambda: fa4_call._fa4_forward(qb, kb, vb, out, lse, **params),  # FA4 alone: one CTA per KV head
+        "fa4_key_padding": lambda: fa4_call._fa4_forward(qb, kb, vb, out, lse, **params, key_padding=padding),
+        "plugin": lambda: fa4_call.forward(qb, kb, vb, **params),  # split-KV on sm90
+        "plugin_key_padding": lambda: fa4_call.forward(qb, kb, vb, **params, key_padding=padding),
     }
-    row = {"B": batch, "S_kv": kv_len, "splits": fa4_adapter.split_count(qb, kb, vb, {**params, "key_padding": None})}
+    row = {"B": batch, "S_kv": kv_len, "splits": fa4_call.split_count(qb, kb, vb, {**params, "key_padding": None})}
     for name, fn in variants.items():
         try:
             row[f"{name}_us"] = _graph_us(fn)
         except Exception as exc:  # reported in the table rather than ending the run
             row[f"{name}_us"], row[f"{name}_error"] = float("nan"), f"{type(exc).__name__}: {exc}"[:200]
     want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
-    got, _ = fa4_adapter.forward(qb, kb, vb, **params, key_padding=padding)
+    got, _ = fa4_call.forward(qb, kb, vb, **params, key_padding=padding)
     row["plugin_key_padding_max_err"] = (got.transpose(1, 2).float() - want).abs().max().item()
     return row
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fa4_inductor
-from fa4_inductor import fa4_adapter, fa4_api, launch_plan, native
+from fa4_inductor.runtime import fa4_call, fa4_binding, launch_plan, native
+from fa4_inductor.runtime import fa4_version
 from fa4_inductor._torch_private import empty_strided
 
 CALLS, ROUNDS = 500, 15
@@ -79,7 +80,7 @@ def kernel_names(fn, *args) -> list[str]:
 def floor_rows(q, k, v, out, lse, scale) -> dict[str, Callable[[], object]]:
     """Where the plugin's per-call time goes: its parts, to be timed alone."""
     signature = launch_plan.call_signature(q, k, v, scale, False, -1, -1, 0.0, None)
-    bound = fa4_adapter.forward_plans().by_signature(signature)
+    bound = fa4_call.forward_plans().by_signature(signature)
     plan = bound.plan
     _PROBE_LIBRARY.impl("noop", lambda *args: (out, lse), "CUDA")
     noop = torch.ops.fa4_overhead_probe.noop.default
@@ -88,7 +89,7 @@ def floor_rows(q, k, v, out, lse, scale) -> dict[str, Callable[[], object]]:
         args[position] = (q, k, v, out, lse, None)[slot]
     return {
         "part: dispatcher to a no-op Python kernel (same schema)": lambda: noop(q, k, v, scale),
-        "part: call signature and plan lookup": lambda: fa4_adapter.forward_plans().by_signature(
+        "part: call signature and plan lookup": lambda: fa4_call.forward_plans().by_signature(
             launch_plan.call_signature(q, k, v, scale, False, -1, -1, 0.0, None)),
         "part: allocating out and lse (Tensor.new_empty)": lambda: (
             q.new_empty(q.shape), q.new_empty((1, 1, q.shape[1]), dtype=torch.float32)),
@@ -117,7 +118,7 @@ def backward_rows(q, k, v, qh, kh, vh, scale) -> dict[str, Callable[[], object]]
                 scale=scale)),
         "backward: plugin fa4.flash_attn_bwd (launch sequence)": lambda: torch.ops.fa4.flash_attn_bwd.default(
             dout, q, k, v, out, lse, scale),
-        "backward: FA4's own _flash_attn_bwd (gradients given)": lambda: fa4_adapter._fa4_backward(
+        "backward: FA4's own _flash_attn_bwd (gradients given)": lambda: fa4_call._fa4_backward(
             dout, q, k, v, out, lse, *grads, softmax_scale=scale, causal=False, window_left=-1, window_right=-1,
             softcap=0.0, seqused_k=None, key_padding=None, deterministic=False),
     }
@@ -127,8 +128,8 @@ def masked_rows(q, k, v, scale) -> dict[str, Callable[[], object]]:
     """A call masked by data (causal and key padding, the block-sparse route) and its parts: the forward that
     also makes the masking buffer, the buffer alone, its Triton launch alone, FA4's masking keywords from a
     made buffer, the launch replay alone, the backward reusing the buffer, and FA4's own entry point."""
-    from fa4_inductor import block_mask, masking, masking_buffer
-    from fa4_inductor.block_lists_kernel import fill_masking_buffer
+    from fa4_inductor.runtime import block_mask, mask_routes, masking_buffer
+    from fa4_inductor.runtime.block_lists_kernel import fill_masking_buffer
 
     padding = torch.ones(q.shape[0], k.shape[1], dtype=torch.bool, device=q.device)
     padding[:, : k.shape[1] // 4] = False
@@ -139,16 +140,16 @@ def masked_rows(q, k, v, scale) -> dict[str, Callable[[], object]]:
     dout = torch.randn_like(out)
     torch.ops.fa4.flash_attn_bwd.default(dout, q, k, v, out, lse, scale, True, key_padding=padding,
                                          masking_buffer=buffer)  # learns the backward's launches
-    where, block = masking._buffer_layout(q.shape[0], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1], padding, None,
-                                          masking._arch_major(q.device))
+    where, block = mask_routes._buffer_layout(q.shape[0], q.shape[1], k.shape[1], q.shape[-1], v.shape[-1], padding, None,
+                                          mask_routes._arch_major(q.device))
     parts = block_mask.MaskParts(True, -1, -1, padding, None)
     with_buffer = {**masks, "masking_buffer": buffer}
-    keywords = masking.fa4_masking(q, k, v, with_buffer)
-    tensors = (q, k, v, out, lse, None, *masking.tensors_of(keywords))
+    keywords = mask_routes.fa4_masking(q, k, v, with_buffer)
+    tensors = (q, k, v, out, lse, None, *mask_routes.tensors_of(keywords))
     # The adapter's parameters, in its order (the exact signature keeps it).
     params = dict(softmax_scale=scale, causal=True, window_left=-1, window_right=-1, softcap=0.0, seqused_k=None,
                   key_padding=padding, segment_ids=None, masking_buffer=buffer)
-    plan = fa4_adapter.masked_forward_plans().get(launch_plan.exact_signature(tensors, params))
+    plan = fa4_call.masked_forward_plans().get(launch_plan.exact_signature(tensors, params))
     return {
         "masked: fa4.masking_buffer": lambda: torch.ops.fa4.masking_buffer.default(
             padding, None, q.shape[1], q.shape[-1], v.shape[-1], True),
@@ -157,21 +158,21 @@ def masked_rows(q, k, v, scale) -> dict[str, Callable[[], object]]:
                                                                        masking_buffer=buffer)),
         "masked part: the buffer's Triton launch alone": lambda: fill_masking_buffer(
             buffer, where.offsets, k.shape[1] + masking_buffer.KEY_TILE_SLACK, parts, q.shape[1], block),
-        "masked part: FA4 masking keywords from the buffer (masking.fa4_masking)": (
-            lambda: masking.fa4_masking(q, k, v, with_buffer)),
+        "masked part: FA4 masking keywords from the buffer (mask_routes.fa4_masking)": (
+            lambda: mask_routes.fa4_masking(q, k, v, with_buffer)),
         "masked part: exact call signature": lambda: launch_plan.exact_signature(tensors, params),
         "masked part: launch replay alone": lambda: plan.launch(tensors, q.device),
-        "masked: adapter.forward given the buffer": lambda: fa4_adapter.forward(
+        "masked: adapter.forward given the buffer": lambda: fa4_call.forward(
             q, k, v, scale, True, key_padding=padding, masking_buffer=buffer),
         "masked backward: fa4.flash_attn_bwd given the buffer": lambda: torch.ops.fa4.flash_attn_bwd.default(
             dout, q, k, v, out, lse, scale, True, key_padding=padding, masking_buffer=buffer),
-        "masked: FA4 _flash_attn_fwd (same masking keywords, out given)": lambda: fa4_api.flash_forward(
+        "masked: FA4 _flash_attn_fwd (same masking keywords, out given)": lambda: fa4_binding.flash_forward(
             q, k, v, out, lse, softmax_scale=scale, softcap=0.0, seqused_k=None, masking=keywords),
     }
 
 
 def _learned_plans() -> list[launch_plan.LaunchPlan]:
-    plans = fa4_adapter.forward_plans()
+    plans = fa4_call.forward_plans()
     return [plan for plan in map(plans.get, plans.keys()) if plan]
 
 
@@ -218,15 +219,15 @@ def main() -> None:
             "host reference: tiny in-place add (one aten op, one kernel)": lambda: tiny.add_(1),
             "stock torch.compile(sdpa)": lambda: stock_compiled(q, k, v),
             "FA4 flash_attn_func": lambda: flash_attn_func(q, k, v),
-            "FA4 _flash_attn_fwd": lambda: fa4_api.module()._flash_attn_fwd(q, k, v, return_lse=True),
+            "FA4 _flash_attn_fwd": lambda: fa4_binding.module()._flash_attn_fwd(q, k, v, return_lse=True),
             "plugin fa4.flash_attn_fwd_kernel (compiled graphs' call)": (
                 lambda: torch.ops.fa4.flash_attn_fwd_kernel.default(q, k, v, scale)),
             "plugin Python kernel (fa4._flash_attn_fwd_python)": (
                 lambda: torch.ops.fa4._flash_attn_fwd_python.default(q, k, v, scale)),
             "plugin fa4.flash_attn_fwd (public op)": lambda: torch.ops.fa4.flash_attn_fwd(q, k, v, scale),
-            "plugin adapter.forward (launch plan)": lambda: fa4_adapter.forward(q, k, v, **params),
+            "plugin adapter.forward (launch plan)": lambda: fa4_call.forward(q, k, v, **params),
             "plugin adapter without plan (FA4 entry point, out given)": (
-                lambda: fa4_adapter._fa4_forward(q, k, v, out, lse, **params)),
+                lambda: fa4_call._fa4_forward(q, k, v, out, lse, **params)),
             "plugin torch.compile(sdpa)": lambda: plugin_compiled(q, k, v),
         }
         rows["plugin adapter.forward (launch plan)"]()  # learns the plan the part rows take apart
@@ -241,12 +242,12 @@ def main() -> None:
         compiled_kernels = {"stock": kernel_names(stock_compiled, q, k, v),
                             "plugin": kernel_names(plugin_compiled, q, k, v)}
     record = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa4": fa4_api.version(),
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa4": fa4_version.version(),
         "problem": dict(batch=b, heads=h, seqlen=s, head_dim=d, dtype="bfloat16"),
         "per_call_us": {k: round(v, 2) for k, v in results.items()},
         "gpu_kernel_us": {k: round(v, 2) for k, v in kernel_us.items()},
         "compiled_kernels": compiled_kernels,
-        "plans": len(fa4_adapter.forward_plans().keys()),
+        "plans": len(fa4_call.forward_plans().keys()),
         "plans_on_direct_tvm_ffi_entry": sum(plan.entry is not plan.kernel for plan in _learned_plans()),
         "native_launcher": {"installed": native.PLANS.enabled, "plans": native.PLANS.count(),
                             "unavailable_reason": native.load()},

@@ -101,11 +101,11 @@ def fa4_output(result):
 def plugin_masking(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor) -> tuple[dict, dict]:
     """The plugin's FA4 masking keywords (forward, backward) for a causal call on these B,S,H,D tensors masked by
     the (B, S) ``key_padding``, from one masking buffer made here (as a compiled step makes it)."""
-    from fa4_inductor import masking
+    from fa4_inductor.runtime import mask_routes
 
     params = dict(causal=True, window_left=-1, window_right=-1, segment_ids=None, key_padding=key_padding)
-    params["masking_buffer"] = masking.make_buffer(key_padding, None, q.shape[1], q.shape[-1], v.shape[-1], params)
-    return tuple(masking.fa4_masking(q, k, v, params, backward=backward) for backward in (False, True))
+    params["masking_buffer"] = mask_routes.make_buffer(key_padding, None, q.shape[1], q.shape[-1], v.shape[-1], params)
+    return tuple(mask_routes.fa4_masking(q, k, v, params, backward=backward) for backward in (False, True))
 
 
 def _varlen(lengths_q: torch.Tensor, lengths_k: torch.Tensor, causal: bool):

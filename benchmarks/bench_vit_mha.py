@@ -24,7 +24,8 @@ import torch.nn as nn
 from triton.testing import do_bench
 
 import fa4_inductor
-from fa4_inductor import fa4_api, stats
+from fa4_inductor.runtime import fa4_version
+from fa4_inductor import stats
 
 ROUNDS = 5
 
@@ -126,7 +127,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--tag", default="vit_mha_train")
     args = parser.parse_args()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa4": fa4_api.version(),
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa4": fa4_version.version(),
               "python": platform.python_version(), "rows": []}
     for padded, weights_unread in ((False, False), (True, False), (False, True)):
         result["rows"].append(run(args.batch, padded, weights_unread))

@@ -61,9 +61,9 @@ def _varlen(heads_kv: int):
 
 def _masked_direct(pad, pack_gqa: bool):
     """FA4's forward and backward with the plugin's masking keywords for causal & ``pad``, 4 KV heads."""
-    from fa4_inductor import fa4_api
+    from fa4_inductor.runtime import fa4_binding
 
-    module = fa4_api.module()
+    module = fa4_binding.module()
     q = bench_padded._leaves(B, S, HQ, D)[0]
     k, v = bench_padded._leaves(B, S, HKV, D)[:2]
     forward_masking, backward_masking = bench_padded.plugin_masking(q, k, v, pad)

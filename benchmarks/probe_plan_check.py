@@ -1,6 +1,6 @@
 """What checking a launch plan costs: the first, second (checked) and later calls of one signature, on one GPU.
 
-A plan serves no call before its first replay matched FA4's own call (``fa4_inductor.plan_trust``): the second
+A plan serves no call before its first replay matched FA4's own call (``fa4_inductor.runtime.plan_trust``): the second
 call of a signature replays the plan, runs FA4's entry point beside it and compares (one host sync). This times,
 per signature, the learning call, the checked call and the median later call (host wall time around each call,
 synchronized), forward and backward, and FA4's own entry point alone for scale. New signatures each time: the
@@ -18,7 +18,11 @@ import time
 
 import torch
 
-from fa4_inductor import fa4_adapter, fa4_api, stats
+from fa4_inductor.runtime import fa4_call
+
+from fa4_inductor.runtime import fa4_version
+
+from fa4_inductor import stats
 
 PARAMS = dict(causal=True, window_left=-1, window_right=-1, softcap=0.0, seqused_k=None)
 
@@ -36,19 +40,19 @@ def row(batch: int, seqlen: int, heads: int = 16, heads_kv: int = 16, head_dim: 
     k, v = (torch.randn(batch, seqlen, heads_kv, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     params = dict(softmax_scale=head_dim ** -0.5, **PARAMS)
     out, lse = torch.empty_like(q), torch.empty(batch, heads, seqlen, device="cuda")
-    fa4_adapter._fa4_forward(q, k, v, out, lse, **params)  # compiles the kernel: not part of any timing
+    fa4_call._fa4_forward(q, k, v, out, lse, **params)  # compiles the kernel: not part of any timing
     dout = torch.randn_like(out)
     grads = [torch.empty_like(t) for t in (q, k, v)]
-    fa4_adapter._fa4_backward(dout, q, k, v, out, lse, *grads, **params, deterministic=False)
+    fa4_call._fa4_backward(dout, q, k, v, out, lse, *grads, **params, deterministic=False)
     result = {"shape": f"B{batch} H{heads}/{heads_kv} S{seqlen} D{head_dim}"}
     calls = {
-        "forward": lambda: fa4_adapter.forward(q, k, v, **params),
-        "backward": lambda: fa4_adapter.backward(dout, q, k, v, out, lse, **params, dq=grads[0], dk=grads[1],
+        "forward": lambda: fa4_call.forward(q, k, v, **params),
+        "backward": lambda: fa4_call.backward(dout, q, k, v, out, lse, **params, dq=grads[0], dk=grads[1],
                                                  dv=grads[2]),
     }
     own = {
-        "forward": lambda: fa4_adapter._fa4_forward(q, k, v, torch.empty_like(out), torch.empty_like(lse), **params),
-        "backward": lambda: fa4_adapter._fa4_backward(dout, q, k, v, out, lse, *grads, **params,
+        "forward": lambda: fa4_call._fa4_forward(q, k, v, torch.empty_like(out), torch.empty_like(lse), **params),
+        "backward": lambda: fa4_call._fa4_backward(dout, q, k, v, out, lse, *grads, **params,
                                                       deterministic=False),
     }
     for name, call in calls.items():
@@ -67,7 +71,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="plan_check_h200")
     args = parser.parse_args()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa4": fa4_api.version(),
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa4": fa4_version.version(),
               "rows": [row(16, 1024), row(4, 4096), row(1, 16384), row(8, 128)]}
     result["failed_checks"] = stats.counters["plans.check_failed"]
     out = pathlib.Path(args.out)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import fa4_inductor
-from fa4_inductor import fa4_api, stats
+from fa4_inductor.runtime import fa4_version
+from fa4_inductor import stats
 
 B, H, D = 2, 8, 64
 
@@ -76,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa4": fa4_api.version(),
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa4": fa4_version.version(),
               "rows": []}
     for mask_name in ("is_causal", "prefix_lm", "chunked", "prefix_lm_additive"):
         for layout in ("bhsd", "bshd"):

@@ -55,7 +55,7 @@ def _with_fixup(cu_q, cu_k, used_q, used_k, empty_masking: tuple[dict, dict]):
     empty (``empty_masking``: its forward and backward FA4 masking keywords)."""
     from flash_attn.cute.interface import _flash_attn_bwd, _flash_attn_fwd
 
-    from fa4_inductor import fa4_api
+    from fa4_inductor.runtime import fa4_binding
 
     scale = D ** -0.5
     varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_q=used_q, seqused_k=used_k, max_seqlen_q=S,
@@ -66,7 +66,7 @@ def _with_fixup(cu_q, cu_k, used_q, used_k, empty_masking: tuple[dict, dict]):
         def forward(ctx, q, k, v):
             out = torch.empty_like(q)
             lse = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
-            fa4_api.flash_forward(q, k, v, out, lse, softmax_scale=scale, softcap=0.0, seqused_k=None,
+            fa4_binding.flash_forward(q, k, v, out, lse, softmax_scale=scale, softcap=0.0, seqused_k=None,
                                   masking=empty_masking[0])
             flat = [t.view(B * S, H, D) for t in (q, k, v, out)]
             lse_varlen = _flash_attn_fwd(*flat[:3], out=flat[3], return_lse=True, **varlen)[1]
@@ -78,7 +78,7 @@ def _with_fixup(cu_q, cu_k, used_q, used_k, empty_masking: tuple[dict, dict]):
             q, k, v, out, lse, lse_varlen = ctx.saved_tensors
             dout = dout.contiguous()
             dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-            fa4_api.flash_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale=scale, softcap=0.0,
+            fa4_binding.flash_backward(dout, q, k, v, out, lse, dq, dk, dv, softmax_scale=scale, softcap=0.0,
                                    seqused_k=None, deterministic=False, masking=empty_masking[1])
             flat = [t.view(B * S, H, D) for t in (q, k, v, out, dout, dq, dk, dv)]
             _flash_attn_bwd(*flat[:5], lse_varlen, dq=flat[5], dk=flat[6], dv=flat[7], **varlen)

@@ -13,7 +13,8 @@ from collections.abc import Callable
 import torch
 from torch._dynamo.utils import counters
 
-from fa4_inductor import fa4_api
+
+from fa4_inductor.runtime import fa4_version
 
 ROUNDS = 5
 
@@ -98,7 +99,7 @@ def main(description: str, problems: list[str], tag: str, run: Callable[[str], d
     parser.add_argument("--problems", nargs="+", default=problems)
     parser.add_argument("--tag", default=tag)
     args = parser.parse_args()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa4": fa4_api.version(),
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "fa4": fa4_version.version(),
               "rows": []}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

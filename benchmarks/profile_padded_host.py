@@ -114,8 +114,8 @@ def _halves(step, text: io.StringIO) -> None:
 def _call_costs(problem: str, text: io.StringIO) -> None:
     """Host µs of each plugin call of the step (and of its parts, and of each kernel launch the calls replay),
     on the benchmark's sizes, started on an idle GPU and behind a busy one."""
-    from fa4_inductor import block_mask, masking, masking_buffer
-    from fa4_inductor.block_lists_kernel import fill_masking_buffer
+    from fa4_inductor.runtime import block_mask, mask_routes, masking_buffer
+    from fa4_inductor.runtime.block_lists_kernel import fill_masking_buffer
 
     batch, heads, seqlen, head_dim = bench_padded.B, bench_padded.H, bench_padded.S, bench_padded.D
     q, k, v = (t.detach().transpose(1, 2) for t in bench_padded._leaves(batch, heads, seqlen, head_dim))
@@ -130,8 +130,8 @@ def _call_costs(problem: str, text: io.StringIO) -> None:
     out, lse = forward(q, k, v, scale, True, **masks, masking_buffer=buffer)
     dout = torch.randn_like(out)
     plain_out, plain_lse = torch.ops.fa4.flash_attn_fwd_kernel.default(q, k, v, scale, True)
-    where, block = masking._buffer_layout(batch, seqlen, seqlen, head_dim, head_dim, *masks.values(),
-                                          masking._arch_major(q.device))
+    where, block = mask_routes._buffer_layout(batch, seqlen, seqlen, head_dim, head_dim, *masks.values(),
+                                          mask_routes._arch_major(q.device))
     parts = block_mask.MaskParts(True, -1, -1, *masks.values())
     scratch = torch.zeros(1, device=q.device)
     costs = {
@@ -157,21 +157,21 @@ def _call_costs(problem: str, text: io.StringIO) -> None:
 
 def _launch_costs(tensors, scale: float, masks: dict, buffer: torch.Tensor, text: io.StringIO) -> None:
     """Host µs of the launches a masked forward and backward replay, without the calls around them."""
-    from fa4_inductor import fa4_adapter, launch_plan, masking
+    from fa4_inductor.runtime import fa4_call, launch_plan, mask_routes
 
     dout, q, k, v, out, lse = tensors
     # The adapter's parameters, in its order (the exact signatures keep it).
     params = dict(softmax_scale=scale, causal=True, window_left=-1, window_right=-1, softcap=0.0, seqused_k=None,
                   **masks, masking_buffer=buffer)
-    forward_tensors = (q, k, v, out, lse, None, *masking.tensors_of(masking.fa4_masking(q, k, v, params)))
-    plan = fa4_adapter.masked_forward_plans().get(launch_plan.exact_signature(forward_tensors, params))
+    forward_tensors = (q, k, v, out, lse, None, *mask_routes.tensors_of(mask_routes.fa4_masking(q, k, v, params)))
+    plan = fa4_call.masked_forward_plans().get(launch_plan.exact_signature(forward_tensors, params))
     if plan:
         _idle_and_busy("forward launch replay", lambda: plan.launch(forward_tensors, q.device), text)
     params["deterministic"] = False
-    grads = [fa4_adapter.gradient_like(t) for t in (q, k, v)]
-    keywords = masking.fa4_masking(q, k, v, params, backward=True)
-    backward_tensors = (dout, q, k, v, out, lse, *grads, *masking.tensors_of(keywords))
-    sequence = fa4_adapter.backward_plans().get(launch_plan.exact_signature(backward_tensors, params))
+    grads = [fa4_call.gradient_like(t) for t in (q, k, v)]
+    keywords = mask_routes.fa4_masking(q, k, v, params, backward=True)
+    backward_tensors = (dout, q, k, v, out, lse, *grads, *mask_routes.tensors_of(keywords))
+    sequence = fa4_call.backward_plans().get(launch_plan.exact_signature(backward_tensors, params))
     if not sequence:
         text.write("  (no backward launch sequence for these tensors)\n")
         return

@@ -7,11 +7,11 @@ kernels with a recorded reason. ``fa4_inductor.explain(fn, *args)`` shows
 what happened at every attention site.
 """
 
-from . import ops  # noqa: F401  (registers torch.ops.fa4)
-from . import stats
-from .api import Settings, disable, enable, enabled, settings
-from .explain import Report, explain
-from .support import AttentionCall, unsupported_reason
+from fa4_inductor.runtime import ops  # noqa: F401  (registers torch.ops.fa4)
+from fa4_inductor import stats
+from fa4_inductor.api import Settings, disable, enable, enabled, settings
+from fa4_inductor.inspection.explain import Report, explain
+from fa4_inductor.runtime.support import AttentionCall, unsupported_reason
 
 __all__ = [
     "AttentionCall", "Report", "Settings", "disable", "enable", "enabled", "explain", "settings", "stats",

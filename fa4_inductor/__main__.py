@@ -1,7 +1,7 @@
-"""``python -m fa4_inductor explain ...``: see :mod:`fa4_inductor.cli`."""
+"""``python -m fa4_inductor explain ...``: see :mod:`fa4_inductor.inspection.cli`."""
 
 import sys
 
-from .cli import main
+from fa4_inductor.inspection.cli import main
 
 sys.exit(main())

@@ -16,8 +16,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from . import drawn_branches, fa4_api, inductor_pass
-from .eager import EagerOverride, register_with_pytorch
+from fa4_inductor.compile import drawn_branches, inductor_pass
+
+from fa4_inductor.runtime import fa4_binding
+from fa4_inductor.eager.override import EagerOverride, register_with_pytorch
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def _usable_devices(devices: Sequence[str]) -> tuple[str, ...]:
     unknown = [d for d in devices if d not in _KNOWN_DEVICES]
     if unknown:
         raise ValueError(f"devices {unknown} unknown; choose from {_KNOWN_DEVICES}")
-    reason = fa4_api.unavailable_reason() or (None if torch.cuda.is_available() else "CUDA is not available")
+    reason = fa4_binding.unavailable_reason() or (None if torch.cuda.is_available() else "CUDA is not available")
     if "cuda" in devices and reason:
         if not _warned_unavailable:
             _warned_unavailable = True

@@ -4,8 +4,8 @@ import dataclasses
 
 import torch
 
-from fa4_inductor import block_mask, masking_buffer
-from fa4_inductor.block_lists_kernel import fill_masking_buffer
+from fa4_inductor.runtime import block_mask, masking_buffer
+from fa4_inductor.runtime.block_lists_kernel import fill_masking_buffer
 from tests.test_block_mask import _padding, _segments
 
 CASES = [

@@ -5,7 +5,9 @@ import re
 
 import torch
 
-from fa4_inductor.pattern_registry import RewriteContext, rewrite_graph
+from fa4_inductor.compile.sites import RewriteContext
+
+from fa4_inductor.compile.rewrite import rewrite_graph
 
 # What a Python exception's message looks like, as opposed to a reason written for users.
 EXCEPTION_TEXT = re.compile(r"\b\w*(Error|Exception)\b|unsupported operand|has no attribute|not subscriptable|"

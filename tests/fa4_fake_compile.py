@@ -20,7 +20,9 @@ import time
 
 import torch
 
-from fa4_inductor import fa4_adapter, fa4_api, launch_plan, masking
+from fa4_inductor.runtime import fa4_call, fa4_binding, launch_plan, mask_routes
+
+from fa4_inductor.runtime import fa4_version
 from fa4_inductor._torch_private import fresh_fake_mode
 
 ARCH_MAJOR = int(os.environ.get("FLASH_ATTENTION_ARCH", "sm_90")[3:]) // 10
@@ -81,8 +83,8 @@ def precompile_plain() -> dict:
         previous = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(deterministic)
         try:
-            results[name] = round(fa4_adapter.precompile_forward(q, k, v, **params)
-                                  + fa4_adapter.precompile_backward(out, q, k, v, out, lse, **params), 2)
+            results[name] = round(fa4_call.precompile_forward(q, k, v, **params)
+                                  + fa4_call.precompile_backward(out, q, k, v, out, lse, **params), 2)
         finally:
             torch.use_deterministic_algorithms(previous)
     return results
@@ -130,9 +132,9 @@ def precompile_masked() -> dict:
             extra = dict(key_padding=torch.empty(2, seqlen, dtype=torch.bool, device="cuda") if padded else None,
                          segment_ids=torch.empty(2, seqlen, dtype=torch.int64, device="cuda") if documents else None)
         params = {**_params(causal, window), "softmax_scale": head_dim ** -0.5, "softcap": softcap, **extra}
-        seconds = (fa4_adapter.precompile_forward(q, k, v, **params)
-                   + fa4_adapter.precompile_backward(out, q, k, v, out, lse, **params))
-        route = masking.block_sparsity_route(tuple(q.shape), seqlen, head_dim, params, ARCH_MAJOR) \
+        seconds = (fa4_call.precompile_forward(q, k, v, **params)
+                   + fa4_call.precompile_backward(out, q, k, v, out, lse, **params))
+        route = mask_routes.block_sparsity_route(tuple(q.shape), seqlen, head_dim, params, ARCH_MAJOR) \
             if padded or documents else None  # no mask_mod at all
         results[name] = (round(seconds, 2), route)
     return results
@@ -159,17 +161,17 @@ def main() -> None:
         out = torch.empty(2, 256, 8, 128, dtype=torch.bfloat16, device="cuda")
         lse = torch.empty(2, 8, 256, dtype=torch.float32, device="cuda")
     start = time.perf_counter()
-    fwd_seconds = fa4_adapter.precompile_forward(q, k, v, **params)
-    bwd_seconds = fa4_adapter.precompile_backward(out, q, k, v, out, lse, **params)
-    again = fa4_adapter.precompile_forward(q, k, v, **params)
+    fwd_seconds = fa4_call.precompile_forward(q, k, v, **params)
+    bwd_seconds = fa4_call.precompile_backward(out, q, k, v, out, lse, **params)
+    again = fa4_call.precompile_forward(q, k, v, **params)
     plain, masked = precompile_plain(), precompile_masked()
     result = {"arch": ARCH_MAJOR, "forward_s": round(fwd_seconds, 2), "backward_s": round(bwd_seconds, 2),
-              "again_s": again, "plain": plain, "masked": masked, "fa4": fa4_api.version(),
+              "again_s": again, "plain": plain, "masked": masked, "fa4": fa4_version.version(),
               "warnings": warnings.messages}
     if ARCH_MAJOR == 9:
         result.update(sm90_only())
     result["total_s"] = round(time.perf_counter() - start, 1)
-    cache_dir = fa4_api.disk_cache_dir()
+    cache_dir = fa4_binding.disk_cache_dir()
     result["disk_cache"] = sorted({p.parent.name for p in pathlib.Path(cache_dir).rglob("*.o")}) if cache_dir else []
     print(json.dumps(result))
 
@@ -181,9 +183,9 @@ def sm90_only() -> dict:
         dk, dv = (torch.empty(1, 8, 4096, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2) for _ in "kv")
         decode_padding = torch.empty(1, 4096, dtype=torch.bool, device="cuda")
     decode = {**_params(causal=False), "key_padding": decode_padding}
-    decode_splits = fa4_adapter.split_count(dq, dk, dv, decode)
-    decode_s = fa4_adapter.precompile_forward(dq, dk, dv, **decode)
-    fa4 = fa4_api.module()
+    decode_splits = fa4_call.split_count(dq, dk, dv, decode)
+    decode_s = fa4_call.precompile_forward(dq, dk, dv, **decode)
+    fa4 = fa4_binding.module()
     backward_kernels = [kernel for entry in (fa4._bwd_preprocess, fa4._flash_attn_bwd, fa4._bwd_postprocess_convert)
                         for kernel in entry.compile_cache.cache.values()]
     return {"decode_splits": decode_splits, "decode_s": round(decode_s, 2),

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from fa4_inductor import block_mask
-from fa4_inductor.block_mask import EMPTY, FULL, PARTIAL, MaskParts
-from fa4_inductor.reference import visible_keys
+from fa4_inductor.runtime import block_mask
+from fa4_inductor.runtime.block_mask import EMPTY, FULL, PARTIAL, MaskParts
+from fa4_inductor.runtime.reference import visible_keys
 
 
 def _padding(kind: str, batch: int, seqlen: int, generator) -> torch.Tensor:
@@ -129,7 +129,7 @@ def test_triton_masking_buffer_kernel_compiles_for_the_gpu(arch, masks):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from fa4_inductor.block_lists_kernel import _masking_buffer
+    from fa4_inductor.runtime.block_lists_kernel import _masking_buffer
 
     block_q = 128 if arch == 90 else 256
     constants = dict(masks, BLOCK_Q=block_q, BLOCK_K=128, CHUNK_FORWARD=32, CHUNK_BACKWARD=4096 // block_q,

@@ -13,8 +13,10 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import fa4_inductor
-from fa4_inductor import inductor_pass, stats
-from fa4_inductor.pattern_registry import RewriteContext, registered_expansions, registered_patterns, rewrite_graph
+from fa4_inductor.compile import inductor_pass
+from fa4_inductor import stats
+from fa4_inductor.compile.sites import RewriteContext, registered_expansions, registered_patterns
+from fa4_inductor.compile.rewrite import rewrite_graph
 from tests.compare import assert_matches_eager
 
 pytestmark = pytest.mark.usefixtures("no_compile_cache")

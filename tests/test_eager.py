@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch._inductor import config as inductor_config
 
 import fa4_inductor
-from fa4_inductor import eager, fa4_api, stats
+from fa4_inductor.eager import override
+from fa4_inductor.runtime import fa4_binding
+from fa4_inductor import stats
 
 
 def _qkv(dtype=torch.bfloat16, heads_kv=4):
@@ -194,7 +196,7 @@ def test_enable_is_thread_safe():
 
 
 def test_without_fa4_cuda_only_enable_warns_once_and_changes_nothing(monkeypatch, caplog):
-    monkeypatch.setattr(fa4_api, "unavailable_reason", lambda: "flash-attn-4 is not importable (test)")
+    monkeypatch.setattr(fa4_binding, "unavailable_reason", lambda: "flash-attn-4 is not importable (test)")
     monkeypatch.setattr(fa4_inductor.api, "_warned_unavailable", False)
     pass_before = inductor_config.pre_grad_custom_pass
     with caplog.at_level("WARNING", logger="fa4_inductor"):
@@ -210,4 +212,4 @@ def test_unknown_device_is_a_value_error():
 
 
 def test_registered_in_pytorch_flash_registry():
-    assert eager.REGISTRY_NAME in torch.nn.attention.list_flash_attention_impls()
+    assert override.REGISTRY_NAME in torch.nn.attention.list_flash_attention_impls()

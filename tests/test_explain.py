@@ -165,7 +165,7 @@ def test_no_reason_carries_python_exception_text(monkeypatch):
 
     odd, _ = explain(fn, *_qkv()).records
     assert odd.decision == "fallback" and "'mul'" in odd.reason and not EXCEPTION_TEXT.search(odd.reason), odd.reason
-    from fa4_inductor.patterns import sdpa
+    from fa4_inductor.compile.patterns import sdpa
 
     def broken(*args, **kwargs):
         raise TypeError("unsupported operand type(s) for *: 'Not' and 'Float'")

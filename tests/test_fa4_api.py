@@ -8,14 +8,16 @@ import sys
 
 import pytest
 
-from fa4_inductor import fa4_api
+from fa4_inductor.runtime import fa4_binding
+
+from fa4_inductor.runtime import fa4_version
 
 SCRIPT = pathlib.Path(__file__).with_name("fa4_fake_compile.py")
 
 
 def test_fa4_is_installed_and_a_tested_version():
-    assert fa4_api.unavailable_reason() is None
-    assert fa4_api.version() in fa4_api.TESTED_FA4_VERSIONS
+    assert fa4_binding.unavailable_reason() is None
+    assert fa4_version.version() in fa4_version.TESTED_FA4_VERSIONS
 
 
 def test_the_gpu_extra_admits_the_tested_fa4_versions_and_installs_the_newest():
@@ -25,8 +27,8 @@ def test_the_gpu_extra_admits_the_tested_fa4_versions_and_installs_the_newest():
 
     extras = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
     (fa4,) = [Requirement(r) for r in extras["optional-dependencies"]["gpu"] if r.startswith("flash-attn-4")]
-    assert all(fa4.specifier.contains(v, prereleases=True) for v in fa4_api.TESTED_FA4_VERSIONS)
-    prefix, newest = max((v.rsplit("b", 1) for v in fa4_api.TESTED_FA4_VERSIONS), key=lambda p: int(p[1]))
+    assert all(fa4.specifier.contains(v, prereleases=True) for v in fa4_version.TESTED_FA4_VERSIONS)
+    prefix, newest = max((v.rsplit("b", 1) for v in fa4_version.TESTED_FA4_VERSIONS), key=lambda p: int(p[1]))
     assert not fa4.specifier.contains(f"{prefix}b{int(newest) + 1}", prereleases=True), fa4.specifier
 
 
@@ -68,7 +70,7 @@ def _check_kernels_compiled(result: dict, block: list[int]) -> None:
     assert not result["warnings"], result["warnings"]
 
 
-@pytest.mark.skipif(fa4_api.unavailable_reason() is not None, reason="flash-attn-4 not importable")
+@pytest.mark.skipif(fa4_binding.unavailable_reason() is not None, reason="flash-attn-4 not importable")
 def test_precompile_builds_sm90_kernels_under_fake_tensors_and_caches_them_on_disk(first_compiles):
     first, cache_dir = first_compiles["sm90"]
     _check_kernels_compiled(first, [128, 128])
@@ -82,6 +84,6 @@ def test_precompile_builds_sm90_kernels_under_fake_tensors_and_caches_them_on_di
         assert second[kernels] and not any(second[kernels]), (kernels, second)
 
 
-@pytest.mark.skipif(fa4_api.unavailable_reason() is not None, reason="flash-attn-4 not importable")
+@pytest.mark.skipif(fa4_binding.unavailable_reason() is not None, reason="flash-attn-4 not importable")
 def test_precompile_builds_sm100_kernels_under_fake_tensors(first_compiles):
     _check_kernels_compiled(first_compiles["sm100"][0], [256, 128])

@@ -1,4 +1,4 @@
-"""In-place writes: no rewrite reads a value the graph changes in place (fa4_inductor.graph_mutations).
+"""In-place writes: no rewrite reads a value the graph changes in place (fa4_inductor.compile.graph_mutations).
 
 Each mask form the plugin accepts, spelled with in-place ops, either runs FA4
 (where the write is applied exactly) or falls back saying which write; either

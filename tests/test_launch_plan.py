@@ -5,7 +5,9 @@ import types
 import pytest
 import torch
 
-from fa4_inductor import cuda_arch, fa4_adapter, fa4_api, launch_plan, stats
+from fa4_inductor.runtime import cuda_arch, fa4_binding, fa4_call, fa4_version, launch_plan
+
+from fa4_inductor import stats
 
 
 def _params(**overrides):
@@ -71,12 +73,12 @@ def _stand_in_fa4(extra_buffer=False, unrecorded_kernel=False):
 @pytest.fixture
 def plans(monkeypatch):
     monkeypatch.setattr(cuda_arch, "major", lambda index: 9)
-    monkeypatch.setattr(fa4_adapter, "_FORWARD_PLANS", launch_plan.PlanCache())
-    return lambda fa4: monkeypatch.setattr(fa4_api, "module", lambda: fa4)
+    monkeypatch.setattr(fa4_call, "_FORWARD_PLANS", launch_plan.PlanCache())
+    return lambda fa4: monkeypatch.setattr(fa4_binding, "module", lambda: fa4)
 
 
 def _forward(q, k, v, **overrides):
-    return fa4_adapter.forward(q, k, v, **_params(**overrides))
+    return fa4_call.forward(q, k, v, **_params(**overrides))
 
 
 def test_adapter_learns_a_plan_checks_its_first_replay_then_replays_it_without_fa4(plans):
@@ -84,7 +86,7 @@ def test_adapter_learns_a_plan_checks_its_first_replay_then_replays_it_without_f
     plans(stand_in)
     q, k, v = (torch.randn(2, 512, 4, 16) for _ in range(3))
     _forward(q, k, v)  # learns through FA4's entry point
-    assert len(fa4_adapter.forward_plans().keys()) == 1 and stand_in.compiles == 1 and stand_in.calls == 1
+    assert len(fa4_call.forward_plans().keys()) == 1 and stand_in.compiles == 1 and stand_in.calls == 1
     q2 = torch.randn_like(q)
     out2, _ = _forward(q2, k, v)  # the first replay, checked against FA4's own call on the same inputs
     assert stand_in.calls == 2 and stats.counters["plans.checked"] == 1 and not stats.counters["plans.check_failed"]
@@ -105,7 +107,7 @@ def test_a_new_shape_learns_its_own_plan(plans):
         for _ in range(3):
             q, k, v = (torch.randn(shape) for _ in range(3))
             torch.testing.assert_close(_forward(q, k, v)[0], q * 0.125)
-    assert len(fa4_adapter.forward_plans().keys()) == 2 and stand_in.compiles == 1
+    assert len(fa4_call.forward_plans().keys()) == 2 and stand_in.compiles == 1
     assert stand_in.calls == 4 and stats.counters["plans.checked"] == 2  # per shape: learn, check, then replay
 
 
@@ -116,8 +118,8 @@ def test_a_replay_that_misses_a_kernel_fails_its_check_and_the_call_keeps_fa4s_o
     for _ in range(4):
         out, _ = _forward(q, k, v)
         torch.testing.assert_close(out, q * 0.125 + k)
-    signature = fa4_adapter.forward_plans().keys()[0]
-    assert fa4_adapter.forward_plans().get(signature) is None and stand_in.calls == 4  # FA4's own calls after the check
+    signature = fa4_call.forward_plans().keys()[0]
+    assert fa4_call.forward_plans().get(signature) is None and stand_in.calls == 4  # FA4's own calls after the check
     assert stats.counters["plans.check_failed"] == stats.counters["plans.check_failed.forward"] == 1
     assert [r.levelname for r in caplog.records if "disagreed with FA4" in r.getMessage()] == ["WARNING"]
 
@@ -128,7 +130,7 @@ def test_a_buffer_fa4_allocates_per_call_is_allocated_anew_for_each_replay(plans
     q, k, v = (torch.randn(1, 8, 2, 16) for _ in range(3))
     for _ in range(3):
         _forward(q, k, v)
-    plans = fa4_adapter.forward_plans()
+    plans = fa4_call.forward_plans()
     sequence = plans.get(plans.keys()[0])
     assert sequence and len(sequence.scratch) == 1 and stand_in.calls == 2 and len(stand_in.launches) == 4
 
@@ -137,9 +139,9 @@ def test_a_buffer_fa4_allocates_per_call_is_allocated_anew_for_each_replay(plans
                                                        ("4.0.0b99", None, False), ("4.0.0b99", "1", True)])
 def test_an_untested_fa4_runs_its_own_entry_points_unless_the_user_opts_in(plans, monkeypatch, version, opt_in,
                                                                            plans_on):
-    from fa4_inductor import plan_trust
+    from fa4_inductor.runtime import plan_trust
 
-    monkeypatch.setattr(fa4_api, "version", lambda: version)
+    monkeypatch.setattr(fa4_version, "version", lambda: version)
     if opt_in:
         monkeypatch.setenv(plan_trust.OPT_IN, opt_in)
     plan_trust.off_reason.cache_clear()
@@ -164,7 +166,7 @@ def test_one_tensor_in_three_slots_is_learned_on_copies_and_replays_for_any_inpu
     for _ in range(2):  # learned, then checked
         out, _ = _forward(x, x, x)
         torch.testing.assert_close(out, x * 0.125)
-    assert len(fa4_adapter.forward_plans().keys()) == 1 and stand_in.compiles == 1
+    assert len(fa4_call.forward_plans().keys()) == 1 and stand_in.compiles == 1
     stand_in._flash_attn_fwd = None  # replays only from here on
     for q, k, v in ((x, x, x), tuple(torch.randn(1, 8, 2, 16) for _ in range(3))):
         out, _ = _forward(q, k, v)
@@ -293,14 +295,14 @@ def _stand_in_fa4_backward(zeroed_scratch=True, foreign_buffer=False, torch_op=F
 
 @pytest.fixture
 def backward_plans(monkeypatch):
-    monkeypatch.setattr(fa4_adapter, "_BACKWARD_PLANS", launch_plan.PlanCache())
-    return lambda fa4: monkeypatch.setattr(fa4_api, "module", lambda: fa4)
+    monkeypatch.setattr(fa4_call, "_BACKWARD_PLANS", launch_plan.PlanCache())
+    return lambda fa4: monkeypatch.setattr(fa4_binding, "module", lambda: fa4)
 
 
 def _backward(tensors):
     dout, q, k, v, out, lse = tensors
     grads = [torch.empty_like(t) for t in (q, k, v)]
-    fa4_adapter.backward(dout, q, k, v, out, lse, softmax_scale=0.5, causal=False, window_left=-1, window_right=-1,
+    fa4_call.backward(dout, q, k, v, out, lse, softmax_scale=0.5, causal=False, window_left=-1, window_right=-1,
                          softcap=0.0, seqused_k=None, dq=grads[0], dk=grads[1], dv=grads[2])
     return grads
 
@@ -314,7 +316,7 @@ def test_backward_learns_a_launch_sequence_and_replays_it_with_fresh_zeroed_scra
     backward_plans(stand_in)
     first = _backward(_backward_inputs())  # learned
     _backward(_backward_inputs())  # its first replay, checked against FA4's own call
-    sequence = fa4_adapter.backward_plans().get(fa4_adapter.backward_plans().keys()[0])
+    sequence = fa4_call.backward_plans().get(fa4_call.backward_plans().keys()[0])
     assert [recipe.zeroed for recipe in sequence.scratch] == [False, False, True] and len(sequence.launches) == 5
     assert stand_in.calls == 2 and stats.counters["plans.checked"] == 1 and not stats.counters["plans.check_failed"]
     inputs = _backward_inputs()
@@ -337,7 +339,7 @@ def test_a_backward_main_kernel_fetched_past_the_recorder_fails_the_check(backwa
         dout, q, k, v = inputs[:4]
         for got, want in zip(_backward(inputs), (dout * 0.5, k, v)):
             torch.testing.assert_close(got, want)
-    plans = fa4_adapter.backward_plans()
+    plans = fa4_call.backward_plans()
     assert plans.get(plans.keys()[0]) is None and stats.counters["plans.check_failed.backward"] == 1
     assert stand_in.calls == 3  # learned, checked (a replay and FA4's call), then FA4's own
 
@@ -347,7 +349,7 @@ def test_a_call_that_compiled_a_kernel_is_not_learned_from(backward_plans):
     call that compiled is not learned from; the next one is, and its plan passes its check."""
     stand_in = _stand_in_fa4_backward(compiles_main=True)
     backward_plans(stand_in)
-    plans = fa4_adapter.backward_plans()
+    plans = fa4_call.backward_plans()
     for call in range(4):
         inputs = _backward_inputs()
         dout, q, k, v = inputs[:4]
@@ -370,7 +372,7 @@ def test_backward_that_a_kernel_replay_would_not_reproduce_is_never_replayed(bac
     backward_plans(stand_in)
     for _ in range(2):
         _backward(_backward_inputs())
-    plans = fa4_adapter.backward_plans()
+    plans = fa4_call.backward_plans()
     assert plans.get(plans.keys()[0]) is None and stand_in.calls == 2
 
 
@@ -461,31 +463,31 @@ def _stand_in_masking_from_buffer(calls: list):
 
 
 def test_masked_calls_given_their_buffer_replay_with_no_masking_work_after_their_first(monkeypatch):
-    from fa4_inductor import masked_launch, masking
+    from fa4_inductor.runtime import masked_launch, mask_routes
 
     for cache in ("_MASKED_FORWARD_PLANS", "_BACKWARD_PLANS"):
-        monkeypatch.setattr(fa4_adapter, cache, launch_plan.PlanCache())
-    monkeypatch.setattr(fa4_adapter, "_BOUND_MASKED_CALLS", masked_launch.BoundMaskedCalls())
+        monkeypatch.setattr(fa4_call, cache, launch_plan.PlanCache())
+    monkeypatch.setattr(fa4_call, "_BOUND_MASKED_CALLS", masked_launch.BoundMaskedCalls())
     keywords = []
-    monkeypatch.setattr(masking, "fa4_masking", _stand_in_masking_from_buffer(keywords))
+    monkeypatch.setattr(mask_routes, "fa4_masking", _stand_in_masking_from_buffer(keywords))
     stand_in = _stand_in_masked_fa4()
-    monkeypatch.setattr(fa4_api, "module", lambda: stand_in)
+    monkeypatch.setattr(fa4_binding, "module", lambda: stand_in)
     q, k, v = (torch.randn(2, 8, 4, 16) for _ in range(3))
     pool = torch.zeros(256, dtype=torch.int32)
     for offset, keep in enumerate([torch.ones(2, 8, dtype=torch.bool)] + [torch.rand(2, 8) > 0.5 for _ in range(3)]):
         buffer = pool[offset * 8:offset * 8 + 160]  # each call's buffer starts elsewhere in its storage
         buffer[:16] = keep.flatten()
-        out, lse = fa4_adapter.forward(q, k, v, **_params(causal=False), key_padding=keep, masking_buffer=buffer)
+        out, lse = fa4_call.forward(q, k, v, **_params(causal=False), key_padding=keep, masking_buffer=buffer)
         torch.testing.assert_close(out, q * keep[:, :, None, None])
         assert stand_in.launches[-1][1][0][0].data_ptr() == buffer.data_ptr()
         dout, dq = torch.randn_like(out), torch.empty_like(q)
-        fa4_adapter.backward(dout, q, k, v, out, lse, **_params(causal=False), key_padding=keep, masking_buffer=buffer,
+        fa4_call.backward(dout, q, k, v, out, lse, **_params(causal=False), key_padding=keep, masking_buffer=buffer,
                              dq=dq, dk=torch.empty_like(k), dv=torch.empty_like(v))
         torch.testing.assert_close(dq, dout * keep[:, :, None, None])
     # A forward and a backward learned, then checked (a replay and FA4's call each), their masking keywords made
     # for those two calls only; the other calls replayed.
     assert stand_in.calls == 4 and len(stand_in.launches) == 10 and keywords == [False, True, False, True]
-    assert len(fa4_adapter._BOUND_MASKED_CALLS) == 2
+    assert len(fa4_call._BOUND_MASKED_CALLS) == 2
 
 
 def masking_lists(sparse):
@@ -500,15 +502,15 @@ def _stand_in_masking(q, k, v, params, backward=False, deterministic=False):
 
 
 def test_a_call_masked_by_data_makes_its_masking_tensors_then_replays_its_plan(monkeypatch):
-    from fa4_inductor import masking
+    from fa4_inductor.runtime import mask_routes
 
-    monkeypatch.setattr(fa4_adapter, "_MASKED_FORWARD_PLANS", launch_plan.PlanCache())
-    monkeypatch.setattr(masking, "fa4_masking", _stand_in_masking)
+    monkeypatch.setattr(fa4_call, "_MASKED_FORWARD_PLANS", launch_plan.PlanCache())
+    monkeypatch.setattr(mask_routes, "fa4_masking", _stand_in_masking)
     stand_in = _stand_in_masked_fa4()
-    monkeypatch.setattr(fa4_api, "module", lambda: stand_in)
+    monkeypatch.setattr(fa4_binding, "module", lambda: stand_in)
     q, k, v = (torch.randn(2, 8, 4, 16) for _ in range(3))
     for keep in (torch.ones(2, 8, dtype=torch.bool), torch.rand(2, 8) > 0.5, torch.rand(2, 8) > 0.5):
-        out, _ = fa4_adapter.forward(q, k, v, **_params(causal=False), key_padding=keep)
+        out, _ = fa4_call.forward(q, k, v, **_params(causal=False), key_padding=keep)
         torch.testing.assert_close(out, q * keep[:, :, None, None])
     assert stand_in.calls == 2 and len(stand_in.launches) == 4  # learned, checked, then the plan replayed alone
     lists, aux = stand_in.launches[-1]
@@ -517,7 +519,7 @@ def test_a_call_masked_by_data_makes_its_masking_tensors_then_replays_its_plan(m
 
 def test_a_masked_call_front_key_changes_with_what_decides_its_launches(monkeypatch):
     """The masks' geometry, the buffer's size and the block-sparsity switch all pick different launches."""
-    from fa4_inductor import masked_launch
+    from fa4_inductor.runtime import masked_launch
 
     q, k, v = (torch.empty(2, 8, 4, 16) for _ in range(3))
     keep, buffer = torch.ones(2, 8, dtype=torch.bool), torch.empty(160, dtype=torch.int32)

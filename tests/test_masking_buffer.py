@@ -8,7 +8,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch._inductor.utils import run_and_get_code
 
 import fa4_inductor
-from fa4_inductor import masking_buffer
+from fa4_inductor.runtime import masking_buffer
 
 pytestmark = pytest.mark.usefixtures("no_compile_cache")
 
@@ -88,9 +88,9 @@ def test_fake_impl_promises_a_symbolic_buffer_for_dynamic_cuda_calls(monkeypatch
     returns a buffer whose size is the layout's, as an expression of the symbols."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fa4_inductor import fa4_api, ops
+    from fa4_inductor.runtime import fa4_binding, ops
 
-    monkeypatch.setattr(fa4_api, "arch_and_sms", lambda index: (90, 132))
+    monkeypatch.setattr(fa4_binding, "arch_and_sms", lambda index: (90, 132))
     monkeypatch.setenv("FA4_INDUCTOR_PRECOMPILE", "0")
     env = ShapeEnv()
     batch, length = (env.create_symintnode(env.create_symbol(value, ConstantSource(name)), hint=value)

@@ -319,7 +319,7 @@ def test_captured_window_size_is_taken_at_its_value_and_cache_offsets_stay_symbo
     the lengths, so a decoding step's next offset reuses the graph."""
     from torch._dynamo.source import LocalSource
 
-    from fa4_inductor import mask_analysis
+    from fa4_inductor.compile import mask_analysis
 
     env, symbol, size = _window_env()
     window = symbol(8, LocalSource("window"))
@@ -335,7 +335,7 @@ def test_captured_window_size_is_taken_at_its_value_and_cache_offsets_stay_symbo
 def test_a_window_made_of_a_length_or_of_two_captured_ints_stays_symbolic():
     from torch._dynamo.source import LocalSource
 
-    from fa4_inductor import mask_analysis
+    from fa4_inductor.compile import mask_analysis
 
     env, symbol, size = _window_env()
     q_len = size("q", 16)

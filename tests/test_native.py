@@ -1,4 +1,4 @@
-"""The C++ launcher (``fa4_inductor.native``) on CPU tensors, forward and backward.
+"""The C++ launcher (``fa4_inductor.runtime.native``) on CPU tensors, forward and backward.
 
 Python TVM-FFI functions stand in for FA4's compiled kernels: the launcher
 must hand them the call's tensors (and a backward's scratch buffers) in the
@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from fa4_inductor import fa4_adapter, launch_plan, native
+from fa4_inductor.runtime import fa4_call, launch_plan, native
 
 if shutil.which("c++") is None:
     pytest.skip("no C++ compiler to build the native launcher", allow_module_level=True)
@@ -150,8 +150,8 @@ def _backward_inputs(layout: str = "bshd"):
 
 
 def _backward_signature(inputs, **masks):
-    """The exact signature fa4_adapter.backward gives this call (its gradients as the Python kernel makes them)."""
-    grads = [fa4_adapter.gradient_like(t) for t in inputs[1:4]]
+    """The exact signature fa4_call.backward gives this call (its gradients as the Python kernel makes them)."""
+    grads = [fa4_call.gradient_like(t) for t in inputs[1:4]]
     params = dict(BACKWARD_PARAMS, seqused_k=None, key_padding=None, segment_ids=None, masking_buffer=None,
                   deterministic=torch.are_deterministic_algorithms_enabled())
     params.update(masks)
@@ -210,7 +210,7 @@ def test_planned_backward_launches_its_kernels_in_order_on_fresh_scratch(backwar
         torch.testing.assert_close(dk, k)
         torch.testing.assert_close(dv, v)
         for grad, t in zip((dq, dk, dv), (q, k, v)):
-            assert grad.stride() == fa4_adapter.gradient_like(t).stride()  # the Python kernel's layout
+            assert grad.stride() == fa4_call.gradient_like(t).stride()  # the Python kernel's layout
     assert seen == {"accum_was_zero": [True, True], "scale": [0.5, 0.5], "other": [(3, 5), (3, 5)]}
 
 

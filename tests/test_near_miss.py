@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fa4_inductor import modeled_ops
+from fa4_inductor.compile import modeled_ops
 from tests.compare import EXCEPTION_TEXT, rewriting_backend
 from tests.near_miss_programs import CONSTRUCTS, MUTATIONS, NearMiss, near_misses
 

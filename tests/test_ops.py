@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 import fa4_inductor  # noqa: F401
-from fa4_inductor import reference
+from fa4_inductor.runtime import reference
 
 
 def _qkv(b=2, sq=7, sk=7, h=4, hkv=4, d=16, dtype=torch.float64):

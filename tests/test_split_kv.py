@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from fa4_inductor import reference, split_kv
+from fa4_inductor.runtime import reference, split_kv
 
 MERGE_CASES = [(padded, seqlen_q, splits) for padded in (False, True) for seqlen_q, splits in ((1, 4), (3, 8))]
 
@@ -104,9 +104,9 @@ def test_inference_makes_a_masking_buffer_only_for_calls_that_read_one(monkeypat
     unsplit prefill reads one. (Training always makes one: the backward reads it.)"""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fa4_inductor import fa4_api
+    from fa4_inductor.runtime import fa4_binding
 
-    monkeypatch.setattr(fa4_api, "arch_and_sms", lambda index: (90, 132))
+    monkeypatch.setattr(fa4_binding, "arch_and_sms", lambda index: (90, 132))
     monkeypatch.setenv("FA4_INDUCTOR_PRECOMPILE", "0")
     with FakeTensorMode():
         q = torch.empty(1, seqlen_q, 32, 128, dtype=torch.bfloat16, device="cuda")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fa4_inductor.support import AttentionCall, unsupported_reason
+from fa4_inductor.runtime.support import AttentionCall, unsupported_reason
 
 
 def _call(**overrides):

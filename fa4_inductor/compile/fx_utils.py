@@ -1,0 +1,29 @@
+"""FX helpers every compile-time module reads graphs with; imports nothing from the package."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+
+def example_value(node: Any) -> Any:
+    """The fake value Dynamo recorded for a node (or the constant itself)."""
+    if isinstance(node, Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def op_name(node: Any) -> str | None:
+    """The method or function name a call node invokes (``"transpose"``, ``"le"``; an aten overload by its op's
+    name, ``aten.mul.Scalar`` as ``"mul"``), else None."""
+    if not isinstance(node, Node):
+        return None
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        if isinstance(node.target, torch._ops.OpOverload):
+            return node.target._opname
+        return getattr(node.target, "__name__", None)
+    return None

@@ -1,0 +1,369 @@
+"""Hand-written attention: ``softmax(q @ kᵀ · scale [softcap] [+ mask]) @ v``.
+
+Matches: the code of Hugging Face's ``attn_implementation="eager"`` and its
+cousins, over (B, H, S, D) operands or (B * H, S, D) ones with ``bmm``/``baddbmm`` (diffusers' classic
+``AttnProcessor``, PyTorch's fuse_attention set), anchored on the softmax (``dim=-1``, optionally with
+``dtype=float32``), read backwards: an optional mask added to the scores
+(analyzed like an SDPA mask), an optional softcap ``tanh(x / c) * c``, an
+optional scale (``* s`` or ``/ s``, ``s`` a number or a 0-d constant tensor), and
+``matmul(q, k.transpose(-2, -1))`` with K optionally GQA-repeated; and forwards:
+casts (``.to(dtype)``) and copies (``.clone()``) in any order around an optional
+dropout that is a no-op (``p=0`` or ``training=False``), and ``matmul(p, v)``. Emits: one ``fa4.flash_attn_fwd``
+with the scale, softcap, causal/window found, replacing the final matmul;
+the score/softmax chain and the mask are removed. Extra check: every step
+has a single user (attention weights used elsewhere, e.g. returned to the
+caller, keep the site as it is), plus the SDPA rules.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+from torch._inductor.pattern_matcher import CallFunctionVarArgs, CallMethodVarArgs, Match
+from torch.fx import Node
+
+from fa4_inductor.compile import mask_analysis, modeled_ops
+from fa4_inductor.compile.fx_utils import example_value, op_name
+from fa4_inductor.compile.emit import call_with_meta
+from fa4_inductor.compile.sites import AttentionPattern, RewriteContext, SiteDecision, register
+
+from .common import GraphScale, decide, emit_fa4, guarded_value, replace_output, replace_with_fa4
+
+# aten._safe_softmax (what SDPA's math decomposition calls) gives zeros in a row whose every score is -inf, as FA4.
+SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax, torch.ops.aten._safe_softmax,
+           torch.ops.aten._safe_softmax.default)
+
+
+class NoMatch(Exception):
+    """The code around this softmax is not (this kind of) attention."""
+
+
+class NotServed(NoMatch):
+    """The code around this softmax is attention that FA4 does not compute as written."""
+
+
+def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _single_user(node: Node) -> Node:
+    if len(node.users) != 1:
+        raise NoMatch(f"{node.name} has {len(node.users)} users (attention weights used elsewhere?)")
+    return next(iter(node.users))
+
+
+def _scalar(value: Any) -> Any:
+    """A Python number (also given as a 0-d constant tensor, ``torch.full((), c)`` / ``torch.tensor(c)``), or a
+    graph node holding a scalar (``dynamic=True`` turns module float attributes into ``.item()`` nodes); None for
+    anything else."""
+    value = _constant_tensor_value(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(example_value(value), (torch.SymFloat, torch.SymInt)):
+        return value
+    return None
+
+
+def _constant_tensor_value(value: Any) -> Any:
+    """The number a 0-d constant tensor made in the graph holds (``torch.full([], c)``, ``torch.tensor(c)``,
+    ``torch.scalar_tensor(c)``; a graph node where the number is symbolic), else ``value`` itself."""
+    if not isinstance(value, Node) or not _is(value, "full", "tensor", "scalar_tensor"):
+        return value
+    example = example_value(value)
+    if not isinstance(example, torch.Tensor) or example.dim() != 0 or example.requires_grad:
+        return value
+    size, number = (value.args[:2] if _is(value, "full") else ((), value.args[0] if value.args else None))
+    symbolic = isinstance(example_value(number), (torch.SymFloat, torch.SymInt))  # e.g. sqrt(head_dim), dynamic
+    if tuple(size) != () or isinstance(number, bool) or not (isinstance(number, (int, float)) or symbolic):
+        return value
+    return number
+
+
+def _constant_operand(node: Node) -> tuple[Node, Any] | None:
+    """For ``x * c`` / ``c * x`` (c a scalar) return (x, c); None otherwise."""
+    a, b = node.args[:2]
+    if isinstance(a, Node) and _scalar(b) is not None and not isinstance(example_value(a), (torch.SymFloat, torch.SymInt)):
+        return a, _scalar(b)
+    if isinstance(b, Node) and _scalar(a) is not None:
+        return b, _scalar(a)
+    return None
+
+
+def _is(node: Any, *names: str) -> bool:
+    """Is ``node`` a call of one of ``names``? A call with an argument the analysis does not model (a division's
+    ``rounding_mode``, an ``alpha``, an ``out``) makes the site fall back, naming it."""
+    if op_name(node) not in names:
+        return False
+    unmodeled = modeled_ops.unmodeled_argument(node)
+    if unmodeled is not None:
+        raise NotServed(f"the attention uses {unmodeled}")
+    return True
+
+
+def _is_matmul(node: Node) -> bool:
+    return _is(node, "matmul", "bmm") or (node.op == "call_function" and node.target is operator.matmul)
+
+
+def _is_last_two_transposed(node: Any) -> bool:
+    """``x.transpose(-2, -1)`` (any spelling of the two last dims)."""
+    value = example_value(node)
+    if not _is(node, "transpose") or not isinstance(value, torch.Tensor):
+        return False
+    rank = value.dim()
+    return sorted(int(d) % rank for d in node.args[1:3]) == [rank - 2, rank - 1]
+
+
+# Casts that keep a tensor's values (up to its precision): FA4 computes scores and softmax in float32 anyway.
+_CASTS = ("to", "float", "type", "type_as", "half", "bfloat16", "double")
+
+
+def _peel_casts(node: Any, exact_only: bool = False) -> Any:
+    """See through dtype casts (``scores.float()``, ``.to(torch.float32)``, ``.type_as(q)``); with ``exact_only``
+    only through those that keep every value (to a wider type): q and k rounded to bf16 after float32 rotary code
+    (OLMo, Cohere) are the bf16 tensors the scores are made of, not their float32 sources."""
+    while _is(node, *_CASTS) and isinstance(node.args[0], Node) and _is_float_cast(node) \
+            and not (exact_only and _narrows(node)):
+        node = node.args[0]
+    return node
+
+
+def _narrows(cast: Node) -> bool:
+    before, after = example_value(cast.args[0]).dtype, example_value(cast).dtype
+    return before != after and after.itemsize <= before.itemsize
+
+
+def _is_float_cast(node: Node) -> bool:
+    value = example_value(node)
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.device == example_value(
+        node.args[0]).device
+
+
+def _peel_factors(node: Any, factors: list, operand: bool = False) -> Any:
+    """See through ``x * c``, ``c * x`` and ``x / c`` with scalar ``c`` (and casts, on an ``operand`` of the scores
+    only those that keep its values); collect the factors."""
+    while True:
+        node = _peel_casts(node, exact_only=operand)
+        scaled = _constant_operand(node) if _is(node, "mul", "__mul__") else None
+        if scaled:
+            node = scaled[0]
+            factors.append(scaled[1])
+        elif _is(node, "div", "truediv", "__truediv__") and _scalar(node.args[1]) is not None:
+            divisor = _scalar(node.args[1])
+            factors.append(1.0 / divisor if isinstance(divisor, (int, float)) else GraphScale(divisors=(divisor,)))
+            node = node.args[0]
+        else:
+            return node
+
+
+def _scale(factors: list) -> Any:
+    """One softmax scale from the factors found around the scores: a number, or a :class:`GraphScale`."""
+    number = math.prod(f for f in factors if isinstance(f, (int, float)))
+    divisors = tuple(d for f in factors if isinstance(f, GraphScale) for d in f.divisors)
+    symbolic = tuple(f for f in factors if isinstance(f, Node))
+    return GraphScale(number, symbolic, divisors) if symbolic or divisors else number
+
+
+def _einsum(node: Node) -> tuple[str, Node, Node] | None:
+    """``("scores", a, b)`` for ``einsum("..ik,..jk->..ij", a, b)`` (a @ bᵀ), ``("output", a, b)`` for
+    ``einsum("..ij,..jk->..ik", a, b)`` (a @ b), over 4-D operands with shared leading letters; else None."""
+    if not (_is(node, "einsum") and isinstance(node.args[0], str)):
+        return None
+    operands = node.args[1:] if len(node.args) > 2 else tuple(node.args[1])
+    if len(operands) != 2 or not all(isinstance(t, Node) for t in operands):
+        return None
+    inputs, _, output = node.args[0].replace(" ", "").partition("->")
+    left, _, right = inputs.partition(",")
+    if not (len(left) == len(right) == len(output) == 4 and left[:2] == right[:2] == output[:2]):
+        return None
+    (i, x), (j, y), (o1, o2) = left[2:], right[2:], output[2:]
+    if x == y and (o1, o2) == (i, j) and len({i, j, x}) == 3:
+        return "scores", *operands
+    if x == j and (o1, o2) == (i, y) and len({i, j, y}) == 3:
+        return "output", *operands
+    return None
+
+
+def _peel_scores(scores: Node) -> dict[str, Any]:
+    """Walk back from the softmax input to ``q @ kᵀ``."""
+    node = _peel_casts(scores)
+    # In-place spellings (``scores += mask``, ``scores.masked_fill_(m, -inf).softmax(-1)``) read as their out-of-place
+    # twins: the site falls back where another reader would see the write (fa4_inductor.compile.graph_mutations).
+    if _is(node, "add", "__add__", "iadd", "add_", "__iadd__") and all(isinstance(a, Node) for a in node.args[:2]):
+        for scores_side, mask_side in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+            try:
+                inner = _peel_scores(scores_side)
+            except NoMatch:
+                continue
+            if inner["mask"] is None:
+                inner["mask"], inner["mask_reader"] = mask_side, node
+                return inner
+        raise NoMatch("no attention scores under the mask addition")
+    fill = _scalar(node.args[2]) if _is(node, "masked_fill", "masked_fill_", "where") else None
+    if isinstance(fill, (int, float)) and fill <= -1e30 and all(isinstance(a, Node) for a in node.args[:2]):
+        # masked_fill(scores, hidden, fill), or where(kept, scores, fill) (GPT-2)
+        mask, scores_node = (node.args[1], node.args[0]) if _is(node, "masked_fill", "masked_fill_") \
+            else (node.args[0], node.args[1])
+        inner = _peel_scores(scores_node)
+        if inner["mask"] is not None:
+            raise NoMatch("two masks on the scores")
+        inner["mask"], inner["mask_hides_where_true"], inner["mask_reader"] = mask, not _is(node, "where"), node
+        return inner
+    filled = node.args[0] if _is(node, "masked_fill", "masked_fill_") else node.args[1] if fill is not None else None
+    if isinstance(fill, (int, float)) and fill < 0 and isinstance(filled, Node):
+        _peel_scores(filled)  # scores filled with -1e4 or -1e9
+        raise NotServed(f"scores filled where hidden: {mask_analysis.finite_fill_reason(fill)}")
+    capped = _constant_operand(node) if _is(node, "mul", "__mul__") else None
+    if capped and _is(capped[0], "tanh"):
+        cap, inner = capped[1], capped[0].args[0]
+        if not (_is(inner, "div", "truediv", "__truediv__") and inner.args[1] == cap and isinstance(inner.args[0], Node)):
+            raise NoMatch("tanh that is not a softcap tanh(x / c) * c")
+        found = _peel_scale(inner.args[0])
+        found["softcap"] = cap
+        return found
+    return _peel_scale(node)
+
+
+def _peel_scale(node: Node) -> dict[str, Any]:
+    """``q @ kᵀ`` (``matmul``, ``@`` or ``einsum``) with scalar factors anywhere on the scores, q or k."""
+    factors: list = []
+    node = _peel_factors(node, factors)
+    found: dict[str, Any] = {"mask": None, "softcap": 0.0, "mask_hides_where_true": False}
+    einsum = _einsum(node)
+    if einsum is not None and einsum[0] == "scores":
+        query, key = einsum[1:]
+    elif _is_matmul(node) or _is(node, "baddbmm"):
+        query, key_t = node.args[1:3] if _is(node, "baddbmm") else node.args[:2]
+        if _is(node, "baddbmm"):
+            _peel_baddbmm(node, factors, found)
+        key_t = _peel_factors(key_t, factors, operand=True)
+        rank = example_value(node).dim()
+        if _is_last_two_transposed(key_t):
+            key = key_t.args[0]
+        elif isinstance(example_value(key_t), torch.Tensor) and example_value(key_t).dim() == rank:
+            key, found["key_transposed"] = None, key_t  # permute, .mT, ...: the rewrite transposes it back
+        else:
+            raise NoMatch(f"the scores' right operand is not a {rank}-D kᵀ")
+    else:
+        raise NoMatch("the scores are not q @ k^T")
+    found["query"] = _peel_factors(query, factors, operand=True)
+    found["key"] = _peel_factors(key, factors, operand=True) if key is not None else None
+    found["scale"] = _scale(factors)
+    return found
+
+
+def _peel_baddbmm(node: Node, factors: list, found: dict[str, Any]) -> None:
+    """``baddbmm(input, q, kᵀ, beta=b, alpha=a)`` = ``b * input + a * (q @ kᵀ)``: ``input`` ignored at b=0 (an
+    ``empty`` tensor, diffusers' AttnProcessor), an additive mask at b=1; ``a`` is a factor of the scale."""
+    beta, alpha = _scalar(_arg(node, 3, "beta", 1)), _scalar(_arg(node, 4, "alpha", 1))
+    if not isinstance(beta, (int, float)) or alpha is None:
+        raise NoMatch("baddbmm with a computed beta or alpha")
+    if beta not in (0, 1):
+        raise NoMatch(f"baddbmm with beta={beta}: the scores are not q @ k^T plus a mask")
+    factors.append(alpha)
+    if beta == 1:
+        found["mask"], found["mask_reader"] = node.args[0], node
+
+
+def _peel_output(softmax: Node) -> tuple[Node, Node, float]:
+    """Walk forward from the softmax to ``matmul(p, v)``: (output node, v, dropout p)."""
+    probs, dropout_p, dropped = softmax, 0.0, False
+    node = _single_user(probs)
+    while True:
+        # Casts and copies keep the probabilities and their gradient (not detach: it would cut the gradient).
+        if (_is(node, *_CASTS) and _is_float_cast(node)) or _is(node, "clone", "contiguous"):
+            probs, node = node, _single_user(node)
+        elif _is(node, "dropout") and not dropped:
+            p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
+            if _scalar(p) is None or not isinstance(training, bool):
+                raise NoMatch("dropout with a computed p or training flag")
+            if isinstance(p, Node):
+                p = guarded_value(p)  # a dynamic float attribute
+            dropout_p, dropped = (float(p) if training else 0.0), True
+            probs, node = node, _single_user(node)
+        else:
+            break
+    einsum = _einsum(node)
+    if einsum is not None and einsum[0] == "output" and einsum[1] is probs:
+        return node, einsum[2], dropout_p
+    if not (_is_matmul(node) and node.args[0] is probs):
+        raise NoMatch("the probabilities do not feed p @ v")
+    return node, node.args[1], dropout_p
+
+
+def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
+    """Decide a hand-written attention site anchored on ``match``'s softmax.
+
+    Returns None for a softmax that is not over the last dim of a 4-D tensor, or of a 3-D one over ``q @ kᵀ``
+    (``bmm`` over (B * H, S, D) operands): not an attention site at all.
+    """
+    softmax = match.output_node()
+    dim = _arg(softmax, 1, "dim")
+    shape = example_value(softmax).shape if isinstance(example_value(softmax), torch.Tensor) else ()
+    if len(shape) not in (3, 4) or dim not in (-1, len(shape) - 1):
+        return None
+    if len(shape) == 3 and _is(softmax.args[0], "view", "reshape") and example_value(softmax.args[0].args[0]).dim() == 4:
+        return SiteDecision(softmax, "not attention as written: the scores go from (B * H, S, S) to 4-D and back "
+                                     "(mBART's bmm form), which the pattern does not follow", {})
+    try:
+        scores = _peel_scores(softmax.args[0])
+    except NotServed as exc:
+        return SiteDecision(softmax, str(exc), {})
+    except NoMatch as exc:
+        # A 3-D softmax is attention only over q @ kᵀ (bmm); others (routers, classifiers) are no site at all.
+        return None if len(shape) == 3 else SiteDecision(softmax, f"not attention: {exc}", {})
+    unmodeled = modeled_ops.unmodeled_argument(softmax)
+    if unmodeled is not None:
+        return SiteDecision(softmax, f"the attention uses {unmodeled}", {})
+    try:
+        output, value, dropout_p = _peel_output(softmax)
+    except NotServed as exc:
+        return SiteDecision(softmax, str(exc), {})
+    except NoMatch as exc:
+        return SiteDecision(softmax, f"not attention: {exc}", {})
+    query, key, mask, added = scores["query"], scores["key"], scores["mask"], []
+    if key is None:  # kᵀ written some other way (permute, .mT): FA4 gets it transposed back, a view
+        key_t = scores["key_transposed"]
+        with key_t.graph.inserting_after(key_t):
+            key = call_with_meta(key_t.graph, torch.transpose, (key_t, -2, -1))
+        added.append(key)
+    if len(shape) == 3:  # (B * H, S, D) operands (bmm): one head each, as (B * H, 1, S, D)
+        with output.graph.inserting_before(output):
+            query, key, value = (call_with_meta(output.graph, torch.unsqueeze, (t, 1)) for t in (query, key, value))
+            added[:0] = [query, key, value]
+            if mask is not None and isinstance(example_value(mask), torch.Tensor) and example_value(mask).dim() == 3:
+                mask = call_with_meta(output.graph, torch.unsqueeze, (mask, 1))
+                added.insert(0, mask)
+    decision = decide(
+        output, context, query, key, value, dropout_p=dropout_p,
+        scale=scores["scale"], enable_gqa=False, attn_mask=mask, softcap=scores["softcap"],
+        mask_hides_where_true=scores["mask_hides_where_true"], mask_reader=scores.get("mask_reader"),
+    )
+    if decision.reason:
+        for node in added:
+            node.graph.erase_node(node)
+    decision.captured["replaced"] = [softmax.args[0], key, value]
+    return decision
+
+
+def rewrite(match: Match, decision: SiteDecision) -> None:
+    """Replace ``matmul(p, v)`` by an FA4 call; the score chain dies with it."""
+    if example_value(decision.node).dim() == 4:
+        replace_with_fa4(decision, decision.node)
+        return
+    out, _ = emit_fa4(decision, decision.node)  # (B * H, 1, S, D): the one head squeezed back out
+    with decision.node.graph.inserting_before(decision.node):
+        out = call_with_meta(decision.node.graph, torch.squeeze, (out, 1))
+    replace_output(decision, decision.node, out)
+
+
+register(AttentionPattern(
+    name="eager_attention",
+    matches="softmax(matmul(q, k^T) * scale [softcap] [+ mask], dim=-1) [.to] [dropout p=0] @ v",
+    emits="fa4.flash_attn_fwd (+ fa4.flash_attn_bwd via autograd)",
+    pattern=(CallFunctionVarArgs(SOFTMAX), CallMethodVarArgs("softmax")),
+    analyze=analyze,
+    rewrite=rewrite,
+))

@@ -1,0 +1,128 @@
+"""The pass that applies the registered patterns to a graph.
+
+A pattern (one per idiom family, in :mod:`fa4_inductor.compile.patterns`) declares what it matches (an Inductor
+``pattern_matcher`` expression), what it emits, and an ``analyze`` step that is the extra check: it returns a
+:class:`~fa4_inductor.compile.sites.SiteDecision` with the FA4 parameters, or the reason the site stays on the stock
+path. Every analyzed site leaves a :class:`~fa4_inductor.stats.SiteRecord`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+
+import torch
+from torch._inductor.pattern_matcher import Match, PatternMatcherPass, register_graph_pattern
+
+from fa4_inductor import stats
+from fa4_inductor.compile import graph_mutations
+from fa4_inductor.compile import patterns  # noqa: F401  (registers the built-in patterns and expansions)
+from fa4_inductor.compile.sites import (EXPANDED_FROM, AttentionPattern, RewriteContext, SiteDecision,
+                                        registered_expansions, registered_patterns)
+
+log = logging.getLogger(__name__)
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_graph_ids = itertools.count()
+
+
+def source_location(node: torch.fx.Node) -> tuple[str | None, str | None]:
+    """('file:line', module path) of the user code that made ``node``: the innermost frame outside torch itself
+    (``flex_attention`` calls its op from torch's own code)."""
+    frames = []
+    for line in (node.meta.get("stack_trace") or "").splitlines():
+        line = line.strip()
+        if line.startswith('File "'):
+            path, _, rest = line[len('File "'):].partition('", line ')
+            frames.append((path, f"{path}:{rest.split(',')[0]}"))
+    outside = [location for path, location in frames if not path.startswith(_TORCH_DIR)]
+    location = (outside or [location for _, location in frames] or [None])[-1]
+    module_stack = node.meta.get("nn_module_stack") or {}
+    module_path = None
+    if module_stack:
+        module_path = list(module_stack.values())[-1][0]
+    return location, module_path
+
+
+def _record(pattern_name: str, decision: SiteDecision, context: RewriteContext, anchor: torch.fx.Node) -> None:
+    location, module_path = source_location(decision.node)
+    record = stats.SiteRecord(
+        graph=context.graph_name,
+        node=decision.node.name,
+        target=getattr(decision.node.target, "__name__", str(decision.node.target)),
+        pattern=pattern_name,
+        decision="fallback" if decision.reason else "fa4",
+        reason=decision.reason,
+        location=location,
+        module_path=module_path,
+        features=decision.features,
+        anchor=anchor.name if anchor is not decision.node else None,
+    )
+    context.records.append(record)
+
+
+def _analyzed(pattern: AttentionPattern, match: Match, context: RewriteContext) -> SiteDecision | None:
+    """``pattern.analyze``; a site whose analysis raised stays as it is, with a reason naming the pattern and node
+    (the exception is logged, not shown as the reason)."""
+    try:
+        return pattern.analyze(match, context)
+    except Exception:
+        node = match.output_node()
+        log.warning("fa4_inductor: the %s analysis failed on '%s'; the site stays on the stock path", pattern.name,
+                    node.name, exc_info=log.isEnabledFor(logging.DEBUG))
+        return SiteDecision(node, f"the {pattern.name} analysis can't read the code at '{node.name}' "
+                                  f"({getattr(node.target, '__name__', node.target)}); left as written", {})
+
+
+def _pass_for(context: RewriteContext) -> PatternMatcherPass:
+    matcher = PatternMatcherPass(pass_name="fa4_inductor")
+    for pattern in registered_patterns():
+        decisions: dict[torch.fx.Node, SiteDecision] = {}
+
+        def check(match: Match, pattern=pattern, decisions=decisions) -> bool:
+            decision = _analyzed(pattern, match, context)
+            if decision is None:
+                return False
+            _record(decision.node.meta.get(EXPANDED_FROM, pattern.name), decision, context, match.output_node())
+            decisions[match.output_node()] = decision
+            return decision.reason is None
+
+        def replace(match: Match, *args, pattern=pattern, decisions=decisions, **kwargs) -> None:
+            pattern.rewrite(match, decisions.pop(match.output_node()))
+
+        expressions = pattern.pattern if isinstance(pattern.pattern, tuple) else (pattern.pattern,)
+        for expression in expressions:
+            register_graph_pattern(expression, extra_check=check, pass_dict=matcher)(replace)
+    return matcher
+
+
+def _expand(graph: torch.fx.Graph, context: RewriteContext) -> None:
+    """Run the expansions on their nodes; a node one leaves gets a fallback record with its reason."""
+    by_target = {target: e for e in registered_expansions() for target in e.targets}
+    for node in list(graph.nodes):
+        expansion = by_target.get(node.target) if node.op == "call_function" else None
+        if expansion is None:
+            continue
+        try:
+            reason = expansion.expand(node, context)
+        except Exception:
+            log.warning("fa4_inductor: the %s expansion failed on '%s'; the call stays as written", expansion.name,
+                        node.name, exc_info=log.isEnabledFor(logging.DEBUG))
+            reason = f"the {expansion.name} expansion can't read the call at '{node.name}'; left as written"
+        if reason is not None:
+            _record(expansion.name, SiteDecision(node, reason, {}), context, node)
+
+
+def rewrite_graph(graph: torch.fx.Graph, context: RewriteContext) -> list[stats.SiteRecord]:
+    """Apply every registered pattern to ``graph``; return the site records."""
+    context.graph_name = f"{context.graph_name}_{next(_graph_ids)}"
+    _expand(graph, context)
+    context.mutations = graph_mutations.Mutations(graph)
+    order = {node.name: i for i, node in enumerate(graph.nodes)}
+    _pass_for(context).apply(graph)
+    context.records.sort(key=lambda r: order.get(r.node, len(order)))
+    if context.publish:
+        for record in context.records:
+            stats.record_site(record)
+    return context.records
