@@ -20,9 +20,11 @@ for venv in .venv .venv-newest; do
   $venv/bin/python -c "import importlib.metadata as m; print('$venv:', ', '.join(p + ' ' + m.version(p) for p in \
     ('torch', 'flash-attn-4', 'nvidia-cutlass-dsl', 'transformers', 'triton')))"
 done
-# Two runs on two cores: one torch thread each.
+# Two runs on two cores: one torch thread each, each with an Inductor cache of its own made for this run (two
+# processes writing one cache race on its compiled libraries, and a run killed mid-write leaves a truncated one).
 for venv in .venv .venv-newest; do
-  OMP_NUM_THREADS=1 $venv/bin/python -m pytest -q -p no:cacheprovider "$@" > "$logs/${venv#.}.log" 2>&1 &
+  OMP_NUM_THREADS=1 TORCHINDUCTOR_CACHE_DIR="$logs/inductor-${venv#.}" \
+    $venv/bin/python -m pytest -q -p no:cacheprovider "$@" > "$logs/${venv#.}.log" 2>&1 &
   eval "pid_${venv//[.-]/_}=$!"
 done
 for venv in .venv .venv-newest; do

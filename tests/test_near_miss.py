@@ -145,6 +145,8 @@ CONVERSIONS = {  # masks of either polarity, converted both ways
     "logical_not_of_additive": lambda keep, dtype: torch.logical_not(torch.where(keep, 0.0, -math.inf)),
     "long_inverted": lambda keep, dtype: (~keep.long()).bool(),
     "where_of_booleans": lambda keep, dtype: torch.where(keep, True, False),
+    "equals_true": lambda keep, dtype: keep == True,  # noqa: E712
+    "equals_false": lambda keep, dtype: keep == False,  # noqa: E712
 }
 
 
@@ -156,7 +158,7 @@ def test_a_mask_converted_between_bool_and_float_keeps_its_values(name):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=convert(_causal(q.shape[2]), q.dtype))
     records = _assert_exact_or_reasoned(fn, _leaves())
     if name in ("bool_filled_with_zero", "bool_to_long_to_bool", "additive_equals_zero", "where_of_booleans",
-                "logical_not_of_additive"):
+                "logical_not_of_additive", "equals_true"):
         assert [(r.decision, r.features["causal"]) for r in records] == [("fa4", True)], records
     if name == "bool_filled_with_inf":  # -inf is nonzero: True everywhere, full attention
         assert [(r.decision, r.features["causal"]) for r in records] == [("fa4", False)], records
@@ -214,6 +216,16 @@ def test_segment_ids_and_key_lengths_of_every_broadcastable_size_are_exact(rows,
     records = _assert_exact_or_reasoned(fn, _leaves(), (segments, key_lengths))
     if rows == 2 and lengths == "(B,)":
         assert [r.decision for r in records] == ["fa4"], [(r.decision, r.reason) for r in records]
+
+
+def test_a_padding_mask_compared_with_true_and_or_ed_with_causal_stays_exact():
+    """``pad == True`` is the padding itself: or-ed with causal it is no FA4 mask (each row sees the keys either
+    allows), and must not lose the padding on the way."""
+    def fn(q, k, v, pad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(pad[:, None, None, :] == True)  # noqa: E712
+                                              | _causal(q.shape[2]))
+    (record,) = _assert_exact_or_reasoned(fn, _leaves(), (_padding(),))
+    assert record.decision == "fallback", record
 
 
 def test_a_padding_row_broadcast_over_the_batch_says_so():

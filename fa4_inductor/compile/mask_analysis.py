@@ -463,6 +463,8 @@ class _Evaluator:
         if all(masks):
             raise NotAnalyzable(f"{name} of two masks")
         mask, other = (args[0], args[1]) if masks[0] else (args[1], args[0])
+        if isinstance(other, bool):
+            other = int(other)  # ``mask == True`` compares with 1, as torch does
         if not isinstance(other, (int, float)):
             raise NotAnalyzable(f"{name} of a mask with a value that is not a number")
         where_true, where_false = (0.0, -math.inf) if mask.additive else (1, 0)
