@@ -140,14 +140,6 @@ def _sym(value: Any) -> Any:
     raise NotAnalyzable(f"unsupported constant {value!r}")
 
 
-def _shift(t: IndexTensor, ndim: int) -> Any:
-    """Right-align ``t`` to ``ndim`` axes (a view that adds leading axes of size 1): rename its axis symbols."""
-    offset = ndim - t.ndim
-    if offset == 0 or not isinstance(t.expr, sympy.Basic):
-        return t.expr
-    return t.expr.xreplace({_axis(k): _axis(k + offset) for k in range(t.ndim)})
-
-
 def _is_one(size: Any) -> bool:
     """Is this size 1, with no guard?"""
     return statically_known_true(size == 1)
@@ -266,8 +258,8 @@ _LOGICAL = {"logical_and": sympy.And, "logical_or": sympy.Or}
 _LOGIC = _BITWISE | _LOGICAL
 _NOT = {"invert", "__invert__", "bitwise_not"}
 # Ops that change neither values nor the index formula (broadcast/cast/copy).
-_PASSTHROUGH = {"expand", "expand_as", "to", "bool", "long", "int", "contiguous", "clone", "detach", "type_as"}
-_CASTS = {"float", "half", "bfloat16", "double", "type"}
+_PASSTHROUGH = {"expand", "expand_as", "to", "bool", "long", "int", "float", "half", "bfloat16", "double", "type",
+                "contiguous", "clone", "detach", "type_as"}
 _NEW_TRUE = {"ones", "ones_like", "new_ones"}
 # New float tensors of zeros: an additive mask that keeps every key.
 _NEW_ZEROS = {"zeros", "zeros_like", "new_zeros"}
@@ -341,7 +333,7 @@ class _Evaluator:
                 else IndexTensor(sympy.false, example.dim())
         if name in ("full", "new_full") and isinstance(example, torch.Tensor):
             return self._full(node, example)
-        if name in _PASSTHROUGH or name in _CASTS:  # the other arguments give only a shape or dtype (``type_as(q)``)
+        if name in _PASSTHROUGH:  # the other arguments give only a shape or dtype (``type_as(q)``)
             return self._passthrough(self.value(node.args[0], node), example)
         if name in ("cat", "concat", "concatenate", "hstack") and isinstance(example, torch.Tensor):
             return self._concatenation(node, name, example)
@@ -610,7 +602,7 @@ class _Evaluator:
                                 "adding or removing axes of size 1 is modeled")
         mapping = {_axis(axis): sympy.Integer(0) for axis in range(before.dim())}
         mapping.update({_axis(a): _axis(b) for (a, _), (b, _) in zip(kept_before, kept_after)})
-        return IndexTensor(_shift(value, before.dim()).xreplace(mapping), after.dim(), value.additive)
+        return IndexTensor(value.expr.xreplace(mapping), after.dim(), value.additive)
 
     @staticmethod
     def _unsqueeze(value, dim):
