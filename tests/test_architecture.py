@@ -103,6 +103,8 @@ def test_import_is_lean():
     code = ("import sys, torch; import fa4_inductor; "
             "from fa4_inductor.runtime import native; "
             "assert native.load.cache_info().currsize == 0, 'native launcher built at import'; "
+            "assert native.install_cuda_forward.cache_info().currsize == 0, 'launcher installed at import'; "
+            "assert native.install_cuda_backward.cache_info().currsize == 0, 'launcher installed at import'; "
             "assert 'fa4_inductor.runtime.block_lists_kernel' not in sys.modules; "
             "assert 'fa4_inductor.runtime.split_kv_combine' not in sys.modules; "
             "assert not torch.cuda.is_initialized(); print('lean')")

@@ -283,3 +283,28 @@ def test_plan_cache_tells_its_trusted_mirror_of_checked_plans():
                               inputs=0, outputs={0: "out"}, kind="test")  # its check, which it passes
     cache.clear()
     assert events == [("add", "a"), ("add", "b"), ("clear",), ("add", "c"), ("clear",)], events
+
+
+def test_first_cuda_call_installs_the_launcher_over_the_python_kernel(monkeypatch):
+    """Import registers the Python CUDA kernels; the first CUDA call installs the C++ ones over them, silently, once."""
+    import warnings
+
+    assert native.load() is None
+    dump = torch._C._dispatch_dump("fa4::flash_attn_fwd_kernel")
+    assert "CUDA: registered at" in dump and "launcher.cpp" not in dump  # the Python kernel, nothing built at import
+    monkeypatch.setattr(native, "_installable", lambda: True)
+    monkeypatch.setattr(native.PLANS, "enabled", False)
+    monkeypatch.setattr(native.BACKWARD_PLANS, "enabled", False)
+    native.install_cuda_forward.cache_clear()
+    native.install_cuda_backward.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.install_cuda_forward() and native.install_cuda_backward()
+        assert native.install_cuda_forward()  # once: the second call is the cached answer
+    for op in ("flash_attn_fwd_kernel", "flash_attn_bwd"):
+        dump = torch._C._dispatch_dump(f"fa4::{op}")
+        active = next(line for line in dump.splitlines() if line.startswith("CUDA:"))
+        assert "launcher.cpp" in active and "CUDA (inactive)" in dump, dump
+    assert native.PLANS.enabled and native.BACKWARD_PLANS.enabled
+    native.install_cuda_forward.cache_clear()
+    native.install_cuda_backward.cache_clear()

@@ -14,7 +14,7 @@ functions directly. A call they have no plan for goes to the Python kernel,
 and checks plans as before; :class:`NativePlans` and
 :class:`NativeBackwardPlans` mirror each trusted one here.
 
-The library is compiled on first use with the system C++ compiler against
+The library is compiled on the first CUDA call (not at import) with the system C++ compiler against
 the installed torch and tvm-ffi (about 20-40 s, once) and cached under
 ``~/.cache/fa4_inductor/native`` by a hash of the source and versions.
 ``FA4_INDUCTOR_NATIVE=0`` turns it off, and so does anything that turns launch
@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -121,22 +122,30 @@ def _installable() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
 def install_cuda_forward() -> bool:
-    """Make the C++ launcher the CUDA kernel of ``fa4.flash_attn_fwd_kernel``; False when it can't be
-    (the caller then registers the Python kernel)."""
+    """Make the C++ launcher the CUDA kernel of ``fa4.flash_attn_fwd_kernel`` (once); False when it can't be.
+
+    Called by the Python kernel on its first CUDA call, so ``import fa4_inductor`` builds nothing. The C++
+    registration overrides that Python kernel for every later call; the dispatcher warns once about the override,
+    which is the point here, so the warning is silenced."""
     if not _installable():
         return False
-    torch.ops.fa4_native.install_cuda_forward()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel")
+        torch.ops.fa4_native.install_cuda_forward()
     PLANS.enabled = True
     return True
 
 
+@functools.lru_cache(maxsize=None)
 def install_cuda_backward() -> bool:
-    """Make the C++ launcher the CUDA kernel of ``fa4.flash_attn_bwd``; False when it can't be (the caller then
-    registers the Python kernel)."""
+    """As :func:`install_cuda_forward`, for ``fa4.flash_attn_bwd``."""
     if not _installable():
         return False
-    torch.ops.fa4_native.install_cuda_backward()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel")
+        torch.ops.fa4_native.install_cuda_backward()
     BACKWARD_PLANS.enabled = True
     return True
 

@@ -30,8 +30,8 @@ calls with the same masks (AOTAutograd's CSE merges their buffer ops in a
 training graph, :mod:`fa4_inductor.compile.buffer_sharing` in an inference graph).
 
 On CUDA the kernels call FA4 through :mod:`fa4_inductor.runtime.fa4_call` (the
-forward and the backward through the C++ launcher of :mod:`fa4_inductor.runtime.native`
-when it builds, which replays learned, checked launch plans with no Python); on CPU they run
+forward and the backward through the C++ launcher of :mod:`fa4_inductor.runtime.native`,
+built on the first CUDA call where it can be, which replays learned, checked launch plans with no Python); on CPU they run
 :mod:`fa4_inductor.runtime.reference`. Fake impls give exact shapes,
 dtypes and strides (symbolic sizes included); on CUDA they also compile the
 FA4 kernels the graph will need, while the graph compiles.
@@ -276,11 +276,23 @@ def _backward_kernel_fake(dout, q, k, v, out, lse, softmax_scale, causal=False, 
     return tuple(fa4_call.gradient_like(t) for t in (q, k, v))
 
 
+def _forward_kernel_cuda(*args):
+    """The first CUDA call installs the C++ launcher where it builds (it then takes every later call); this call, and
+    every call where it does not build, runs in Python."""
+    native.install_cuda_forward()
+    return fa4_call.forward(*args)
+
+
+def _backward_kernel_cuda(*args):
+    """As :func:`_forward_kernel_cuda`, for the backward."""
+    native.install_cuda_backward()
+    return _backward_kernel(*args)
+
+
 _library.impl("flash_attn_fwd", flash_attn_fwd, "CompositeImplicitAutograd")
 _library.impl("_flash_attn_fwd_python", fa4_call.forward, "CUDA")  # its parameters follow the schema
 _library.impl("_flash_attn_fwd_python", _forward_kernel_cpu, "CPU")
-if not native.install_cuda_forward():
-    _library.impl("flash_attn_fwd_kernel", fa4_call.forward, "CUDA")
+_library.impl("flash_attn_fwd_kernel", _forward_kernel_cuda, "CUDA")
 _library.impl("flash_attn_fwd_kernel", _forward_kernel_cpu, "CPU")
 _library.impl("masking_buffer", _masking_buffer_cuda, "CUDA")
 _library.impl("masking_buffer", _masking_buffer_cpu, "CPU")
@@ -288,8 +300,7 @@ _library.impl("flash_attn_fwd_masked_kernel", _masked_forward_kernel_cuda, "CUDA
 _library.impl("flash_attn_fwd_masked_kernel", _masked_forward_kernel_cpu, "CPU")
 _library.impl("_flash_attn_bwd_python", _backward_kernel, "CUDA")
 _library.impl("_flash_attn_bwd_python", _backward_kernel, "CPU")
-if not native.install_cuda_backward():
-    _library.impl("flash_attn_bwd", _backward_kernel, "CUDA")
+_library.impl("flash_attn_bwd", _backward_kernel_cuda, "CUDA")
 _library.impl("flash_attn_bwd", _backward_kernel, "CPU")
 torch.library.register_fake(f"{_OP_NS}::flash_attn_fwd_kernel", _forward_kernel_fake, lib=_library)
 torch.library.register_fake(f"{_OP_NS}::masking_buffer", _masking_buffer_fake, lib=_library)
