@@ -1,5 +1,5 @@
 """The differential fuzz on a GPU: random attention programs compiled with the plugin (Inductor, real FA4 kernels)
-against eager PyTorch, larger and longer than the CPU test (``tests/test_fuzz.py``, same generator).
+against eager PyTorch, larger and longer than the CPU test (``tests/compile/test_fuzz.py``, same generator).
 
 Reports the rewrite rate of the FA4-expressible programs and every wrong result; writes JSON to --out.
 Usage: python benchmarks/fuzz_gpu.py --programs 400 --max-seqlen 300 [--minutes 8] --out benchmarks/results
@@ -20,7 +20,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the repo
 
 import fa4_inductor  # noqa: E402
 from fa4_inductor import stats  # noqa: E402
-from tests.fuzz_programs import random_programs  # noqa: E402
+from tests.compile.fuzz_programs import random_programs  # noqa: E402
 
 
 def _check(program) -> tuple[bool, str | None]:

@@ -31,7 +31,7 @@ fa4_beta() {  # "b40" for flash-attn-4 4.0.0b40: result files are named by the F
 for step in $STEPS; do
   echo "== $step"
   case $step in
-    tests) FA4_GPU_RESULTS=$OUT/gpu_results.jsonl timeout ${TESTS_TIMEOUT:-540} python3 -m pytest -q tests/test_gpu.py ${TESTS:+-k "$TESTS"} 2>&1 | tee $OUT/gpu_tests.log | tail -15 ;;
+    tests) FA4_GPU_RESULTS=$OUT/gpu_results.jsonl timeout ${TESTS_TIMEOUT:-540} python3 -m pytest -q tests/gpu ${TESTS:+-k "$TESTS"} 2>&1 | tee $OUT/gpu_tests.log | tail -15 ;;
     overhead) timeout 90 python3 benchmarks/bench_overhead.py --out $OUT 2>&1 | tail -16 ;;
     first_step) timeout 240 python3 benchmarks/bench_first_step.py --out $OUT 2>&1 | tail -10 ;;
     attention) timeout 300 python3 benchmarks/bench_attention.py --out $OUT/bench ${BENCH_ARGS:-} 2>&1 | grep -v "^{" | tail -25 ;;

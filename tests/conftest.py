@@ -10,7 +10,20 @@ import fa4_inductor
 from fa4_inductor import stats
 
 # The repository root, so tests can import the example models (``examples.*``).
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# The development loop (``pytest -m quick``, a few minutes on 2 cores): the layer rules, the decisions, the mask
+# analysis with its near misses and the spellings, the ops' contract and the support table.
+QUICK = {"tests/test_architecture.py", "tests/compile/test_decisions.py", "tests/compile/test_near_miss.py",
+         "tests/compile/test_masks_and_idioms.py", "tests/compile/test_spellings.py", "tests/runtime/test_ops.py",
+         "tests/inspect/test_support_table.py", "tests/test_docs.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.resolve().relative_to(ROOT).as_posix() in QUICK:
+            item.add_marker(pytest.mark.quick)
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,7 @@ contiguous output. No copies are added around the kernel.
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from torch.fx import Graph, Node
 
 import fa4_inductor.runtime.ops  # noqa: F401  (defines torch.ops.fa4)
 from fa4_inductor.compile.fx_utils import example_value
+from fa4_inductor.compile.sites import FA4Params, GraphScale, Operand, SiteDecision
 
 
 def call_with_meta(graph: Graph, target, args: tuple, kwargs: dict | None = None, *, like: Node | None = None) -> Node:
@@ -70,6 +72,20 @@ def fa4_attention_backward(
     return tuple(call_with_meta(graph, torch.transpose, (g, 1, 2)) for g in grads)
 
 
+def replace_tuple_outputs(node: Node, outputs: Mapping[int, Node]) -> None:
+    """Make every ``node[i]`` the graph reads read ``outputs[i]`` instead, and erase ``node`` and its ``getitem``s
+    (every user of ``node`` is one, as :func:`~fa4_inductor.compile.fx_utils.tuple_reads` checked; an index missing
+    from ``outputs`` must be unread)."""
+    for user in list(node.users):
+        index = user.args[1]
+        if index in outputs:
+            user.replace_all_uses_with(outputs[index])
+        elif user.users:
+            raise AssertionError(f"{node.name}[{index}] is read and has no replacement")
+        node.graph.erase_node(user)
+    node.graph.erase_node(node)
+
+
 def erase_if_unused(nodes: list[Node]) -> None:
     """Erase the given pure nodes, and their inputs in turn, once nothing uses them.
 
@@ -90,3 +106,79 @@ def erase_if_unused(nodes: list[Node]) -> None:
         node.graph.erase_node(node)
         erased.add(node)
         pending.extend(inputs)
+
+
+# What the patterns decided, written: the only module that adds the FA4 calls and their operands to a graph.
+
+def _emit_scale(graph: Graph, scale: GraphScale) -> Node:
+    value: Any = scale.number
+    for factor in scale.factors:
+        value = call_with_meta(graph, operator.mul, (value, factor))
+    for divisor in scale.divisors:
+        value = call_with_meta(graph, operator.truediv, (value, divisor))
+    return value
+
+
+def _size(graph: Graph, node: Node, dim: int):
+    """``node``'s size along ``dim``: an int, or a graph scalar under dynamic shapes."""
+    size = example_value(node).shape[dim]
+    return size if isinstance(size, int) else call_with_meta(graph, torch.ops.aten.sym_size.int, (node, dim))
+
+
+def _padding_from_lengths(graph: Graph, lengths: Node, key: Node) -> Node:
+    """The (B, S_kv) bool mask ``arange(S_kv) < lengths[:, None]``."""
+    positions = call_with_meta(graph, torch.arange, (_size(graph, key, 2),), {"device": example_value(key).device},
+                               like=key)
+    return call_with_meta(graph, torch.lt, (call_with_meta(graph, torch.unsqueeze, (positions, 0)),
+                                            call_with_meta(graph, torch.unsqueeze, (lengths, 1))))
+
+
+def _operand(graph: Graph, operand: Operand) -> Node:
+    node = operand.source
+    if operand.transposed:
+        node = call_with_meta(graph, torch.transpose, (node, -2, -1))
+    if operand.one_head:
+        node = call_with_meta(graph, torch.unsqueeze, (node, 1))
+    return node
+
+
+def fa4_arguments(graph: Graph, params: FA4Params, query: Node, key: Node) -> dict[str, Any]:
+    """``params`` as the keyword arguments of ``fa4.flash_attn_fwd`` after q, k, v (masks and scales written as the
+    nodes FA4 takes). Call inside ``graph.inserting_before(...)``."""
+    scale = params.softmax_scale
+    if isinstance(scale, GraphScale):
+        scale = _emit_scale(graph, scale)
+    padding = params.key_padding
+    if padding is not None:  # a 0/1 or bool (B, S_kv) or (B, 1, 1, S_kv) input: FA4 takes bool (B, S_kv)
+        padding = call_with_meta(graph, torch.eq if params.key_padding_hides else torch.ne, (padding, 0))
+        if example_value(padding).dim() > 2:
+            padding = call_with_meta(graph, torch.flatten, (padding, 1))
+    if params.key_lengths is not None:  # (B,) lengths: keys below them are kept
+        padding = _padding_from_lengths(graph, params.key_lengths, key)
+    segments = params.segment_ids
+    if segments is not None and example_value(segments).dim() == 1:  # ids shared by every row
+        segments = call_with_meta(graph, torch.Tensor.expand, (
+            call_with_meta(graph, torch.unsqueeze, (segments, 0)), _size(graph, query, 0), -1))
+    return dict(softmax_scale=scale, causal=params.causal, window_left=params.window_left,
+                window_right=params.window_right, softcap=params.softcap, seqused_k=None, key_padding=padding,
+                segment_ids=segments)
+
+
+def emit_fa4(decision: SiteDecision, before: Node) -> tuple[Node, Node]:
+    """Write the decided FA4 call before ``before``; return its (B,H,S,Dv output, logsumexp) nodes."""
+    graph, operands = before.graph, decision.operands
+    with graph.inserting_before(before):
+        query, key, value = (_operand(graph, t) for t in (operands.query, operands.key, operands.value))
+        return fa4_attention(graph, query, key, value, fa4_arguments(graph, decision.params, query, key))
+
+
+def replace_with_fa4(decision: SiteDecision, output: Node) -> None:
+    """Write the decided FA4 call before ``output``, route its users there, drop dead nodes."""
+    replace_output(decision, output, emit_fa4(decision, output)[0])
+
+
+def replace_output(decision: SiteDecision, output: Node, new: Node) -> None:
+    """Route ``output``'s users to ``new``, erase it and the nodes the decision made dead."""
+    output.replace_all_uses_with(new)
+    output.graph.erase_node(output)
+    erase_if_unused([*decision.operands.dead, *decision.operands.replaced])

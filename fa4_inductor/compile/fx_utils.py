@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -27,3 +28,15 @@ def op_name(node: Any) -> str | None:
             return node.target._opname
         return getattr(node.target, "__name__", None)
     return None
+
+
+def tuple_reads(node: Node) -> tuple[frozenset[int], bool]:
+    """The indices of ``node``'s tuple result the graph reads through ``getitem``, and whether it uses the tuple
+    any other way."""
+    indices, whole = set(), False
+    for user in node.users:
+        if user.op == "call_function" and user.target is operator.getitem:
+            indices.add(user.args[1])
+        else:
+            whole = True
+    return frozenset(indices), whole

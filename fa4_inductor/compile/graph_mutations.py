@@ -31,17 +31,17 @@ from collections.abc import Iterable
 import torch
 from torch.fx import Graph, Node
 
+from fa4_inductor.compile import modeled_ops
 from fa4_inductor.compile.fx_utils import example_value, op_name
 
 # Ops whose result may share its first tensor argument's memory: views, and conversions that return their input
 # when there is nothing to convert (``contiguous``, ``to``, ``float``, ...), and dropout (an identity in eval mode).
-_ALIASING = {
+_ALIASING = modeled_ops.DTYPE_CASTS | modeled_ops.BROADCASTS | {
     "view", "view_as", "reshape", "reshape_as", "transpose", "permute", "t", "mT", "mH", "T", "H", "adjoint",
-    "squeeze", "unsqueeze", "expand", "expand_as", "flatten", "unflatten", "narrow", "select", "split", "chunk",
-    "unbind", "tensor_split", "split_with_sizes", "diagonal", "as_strided", "detach", "alias", "real", "imag",
-    "view_as_real", "view_as_complex", "unfold", "movedim", "moveaxis", "swapaxes", "swapdims", "contiguous", "to",
-    "type", "type_as", "float", "half", "bfloat16", "double", "int", "long", "bool", "short", "char", "byte",
-    "getitem", "__getitem__", "dropout", "identity", "rearrange",
+    "squeeze", "unsqueeze", "flatten", "unflatten", "narrow", "select", "split", "chunk", "unbind", "tensor_split",
+    "split_with_sizes", "diagonal", "as_strided", "detach", "alias", "real", "imag", "view_as_real",
+    "view_as_complex", "unfold", "movedim", "moveaxis", "swapaxes", "swapdims", "contiguous", "short", "char",
+    "byte", "getitem", "__getitem__", "dropout", "identity", "rearrange",
 }
 _INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
                     "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__", "__setitem__"}

@@ -258,8 +258,7 @@ _LOGICAL = {"logical_and": sympy.And, "logical_or": sympy.Or}
 _LOGIC = _BITWISE | _LOGICAL
 _NOT = {"invert", "__invert__", "bitwise_not"}
 # Ops that change neither values nor the index formula (broadcast/cast/copy).
-_PASSTHROUGH = {"expand", "expand_as", "to", "bool", "long", "int", "float", "half", "bfloat16", "double", "type",
-                "contiguous", "clone", "detach", "type_as"}
+_PASSTHROUGH = modeled_ops.BROADCASTS | modeled_ops.DTYPE_CASTS | modeled_ops.COPIES | {"detach"}
 _NEW_TRUE = {"ones", "ones_like", "new_ones"}
 # New float tensors of zeros: an additive mask that keeps every key.
 _NEW_ZEROS = {"zeros", "zeros_like", "new_zeros"}
@@ -758,12 +757,13 @@ def _static_window(value, name: str) -> int:
 
 
 def analyze_mask(mask: Node, q_len, kv_len, *, hides_where_true: bool = False, reader: Node | None = None,
-                 mutations: graph_mutations.Mutations | None = None, batch=None, heads=None
+                 mutations: graph_mutations.Mutations | None = None, batch=None, heads=None, one_head: bool = False
                  ) -> tuple[MaskStructure, list[Node], graph_mutations.Modeled]:
     """Prove the structure of ``mask`` (a node broadcastable to (B, H, S_q, S_kv)) as ``reader`` reads it (after the
     in-place writes of ``mutations`` that come before); a boolean mask keeps the keys where it is true, or hides
     them with ``hides_where_true`` (the condition of ``scores.masked_fill(c, -inf)``). ``batch`` and ``heads`` are
-    the attention's B and H (None: unknown, so a mask axis of size 1 there is read at index 0).
+    the attention's B and H (None: unknown, so a mask axis of size 1 there is read at index 0). With ``one_head``
+    the attention is a (B * H, S, D) ``bmm`` read as (B * H, 1, S, D), and a 3-D mask's first axis is its B * H.
 
     Returns the FA4 parameters, the nodes the analysis read (candidates
     for removal once the mask is no longer used) and the writes it applied
@@ -783,6 +783,9 @@ def analyze_mask(mask: Node, q_len, kv_len, *, hides_where_true: bool = False, r
         if value.additive or example.dtype != torch.bool:
             raise NotAnalyzable("masked_fill with a condition that is not boolean")
         value = IndexTensor(sympy.Not(value.expr), value.ndim, shape=value.shape)
+    if one_head and value.ndim == 3:
+        value = _Evaluator._unsqueeze(value, 1)
+        value = dataclasses.replace(value, shape=(example.shape[0], 1, *example.shape[1:]))
     if value.ndim > 4:
         raise NotAnalyzable("mask has more than 4 dims")
     expr = _aligned(value, tuple(2 if size is None else size for size in (batch, heads, q_len, kv_len)))

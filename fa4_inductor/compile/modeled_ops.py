@@ -21,6 +21,14 @@ from torch.fx import Node
 
 from fa4_inductor.compile.fx_utils import op_name
 
+# The ops that keep a tensor's values, by what they keep; each analysis sees through the classes it models.
+# Casts to the result's dtype (what is kept depends on the two dtypes, which the analyses check):
+DTYPE_CASTS = frozenset({"to", "type", "type_as", "float", "half", "bfloat16", "double", "int", "long", "bool"})
+# Copies that keep values and gradients (``detach`` keeps the values only):
+COPIES = frozenset({"clone", "contiguous"})
+# Broadcasts: size-1 axes read at index 0.
+BROADCASTS = frozenset({"expand", "expand_as"})
+
 _LAYOUT = frozenset({"dtype", "layout", "device", "pin_memory", "requires_grad", "memory_format", "non_blocking",
                      "copy"})
 
@@ -95,11 +103,11 @@ TABLE: Mapping[str, ModeledOp] = MappingProxyType({
     **{name: _BINARY for name in ("mul", "__mul__", "__rmul__", "truediv", "__truediv__")},
     "div": _op("self other", "true division (no rounding)", "self other", rounding_mode=None),
     # casts and copies: the result's dtype is read from the graph
-    **{name: _CAST for name in ("bool", "long", "int", "float", "half", "bfloat16", "double")},
+    **{name: _CAST for name in DTYPE_CASTS - {"to", "type", "type_as"}},
     "to": _op("self *args", "the value converted to the dtype of the result", "self", "args"),
     "type": _op("self dtype", "the value converted to the dtype of the result", "self", "dtype"),
     "type_as": _op("self other", "the value converted to other's dtype", "self", "other"),
-    **{name: _COPY for name in ("clone", "contiguous")},
+    **{name: _COPY for name in COPIES},
     "detach": _UNARY,
     "copy_": _op("self src", "self now holds src, converted and broadcast to self", "src", "self"),
     # shapes and indexing

@@ -8,6 +8,8 @@ path. Every analyzed site leaves a :class:`~fa4_inductor.stats.SiteRecord`.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import itertools
 import logging
 import os
@@ -75,12 +77,19 @@ def _analyzed(pattern: AttentionPattern, match: Match, context: RewriteContext) 
                                   f"({getattr(node.target, '__name__', node.target)}); left as written", {})
 
 
-def _pass_for(context: RewriteContext) -> PatternMatcherPass:
+# The compilation a pass is deciding for: set by rewrite_graph around the pass, read by the patterns' checks.
+_current: contextvars.ContextVar[RewriteContext] = contextvars.ContextVar("fa4_inductor_rewrite_context")
+
+
+@functools.lru_cache(maxsize=1)
+def _pattern_pass(registered: tuple[AttentionPattern, ...]) -> PatternMatcherPass:
+    """The pass of the ``registered`` patterns, built once (again only if a pattern is registered later)."""
     matcher = PatternMatcherPass(pass_name="fa4_inductor")
-    for pattern in registered_patterns():
+    for pattern in registered:
         decisions: dict[torch.fx.Node, SiteDecision] = {}
 
         def check(match: Match, pattern=pattern, decisions=decisions) -> bool:
+            context = _current.get()
             decision = _analyzed(pattern, match, context)
             if decision is None:
                 return False
@@ -120,7 +129,11 @@ def rewrite_graph(graph: torch.fx.Graph, context: RewriteContext) -> list[stats.
     _expand(graph, context)
     context.mutations = graph_mutations.Mutations(graph)
     order = {node.name: i for i, node in enumerate(graph.nodes)}
-    _pass_for(context).apply(graph)
+    token = _current.set(context)
+    try:
+        _pattern_pass(tuple(registered_patterns())).apply(graph)
+    finally:
+        _current.reset(token)
     context.records.sort(key=lambda r: order.get(r.node, len(order)))
     if context.publish:
         for record in context.records:

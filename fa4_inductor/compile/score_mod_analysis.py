@@ -30,7 +30,8 @@ _BINARY = {"mul": operator.mul, "__mul__": operator.mul, "__rmul__": operator.mu
            "truediv": operator.truediv, "div": operator.truediv, "__truediv__": operator.truediv,
            "add": operator.add, "__add__": operator.add, "__radd__": operator.add,
            "sub": operator.sub, "__sub__": operator.sub}
-_CASTS = {"to", "float", "type_as", "contiguous", "clone"}
+# Casts and copies keep a score and its gradient; a cast to a type narrower than float32 is refused where read.
+_CASTS = modeled_ops.DTYPE_CASTS | modeled_ops.COPIES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,13 +4,15 @@ registry the patterns add themselves to (:mod:`fa4_inductor.compile.rewrite` app
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch._inductor.pattern_matcher import Match, PatternExpr
+from torch.fx import Node
 
 from fa4_inductor.compile import graph_mutations
+from fa4_inductor.compile.fx_utils import example_value
 
 
 @dataclasses.dataclass
@@ -30,16 +32,82 @@ class RewriteContext:
     mutations: graph_mutations.Mutations | None = None
 
 
-@dataclasses.dataclass
-class SiteDecision:
-    """A pattern's verdict on one site: FA4 parameters, or a fallback reason."""
+@dataclasses.dataclass(frozen=True)
+class GraphScale:
+    """A scale computed from graph scalars (``dynamic=True`` sizes and attributes): ``number * Π factors / Π
+    divisors``; emission writes that arithmetic before the FA4 call."""
 
-    node: torch.fx.Node
+    number: float = 1.0
+    factors: tuple[Node, ...] = ()
+    divisors: tuple[Node, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+    """A (B, H, S, D) operand of the FA4 call: ``source`` as the graph has it, seen through the views emission
+    writes (``transposed``: ``source`` is kᵀ, transposed back; ``one_head``: a (B * H, S, D) ``bmm`` operand read
+    as (B * H, 1, S, D))."""
+
+    source: Node
+    transposed: bool = False
+    one_head: bool = False
+
+    @property
+    def example(self) -> Any:
+        """The operand's fake value (its source's, through the views)."""
+        value = example_value(self.source)
+        if isinstance(value, torch.Tensor) and self.transposed:
+            value = value.transpose(-2, -1)
+        if isinstance(value, torch.Tensor) and self.one_head:
+            value = value.unsqueeze(1)
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class FA4Params:
+    """What a site's FA4 call computes: ``fa4.flash_attn_fwd``'s parameters after q, k and v, as the analysis found
+    them. The masks are their sources in the graph (a 0/1 or bool padding input that hides the keys where it is
+    nonzero with ``key_padding_hides``, per-row key lengths, segment ids per row or shared), which emission turns
+    into FA4's operands."""
+
+    softmax_scale: float | Node | GraphScale
+    causal: bool = False
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float | Node = 0.0
+    key_padding: Node | None = None
+    key_padding_hides: bool = False
+    key_lengths: Node | None = None
+    segment_ids: Node | None = None
+
+    @property
+    def mask_sources(self) -> tuple[Node, ...]:
+        """The graph tensors the call reads its masks from."""
+        return tuple(n for n in (self.key_padding, self.key_lengths, self.segment_ids) if n is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteOperands:
+    """The graph values a site's rewrite reads and drops: q, k, v, the nodes that die with the site (a mask's
+    subgraph, block lists) and those it replaced that may die too (a ``repeat_kv``, the scores)."""
+
+    query: Operand
+    key: Operand
+    value: Operand
+    dead: tuple[Node, ...] = ()
+    replaced: tuple[Node, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class SiteDecision:
+    """A pattern's verdict on one site: the FA4 call it becomes (``params``, on ``operands``), or why it stays
+    (``reason``); ``features`` are what the site record shows."""
+
+    node: Node
     reason: str | None
-    features: dict[str, Any]
-    params: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Graph nodes the rewrite needs (operands found by the analysis, nodes to drop).
-    captured: dict[str, Any] = dataclasses.field(default_factory=dict)
+    features: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    params: FA4Params | None = None
+    operands: SiteOperands | None = None
 
 
 @dataclasses.dataclass(frozen=True)

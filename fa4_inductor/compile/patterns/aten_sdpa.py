@@ -12,12 +12,11 @@ masks have no FA4 equivalent), and no attention bias/mask.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch._inductor.pattern_matcher import CallFunctionVarArgs, Match
 
-from fa4_inductor.compile.emit import fa4_attention, fa4_attention_backward
+from fa4_inductor.compile.emit import emit_fa4, fa4_arguments, fa4_attention_backward, replace_tuple_outputs
+from fa4_inductor.compile.fx_utils import tuple_reads
 from fa4_inductor.compile.sites import AttentionPattern, RewriteContext, SiteDecision, register
 
 from .common import decide, normalized_kwargs
@@ -37,29 +36,11 @@ FLASH_BACKWARD = _targets(
 )
 
 
-def _used_outputs(node) -> tuple[set[int], bool]:
-    """Indices of the tuple outputs in use, and whether the tuple escapes getitem."""
-    indices, escapes = set(), False
-    for user in node.users:
-        if user.op == "call_function" and user.target is operator.getitem:
-            indices.add(user.args[1])
-        else:
-            escapes = True
-    return indices, escapes
-
-
 def _output_reason(node, allowed: set[int]) -> str | None:
-    used, escapes = _used_outputs(node)
+    used, escapes = tuple_reads(node)
     if escapes or not used <= allowed:
         return f"uses outputs {sorted(used)} of {node.target}; FA4 provides only {sorted(allowed)}"
     return None
-
-
-def _rewire(node, replacements: dict[int, torch.fx.Node]) -> None:
-    for user in list(node.users):
-        user.replace_all_uses_with(replacements[user.args[1]])
-        node.graph.erase_node(user)
-    node.graph.erase_node(node)
 
 
 def analyze_forward(match: Match, context: RewriteContext) -> SiteDecision:
@@ -78,10 +59,8 @@ def analyze_forward(match: Match, context: RewriteContext) -> SiteDecision:
 
 def rewrite_forward(match: Match, decision: SiteDecision) -> None:
     """Replace the aten forward by an FA4 call; rewire output and logsumexp."""
-    node, captured = decision.node, decision.captured
-    with node.graph.inserting_before(node):
-        out, lse = fa4_attention(node.graph, captured["query"], captured["key"], captured["value"], decision.params)
-    _rewire(node, {0: out, 1: lse})
+    out, lse = emit_fa4(decision, decision.node)
+    replace_tuple_outputs(decision.node, {0: out, 1: lse})
 
 
 def analyze_backward(match: Match, context: RewriteContext) -> SiteDecision:
@@ -102,8 +81,8 @@ def rewrite_backward(match: Match, decision: SiteDecision) -> None:
     kw = normalized_kwargs(node)
     args = tuple(kw[n] for n in ("grad_out", "query", "key", "value", "out", "logsumexp"))
     with node.graph.inserting_before(node):
-        grads = fa4_attention_backward(node.graph, args, decision.params)
-    _rewire(node, dict(enumerate(grads)))
+        grads = fa4_attention_backward(node.graph, args, fa4_arguments(node.graph, decision.params, *args[1:3]))
+    replace_tuple_outputs(node, dict(enumerate(grads)))
 
 
 register(AttentionPattern(

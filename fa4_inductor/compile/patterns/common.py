@@ -1,10 +1,10 @@
-"""Analysis shared by the patterns: from an SDPA-style call to an FA4 decision."""
+"""Analysis shared by the patterns: from an SDPA-style call to an FA4 decision (reading the graph, writing nothing;
+:mod:`fa4_inductor.compile.emit` writes what was decided)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from typing import Any
 
 import torch
@@ -14,20 +14,9 @@ from torch.fx.operator_schemas import normalize_function
 
 from fa4_inductor.compile.fx_utils import example_value, op_name
 
-from fa4_inductor.compile.emit import call_with_meta, erase_if_unused, fa4_attention
 from fa4_inductor.compile.mask_analysis import MaskStructure, NotAnalyzable, analyze_mask
-from fa4_inductor.compile.sites import RewriteContext, SiteDecision
+from fa4_inductor.compile.sites import FA4Params, GraphScale, Operand, RewriteContext, SiteDecision, SiteOperands
 from fa4_inductor.runtime.support import AttentionCall, is_dtensor, unsupported_reason
-
-
-@dataclasses.dataclass(frozen=True)
-class GraphScale:
-    """A scale computed from graph scalars (``dynamic=True`` sizes and attributes): ``number * Π factors / Π
-    divisors``; the rewrite emits that arithmetic before the FA4 call."""
-
-    number: float = 1.0
-    factors: tuple[Node, ...] = ()
-    divisors: tuple[Node, ...] = ()
 
 
 def normalized_kwargs(node: Node) -> dict[str, Any]:
@@ -107,12 +96,16 @@ def _shape_text(value) -> str:
     return "(" + ", ".join(str(s) for s in value.shape) + ")"
 
 
+def _operand(value: Node | Operand) -> Operand:
+    return value if isinstance(value, Operand) else Operand(value)
+
+
 def decide(
     node: Node,
     context: RewriteContext,
-    query: Node,
-    key: Node,
-    value: Node,
+    query: Node | Operand,
+    key: Node | Operand,
+    value: Node | Operand,
     *,
     dropout_p: Any = 0.0,
     is_causal: Any = False,
@@ -125,8 +118,9 @@ def decide(
     mask_structure: MaskStructure | None = None,
     mask_reader: Node | None = None,
     read_inputs: list | None = None,
+    replaced: tuple[Node, ...] = (),
 ) -> SiteDecision:
-    """Decide one SDPA-style site (B,H,S,D operands) for FA4.
+    """Decide one SDPA-style site (B,H,S,D operands) for FA4; reads the graph, writes nothing.
 
     GQA repeats of ``key``/``value`` are seen through; ``attn_mask`` is
     analyzed into causal/window parameters, or ``mask_structure`` gives them already analyzed (a FlexAttention
@@ -134,22 +128,23 @@ def decide(
     by the caller that rules the site out; ``mask_hides_where_true`` says ``attn_mask`` marks the hidden keys
     (``scores.masked_fill(mask, -inf)``), not the kept ones, and ``mask_reader`` is the node that reads it (default
     ``node``). A site whose rewrite would miss an in-place write falls back (:mod:`fa4_inductor.compile.graph_mutations`);
-    ``read_inputs`` are the inputs of ``node`` whose values the rewrite reads (default: all).
-    The decision's ``captured`` holds the operands the rewrite uses and the nodes that become dead.
+    ``read_inputs`` are the inputs of ``node`` whose values the rewrite reads (default: all); ``replaced`` are nodes
+    the rewrite may leave dead.
     """
-    key, k_repeats = strip_kv_repeat(key)
-    value, v_repeats = strip_kv_repeat(value)
-    q, k, v = (example_value(n) for n in (query, key, value))
+    query, key, value = (_operand(t) for t in (query, key, value))
+    key, k_repeats = _strip_repeat(key)
+    value, v_repeats = _strip_repeat(value)
+    q, k, v = (t.example for t in (query, key, value))
     features: dict[str, Any] = {}
-    captured: dict[str, Any] = {"query": query, "key": key, "value": value, "dead": []}
+    operands = SiteOperands(query, key, value, replaced=tuple(replaced))
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
-        return SiteDecision(node, "query/key/value have no tensor metadata", features, captured=captured)
+        return SiteDecision(node, "query/key/value have no tensor metadata", features, operands=operands)
     if any(is_dtensor(t) for t in (q, k, v)):
         # An fa4 op on DTensors has no sharding rule. Left as SDPA, context parallelism's ring attention shards
         # it into per-shard aten flash calls, which the eager override runs on FA4.
         return SiteDecision(node, "query/key/value are DTensors (context or tensor parallel): left to DTensor's "
                             "SDPA handling; its per-shard flash calls run FA4 through the eager override",
-                            features, captured=captured)
+                            features, operands=operands)
     d, hq, hk = q.shape[-1], q.shape[1], k.shape[1]
     features.update(
         dtype=str(q.dtype).replace("torch.", ""), head_dim=int(d) if isinstance(d, int) else str(d),
@@ -175,24 +170,23 @@ def decide(
         try:
             mask_structure, mask_nodes, modeled = analyze_mask(
                 attn_mask, q.shape[2], k.shape[2], hides_where_true=mask_hides_where_true, batch=q.shape[0],
-                heads=q.shape[1],
+                heads=q.shape[1], one_head=query.one_head,
                 reader=mask_reader or node, mutations=context.mutations)
-            captured["dead"] = [attn_mask, *mask_nodes]
+            operands = dataclasses.replace(operands, dead=(attn_mask, *mask_nodes))
         except NotAnalyzable as exc:
             reason = f"attn_mask not expressible in FA4: {exc}"
+    masks = {}
     if mask_structure is not None and reason is None:
         causal, window = mask_structure.causal, (mask_structure.window_left, mask_structure.window_right)
         if constants["is_causal"]:  # SDPA applies both: the mask and-ed with the causal triangle (S_q == S_kv)
             causal, window = window[0] < 0, (window[0], 0) if window[0] >= 0 else (-1, -1)
-        captured["key_padding"] = mask_structure.key_padding
-        captured["key_padding_hides"] = mask_structure.key_padding_hides
-        captured["key_lengths"] = mask_structure.key_lengths
-        captured["segment_ids"] = mask_structure.segment_ids
+        masks = dict(key_padding=mask_structure.key_padding, key_padding_hides=mask_structure.key_padding_hides,
+                     key_lengths=mask_structure.key_lengths, segment_ids=mask_structure.segment_ids)
         features["mask"] = "full" if mask_structure.is_full else "analyzed"
         features["padding"] = mask_structure.key_padding is not None or mask_structure.key_lengths is not None
         features["documents"] = mask_structure.segment_ids is not None
     if reason:
-        return SiteDecision(node, reason, features, captured=captured)
+        return SiteDecision(node, reason, features, operands=operands)
     # SDPA's is_causal flag is top-left aligned; a mask-derived structure is already FA4's.
     call = AttentionCall.from_tensors(
         q, k, v, dropout_p=constants["dropout_p"] or 0.0, is_causal=bool(constants["is_causal"]),
@@ -201,76 +195,21 @@ def decide(
     if context.assume_cuda:
         call = dataclasses.replace(call, device=torch.device("cuda"))
     reason = unsupported_reason(call, context.devices, arch_major=context.arch_major)
-    if reason is None and context.mutations is not None:
-        reason = context.mutations.unsafe_read(node, [captured[name] for name in (
-            "query", "key", "value", "key_padding", "key_lengths", "segment_ids") if captured.get(name) is not None],
-            modeled, read_inputs)
-    features.update(causal=causal, window=None if window == (-1, -1) else window)
     softmax_scale = constants["scale"]
     if softmax_scale is None and reason is None:
         softmax_scale = 1.0 / math.sqrt(int(d))  # FA4 needs a static head dim: int() guards a symbolic one
-    params = dict(
-        softmax_scale=_as_float(softmax_scale), causal=causal,
-        window_left=window[0], window_right=window[1], softcap=_as_float(constants["softcap"]), seqused_k=None,
-        key_padding=captured.get("key_padding"), segment_ids=captured.get("segment_ids"),
-    )
-    return SiteDecision(node, reason, features, params, captured)
+    params = FA4Params(softmax_scale=_as_float(softmax_scale), causal=causal, window_left=window[0],
+                       window_right=window[1], softcap=_as_float(constants["softcap"]), **masks)
+    if reason is None and context.mutations is not None:
+        reason = context.mutations.unsafe_read(
+            node, [t.source for t in (query, key, value)] + list(params.mask_sources), modeled, read_inputs)
+    features.update(causal=causal, window=None if window == (-1, -1) else window)
+    return SiteDecision(node, reason, features, params if reason is None else None, operands)
 
 
-def _emit_scale(graph, scale: GraphScale) -> Node:
-    value: Any = scale.number
-    for factor in scale.factors:
-        value = call_with_meta(graph, operator.mul, (value, factor))
-    for divisor in scale.divisors:
-        value = call_with_meta(graph, operator.truediv, (value, divisor))
-    return value
-
-
-def emit_fa4(decision: SiteDecision, before: Node) -> tuple[Node, Node]:
-    """Emit the decided FA4 call before ``before``; return its (B,H,S,Dv output, logsumexp) nodes."""
-    graph = before.graph
-    captured = decision.captured
-    with graph.inserting_before(before):
-        if isinstance(decision.params["softmax_scale"], GraphScale):
-            decision.params["softmax_scale"] = _emit_scale(graph, decision.params["softmax_scale"])
-        padding = decision.params["key_padding"]
-        if padding is not None:  # a 0/1 or bool (B, S_kv) or (B, 1, 1, S_kv) input: FA4 takes bool (B, S_kv)
-            padding = call_with_meta(graph, torch.eq if captured.get("key_padding_hides") else torch.ne, (padding, 0))
-            if example_value(padding).dim() > 2:
-                padding = call_with_meta(graph, torch.flatten, (padding, 1))
-        if captured.get("key_lengths") is not None:  # (B,) lengths: keys below them are kept
-            padding = _padding_from_lengths(graph, captured["key_lengths"], captured["key"])
-        decision.params["key_padding"] = padding
-        segments = decision.params["segment_ids"]
-        if segments is not None and example_value(segments).dim() == 1:  # ids shared by every row
-            batch = _size(graph, captured["query"], 0)
-            segments = call_with_meta(graph, torch.Tensor.expand, (
-                call_with_meta(graph, torch.unsqueeze, (segments, 0)), batch, -1))
-            decision.params["segment_ids"] = segments
-        return fa4_attention(graph, captured["query"], captured["key"], captured["value"], decision.params)
-
-
-def _size(graph, node: Node, dim: int):
-    """``node``'s size along ``dim``: an int, or a graph scalar under dynamic shapes."""
-    size = example_value(node).shape[dim]
-    return size if isinstance(size, int) else call_with_meta(graph, torch.ops.aten.sym_size.int, (node, dim))
-
-
-def _padding_from_lengths(graph, lengths: Node, key: Node) -> Node:
-    """The (B, S_kv) bool mask ``arange(S_kv) < lengths[:, None]``."""
-    positions = call_with_meta(graph, torch.arange, (_size(graph, key, 2),), {"device": example_value(key).device},
-                               like=key)
-    return call_with_meta(graph, torch.lt, (call_with_meta(graph, torch.unsqueeze, (positions, 0)),
-                                            call_with_meta(graph, torch.unsqueeze, (lengths, 1))))
-
-
-def replace_with_fa4(decision: SiteDecision, output: Node) -> None:
-    """Emit the decided FA4 call before ``output``, route its users there, drop dead nodes."""
-    replace_output(decision, output, emit_fa4(decision, output)[0])
-
-
-def replace_output(decision: SiteDecision, output: Node, new: Node) -> None:
-    """Route ``output``'s users to ``new``, erase it and the nodes the decision made dead."""
-    output.replace_all_uses_with(new)
-    output.graph.erase_node(output)
-    erase_if_unused([*decision.captured["dead"], *decision.captured.get("replaced", [])])
+def _strip_repeat(operand: Operand) -> tuple[Operand, int]:
+    """:func:`strip_kv_repeat` of an operand the graph holds as it is."""
+    if operand.transposed or operand.one_head:
+        return operand, 1
+    source, repeats = strip_kv_repeat(operand.source)
+    return Operand(source), repeats

@@ -27,10 +27,10 @@ from torch.fx import Node
 
 from fa4_inductor.compile import mask_analysis, modeled_ops
 from fa4_inductor.compile.fx_utils import example_value, op_name
-from fa4_inductor.compile.emit import call_with_meta
-from fa4_inductor.compile.sites import AttentionPattern, RewriteContext, SiteDecision, register
+from fa4_inductor.compile.emit import call_with_meta, emit_fa4, replace_output, replace_with_fa4
+from fa4_inductor.compile.sites import AttentionPattern, GraphScale, Operand, RewriteContext, SiteDecision, register
 
-from .common import GraphScale, decide, emit_fa4, guarded_value, replace_output, replace_with_fa4
+from .common import decide, guarded_value
 
 # aten._safe_softmax (what SDPA's math decomposition calls) gives zeros in a row whose every score is -inf, as FA4.
 SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax, torch.ops.aten._safe_softmax,
@@ -116,8 +116,9 @@ def _is_last_two_transposed(node: Any) -> bool:
     return sorted(int(d) % rank for d in node.args[1:3]) == [rank - 2, rank - 1]
 
 
-# Casts that keep a tensor's values (up to its precision): FA4 computes scores and softmax in float32 anyway.
-_CASTS = ("to", "float", "type", "type_as", "half", "bfloat16", "double")
+# Casts to a float type keep a tensor's values (up to its precision): FA4 computes scores and softmax in float32
+# anyway. (Each use checks the result is a float: ``_is_float_cast``.)
+_CASTS = tuple(modeled_ops.DTYPE_CASTS)
 
 
 def _peel_casts(node: Any, exact_only: bool = False) -> Any:
@@ -273,7 +274,7 @@ def _peel_output(softmax: Node) -> tuple[Node, Node, float]:
     node = _single_user(probs)
     while True:
         # Casts and copies keep the probabilities and their gradient (not detach: it would cut the gradient).
-        if (_is(node, *_CASTS) and _is_float_cast(node)) or _is(node, "clone", "contiguous"):
+        if (_is(node, *_CASTS) and _is_float_cast(node)) or _is(node, *modeled_ops.COPIES):
             probs, node = node, _single_user(node)
         elif _is(node, "dropout") and not dropped:
             p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
@@ -323,29 +324,16 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
         return SiteDecision(softmax, str(exc), {})
     except NoMatch as exc:
         return SiteDecision(softmax, f"not attention: {exc}", {})
-    query, key, mask, added = scores["query"], scores["key"], scores["mask"], []
-    if key is None:  # kᵀ written some other way (permute, .mT): FA4 gets it transposed back, a view
-        key_t = scores["key_transposed"]
-        with key_t.graph.inserting_after(key_t):
-            key = call_with_meta(key_t.graph, torch.transpose, (key_t, -2, -1))
-        added.append(key)
-    if len(shape) == 3:  # (B * H, S, D) operands (bmm): one head each, as (B * H, 1, S, D)
-        with output.graph.inserting_before(output):
-            query, key, value = (call_with_meta(output.graph, torch.unsqueeze, (t, 1)) for t in (query, key, value))
-            added[:0] = [query, key, value]
-            if mask is not None and isinstance(example_value(mask), torch.Tensor) and example_value(mask).dim() == 3:
-                mask = call_with_meta(output.graph, torch.unsqueeze, (mask, 1))
-                added.insert(0, mask)
-    decision = decide(
+    one_head = len(shape) == 3  # (B * H, S, D) operands (bmm): one head each, read as (B * H, 1, S, D)
+    key = Operand(scores["key_transposed"], transposed=True, one_head=one_head) if scores["key"] is None \
+        else Operand(scores["key"], one_head=one_head)  # kᵀ written some other way (permute, .mT): transposed back
+    query, value = Operand(scores["query"], one_head=one_head), Operand(value, one_head=one_head)
+    return decide(
         output, context, query, key, value, dropout_p=dropout_p,
-        scale=scores["scale"], enable_gqa=False, attn_mask=mask, softcap=scores["softcap"],
+        scale=scores["scale"], enable_gqa=False, attn_mask=scores["mask"], softcap=scores["softcap"],
         mask_hides_where_true=scores["mask_hides_where_true"], mask_reader=scores.get("mask_reader"),
+        replaced=(softmax.args[0], key.source, value.source),
     )
-    if decision.reason:
-        for node in added:
-            node.graph.erase_node(node)
-    decision.captured["replaced"] = [softmax.args[0], key, value]
-    return decision
 
 
 def rewrite(match: Match, decision: SiteDecision) -> None:

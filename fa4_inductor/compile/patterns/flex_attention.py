@@ -20,6 +20,7 @@ mask_mod), where the lists are the mask: that site stays with FlexAttention.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 
@@ -28,14 +29,14 @@ from torch._inductor.pattern_matcher import CallFunctionVarArgs, Match
 from torch.fx import Node
 from torch.nn.attention.flex_attention import _LARGE_SPARSE_BLOCK_SIZE
 
-from fa4_inductor.compile.fx_utils import example_value
+from fa4_inductor.compile.fx_utils import example_value, tuple_reads
 
-from fa4_inductor.compile.emit import call_with_meta, erase_if_unused
+from fa4_inductor.compile.emit import call_with_meta, emit_fa4, erase_if_unused, replace_tuple_outputs
 from fa4_inductor.compile.mask_analysis import MaskStructure, NotAnalyzable, analyze_mask_mod
-from fa4_inductor.compile.sites import AttentionPattern, RewriteContext, SiteDecision, register
+from fa4_inductor.compile.sites import AttentionPattern, GraphScale, RewriteContext, SiteDecision, register
 from fa4_inductor.compile.score_mod_analysis import ScoreTransform, analyze_score_mod
 
-from .common import GraphScale, decide, emit_fa4
+from .common import decide
 
 FLEX_ATTENTION = torch.ops.higher_order.flex_attention
 _OUTPUT, _LOGSUMEXP, _MAX = range(3)
@@ -131,10 +132,10 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision:
     q, k = example_value(query), example_value(key)
     structure, transform, blocker = _analyze_mods(score_mod, block_mask, score_buffers, mask_buffers,
                                                   q.shape[-2], k.shape[-2])
-    read = {user.args[1] for user in node.users if user.target is operator.getitem}
+    read, whole = tuple_reads(node)
     if _MAX in read:
         blocker = blocker or "the caller reads the running maxima (AuxRequest(max_scores=True)), which FA4 doesn't return"
-    if any(user.target is not operator.getitem for user in node.users):
+    if whole:
         blocker = blocker or "the op's result tuple is used as a whole"
     elif _logsumexp_base(node) == "mixed":
         blocker = blocker or "the op's logsumexp is read both in base 2 and in natural log"
@@ -148,11 +149,10 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision:
         enable_gqa=bool(q.shape[1] != k.shape[1]), blocker=blocker, mask_structure=structure,
         read_inputs=[query, key, value, *score_buffers, *mask_buffers],  # not the block lists: FA4 needs none
     )
-    decision.features.update(flex_backend=kernel_options.get("BACKEND", "AUTO"),
-                             block_mask="graph input" if _lists_from_outside(block_mask) else "built in graph")
-    decision.captured["dead"] = [t for t in block_mask[2:-3] if isinstance(t, Node)]
-    decision.captured["stats_are_log2"] = _logsumexp_base(node) == "log2"
-    return decision
+    features = dict(decision.features, flex_backend=kernel_options.get("BACKEND", "AUTO"),
+                    block_mask="graph input" if _lists_from_outside(block_mask) else "built in graph")
+    operands = dataclasses.replace(decision.operands, dead=tuple(t for t in block_mask[2:-3] if isinstance(t, Node)))
+    return dataclasses.replace(decision, features=features, operands=operands)
 
 
 def rewrite(match: Match, decision: SiteDecision) -> None:
@@ -161,18 +161,15 @@ def rewrite(match: Match, decision: SiteDecision) -> None:
     node = decision.node
     graph = node.graph
     out, lse = emit_fa4(decision, node)
-    if decision.captured["stats_are_log2"] and any(user.args[1] == _LOGSUMEXP for user in node.users):
+    if _logsumexp_base(node) == "log2":
         with graph.inserting_before(node):
             lse = call_with_meta(graph, torch.mul, (lse, 1.0 / math.log(2.0)))
-    for user in list(node.users):
-        user.replace_all_uses_with(out if user.args[1] == _OUTPUT else lse)
-        graph.erase_node(user)
     _, _, _, score_mod, block_mask, _, _, _, _ = _arguments(node)
-    graph.erase_node(node)
+    replace_tuple_outputs(node, {_OUTPUT: out, _LOGSUMEXP: lse})
     for submodule in (score_mod, block_mask[-1]):
         if not submodule.users:
             graph.erase_node(submodule)
-    erase_if_unused(decision.captured["dead"])
+    erase_if_unused(list(decision.operands.dead))
 
 
 FLEX = register(AttentionPattern(

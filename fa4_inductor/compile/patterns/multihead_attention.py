@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from fa4_inductor.compile import graph_mutations
-from fa4_inductor.compile.fx_utils import example_value
-from fa4_inductor.compile.emit import call_with_meta
+from fa4_inductor.compile.fx_utils import example_value, tuple_reads
+from fa4_inductor.compile.emit import call_with_meta, replace_tuple_outputs
 from fa4_inductor.compile.mask_analysis import NotAnalyzable, analyze_mask
 from fa4_inductor.compile.sites import EXPANDED_FROM, GraphExpansion, RewriteContext, register_expansion
 
@@ -53,12 +53,12 @@ class Writer:
         return [self(operator.getitem, parts, i) for i in range(count)]
 
 
-def _blocker(call: dict[str, Any], outputs: list[Node]) -> str | None:
+def _blocker(call: dict[str, Any], node: Node) -> str | None:
     """Why the call stays one call, or None."""
-    if any(out.op != "call_function" or out.target is not operator.getitem or out.args[1] not in (0, 1)
-           for out in outputs):
+    read, whole = tuple_reads(node)
+    if whole or not read <= {0, 1}:
         return "its result is used other than as (output, weights)"
-    if any(out.args[1] == 1 and out.users for out in outputs):
+    if any(out.args[1] == 1 and out.users for out in node.users):
         return "need_weights=True and the attention weights are read: FA4 does not compute them"
     if not isinstance(call["training"], bool):
         return "training is computed in the graph"
@@ -179,8 +179,7 @@ def expand(node: Node, context: RewriteContext) -> str | None:
     bound = _SIGNATURE.bind(*node.args, **node.kwargs)
     bound.apply_defaults()
     call = dict(bound.arguments)
-    outputs = list(node.users)
-    reason = _blocker(call, outputs)
+    reason = _blocker(call, node)
     if reason is not None:
         return reason
     query = example_value(call["query"])
@@ -198,11 +197,7 @@ def expand(node: Node, context: RewriteContext) -> str | None:
     out = attention_block(w, call, heads, mask, hinted, NAME)
     if not batched:
         out = w(torch.squeeze, out, 1)
-    for user in outputs:
-        if user.args[1] == 0:
-            user.replace_all_uses_with(out)
-        node.graph.erase_node(user)
-    node.graph.erase_node(node)
+    replace_tuple_outputs(node, {0: out})
     return None
 
 

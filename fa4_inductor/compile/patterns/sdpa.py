@@ -18,7 +18,9 @@ from torch._inductor.pattern_matcher import CallFunctionVarArgs, Match
 
 from fa4_inductor.compile.sites import AttentionPattern, RewriteContext, SiteDecision, register
 
-from .common import decide, normalized_kwargs, replace_with_fa4
+from fa4_inductor.compile.emit import replace_with_fa4
+
+from .common import decide, normalized_kwargs
 
 aten = torch.ops.aten
 SDPA_TARGETS = (
@@ -32,13 +34,12 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision:
     """Decide an SDPA site."""
     node = match.output_node()
     kw = normalized_kwargs(node)
-    decision = decide(
+    return decide(
         node, context, kw["query"], kw["key"], kw["value"],
         dropout_p=kw.get("dropout_p", 0.0), is_causal=kw.get("is_causal", False),
         scale=kw.get("scale"), enable_gqa=kw.get("enable_gqa", False), attn_mask=kw.get("attn_mask"),
+        replaced=(kw["key"], kw["value"]),
     )
-    decision.captured["replaced"] = [kw["key"], kw["value"]]
-    return decision
 
 
 def rewrite(match: Match, decision: SiteDecision) -> None:

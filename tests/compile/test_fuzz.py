@@ -17,7 +17,7 @@ import torch
 import fa4_inductor
 
 from tests.compare import EXCEPTION_TEXT, assert_matches_eager, rewriting_backend
-from tests.fuzz_programs import random_programs
+from tests.compile.fuzz_programs import random_programs
 
 log = logging.getLogger(__name__)
 pytestmark = pytest.mark.usefixtures("no_compile_cache")  # every program compiled afresh

@@ -112,8 +112,8 @@ def test_triton_masking_buffer_kernel_matches_the_rules():
     fresh process): its lists against :func:`block_mask.forward_lists` / ``backward_lists``, its operands against
     the masks cast to int32 with hidden columns."""
     pytest.importorskip("triton")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-m", "tests.block_lists_check"], cwd=root,
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-m", "tests.runtime.block_lists_check"], cwd=root,
                           env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "checked" in done.stdout, done.stderr[-3000:]
 

@@ -6,7 +6,7 @@ import torch
 
 from fa4_inductor.runtime import block_mask, masking_buffer
 from fa4_inductor.runtime.block_lists_kernel import fill_masking_buffer
-from tests.test_block_mask import _padding, _segments
+from tests.runtime.test_block_mask import _padding, _segments
 
 CASES = [
     # (S_q, S_k, block, causal, left, right, padding, documents)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fa4_inductor import Report, explain, stats
 from tests.compare import EXCEPTION_TEXT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _qkv(h=4, hkv=4, d=64, dtype=torch.bfloat16):

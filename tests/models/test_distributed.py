@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
 
 def _start_two_ranks(script: str, *args: str) -> subprocess.Popen:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fa4_inductor.compile import modeled_ops
 from tests.compare import EXCEPTION_TEXT, rewriting_backend
-from tests.near_miss_programs import CONSTRUCTS, MUTATIONS, NearMiss, near_misses
+from tests.compile.near_miss_programs import CONSTRUCTS, MUTATIONS, NearMiss, near_misses
 
 log = logging.getLogger(__name__)
 pytestmark = pytest.mark.usefixtures("no_compile_cache")

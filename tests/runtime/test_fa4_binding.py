@@ -25,7 +25,7 @@ def test_the_gpu_extra_admits_the_tested_fa4_versions_and_installs_the_newest():
 
     from packaging.requirements import Requirement
 
-    extras = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    extras = tomllib.loads((pathlib.Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
     (fa4,) = [Requirement(r) for r in extras["optional-dependencies"]["gpu"] if r.startswith("flash-attn-4")]
     assert all(fa4.specifier.contains(v, prereleases=True) for v in fa4_version.TESTED_FA4_VERSIONS)
     prefix, newest = max((v.rsplit("b", 1) for v in fa4_version.TESTED_FA4_VERSIONS), key=lambda p: int(p[1]))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from tests.flex_reference import flex_reference
+from tests.compile.flex_reference import flex_reference
 
 SPELLINGS = ("sdpa", "sdpa_repeat_kv", "matmul", "matmul_div", "einsum", "prescaled_q", "whisper", "llama_ref",
              "masked_fill")

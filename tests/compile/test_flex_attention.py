@@ -18,7 +18,7 @@ from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_bloc
 import fa4_inductor
 from fa4_inductor import stats
 from tests.compare import assert_matches_eager
-from tests.flex_reference import flex_reference as reference
+from tests.compile.flex_reference import flex_reference as reference
 
 pytestmark = pytest.mark.usefixtures("no_compile_cache")
 

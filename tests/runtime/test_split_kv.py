@@ -73,9 +73,9 @@ def test_split_and_merge_equal_unsplit_attention():
     """The merge is a Triton kernel: run in Triton's interpreter on CPU, which must be chosen before
     Triton is imported, so in a fresh process."""
     pytest.importorskip("triton")
-    code = ("import tests.test_split_kv as t\n"
+    code = ("import tests.runtime.test_split_kv as t\n"
             f"for case in {MERGE_CASES!r}:\n    t.check_split_and_merge(*case)\nprint('merged', len({MERGE_CASES!r}))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, TRITON_INTERPRET="1"),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "merged 4" in done.stdout, done.stderr[-3000:]
