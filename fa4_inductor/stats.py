@@ -67,6 +67,20 @@ def record_eager(decision: str, op: str, reason: str | None = None) -> None:
     (log.info if first else log.debug)("eager %s -> stock kernel: %s", op, reason)
 
 
+def count_data_mask(served: bool, reason: str | None, remembered: bool) -> None:
+    """Count one call whose mask is data: run on FA4 or on the dense route (the reason logged once), and whether
+    its verdict was remembered or read from the mask (a host sync)."""
+    with _lock:
+        counters["data_mask.fa4" if served else "data_mask.pytorch"] += 1
+        counters["data_mask.remembered" if remembered else "data_mask.read"] += 1
+        if served:
+            return
+        fallback_reasons[("fa4.flash_attn_data_mask", reason)] += 1
+        first = ("data_mask", reason) not in _logged_reasons
+        _logged_reasons.add(("data_mask", reason))
+    (log.info if first else log.debug)("a mask given as data -> dense attention: %s", reason)
+
+
 def record_site(record: SiteRecord) -> None:
     """Keep a compiled site's record, count it and log the decision."""
     with _lock:

@@ -146,6 +146,11 @@ def _data_mask(keep=None, documents=None):
 
 
 _DATA_MASK = torch.rand(S, S) > 0.5
+_LEARNED_BIAS = torch.nn.Parameter(torch.zeros(H, S, S, dtype=torch.bfloat16))
+
+
+def _learned_bias(keep=None, documents=None):
+    return _LEARNED_BIAS
 
 FEATURES = (
     Feature("no mask", lambda: _sdpa(), lambda: _manual(), lambda: _mha(), lambda: _flex()),
@@ -168,6 +173,7 @@ FEATURES = (
     Feature("ALiBi bias", lambda: _sdpa(_alibi), lambda: _manual(bias=_alibi), None, _flex_alibi),
     Feature("mask given as data", lambda: _sdpa(_data_mask), lambda: _manual(_data_mask),
             lambda: _mha(lambda: _DATA_MASK), None),
+    Feature("learned bias", lambda: _sdpa(_learned_bias), lambda: _manual(bias=lambda: _LEARNED_BIAS), None, None),
 )
 CONSTRUCTS = {"sdpa": "`F.scaled_dot_product_attention`", "hand_written": "`softmax(q @ kᵀ · s) @ v`",
               "multihead": "`nn.MultiheadAttention`", "flex": "`flex_attention`"}
@@ -175,7 +181,7 @@ CONSTRUCTS = {"sdpa": "`F.scaled_dot_product_attention`", "hand_written": "`soft
 # Reason texts grouped into the classes a reader scans for.
 _REASON_CLASSES = (
     (r"dropout", "dropout"),
-    (r"the mask reads '", "mask is data"),
+    (r"needs a gradient", "bias needs a gradient"),
     (r"score_mod", "score_mod"),
     (r"mask", "mask not FA4's"),
 )
@@ -193,7 +199,8 @@ def cell(program: Callable | None) -> str:
     torch._dynamo.reset()
     records = fa4_inductor.explain(program(), arch="sm90").records
     if records and all(r.decision == "fa4" for r in records):
-        return "FA4"
+        return "checked at run time" if any(r.features.get("mask") == "data, checked at run time"
+                                                 for r in records) else "FA4"
     if not records:
         return "PyTorch: not in the graph"  # Dynamo ran the call outside the graph (a graph break)
     return "PyTorch: " + ", ".join(sorted({_reason_class(r.reason) for r in records if r.decision != "fa4"}))

@@ -164,11 +164,25 @@ def fa4_arguments(graph: Graph, params: FA4Params, query: Node, key: Node) -> di
                 segment_ids=segments)
 
 
+def _data_mask_attention(graph: Graph, query: Node, key: Node, value: Node, params: FA4Params) -> tuple[Node, Node]:
+    """``fa4.flash_attn_data_mask`` on B,H,S,D nodes: (out B,H,S,Dv, lse)."""
+    scale = _emit_scale(graph, params.softmax_scale) if isinstance(params.softmax_scale, GraphScale) \
+        else params.softmax_scale
+    q, k, v = (call_with_meta(graph, torch.transpose, (t, 1, 2)) for t in (query, key, value))
+    result = call_with_meta(graph, torch.ops.fa4.flash_attn_data_mask.default, (q, k, v, params.data_mask, scale),
+                            {"softcap": params.softcap, "mask_hides": params.data_mask_hides})
+    out_bshd = call_with_meta(graph, operator.getitem, (result, 0))
+    lse = call_with_meta(graph, operator.getitem, (result, 1))
+    return call_with_meta(graph, torch.transpose, (out_bshd, 1, 2)), lse
+
+
 def emit_fa4(decision: SiteDecision, before: Node) -> tuple[Node, Node]:
     """Write the decided FA4 call before ``before``; return its (B,H,S,Dv output, logsumexp) nodes."""
     graph, operands = before.graph, decision.operands
     with graph.inserting_before(before):
         query, key, value = (_operand(graph, t) for t in (operands.query, operands.key, operands.value))
+        if decision.params.data_mask is not None:
+            return _data_mask_attention(graph, query, key, value, decision.params)
         return fa4_attention(graph, query, key, value, fa4_arguments(graph, decision.params, query, key))
 
 

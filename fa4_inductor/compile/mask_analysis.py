@@ -49,6 +49,11 @@ class NotAnalyzable(Exception):
     """The mask uses something this analysis does not model (message says what)."""
 
 
+class ReadsData(NotAnalyzable):
+    """The mask depends on the values of a tensor in a way compile time can't decide (a dense mask given as an
+    input, a buffer, a lookup at other indices than [batch, kv_idx]): its values can be read at run time."""
+
+
 @dataclasses.dataclass(frozen=True)
 class IndexTensor:
     """A tensor given by a formula of its axis indices ``x0, x1, ...``.
@@ -304,7 +309,7 @@ class _Evaluator:
                 return example
             if isinstance(example, torch.Tensor) and example.dim() >= 1:
                 return self._input_lookup(node, example)
-            raise NotAnalyzable(f"the mask reads the tensor input '{node.name}' of shape {tuple(example.shape)}")
+            raise ReadsData(f"the mask reads the tensor input '{node.name}' of shape {tuple(example.shape)}")
         if node.op not in ("call_function", "call_method"):
             raise NotAnalyzable(f"unsupported node {node.op} {node.target}")
         if isinstance(example, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float)):
@@ -377,15 +382,15 @@ class _Evaluator:
         a decoding step's mask is, where every middle axis has size 1; a 1-D integer tensor as ``source[axis]``."""
         if example.dim() == 1:
             if example.is_floating_point() or example.is_complex() or example.dtype == torch.bool:
-                raise NotAnalyzable(f"the mask reads the 1-D {example.dtype} tensor '{node.name}'")
+                raise ReadsData(f"the mask reads the 1-D {example.dtype} tensor '{node.name}'")
             self.lookup_sources[node.name] = node
             return IndexTensor(VectorLookup(sympy.Symbol(node.name), _axis(0)), 1, shape=tuple(example.shape))
         middle = example.shape[1:-1]
         if not all(statically_known_true(size == 1) for size in middle):
-            raise NotAnalyzable(f"the mask reads the tensor input '{node.name}' of shape {tuple(example.shape)}, "
+            raise ReadsData(f"the mask reads the tensor input '{node.name}' of shape {tuple(example.shape)}, "
                                 "a dense mask (FA4 takes masks that vary along batch and keys only)")
         if example.is_floating_point() or example.is_complex():
-            raise NotAnalyzable(f"the mask reads the {example.dtype} tensor '{node.name}'")
+            raise ReadsData(f"the mask reads the {example.dtype} tensor '{node.name}'")
         self.lookup_sources[node.name] = node
         ndim = example.dim()
         kind = TensorLookup if example.dtype == torch.bool else ValueLookup
@@ -561,7 +566,7 @@ class _Evaluator:
     def _gather(value, index):
         """``value[t0, t1, ...]`` with one index tensor per axis (advanced indexing)."""
         if not isinstance(value, IndexTensor) or len(index) != value.ndim:
-            raise NotAnalyzable("the mask gathers with an index per axis only from index tensors")
+            raise ReadsData("the mask gathers with an index tensor")
         if not all(isinstance(i, IndexTensor) for i in index):
             raise NotAnalyzable("the mask gathers with something other than index arithmetic")
         if any(i.additive or _is_boolean(i.expr) for i in index):
@@ -843,7 +848,7 @@ def _structure_of(expr, lookup_sources: dict[str, Node], q_len, kv_len) -> MaskS
     if key_lengths is not None and key_padding is not None:
         raise NotAnalyzable("the mask bounds the keys both by lengths and by a padding lookup")
     if expr.atoms(ValueLookup, VectorLookup):
-        raise NotAnalyzable("the mask uses the values of a tensor in a way FA4 can't express "
+        raise ReadsData("the mask uses the values of a tensor in a way FA4 can't express "
                             "(only seg[batch, q_idx] == seg[batch, kv_idx] document masks and "
                             "kv_idx < lengths[batch])")
     expr = sympy.simplify_logic(expr) if expr.has(sympy.Or, sympy.Not) else expr
@@ -1074,15 +1079,15 @@ def _key_padding(expr, sources: dict[str, Node], kv_len) -> tuple[Any, Node | No
     if not lookups:
         return expr, None
     if len(lookups) > 1:
-        raise NotAnalyzable("the mask reads more than one tensor lookup")
+        raise ReadsData("the mask reads more than one tensor lookup")
     (lookup,) = lookups
     name, first, second = lookup.args
     source = sources[str(name)]
     if first == 0 and second == _J and not _is_one(kv_len):
-        raise NotAnalyzable(f"the padding mask '{name}' has one row, broadcast to every batch row (FA4's key padding "
+        raise ReadsData(f"the padding mask '{name}' has one row, broadcast to every batch row (FA4's key padding "
                             "takes a row per batch row)")
     if first != _B or second != _J:
-        raise NotAnalyzable(f"the mask reads '{name}' at [{first}, {second}], not [batch, kv_idx]")
+        raise ReadsData(f"the mask reads '{name}' at [{first}, {second}], not [batch, kv_idx]")
     columns = _example(source).shape[-1]
     # Under dynamic shapes the mask's width and the keys' length are separate symbols, equal
     # whenever the model runs; a guard makes the compiled graph conditional on that.

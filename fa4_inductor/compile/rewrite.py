@@ -19,6 +19,7 @@ from torch._inductor.pattern_matcher import Match, PatternMatcherPass, register_
 
 from fa4_inductor import stats
 from fa4_inductor.compile import graph_mutations
+from fa4_inductor.compile.fx_utils import example_value, op_name
 from fa4_inductor.compile import patterns  # noqa: F401  (registers the built-in patterns and expansions)
 from fa4_inductor.compile.sites import (EXPANDED_FROM, AttentionPattern, RewriteContext, SiteDecision,
                                         registered_expansions, registered_patterns)
@@ -123,6 +124,33 @@ def _expand(graph: torch.fx.Graph, context: RewriteContext) -> None:
             _record(expansion.name, SiteDecision(node, reason, {}), context, node)
 
 
+_SOFTMAX_NAMES = {"softmax", "_softmax", "_safe_softmax", "log_softmax"}
+
+
+def _over_scores(softmax: torch.fx.Node) -> bool:
+    """Could the softmax be attention's: over a tensor of 3 or more axes (batch, queries, keys)? A classifier's or a
+    router's softmax is over 2."""
+    value = example_value(softmax)
+    return isinstance(value, torch.Tensor) and value.dim() >= 3
+
+
+def _unreported_softmaxes(graph: torch.fx.Graph, context: RewriteContext) -> list[stats.SiteRecord]:
+    """A fallback record for every softmax over scores (3 or more axes) that no pattern decided: no attention is
+    left on PyTorch without the user being told."""
+    decided = {r.anchor or r.node for r in context.records}
+    records = []
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method") and op_name(node) in _SOFTMAX_NAMES \
+                and node.name not in decided and _over_scores(node):
+            location, module_path = source_location(node)
+            records.append(stats.SiteRecord(
+                graph=context.graph_name, node=node.name, target="softmax", pattern=None, decision="fallback",
+                reason=f"softmax over a {tuple(example_value(node).shape)} tensor that no attention pattern matched "
+                       "(not q @ kᵀ → softmax → @ v as the patterns read it): left as written",
+                location=location, module_path=module_path, features={}))
+    return records
+
+
 def rewrite_graph(graph: torch.fx.Graph, context: RewriteContext) -> list[stats.SiteRecord]:
     """Apply every registered pattern to ``graph``; return the site records."""
     context.graph_name = f"{context.graph_name}_{next(_graph_ids)}"
@@ -134,6 +162,7 @@ def rewrite_graph(graph: torch.fx.Graph, context: RewriteContext) -> list[stats.
         _pattern_pass(tuple(registered_patterns())).apply(graph)
     finally:
         _current.reset(token)
+    context.records.extend(_unreported_softmaxes(graph, context))
     context.records.sort(key=lambda r: order.get(r.node, len(order)))
     if context.publish:
         for record in context.records:

@@ -79,11 +79,16 @@ class FA4Params:
     key_padding_hides: bool = False
     key_lengths: Node | None = None
     segment_ids: Node | None = None
+    # A mask given as data, decided at run time (``fa4.flash_attn_data_mask``); True in a bool one hides with
+    # ``data_mask_hides``.
+    data_mask: Node | None = None
+    data_mask_hides: bool = False
 
     @property
     def mask_sources(self) -> tuple[Node, ...]:
         """The graph tensors the call reads its masks from."""
-        return tuple(n for n in (self.key_padding, self.key_lengths, self.segment_ids) if n is not None)
+        return tuple(n for n in (self.key_padding, self.key_lengths, self.segment_ids, self.data_mask)
+                     if n is not None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,8 +6,8 @@ collected, and the graph that runs is the original one (stock kernels, no
 Inductor compile), so explaining is quick and launches no FA4 kernel.
 ``arch="sm90"`` judges every site as if it ran on that GPU, also on a
 machine without one; ``arch=None`` judges the tensors' real devices with
-the routing of ``devices``. Softmax calls left in a graph after the rewrite
-are reported as attention-like sites no pattern matched.
+the routing of ``devices``. A softmax over matrix-product scores that no
+pattern decided is reported too (the compile pass records it).
 """
 
 from __future__ import annotations
@@ -28,11 +28,8 @@ from fa4_inductor.compile import graph_dump
 
 from fa4_inductor import stats
 from fa4_inductor.compile.sites import RewriteContext
-from fa4_inductor.compile.rewrite import rewrite_graph, source_location
+from fa4_inductor.compile.rewrite import rewrite_graph
 from fa4_inductor.stats import SiteRecord
-
-_SOFTMAX = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
-
 
 def _arch_major(arch: str | None) -> int | None:
     if arch is None:
@@ -91,23 +88,6 @@ class Report:
         return "\n".join(lines)
 
 
-def _unmatched_softmax_records(graph: torch.fx.Graph, graph_name: str, known: set[str]) -> list[SiteRecord]:
-    records = []
-    for node in graph.nodes:
-        if node.name in known:
-            continue
-        is_softmax = (node.op == "call_function" and node.target in _SOFTMAX) or \
-            (node.op == "call_method" and node.target == "softmax")
-        if is_softmax:
-            location, module_path = source_location(node)
-            records.append(SiteRecord(
-                graph=graph_name, node=node.name, target="softmax", pattern=None, decision="fallback",
-                reason="softmax that no attention pattern matched", location=location,
-                module_path=module_path, features={},
-            ))
-    return records
-
-
 def runtime_notes() -> list[str]:
     """What a report should say about how FA4 calls run in this process: launch plans off, and why; launch plans
     whose first replay disagreed with FA4 (those calls run FA4's entry point)."""
@@ -133,7 +113,6 @@ def explain(model_or_fn, *args, arch: str | None = "sm90", devices=("cuda", "cpu
         context = RewriteContext(devices=tuple(devices), arch_major=arch_major, assume_cuda=arch is not None,
                                  graph_name="explain", publish=False)
         records = rewrite_graph(gm.graph, context)
-        records += _unmatched_softmax_records(gm.graph, context.graph_name, {r.anchor or r.node for r in records})
         gm.recompile()
         report.records.extend(records)
         report.graphs.append(graph_dump.GraphDump(context.graph_name, before, graph_dump.graph_code(gm.graph)))

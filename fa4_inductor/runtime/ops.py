@@ -45,7 +45,7 @@ import torch
 from fa4_inductor import config
 from torch import Tensor
 
-from fa4_inductor.runtime import fa4_call, fa4_binding, mask_routes, native, reference
+from fa4_inductor.runtime import data_mask, fa4_call, fa4_binding, mask_routes, native, reference
 from fa4_inductor._torch_private import empty_contiguous
 from fa4_inductor.runtime.support import FA4_DTYPES
 
@@ -115,6 +115,16 @@ _library.define(f"_flash_attn_fwd_python(Tensor q, Tensor k, Tensor v, {_ARGS}) 
 _BACKWARD_SCHEMA = (f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_ARGS}, "
                     "Tensor? masking_buffer=None) -> (Tensor, Tensor, Tensor)")
 _library.define(f"flash_attn_bwd{_BACKWARD_SCHEMA}", tags=_TAGS)
+# Attention whose mask is a tensor of data (runtime/data_mask.py): FA4 where the mask's values are a mask FA4
+# expresses, decided per call; dense math on the mask otherwise. ``mask`` is bool (True keeps, or hides with
+# ``mask_hides``) or additive, broadcastable to (B, H, S_q, S_kv).
+_DATA_MASK_ARGS = "Tensor mask, float softmax_scale, float softcap=0.0, bool mask_hides=False"
+_library.define(f"flash_attn_data_mask(Tensor q, Tensor k, Tensor v, {_DATA_MASK_ARGS}) -> (Tensor, Tensor)",
+                tags=_TAGS)
+_library.define(f"flash_attn_data_mask_kernel(Tensor q, Tensor k, Tensor v, {_DATA_MASK_ARGS}) -> (Tensor, Tensor)",
+                tags=_TAGS)
+_library.define(f"flash_attn_data_mask_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+                f"{_DATA_MASK_ARGS}) -> (Tensor, Tensor, Tensor)", tags=_TAGS)
 # The Python kernel behind the native backward launcher: it serves the calls the launcher has no plan for.
 _library.define(f"_flash_attn_bwd_python{_BACKWARD_SCHEMA}")
 
@@ -149,6 +159,50 @@ class _FlashAttention(torch.autograd.Function):
         dq, dk, dv = torch.ops.fa4.flash_attn_bwd.default(dout, q, k, v, out, lse, *ctx.params, seqused_k,
                                                            key_padding, segment_ids, masking_buffer)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+class _DataMaskAttention(torch.autograd.Function):
+    """Forward on ``flash_attn_data_mask_kernel``, backward on ``flash_attn_data_mask_bwd``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, softmax_scale, softcap, mask_hides):
+        out, lse = torch.ops.fa4.flash_attn_data_mask_kernel.default(q, k, v, mask, softmax_scale, softcap,
+                                                                     mask_hides)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.params = (softmax_scale, softcap, mask_hides)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.fa4.flash_attn_data_mask_bwd.default(dout, q, k, v, out, lse, mask, *ctx.params)
+        return dq, dk, dv, None, None, None, None
+
+
+def flash_attn_data_mask(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, softmax_scale: float, softcap: float = 0.0,
+                         mask_hides: bool = False) -> tuple[Tensor, Tensor]:
+    """Attention on B,S,H,D tensors under a mask given as data; returns (out, lse); differentiable in q, k, v."""
+    _validate(q, k, v, None)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _DataMaskAttention.apply(q, k, v, mask, softmax_scale, softcap, mask_hides)
+    return torch.ops.fa4.flash_attn_data_mask_kernel.default(q, k, v, mask, softmax_scale, softcap, mask_hides)
+
+
+def _data_mask_forward_fake(q, k, v, mask, softmax_scale, softcap=0.0, mask_hides=False):
+    _validate(q, k, v, None)
+    batch, seqlen_q, heads = q.shape[:3]
+    return q.new_empty((batch, seqlen_q, heads, v.shape[-1])), q.new_empty((batch, heads, seqlen_q),
+                                                                           dtype=torch.float32)
+
+
+def _data_mask_backward_fake(dout, q, k, v, out, lse, mask, softmax_scale, softcap=0.0, mask_hides=False):
+    return tuple(fa4_call.gradient_like(t) for t in (q, k, v))
+
+
+def _data_mask_backward(dout, q, k, v, out, lse, mask, softmax_scale, softcap=0.0, mask_hides=False):
+    grads = data_mask.backward(dout, q, k, v, out, lse, mask, softmax_scale, softcap, mask_hides)
+    return tuple(fa4_call.gradient_like(t).copy_(g) for t, g in zip((q, k, v), grads))
 
 
 def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, causal: bool = False,
@@ -306,3 +360,9 @@ torch.library.register_fake(f"{_OP_NS}::flash_attn_fwd_kernel", _forward_kernel_
 torch.library.register_fake(f"{_OP_NS}::masking_buffer", _masking_buffer_fake, lib=_library)
 torch.library.register_fake(f"{_OP_NS}::flash_attn_fwd_masked_kernel", _masked_forward_kernel_fake, lib=_library)
 torch.library.register_fake(f"{_OP_NS}::flash_attn_bwd", _backward_kernel_fake, lib=_library)
+_library.impl("flash_attn_data_mask", flash_attn_data_mask, "CompositeImplicitAutograd")
+for _device in ("CPU", "CUDA"):
+    _library.impl("flash_attn_data_mask_kernel", data_mask.forward, _device)
+    _library.impl("flash_attn_data_mask_bwd", _data_mask_backward, _device)
+torch.library.register_fake(f"{_OP_NS}::flash_attn_data_mask_kernel", _data_mask_forward_fake, lib=_library)
+torch.library.register_fake(f"{_OP_NS}::flash_attn_data_mask_bwd", _data_mask_backward_fake, lib=_library)

@@ -106,13 +106,15 @@ def test_fallback_leaves_stock_sdpa_and_records_reason(model_kwargs, dtype, reas
     assert stats.counters["compile.fa4"] == 0
 
 
-def test_mask_falls_back_until_mask_analysis():
+def test_a_mask_input_is_checked_at_run_time():
+    """A mask passed in is data: compile time can't prove it, the call reads it (here all True: FA4, no mask)."""
     def fn(q, k, v, mask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     q = torch.randn(1, 2, 8, 16, dtype=torch.bfloat16)
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
         torch.compile(fn)(q, q, q, torch.ones(8, 8, dtype=torch.bool))
-    assert "attn_mask" in stats.site_records()[0].reason
+    assert stats.site_records()[0].features["mask"] == "data, checked at run time"
+    assert stats.counters["data_mask.fa4"] == 1
 
 
 def test_cpu_not_routed_means_no_rewrite():

@@ -190,20 +190,41 @@ def test_boolean_mask_laid_over_a_zero_or_causal_bias_is_key_padding(name):
     assert record.features["padding"] and record.features["causal"] == causal
 
 
-def test_boolean_mask_laid_over_a_learned_bias_falls_back():
+def test_boolean_mask_laid_over_a_bias_tensor_takes_pytorchs_route_at_run_time():
+    """A bias tensor under a padding mask: data, read at run time, where its values are no FA4 mask."""
     bias, pad = torch.randn(1, H, S, S, dtype=torch.bfloat16), _padding()
 
     def fn(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(
             pad[:, None, None, :], bias * 2, torch.finfo(q.dtype).min))
+    record = _check(fn, *_qkv())
+    assert record.features["mask"] == "data, checked at run time"
+    assert stats.counters["data_mask.pytorch"] >= 1 and stats.counters["data_mask.fa4"] == 0
+
+
+def test_a_learned_bias_stays_pytorchs_saying_it_needs_a_gradient():
+    bias = torch.nn.Parameter(torch.randn(1, H, S, S, dtype=torch.bfloat16))
+
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     record = _check(fn, *_qkv(), expect_fa4=False)
-    assert "not expressible" in record.reason
+    assert "needs a gradient" in record.reason, record.reason
+
+
+@pytest.mark.parametrize("build, pad", [
+    (lambda i, j, pad: pad[:, None, :, None], _padding()),  # padding along the queries
+    (lambda i, j, pad: pad[:, None], torch.rand(B, S, S) > 0.5),  # a dense (B, S, S) mask
+])
+def test_masks_read_from_data_are_checked_at_run_time(build, pad):
+    def fn(q, k, v):
+        i, j = _idx(q.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=build(i, j, pad))
+    record = _check(fn, *_qkv())
+    assert record.features["mask"] == "data, checked at run time"
 
 
 @pytest.mark.parametrize("build, pad, reason", [
     (lambda i, j, pad: (j <= i) | pad[:, None, None, :], torch.ones(B, S, dtype=torch.bool), "not and-ed"),
-    (lambda i, j, pad: pad[:, None, :, None], torch.ones(B, S, dtype=torch.bool), "not [batch, kv_idx]"),
-    (lambda i, j, pad: pad[:, None], torch.ones(B, S, S, dtype=torch.bool), "a dense mask"),
     (lambda i, j, pad: pad.view(B * S).view(B, 1, 1, S), torch.ones(B, S, dtype=torch.bool),
      "only adding or removing axes of size 1"),
 ])

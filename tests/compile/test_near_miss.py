@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fa4_inductor import stats
 from fa4_inductor.compile import modeled_ops
 from tests.compare import EXCEPTION_TEXT, rewriting_backend
 from tests.compile.near_miss_programs import CONSTRUCTS, MUTATIONS, NearMiss, near_misses
@@ -228,13 +229,16 @@ def test_a_padding_mask_compared_with_true_and_or_ed_with_causal_stays_exact():
     assert record.decision == "fallback", record
 
 
-def test_a_padding_row_broadcast_over_the_batch_says_so():
+def test_a_padding_row_broadcast_over_the_batch_is_checked_at_run_time():
+    """One padding row for the whole batch: no compile-time key padding (FA4's has a row per batch row), so its
+    values are read at run time, where that row is every row's key padding."""
     pad = _padding()[-1:]
 
     def fn(q, k, v, pad):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=pad[:, None, None, :])
     (record,) = _assert_exact_or_reasoned(fn, _leaves(), (pad,))
-    assert record.decision == "fallback" and "one row" in record.reason, record.reason
+    assert record.decision == "fa4" and record.features["mask"] == "data, checked at run time", record
+    assert stats.counters["data_mask.fa4"] >= 1 and stats.counters["data_mask.pytorch"] == 0
 
 
 @pytest.mark.parametrize("name, build, words", [

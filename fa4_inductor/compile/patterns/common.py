@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 from torch.fx.operator_schemas import normalize_function
 
 from fa4_inductor.compile.fx_utils import example_value, op_name
 
-from fa4_inductor.compile.mask_analysis import MaskStructure, NotAnalyzable, analyze_mask
+from fa4_inductor.compile.mask_analysis import MaskStructure, NotAnalyzable, ReadsData, analyze_mask
 from fa4_inductor.compile.sites import FA4Params, GraphScale, Operand, RewriteContext, SiteDecision, SiteOperands
 from fa4_inductor.runtime.support import AttentionCall, is_dtensor, unsupported_reason
 
@@ -32,19 +32,31 @@ def normalized_kwargs(node: Node) -> dict[str, Any]:
 def strip_kv_repeat(node: Node) -> tuple[Node, int]:
     """See through a GQA repeat of K or V; return (un-repeated node, repeat factor).
 
-    Recognizes ``repeat_kv`` (``x[:, :, None].expand(B, Hkv, r, S, D).reshape(B, Hkv * r, S, D)``,
-    also written with ``unsqueeze(2)``) and ``repeat_interleave(r, dim=1)``. Returns
-    ``(node, 1)`` for anything else.
+    Recognizes ``repeat_kv`` (``x[:, :, None].expand(B, Hkv, r, S, D).reshape(B, Hkv * r, S, D)``, also written
+    with ``unsqueeze(2)``, ``view``, a ``contiguous()`` before it, or ``flatten(1, 2)``) and
+    ``repeat_interleave(r, dim=1)`` (``r`` a graph scalar too, under dynamic shapes). Each puts copy ``i`` of head
+    ``j`` at ``j * r + i``, which is FA4's GQA mapping. Returns ``(node, 1)`` for anything else.
     """
     if op_name(node) == "repeat_interleave":
         source, repeats = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-        if isinstance(source, Node) and isinstance(repeats, int) and dim == 1:
+        if isinstance(repeats, Node) and isinstance(example_value(repeats), torch.SymInt):
+            # A count the graph computes (``q.shape[1] // k.shape[1]``): FA4's mapping holds for any count, so its
+            # current value serves for the report, unguarded.
+            repeats = example_value(repeats).node.hint
+        source_value = example_value(source) if isinstance(source, Node) else None
+        if isinstance(repeats, int) and dim in (1, -3) and isinstance(source_value, torch.Tensor) \
+                and source_value.dim() == 4:
             return source, repeats
         return node, 1
-    if op_name(node) not in ("reshape", "view"):
+    if op_name(node) == "flatten" and tuple(node.args[1:3]) == (1, 2) and not node.kwargs:
+        expanded = node.args[0]
+    elif op_name(node) in ("reshape", "view"):
+        expanded = node.args[0]
+    else:
         return node, 1
-    expanded = node.args[0]
+    if op_name(expanded) == "contiguous" and len(expanded.args) == 1 and not expanded.kwargs:
+        expanded = expanded.args[0]
     if op_name(expanded) != "expand":
         return node, 1
     inserted = expanded.args[0]
@@ -165,7 +177,7 @@ def decide(
                                          guard_ok=name == "dropout_p")
         reason = reason or bad
     causal, window = bool(constants["is_causal"]), (-1, -1)
-    modeled = None
+    modeled, data_mask = None, {}
     if attn_mask is not None and reason is None:
         try:
             mask_structure, mask_nodes, modeled = analyze_mask(
@@ -173,9 +185,16 @@ def decide(
                 heads=q.shape[1], one_head=query.one_head,
                 reader=mask_reader or node, mutations=context.mutations)
             operands = dataclasses.replace(operands, dead=(attn_mask, *mask_nodes))
+        except ReadsData as exc:
+            blocked = _data_mask_blocker(attn_mask, q, k, query.one_head, constants["is_causal"])
+            if blocked:
+                reason = f"attn_mask not expressible in FA4: {exc}; as data: {blocked}"
+            else:
+                data_mask = dict(data_mask=attn_mask, data_mask_hides=mask_hides_where_true)
+                features["mask"] = "data, checked at run time"
         except NotAnalyzable as exc:
             reason = f"attn_mask not expressible in FA4: {exc}"
-    masks = {}
+    masks = data_mask
     if mask_structure is not None and reason is None:
         causal, window = mask_structure.causal, (mask_structure.window_left, mask_structure.window_right)
         if constants["is_causal"]:  # SDPA applies both: the mask and-ed with the causal triangle (S_q == S_kv)
@@ -205,6 +224,28 @@ def decide(
             node, [t.source for t in (query, key, value)] + list(params.mask_sources), modeled, read_inputs)
     features.update(causal=causal, window=None if window == (-1, -1) else window)
     return SiteDecision(node, reason, features, params if reason is None else None, operands)
+
+
+def _data_mask_blocker(mask: Node, q, k, one_head: bool, is_causal) -> str | None:
+    """Why a mask given as data can't be decided at run time here, or None."""
+    value = example_value(mask)
+    if is_causal:
+        return "is_causal=True as well (SDPA would and the two)"
+    if one_head:
+        return "the attention is written over (B * H, S, D), so the mask's axes are not FA4's"
+    if not isinstance(value, torch.Tensor) or not (value.dtype == torch.bool or value.is_floating_point()):
+        return "it is not a bool or float tensor"
+    if value.requires_grad:
+        return "it needs a gradient (a learned bias), which the attention kernels do not give"
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if value.dim() > 4 or not all(statically_known_true(size == 1) or statically_known_true(size == want)
+                                  for size, want in zip(reversed(value.shape), reversed(target))):
+        return f"its shape {_shape_text(value)} does not broadcast to (B, H, S_q, S_kv) = {_shape_text_of(target)}"
+    return None
+
+
+def _shape_text_of(sizes) -> str:
+    return "(" + ", ".join(str(s) for s in sizes) + ")"
 
 
 def _strip_repeat(operand: Operand) -> tuple[Operand, int]:

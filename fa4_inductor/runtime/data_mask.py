@@ -1,0 +1,83 @@
+"""The kernels of ``fa4.flash_attn_data_mask``: attention whose mask is a tensor of data, routed per call.
+
+The mask's verdict (:mod:`.mask_verdict`, remembered per tensor version) sends a call to FA4 with the causal,
+window and key-padding parameters its values are, or to PyTorch's SDPA on the mask itself when they are not a mask
+FA4 expresses. Under CUDA-graph capture, which can't read the mask, a call takes PyTorch's route: a captured graph
+is replayed with whatever values the mask holds then. A backward takes its forward's route (remembered by the
+forward's logsumexp tensor), or PyTorch's, recomputed, when that is not known; PyTorch's route needs neither the
+forward's output nor its logsumexp, so every backward is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fa4_inductor import stats
+from fa4_inductor.runtime.mask_verdict import CACHE, MaskVerdict, TensorKeyed, kept_keys
+
+_CAPTURED = MaskVerdict(False, "CUDA-graph capture: the mask's values can't be read while capturing")
+# The route each forward took, by its logsumexp tensor (which the backward receives).
+_ROUTES = TensorKeyed()
+
+
+def route(q: Tensor, k: Tensor, mask: Tensor, mask_hides: bool) -> MaskVerdict:
+    """The verdict for this call (counted: served or not, and whether the mask was read)."""
+    if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        decided, remembered = _CAPTURED, True
+    else:
+        decided, remembered = CACHE.verdict(mask, mask_hides, q.shape[0], q.shape[1], k.shape[1])
+    stats.count_data_mask(decided.served, decided.reason, remembered)
+    return decided
+
+
+def _pytorch_attention(q, k, v, mask, softmax_scale, softcap, mask_hides) -> Tensor:
+    """PyTorch's attention under the mask itself, B,S,H,D in and out (differentiable)."""
+    if mask.dtype == torch.bool:
+        keep, _ = kept_keys(mask, mask_hides)
+        bias = keep if not softcap else torch.zeros(keep.shape, device=q.device).masked_fill(~keep, float("-inf"))
+    else:
+        bias = mask.to(q.dtype) if not softcap else mask.float()
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    if not softcap:
+        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=softmax_scale,
+                                              enable_gqa=True).transpose(1, 2)
+    group = q.shape[2] // k.shape[2]
+    scores = qh.float() @ kh.float().repeat_interleave(group, 1).transpose(-1, -2) * softmax_scale
+    scores = softcap * torch.tanh(scores / softcap) + bias
+    probs = torch.softmax(scores, dim=-1)
+    return (probs @ vh.float().repeat_interleave(group, 1)).to(q.dtype).transpose(1, 2)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, softmax_scale: float, softcap: float = 0.0,
+            mask_hides: bool = False) -> tuple[Tensor, Tensor]:
+    """(out, lse) of attention under ``mask`` on B,S,H,D tensors, on FA4 where the mask's values let it (on
+    PyTorch's route, lse is NaN: no backward reads it)."""
+    decided = route(q, k, mask, mask_hides)
+    if decided.served:
+        out, lse = torch.ops.fa4.flash_attn_fwd_kernel.default(
+            q, k, v, softmax_scale, decided.causal, decided.window_left, decided.window_right, softcap, None,
+            decided.key_padding, None)
+    else:
+        out = _pytorch_attention(q, k, v, mask, softmax_scale, softcap, mask_hides).contiguous()
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), device=q.device)
+    _ROUTES.put(lse, decided)
+    return out, lse
+
+
+def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor,
+             softmax_scale: float, softcap: float = 0.0, mask_hides: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of :func:`forward`."""
+    decided = _ROUTES.get(lse)
+    if decided is not None and decided.served:
+        stats.count_data_mask(True, None, True)
+        return torch.ops.fa4.flash_attn_bwd.default(
+            dout, q, k, v, out, lse, softmax_scale, decided.causal, decided.window_left, decided.window_right,
+            softcap, None, decided.key_padding, None, None)
+    stats.count_data_mask(False, decided.reason if decided else "the forward's route is not known", True)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        recomputed = _pytorch_attention(*leaves, mask, softmax_scale, softcap, mask_hides)
+        grads = torch.autograd.grad(recomputed, leaves, dout)
+    return tuple(g.contiguous() for g in grads)
