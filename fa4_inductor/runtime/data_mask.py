@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fa4_inductor import stats
-from fa4_inductor.runtime.mask_verdict import CACHE, MaskVerdict, TensorKeyed, kept_keys
+from fa4_inductor.runtime.mask_verdict import CACHE, MaskVerdict, TensorKeyed, kept_keys, key_padding
 
 _CAPTURED = MaskVerdict(False, "CUDA-graph capture: the mask's values can't be read while capturing")
 # The route each forward took, by its logsumexp tensor (which the backward receives).
@@ -30,6 +30,11 @@ def route(q: Tensor, k: Tensor, mask: Tensor, mask_hides: bool) -> MaskVerdict:
         decided, remembered = CACHE.verdict(mask, mask_hides, q.shape[0], q.shape[1], k.shape[1])
     stats.count_data_mask(decided.served, decided.reason, remembered)
     return decided
+
+
+def _padding(decided: MaskVerdict, q: Tensor, k: Tensor, mask: Tensor, mask_hides: bool) -> Tensor | None:
+    """The key padding of a served call, made for this call (verdicts hold no tensors)."""
+    return key_padding(mask, mask_hides, q.shape[0], k.shape[1]) if decided.padded else None
 
 
 def _pytorch_attention(q, k, v, mask, softmax_scale, softcap, mask_hides) -> Tensor:
@@ -58,7 +63,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, softmax_scale: float,
     if decided.served:
         out, lse = torch.ops.fa4.flash_attn_fwd_kernel.default(
             q, k, v, softmax_scale, decided.causal, decided.window_left, decided.window_right, softcap, None,
-            decided.key_padding, None)
+            _padding(decided, q, k, mask, mask_hides), None)
     else:
         out = _pytorch_attention(q, k, v, mask, softmax_scale, softcap, mask_hides).contiguous()
         lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("nan"), device=q.device)
@@ -74,7 +79,7 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
         stats.count_data_mask(True, None, True)
         return torch.ops.fa4.flash_attn_bwd.default(
             dout, q, k, v, out, lse, softmax_scale, decided.causal, decided.window_left, decided.window_right,
-            softcap, None, decided.key_padding, None, None)
+            softcap, None, _padding(decided, q, k, mask, mask_hides), None, None)
     stats.count_data_mask(False, decided.reason if decided else "the forward's route is not known", True)
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]

@@ -21,14 +21,16 @@ import torch
 
 @dataclasses.dataclass(frozen=True)
 class MaskVerdict:
-    """What FA4 makes of a mask given as data: ``served`` with these parameters, or the ``reason`` it is not."""
+    """What FA4 makes of a mask given as data: ``served`` with these parameters (``padded``: the keys no query
+    sees are FA4's key padding, :func:`key_padding`), or the ``reason`` it is not. Holds no tensor, so remembering
+    it keeps no memory alive (a CUDA-graph pool's included)."""
 
     served: bool
     reason: str | None = None
     causal: bool = False
     window_left: int = -1
     window_right: int = -1
-    key_padding: torch.Tensor | None = None  # (B, S_kv) bool, None when every key is kept
+    padded: bool = False
 
 
 def kept_keys(mask: torch.Tensor, hides_where_true: bool) -> tuple[torch.Tensor | None, str | None]:
@@ -42,31 +44,54 @@ def kept_keys(mask: torch.Tensor, hides_where_true: bool) -> tuple[torch.Tensor 
     return mask == 0, None
 
 
+def _rows(keep: torch.Tensor, seqlen_q: int, seqlen_k: int) -> torch.Tensor:
+    """A kept-keys mask as (B or 1, H or 1, S_q, S_kv), broadcast axes expanded only along the queries and keys."""
+    keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
+    return keep.expand(keep.shape[0], keep.shape[1], seqlen_q, seqlen_k)
+
+
+def key_padding(mask: torch.Tensor, hides_where_true: bool, batch: int, seqlen_k: int) -> torch.Tensor:
+    """The (B, S_kv) key padding of a served mask: the keys some query sees (one pass over the mask, no sync)."""
+    keep, _ = kept_keys(mask, hides_where_true)
+    keep = _rows(keep, keep.shape[-2] if keep.dim() >= 2 else 1, seqlen_k)[:, 0]
+    return keep.any(dim=1).expand(batch, seqlen_k).contiguous()
+
+
 def verdict(mask: torch.Tensor, hides_where_true: bool, batch: int, seqlen_q: int, seqlen_k: int) -> MaskVerdict:
-    """Read ``mask`` (broadcastable to (B, H, S_q, S_kv)) and decide it exactly; one host sync."""
+    """Read ``mask`` (broadcastable to (B, H, S_q, S_kv)) and decide it exactly; one host sync.
+
+    Every kept entry lies within the diagonals ``low <= j - i <= high`` (their extremes) and on a key some query
+    sees (the key padding), so the mask is that band and-ed with that padding exactly when every query row keeps as
+    many keys as the band and the padding leave it: counts per row, from prefix sums of the padding.
+    """
     if mask.dim() > 4 or tuple(mask.shape[-2:]) not in ((seqlen_q, seqlen_k), (1, seqlen_k), (seqlen_q, 1), (1, 1)):
         return MaskVerdict(False, f"a mask of shape {tuple(mask.shape)} for {seqlen_q} queries and {seqlen_k} keys")
     keep, reason = kept_keys(mask, hides_where_true)
     if keep is None:
         return MaskVerdict(False, reason)
-    not_a_mask = torch.zeros((), dtype=torch.bool, device=mask.device)
+    device = mask.device
+    not_a_mask = torch.zeros((), dtype=torch.bool, device=device)
     if mask.is_floating_point():
         not_a_mask = ~((mask == 0) | (mask == float("-inf"))).all()
-    keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
+    keep = _rows(keep, seqlen_q, seqlen_k)
     if keep.shape[0] not in (1, batch):
         return MaskVerdict(False, f"a mask of {keep.shape[0]} batch rows for {batch}")
-    keep = keep.expand(keep.shape[0], keep.shape[1], seqlen_q, seqlen_k)
     heads_differ = (keep != keep[:, :1]).any() if keep.shape[1] > 1 else torch.zeros_like(not_a_mask)
     keep = keep[:, 0]  # (B or 1, S_q, S_kv)
-    key_kept = keep.any(dim=1)  # a key no query sees is the same as a padded one
-    diagonal = (torch.arange(seqlen_k, device=mask.device, dtype=torch.int32)[None, :]
-                - torch.arange(seqlen_q, device=mask.device, dtype=torch.int32)[:, None])
+    key_kept = keep.any(dim=1)
+    row_kept = keep.any(dim=-1)
+    as_bytes = keep.to(torch.uint8)
+    first = as_bytes.argmax(dim=-1)
+    last = (seqlen_k - 1) - as_bytes.flip(-1).argmax(dim=-1)
+    query = torch.arange(seqlen_q, device=device)
     far = seqlen_q + seqlen_k
-    low = torch.where(keep, diagonal, far).amin()
-    high = torch.where(keep, diagonal, -far).amax()
-    band = (diagonal >= low) & (diagonal <= high)
-    differs = (keep != (band & key_kept[:, None, :])).any()
-    flags = torch.stack([not_a_mask.long(), heads_differ.long(), differs.long(), low.long(), high.long()]).tolist()
+    low = torch.where(row_kept, first - query, far).amin()
+    high = torch.where(row_kept, last - query, -far).amax()
+    prefix = torch.nn.functional.pad(key_kept.long().cumsum(dim=-1), (1, 0))
+    start, stop = (query + low).clamp(0, seqlen_k), (query + high + 1).clamp(0, seqlen_k)
+    expected = torch.where(stop > start, prefix[:, stop] - prefix[:, start], 0)
+    differs = (keep.sum(dim=-1) != expected).any()
+    flags = torch.stack([not_a_mask.long(), heads_differ.long(), differs.long(), low, high]).tolist()
     not_a_mask, heads_differ, differs, low, high = flags
     if not_a_mask:
         return MaskVerdict(False, "values other than 0 and -inf in an additive mask")
@@ -74,22 +99,24 @@ def verdict(mask: torch.Tensor, hides_where_true: bool, batch: int, seqlen_q: in
         return MaskVerdict(False, "the mask differs between heads")
     if differs:
         return MaskVerdict(False, "not a band of diagonals and-ed with key padding")
-    padding = None if bool(key_kept.all()) else key_kept.expand(batch, seqlen_k).contiguous()
     if low > high:  # no key kept anywhere: every row gives zeros, as a padding that hides every key
-        return MaskVerdict(True, key_padding=torch.zeros(batch, seqlen_k, dtype=torch.bool, device=mask.device))
-    return _band(low, high, seqlen_q, seqlen_k, padding)
+        return MaskVerdict(True, padded=True)
+    return _band(low, high, seqlen_q, seqlen_k, padded=not bool(key_kept.all()))
 
 
-def _band(low: int, high: int, seqlen_q: int, seqlen_k: int, padding) -> MaskVerdict:
+def _band(low: int, high: int, seqlen_q: int, seqlen_k: int, padded: bool) -> MaskVerdict:
     """FA4's parameters for the kept diagonals ``low <= j - i <= high`` (FA4 aligns windows bottom-right)."""
     offset = seqlen_k - seqlen_q
-    left = -1 if low <= -(seqlen_q - 1) else offset - low
-    right = -1 if high >= seqlen_k - 1 else high - offset
-    if left < -1 or right < -1:
+    unbounded_left, unbounded_right = low <= -(seqlen_q - 1), high >= seqlen_k - 1
+    left, right = offset - low, high - offset
+    # A bound FA4 would need negative (the band wholly above or below its diagonal) has no window: -1 is FA4's
+    # "unbounded", so a computed -1 must not pass as one.
+    if (not unbounded_left and left < 0) or (not unbounded_right and right < 0):
         return MaskVerdict(False, f"a band j - i in [{low}, {high}] that FA4's windows can't express")
+    left, right = -1 if unbounded_left else left, -1 if unbounded_right else right
     if right == 0 and left == -1:
-        return MaskVerdict(True, causal=True, key_padding=padding)
-    return MaskVerdict(True, window_left=left, window_right=right, key_padding=padding)
+        return MaskVerdict(True, causal=True, padded=padded)
+    return MaskVerdict(True, window_left=left, window_right=right, padded=padded)
 
 
 class TensorKeyed:
