@@ -44,6 +44,12 @@ def kept_keys(mask: torch.Tensor, hides_where_true: bool) -> tuple[torch.Tensor 
     return mask == 0, None
 
 
+def _hidden(mask: torch.Tensor) -> torch.Tensor:
+    """The entries of an additive mask that hide their key: -inf, or the dtype's lowest number (``finfo.min``, as
+    Hugging Face fills), whose weight exp(min + score - max) is exactly 0 in float32 beside any finite score."""
+    return (mask == float("-inf")) | (mask == torch.finfo(mask.dtype).min)
+
+
 def _rows(keep: torch.Tensor, seqlen_q: int, seqlen_k: int) -> torch.Tensor:
     """A kept-keys mask as (B or 1, H or 1, S_q, S_kv), broadcast axes expanded only along the queries and keys."""
     keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
@@ -72,7 +78,7 @@ def verdict(mask: torch.Tensor, hides_where_true: bool, batch: int, seqlen_q: in
     device = mask.device
     not_a_mask = torch.zeros((), dtype=torch.bool, device=device)
     if mask.is_floating_point():
-        not_a_mask = ~((mask == 0) | (mask == float("-inf"))).all()
+        not_a_mask = ~((mask == 0) | _hidden(mask)).all()
     keep = _rows(keep, seqlen_q, seqlen_k)
     if keep.shape[0] not in (1, batch):
         return MaskVerdict(False, f"a mask of {keep.shape[0]} batch rows for {batch}")
@@ -94,7 +100,7 @@ def verdict(mask: torch.Tensor, hides_where_true: bool, batch: int, seqlen_q: in
     flags = torch.stack([not_a_mask.long(), heads_differ.long(), differs.long(), low, high]).tolist()
     not_a_mask, heads_differ, differs, low, high = flags
     if not_a_mask:
-        return MaskVerdict(False, "values other than 0 and -inf in an additive mask")
+        return MaskVerdict(False, "values other than 0, -inf and finfo.min in an additive mask")
     if heads_differ:
         return MaskVerdict(False, "the mask differs between heads")
     if differs:

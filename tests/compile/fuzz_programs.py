@@ -27,7 +27,7 @@ from tests.compile.flex_reference import flex_reference
 SPELLINGS = ("sdpa", "sdpa_repeat_kv", "matmul", "matmul_div", "einsum", "prescaled_q", "whisper", "llama_ref",
              "masked_fill")
 BANDS = ("none", "causal", "window", "abs_window", "tril")
-EXTRAS = ("none", "padding", "bert_extended", "documents", "relative_bias", "query_padding", "or_mask")
+EXTRAS = ("none", "padding", "bert_extended", "documents", "relative_bias", "query_padding", "or_mask", "data_mask")
 UNEXPRESSIBLE = ("relative_bias", "query_padding", "or_mask")
 # How the mask and scores are built: out of place, in place where the rewrite applies the writes, or with the scores
 # written in place after the softmax's input was made (only the matmul spellings; the site must stay as it is).
@@ -85,6 +85,8 @@ class Program:
         cuts = torch.sort(torch.randint(1, s, (b, 2), generator=generator), dim=1).values
         segments = (torch.arange(s)[None, None, :] >= cuts[:, :, None]).sum(dim=1)
         bias = torch.randn(1, h, s, s, generator=generator).to(torch.bfloat16)
+        if self.extra == "data_mask":  # the band and the padding as one dense bool tensor given to the program
+            bias = _keep(self, torch.empty(b, 1, s, 1), padding, segments).expand(b, 1, s, s).contiguous()
         return [leaf(h), leaf(hkv), leaf(hkv)], tuple(t.to(device) for t in (padding, segments, bias))
 
     def function(self):
@@ -125,7 +127,7 @@ def _keep(program: Program, q, padding, segments) -> torch.Tensor | None:
         keep = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
     b = torch.arange(q.shape[0], device=q.device)[:, None, None, None]
     extra = None
-    if program.extra in ("padding", "bert_extended"):
+    if program.extra in ("padding", "bert_extended", "data_mask"):
         extra = padding.bool()[b, j]
     elif program.extra == "documents":
         extra = segments[b, i] == segments[b, j]
@@ -220,7 +222,8 @@ def _flex_attention(program: Program, q, k, v, padding, segments, bias):
 
 def _attention(program: Program, group: int, d: int, q, k, v, padding, segments, bias):
     q, k, v = _layout(program, q, k, v)
-    keep = _keep(program, q, padding, segments)
+    # A "data_mask" program reads its mask from an input (the same values it would build): decided at run time.
+    keep = bias if program.extra == "data_mask" else _keep(program, q, padding, segments)
     if program.spelling in ("sdpa", "sdpa_repeat_kv"):
         if program.spelling == "sdpa_repeat_kv" and group > 1:
             k, v = (t[:, :, None].expand(t.shape[0], t.shape[1], group, *t.shape[2:]).reshape(
@@ -271,14 +274,15 @@ def random_programs(count: int, seed: int = 0, max_seqlen: int = 40, spellings=S
     for index in range(count):
         heads = rng.choice((2, 4))
         band, extra = rng.choice(BANDS), rng.choice(EXTRAS)
-        if extra in ("padding", "bert_extended") and band in ("window", "abs_window"):
+        if extra in ("padding", "bert_extended", "data_mask") and band in ("window", "abs_window"):
             band = "causal"  # a window past a row's last key would leave query rows with no key at all
         program = Program(
             spelling=rng.choice(spellings), band=band, extra=extra, batch=rng.choice((1, 2, 3)), heads=heads,
             heads_kv=rng.choice((heads, heads // 2)), seqlen=rng.randint(5, max_seqlen), head_dim=rng.choice(head_dims),
             layout=rng.choice(("bhsd", "bshd")), dynamic=rng.random() < 0.3, seed=seed * 100003 + index,
             builder=rng.choices(BUILDERS, weights=(6, 3, 1))[0])
-        if program.spelling == "flex":
-            program = dataclasses.replace(program, score=rng.choice(list(SCORE_MODS)))
+        if program.spelling == "flex":  # a mask_mod reads its tensors by index: no dense mask given as data
+            program = dataclasses.replace(program, score=rng.choice(list(SCORE_MODS)),
+                                          extra="padding" if extra == "data_mask" else extra)
         programs.append(program)
     return programs

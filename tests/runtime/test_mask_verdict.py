@@ -37,7 +37,7 @@ def _fa4_mask(v: mask_verdict.MaskVerdict, mask, hides, sq, sk):
 @pytest.mark.parametrize("sq, sk", [(SQ, SK), (SK, SK), (SQ, SQ)])
 @pytest.mark.parametrize("band", list(_bands(SQ, SK)))
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("form", ["bool", "additive", "hides"])
+@pytest.mark.parametrize("form", ["bool", "additive", "additive_min", "hides"])
 def test_every_band_with_padding_is_decided_exactly(sq, sk, band, padded, form):
     keep = _bands(sq, sk)[band][None, None].expand(B, 1, sq, sk)
     if padded:
@@ -45,7 +45,9 @@ def test_every_band_with_padding_is_decided_exactly(sq, sk, band, padded, form):
         padding[1, : sk // 4] = False
         keep = keep & padding[:, None, None, :]
     mask = {"bool": keep, "hides": ~keep,
-            "additive": torch.zeros(keep.shape).masked_fill(~keep, float("-inf")).to(torch.bfloat16)}[form]
+            "additive": torch.zeros(keep.shape).masked_fill(~keep, float("-inf")).to(torch.bfloat16),
+            "additive_min": torch.zeros(keep.shape, dtype=torch.bfloat16).masked_fill(
+                ~keep, torch.finfo(torch.bfloat16).min)}[form]
     v = mask_verdict.verdict(mask, form == "hides", B, sq, sk)
     if sq != sk and band in ("causal_top_left", "two_sided", "shifted"):  # FA4 aligns its bands bottom-right
         assert not v.served and "windows can't express" in v.reason, v
