@@ -163,3 +163,27 @@ def test_masks_fa4_does_not_express_take_the_dense_route_exactly(form):
 
     _compile_and_compare(fn, _qkv(), (mask,))
     assert stats.counters["data_mask.pytorch"] >= 2 and stats.counters["data_mask.fa4"] == 0
+
+
+class OpenClipTextTower(torch.nn.Module):
+    """open_clip's text transformer: a causal ``attn_mask`` buffer (float, -inf above the diagonal) built once and
+    handed to every ``nn.MultiheadAttention`` block."""
+
+    def __init__(self, layers: int = 2):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.MultiheadAttention(E, H, batch_first=True) for _ in range(layers))
+        mask = torch.empty(S, S).fill_(float("-inf")).triu_(1)
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x, x, x, attn_mask=self.attn_mask.to(x.dtype), need_weights=False)[0]
+        return x
+
+
+def test_open_clip_text_tower_causal_buffer_runs_fa4():
+    torch.manual_seed(0)
+    tower = OpenClipTextTower().to(torch.bfloat16)
+    x = torch.randn(B, S, E, dtype=torch.bfloat16, requires_grad=True)
+    _compile_and_compare_loosely(tower, [x], ())
+    assert stats.counters["data_mask.pytorch"] == 0

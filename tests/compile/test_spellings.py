@@ -118,6 +118,20 @@ def zero_dim_tensor_scale_and_fill(q, k, v):
     return scores.softmax(-1) @ v
 
 
+def falcon_inplace_div(q, k, v):
+    """Falcon eager: the scores divided in place, a float mask added inside the softmax call."""
+    mask = torch.where(_causal(q, k), 0.0, float("-inf")).to(q.dtype)
+    scores = q @ k.transpose(-1, -2)
+    scores /= math.sqrt(q.shape[-1])
+    return F.softmax(scores + mask, dim=-1, dtype=q.dtype) @ v
+
+
+def inplace_mul(q, k, v):
+    scores = q @ k.transpose(-1, -2)
+    scores *= q.shape[-1] ** -0.5
+    return scores.softmax(-1) @ v
+
+
 def zero_dim_tensor_factor(q, k, v):
     return (torch.tensor(0.25) * (q @ k.transpose(-2, -1))).softmax(-1) @ v
 
@@ -131,6 +145,7 @@ SPELLINGS = {  # name: (program, causal, window)
     "meta_llama_prefill": (meta_llama_prefill, True, None), "cloned_probabilities": (cloned_probabilities, False, None), "cast_after_dropout": (cast_after_dropout, False, None),
     "zero_dim_tensor_scale_and_fill": (zero_dim_tensor_scale_and_fill, True, None),
     "zero_dim_tensor_factor": (zero_dim_tensor_factor, False, None),
+    "falcon_inplace_div": (falcon_inplace_div, True, None), "inplace_mul": (inplace_mul, False, None),
 }
 
 
@@ -277,3 +292,19 @@ def test_gqa_repeat_spellings_run_fa4_on_the_unrepeated_heads(name, dynamic):
     k, v = (torch.randn(B, H_KV, S, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     record = _compare(fn, [q, k, v], dynamic=dynamic)
     assert record.features["gqa_repeat_removed"] and record.features["gqa_ratio"] in (H // H_KV, None)
+
+
+def test_scores_read_before_an_in_place_scale_keep_their_own_value():
+    """The in-place division writes the scores another output read before it: the site stays as written, naming
+    the write (a rewrite would drop the scores that read needs), and matches eager."""
+    def fn(q, k, v):
+        scores = q @ k.transpose(-1, -2)
+        raw = scores.sum(-1, keepdim=True)  # read before the write
+        scores /= math.sqrt(q.shape[-1])
+        return scores.softmax(-1) @ v + raw
+
+    q, k, v = _qkv()
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        assert_matches_eager(fn, torch.compile(fn, fullgraph=True), [q, k, v])
+    (record,) = stats.site_records()
+    assert record.decision == "fallback" and "written in place (itruediv" in record.reason, record

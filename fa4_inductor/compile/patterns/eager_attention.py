@@ -147,11 +147,14 @@ def _peel_factors(node: Any, factors: list, operand: bool = False) -> Any:
     only those that keep its values); collect the factors."""
     while True:
         node = _peel_casts(node, exact_only=operand)
-        scaled = _constant_operand(node) if _is(node, "mul", "__mul__") else None
+        # In-place spellings too (Falcon's ``scores /= sqrt(d)``): the write's value is the product's, and
+        # graph_mutations checks that nothing else reads the tensor it writes.
+        scaled = _constant_operand(node) if _is(node, "mul", "__mul__", "mul_", "imul", "__imul__") else None
         if scaled:
             node = scaled[0]
             factors.append(scaled[1])
-        elif _is(node, "div", "truediv", "__truediv__") and _scalar(node.args[1]) is not None:
+        elif _is(node, "div", "truediv", "__truediv__", "div_", "itruediv", "__itruediv__") \
+                and _scalar(node.args[1]) is not None:
             divisor = _scalar(node.args[1])
             factors.append(1.0 / divisor if isinstance(divisor, (int, float)) else GraphScale(divisors=(divisor,)))
             node = node.args[0]
