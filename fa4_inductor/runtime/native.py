@@ -122,32 +122,30 @@ def _installable() -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
-def install_cuda_forward() -> bool:
-    """Make the C++ launcher the CUDA kernel of ``fa4.flash_attn_fwd_kernel`` (once); False when it can't be.
-
-    Called by the Python kernel on its first CUDA call, so ``import fa4_inductor`` builds nothing. The C++
-    registration overrides that Python kernel for every later call; the dispatcher warns once about the override,
+def _install(install_op: str, mirror: "_Mirror") -> bool:
+    """Run the launcher's ``install_op`` (a C++ kernel registered over the op's Python CUDA kernel) and enable
+    ``mirror``; False when the launcher can't be installed here. The dispatcher warns once about the override,
     which is the point here, so the warning is silenced."""
     if not _installable():
         return False
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel")
-        torch.ops.fa4_native.install_cuda_forward()
-    PLANS.enabled = True
+        getattr(torch.ops.fa4_native, install_op)()
+    mirror.enabled = True
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def install_cuda_forward() -> bool:
+    """Make the C++ launcher the CUDA kernel of ``fa4.flash_attn_fwd_kernel`` (once); False when it can't be.
+    Called by the Python kernel on its first CUDA call, so ``import fa4_inductor`` builds nothing."""
+    return _install("install_cuda_forward", PLANS)
 
 
 @functools.lru_cache(maxsize=None)
 def install_cuda_backward() -> bool:
     """As :func:`install_cuda_forward`, for ``fa4.flash_attn_bwd``."""
-    if not _installable():
-        return False
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Overriding a previously registered kernel")
-        torch.ops.fa4_native.install_cuda_backward()
-    BACKWARD_PLANS.enabled = True
-    return True
+    return _install("install_cuda_backward", BACKWARD_PLANS)
 
 
 class _Mirror:
