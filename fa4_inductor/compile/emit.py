@@ -45,15 +45,18 @@ def fa4_attention(
     key: Node,
     value: Node,
     params: dict[str, Any],
+    *,
+    op=None,
+    after_qkv: tuple = (),
 ) -> tuple[Node, Node]:
     """Emit FA4 attention on B,H,S,D nodes; return (out B,H,S,Dv node, lse node).
 
-    ``params`` are the keyword arguments of ``torch.ops.fa4.flash_attn_fwd``
-    after q, k, v (softmax_scale, causal, window_left, window_right,
-    softcap, seqused_k). Call inside ``graph.inserting_before(...)``.
+    ``op`` (default ``torch.ops.fa4.flash_attn_fwd``) is called on the B,S,H,D views of q, k, v, then
+    ``after_qkv``, with ``params`` as keyword arguments (softmax_scale, causal, window_left, window_right,
+    softcap, seqused_k for the default). Call inside ``graph.inserting_before(...)``.
     """
     q, k, v = (call_with_meta(graph, torch.transpose, (t, 1, 2)) for t in (query, key, value))
-    result = call_with_meta(graph, torch.ops.fa4.flash_attn_fwd.default, (q, k, v), params)
+    result = call_with_meta(graph, op or torch.ops.fa4.flash_attn_fwd.default, (q, k, v, *after_qkv), params)
     out_bshd = call_with_meta(graph, operator.getitem, (result, 0))
     lse = call_with_meta(graph, operator.getitem, (result, 1))
     return call_with_meta(graph, torch.transpose, (out_bshd, 1, 2)), lse
@@ -110,7 +113,10 @@ def erase_if_unused(nodes: list[Node]) -> None:
 
 # What the patterns decided, written: the only module that adds the FA4 calls and their operands to a graph.
 
-def _emit_scale(graph: Graph, scale: GraphScale) -> Node:
+def _emit_scale(graph: Graph, scale: float | Node | GraphScale) -> Any:
+    """A scale as the op takes it: a :class:`GraphScale`'s arithmetic written into the graph, else as it is."""
+    if not isinstance(scale, GraphScale):
+        return scale
     value: Any = scale.number
     for factor in scale.factors:
         value = call_with_meta(graph, operator.mul, (value, factor))
@@ -145,9 +151,7 @@ def _operand(graph: Graph, operand: Operand) -> Node:
 def fa4_arguments(graph: Graph, params: FA4Params, query: Node, key: Node) -> dict[str, Any]:
     """``params`` as the keyword arguments of ``fa4.flash_attn_fwd`` after q, k, v (masks and scales written as the
     nodes FA4 takes). Call inside ``graph.inserting_before(...)``."""
-    scale = params.softmax_scale
-    if isinstance(scale, GraphScale):
-        scale = _emit_scale(graph, scale)
+    scale = _emit_scale(graph, params.softmax_scale)
     padding = params.key_padding
     if padding is not None:  # a 0/1 or bool (B, S_kv) or (B, 1, 1, S_kv) input: FA4 takes bool (B, S_kv)
         padding = call_with_meta(graph, torch.eq if params.key_padding_hides else torch.ne, (padding, 0))
@@ -166,14 +170,9 @@ def fa4_arguments(graph: Graph, params: FA4Params, query: Node, key: Node) -> di
 
 def _data_mask_attention(graph: Graph, query: Node, key: Node, value: Node, params: FA4Params) -> tuple[Node, Node]:
     """``fa4.flash_attn_data_mask`` on B,H,S,D nodes: (out B,H,S,Dv, lse)."""
-    scale = _emit_scale(graph, params.softmax_scale) if isinstance(params.softmax_scale, GraphScale) \
-        else params.softmax_scale
-    q, k, v = (call_with_meta(graph, torch.transpose, (t, 1, 2)) for t in (query, key, value))
-    result = call_with_meta(graph, torch.ops.fa4.flash_attn_data_mask.default, (q, k, v, params.data_mask, scale),
-                            {"softcap": params.softcap, "mask_hides": params.data_mask_hides})
-    out_bshd = call_with_meta(graph, operator.getitem, (result, 0))
-    lse = call_with_meta(graph, operator.getitem, (result, 1))
-    return call_with_meta(graph, torch.transpose, (out_bshd, 1, 2)), lse
+    return fa4_attention(graph, query, key, value, {"softcap": params.softcap, "mask_hides": params.data_mask_hides},
+                         op=torch.ops.fa4.flash_attn_data_mask.default,
+                         after_qkv=(params.data_mask, _emit_scale(graph, params.softmax_scale)))
 
 
 def emit_fa4(decision: SiteDecision, before: Node) -> tuple[Node, Node]:

@@ -104,8 +104,8 @@ def _as_float(value: Any) -> Any:
     return float(value) if isinstance(value, (int, float)) else value
 
 
-def _shape_text(value) -> str:
-    return "(" + ", ".join(str(s) for s in value.shape) + ")"
+def _shape_text(sizes) -> str:
+    return "(" + ", ".join(str(s) for s in sizes) + ")"
 
 
 def _operand(value: Node | Operand) -> Operand:
@@ -160,7 +160,7 @@ def decide(
     d, hq, hk = q.shape[-1], q.shape[1], k.shape[1]
     features.update(
         dtype=str(q.dtype).replace("torch.", ""), head_dim=int(d) if isinstance(d, int) else str(d),
-        q_shape=_shape_text(q), k_shape=_shape_text(k), v_shape=_shape_text(v),
+        q_shape=_shape_text(q.shape), k_shape=_shape_text(k.shape), v_shape=_shape_text(v.shape),
         gqa_ratio=(hq // hk) if isinstance(hq, int) and isinstance(hk, int) and hk else None,
         gqa_repeat_removed=k_repeats > 1, causal=False, window=None,
         softcap=(softcap or None) if isinstance(softcap, (int, float)) else "dynamic", padding=False,
@@ -240,12 +240,8 @@ def _data_mask_blocker(mask: Node, q, k, one_head: bool, is_causal) -> str | Non
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if value.dim() > 4 or not all(statically_known_true(size == 1) or statically_known_true(size == want)
                                   for size, want in zip(reversed(value.shape), reversed(target))):
-        return f"its shape {_shape_text(value)} does not broadcast to (B, H, S_q, S_kv) = {_shape_text_of(target)}"
+        return f"its shape {_shape_text(value.shape)} does not broadcast to (B, H, S_q, S_kv) = {_shape_text(target)}"
     return None
-
-
-def _shape_text_of(sizes) -> str:
-    return "(" + ", ".join(str(s) for s in sizes) + ")"
 
 
 def _strip_repeat(operand: Operand) -> tuple[Operand, int]:
