@@ -19,7 +19,7 @@ from torch.fx import Graph, Node
 
 import fa4_inductor.runtime.ops  # noqa: F401  (defines torch.ops.fa4)
 from fa4_inductor.compile.fx_utils import example_value
-from fa4_inductor.compile.sites import FA4Params, GraphScale, Operand, SiteDecision
+from fa4_inductor.compile.sites import FA4Params, FixedBlocks, GraphScale, Operand, SiteDecision
 
 
 def call_with_meta(graph: Graph, target, args: tuple, kwargs: dict | None = None, *, like: Node | None = None) -> Node:
@@ -131,10 +131,15 @@ def _size(graph: Graph, node: Node, dim: int):
     return size if isinstance(size, int) else call_with_meta(graph, torch.ops.aten.sym_size.int, (node, dim))
 
 
+def _key_positions(graph: Graph, key: Node) -> Node:
+    """``arange(S_kv)`` on the key's device."""
+    return call_with_meta(graph, torch.arange, (_size(graph, key, 2),), {"device": example_value(key).device},
+                          like=key)
+
+
 def _padding_from_lengths(graph: Graph, lengths: Node, key: Node) -> Node:
     """The (B, S_kv) bool mask ``arange(S_kv) < lengths[:, None]``."""
-    positions = call_with_meta(graph, torch.arange, (_size(graph, key, 2),), {"device": example_value(key).device},
-                               like=key)
+    positions = _key_positions(graph, key)
     return call_with_meta(graph, torch.lt, (call_with_meta(graph, torch.unsqueeze, (positions, 0)),
                                             call_with_meta(graph, torch.unsqueeze, (lengths, 1))))
 
@@ -160,6 +165,11 @@ def fa4_arguments(graph: Graph, params: FA4Params, query: Node, key: Node) -> di
     if params.key_lengths is not None:  # (B,) lengths: keys below them are kept
         padding = _padding_from_lengths(graph, params.key_lengths, key)
     segments = params.segment_ids
+    if isinstance(segments, FixedBlocks):
+        # Truncation is floor division on positions (>= 0); Inductor's CPU code for ``arange(n) // c`` leaves the
+        # entries past its last full vector unwritten (torch 2.13 and 2.15), truncation's is right.
+        segments = call_with_meta(graph, torch.div, (_key_positions(graph, key), segments.size),
+                                  {"rounding_mode": "trunc"})
     if segments is not None and example_value(segments).dim() == 1:  # ids shared by every row
         segments = call_with_meta(graph, torch.Tensor.expand, (
             call_with_meta(graph, torch.unsqueeze, (segments, 0)), _size(graph, query, 0), -1))

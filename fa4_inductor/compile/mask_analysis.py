@@ -41,6 +41,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_kno
 from fa4_inductor.compile import graph_mutations, modeled_ops
 from fa4_inductor._torch_private import is_tensor_property_symbol, symbol_hint
 from fa4_inductor.compile.fx_utils import op_name
+from fa4_inductor.compile.sites import FixedBlocks
 
 _I, _J, _B, _H = sympy.symbols("q_idx kv_idx batch head", integer=True, nonnegative=True)
 
@@ -104,14 +105,15 @@ class MaskStructure:
     to, or None; ``key_lengths`` the node of a (B,) integer tensor, row b
     attending to keys below ``key_lengths[b]``, or None; ``segment_ids`` the
     node of a (B, S) integer tensor of document ids, or of an (S,) one shared
-    by every row (query and key must share one), or None.
+    by every row (query and key must share one), or fixed blocks of
+    positions, or None.
     """
 
     causal: bool
     window_left: int
     window_right: int
     key_padding: Node | None = None
-    segment_ids: Node | None = None
+    segment_ids: Node | FixedBlocks | None = None
     key_lengths: Node | None = None
     # ``key_padding``'s nonzero entries mark the hidden keys instead (PyTorch's ``key_padding_mask``).
     key_padding_hides: bool = False
@@ -262,6 +264,7 @@ _BITWISE = {"and_": sympy.And, "__and__": sympy.And, "bitwise_and": sympy.And,
 _LOGICAL = {"logical_and": sympy.And, "logical_or": sympy.Or}
 _LOGIC = _BITWISE | _LOGICAL
 _NOT = {"invert", "__invert__", "bitwise_not"}
+_FLOOR_DIVIDE = {"floordiv", "__floordiv__", "floor_divide"}
 # Ops that change neither values nor the index formula (broadcast/cast/copy).
 _PASSTHROUGH = modeled_ops.BROADCASTS | modeled_ops.DTYPE_CASTS | modeled_ops.COPIES | {"detach"}
 _NEW_TRUE = {"ones", "ones_like", "new_ones"}
@@ -318,6 +321,8 @@ class _Evaluator:
         name = modeled_ops.IN_PLACE.get(name, name)  # an in-place op read as the value it leaves in its tensor
         if name not in modeled_ops.IN_PLACE.values() and graph_mutations.written(node):
             raise NotAnalyzable(f"the mask is written in place by {name}, which the analysis does not model")
+        if name == "div" and node.kwargs.get("rounding_mode") == "floor":
+            name = "floor_divide"
         unmodeled = modeled_ops.unmodeled_argument(node, name)
         if unmodeled is not None:
             raise NotAnalyzable(f"the mask uses {unmodeled}")
@@ -357,6 +362,8 @@ class _Evaluator:
             return self._passthrough(args[0], example)  # ``mask != 0`` of a 0/1 mask: the mask as a boolean
         if name in _COMPARE or name in _ARITH:
             return self._binary(name, args)
+        if name in _FLOOR_DIVIDE:
+            return self._floor_divide(args[:2])
         if name in _LOGIC:
             return self._logic(name, args)
         if name == "logical_not" and isinstance(args[0], IndexTensor):
@@ -450,6 +457,17 @@ class _Evaluator:
         if name in _COMPARE:
             return IndexTensor(_COMPARE[name](a, b), ndim)
         return IndexTensor(_ARITH[name](a, b), ndim)
+
+    @staticmethod
+    def _floor_divide(args) -> IndexTensor:
+        """``index // c`` of index arithmetic by a positive integer constant (fixed blocks of positions)."""
+        value, divisor = args
+        if not isinstance(value, IndexTensor) or value.additive or _is_boolean(value.expr) or \
+                sympy.sympify(value.expr).is_integer is not True:
+            raise NotAnalyzable("floor division of values that are not integer index arithmetic")
+        if not isinstance(divisor, int) or isinstance(divisor, bool) or divisor <= 0:
+            raise NotAnalyzable(f"floor division by {divisor!r}, not a positive integer constant")
+        return IndexTensor(sympy.floor(value.expr / divisor), value.ndim, shape=value.shape)
 
     @staticmethod
     def _compare_mask(name, args, masks) -> IndexTensor:
@@ -576,21 +594,31 @@ class _Evaluator:
         return IndexTensor(value.expr.xreplace(mapping), ndim, value.additive)
 
     def _concatenation(self, node: Node, name: str, example: torch.Tensor) -> IndexTensor:
-        """``cat``/``hstack`` where every piece but one is empty along the joined axis (meta-llama's
-        ``hstack([zeros(S, start_pos), mask])`` at ``start_pos = 0``): the one piece."""
+        """``cat``/``hstack`` of masks of one kind (0/-inf, or boolean): along the joined axis, each index reads the
+        piece it falls in, shifted by the sizes before it (meta-llama's ``hstack([zeros(S, start_pos), mask])``,
+        the cached keys all kept). Empty pieces are dropped."""
         pieces = node.args[0] if node.args else node.kwargs.get("tensors")
         default = (1 if example.dim() > 1 else 0) if name == "hstack" else 0
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", default)
         if not isinstance(pieces, (list, tuple)) or not all(isinstance(p, Node) for p in pieces) or \
                 not isinstance(dim, int):
             raise NotAnalyzable(f"{name} of something other than a list of tensors")
+        dim = dim if dim >= 0 else dim + example.dim()
         filled = [p for p in pieces if not statically_known_true(_example(p).shape[dim] == 0)]
-        if len(filled) != 1:
-            raise NotAnalyzable(f"the mask joins {len(filled)} non-empty pieces with {name}: modeled only where all "
-                                "but one are empty")
-        if _example(filled[0]).dtype != example.dtype:
+        if any(_example(p).dtype != example.dtype for p in filled):
             raise NotAnalyzable(f"{name} changes the mask's dtype")
-        return self._passthrough(self.value(filled[0], node), example)
+        values = [self._passthrough(self.value(p, node), _example(p)) for p in filled]
+        if len(values) == 1:
+            return self._passthrough(values[0], example)
+        if len({v.additive for v in values}) > 1 or not all(v.additive or _is_boolean(v.expr) for v in values) or \
+                any(v.ndim != example.dim() for v in values):
+            raise NotAnalyzable(f"{name} joins pieces that are not masks of one kind and rank")
+        axis, start, parts = _axis(dim), sympy.Integer(0), []
+        for piece, value in zip(filled, values):
+            end = start + _sym(_example(piece).shape[dim])
+            parts.append(sympy.And(axis >= start, axis < end, value.expr.xreplace({axis: axis - start})))
+            start = end
+        return IndexTensor(sympy.Or(*parts), example.dim(), values[0].additive)
 
     @staticmethod
     def _unit_reshape(value, before, after):
@@ -695,6 +723,11 @@ class _Evaluator:
             raise NotAnalyzable(f"masked_fill of a {example.dtype} tensor")
         if not (base.expr is sympy.true or base.additive):
             raise NotAnalyzable("masked_fill of a value that is not a 0/-inf mask")
+        if isinstance(fill, (int, float)) and fill == 0 and base.additive:
+            # Zeros written into a 0/-inf mask keep those keys too (Hugging Face's older causal mask: a
+            # finfo.min matrix with its lower triangle filled with 0).
+            (c, keep), ndim = _broadcast(cond, base)
+            return IndexTensor(sympy.Or(keep, c), max(ndim, base.ndim), additive=True)
         if not self._additive(0, fill):
             raise self._not_a_mask(f"masked_fill with {fill!r}", 0, fill)
         (c, keep), ndim = _broadcast(cond, base)
@@ -722,6 +755,61 @@ def _without_abs(expr):
                 or (isinstance(e, (sympy.Ge, sympy.Gt)) and isinstance(e.rhs, sympy.Abs)))
 
     return expr.replace(is_abs_bound, split)
+
+
+def _linear(atom) -> tuple[Any, Any, Any] | None:
+    """``(cj, ci, rest)`` with ``atom`` == ``cj * kv_idx + ci * q_idx + rest <= 0`` for an integer relation (a strict
+    one is tightened by 1), or None for anything else."""
+    if not isinstance(atom, (sympy.Le, sympy.Lt, sympy.Ge, sympy.Gt)):
+        return None
+    poly = sympy.expand(atom.lhs - atom.rhs if isinstance(atom, (sympy.Le, sympy.Lt)) else atom.rhs - atom.lhs)
+    cj, ci = poly.coeff(_J), poly.coeff(_I)
+    rest = sympy.expand(poly - cj * _J - ci * _I)
+    if rest.has(_I, _J, _B, _H) or not all(sympy.sympify(c).is_integer for c in (cj, ci, rest)):
+        return None
+    return cj, ci, rest + 1 if isinstance(atom, (sympy.Lt, sympy.Gt)) else rest
+
+
+def _nonnegative(value) -> bool:
+    return sympy.expand(value).is_nonnegative is True
+
+
+def _within_index_ranges(expr, q_len, kv_len):
+    """``expr`` simplified by what every index satisfies, ``0 <= q_idx < S_q`` and ``0 <= kv_idx < S_kv``: a bound on
+    one index that its whole range meets is true, and in an ``or`` a bound ``kv_idx <= c`` next to the diagonal
+    bound ``kv_idx - q_idx <= u`` with ``c <= u`` is implied by it (as ``q_idx >= 0``). Joined masks need both:
+    meta-llama's cached keys, all kept, beside the causal part, ``kv_idx < p | (kv_idx < p + S & kv_idx - q_idx <= p)``
+    is ``kv_idx - q_idx <= p``."""
+    last = {_J: _sym(kv_len) - 1, _I: _sym(q_len) - 1}
+
+    def always(atom) -> bool:
+        found = _linear(atom)
+        if found is None or (found[0] != 0) == (found[1] != 0):
+            return False
+        coefficient, index = (found[0], _J) if found[0] != 0 else (found[1], _I)
+        bound = -found[2] / coefficient  # index <= bound (coefficient > 0) or index >= bound
+        return _nonnegative(bound - last[index]) if coefficient > 0 else _nonnegative(-bound)
+
+    def diagonal_bound(atom):  # u of ``kv_idx - q_idx <= u``, or None
+        found = _linear(atom)
+        return -found[2] / found[0] if found and found[0] > 0 and found[0] == -found[1] else None
+
+    def key_bound(atom):  # c of ``kv_idx <= c``, or None
+        found = _linear(atom)
+        return -found[2] / found[0] if found and found[0] > 0 and found[1] == 0 else None
+
+    def absorbed(either):
+        diagonals = [a for a in either.args if diagonal_bound(a) is not None]
+        if len(diagonals) != 1:
+            return either
+        upper = diagonal_bound(diagonals[0])
+        others = [key_bound(a) for a in either.args if a is not diagonals[0]]
+        if all(c is not None and _nonnegative(upper - c) for c in others):
+            return diagonals[0]
+        return either
+
+    expr = expr.xreplace({atom: sympy.true for atom in expr.atoms(sympy.Rel) if always(atom)})
+    return expr.replace(lambda e: isinstance(e, sympy.Or), absorbed)
 
 
 def _bounds(expr) -> tuple[Any, Any]:
@@ -852,6 +940,7 @@ def _structure_of(expr, lookup_sources: dict[str, Node], q_len, kv_len) -> MaskS
                             "(only seg[batch, q_idx] == seg[batch, kv_idx] document masks and "
                             "kv_idx < lengths[batch])")
     expr = sympy.simplify_logic(expr) if expr.has(sympy.Or, sympy.Not) else expr
+    expr = _within_index_ranges(expr, q_len, kv_len) if expr.has(sympy.Or) else expr
     if expr.has(_B) or expr.has(_H):
         raise NotAnalyzable("the mask depends on the batch or head index")
     if expr is sympy.false:
@@ -874,7 +963,8 @@ def _structure_of(expr, lookup_sources: dict[str, Node], q_len, kv_len) -> MaskS
     # Under dynamic shapes query and key lengths may be separate symbols, equal whenever the model runs (self
     # attention); a guard makes the compiled graph conditional on that.
     offset = 0 if guard_or_false(kv_len == q_len) else sympy.simplify(_sym(kv_len) - _sym(q_len))
-    if offset != 0 and (offset >= 0) is not sympy.true:
+    # S_kv >= S_q is guarded where it holds now (a cache longer than the chunk: a recompile if that ever changes).
+    if offset != 0 and (offset >= 0) is not sympy.true and not guard_or_false(kv_len >= q_len):
         raise NotAnalyzable("S_kv may be shorter than S_q (rows without keys)")
     right = -1 if upper is None else _static_window(_constant_part(upper - offset, shape_env), "right")
     left = -1 if lower is None else _static_window(_constant_part(offset - lower, shape_env), "left")
@@ -957,9 +1047,10 @@ _KEEP = sympy.Symbol("key_kept")
 _SAME_DOCUMENT = sympy.Symbol("same_document")
 
 
-def _documents(expr, sources: dict[str, Node], q_len, kv_len) -> tuple[Any, Node | None]:
+def _documents(expr, sources: dict[str, Node], q_len, kv_len) -> tuple[Any, Node | FixedBlocks | None]:
     """Replace ``seg[batch, q_idx] == seg[batch, kv_idx]`` (or ``seg[q_idx] == seg[kv_idx]`` of ids shared by every
-    row) by a plain boolean symbol; return the (B, S) or (S,) source."""
+    row, or fixed blocks ``q_idx // c == kv_idx // c``) by a plain boolean symbol; return the (B, S) or (S,) source,
+    or the blocks."""
     def is_document_test(eq):
         kinds = {type(side) for side in eq.args}
         if len(kinds) != 1 or not kinds <= {ValueLookup, VectorLookup} or eq.args[0].args[0] != eq.args[1].args[0]:
@@ -967,6 +1058,9 @@ def _documents(expr, sources: dict[str, Node], q_len, kv_len) -> tuple[Any, Node
         rows = (_B,) if kinds == {ValueLookup} else ()
         return {tuple(side.args[1:]) for side in eq.args} == {(*rows, _I), (*rows, _J)}
 
+    blocks = _fixed_blocks(expr, q_len, kv_len)
+    if blocks is not None:
+        return blocks
     matches = [eq for eq in expr.atoms(sympy.Eq) if is_document_test(eq)]
     if not matches:
         return expr, None
@@ -983,6 +1077,30 @@ def _documents(expr, sources: dict[str, Node], q_len, kv_len) -> tuple[Any, Node
     return expr.xreplace({eq: _SAME_DOCUMENT for eq in matches}), source
 
 
+def _fixed_blocks(expr, q_len, kv_len) -> tuple[Any, FixedBlocks] | None:
+    """``q_idx // c == kv_idx // c`` (or ``!=``, one ``c``) replaced by the document symbol, with its :class:`FixedBlocks`; None
+    where the mask has no such test."""
+    def block(side):
+        if isinstance(side, sympy.floor):
+            numerator, denominator = side.args[0].as_numer_denom()
+            if numerator in (_I, _J) and denominator.is_Integer and denominator > 0:
+                return numerator, int(denominator)
+        return None
+
+    tests = {eq: (block(eq.lhs), block(eq.rhs)) for eq in expr.atoms(sympy.Eq, sympy.Ne)}
+    matches = {eq: sides for eq, sides in tests.items()
+               if None not in sides and {sides[0][0], sides[1][0]} == {_I, _J} and sides[0][1] == sides[1][1]}
+    if not matches:
+        return None
+    sizes = {sides[0][1] for sides in matches.values()}
+    if len(sizes) > 1:
+        raise NotAnalyzable(f"the mask compares blocks of sizes {sorted(sizes)}")
+    if not statically_known_true(q_len == kv_len):
+        raise NotAnalyzable("a fixed-block mask with S_q != S_kv")
+    return expr.xreplace({eq: _SAME_DOCUMENT if isinstance(eq, sympy.Eq) else sympy.Not(_SAME_DOCUMENT)
+                          for eq in matches}), FixedBlocks(sizes.pop())
+
+
 _DOCUMENT_OFFSET = sympy.Symbol("document_offset", integer=True)
 
 
@@ -992,7 +1110,7 @@ def _positions_within_documents(expr, segment_ids: Node | None, sources: dict[st
     one (:func:`_restart_positions`): within a document positions then differ exactly as indices do. Hugging Face
     >= 5.23 evaluates a packed batch's causal or window part on its ``position_ids`` this way; a bound left
     depending on ``d`` (one position alone) is rejected later."""
-    positions = _restart_positions(segment_ids) if segment_ids is not None else None
+    positions = _restart_positions(segment_ids) if isinstance(segment_ids, Node) else None
     if positions is None or not (isinstance(expr, sympy.And) and _SAME_DOCUMENT in expr.args):
         return expr
     mapping = {}

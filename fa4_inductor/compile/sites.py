@@ -64,6 +64,14 @@ class Operand:
 
 
 @dataclasses.dataclass(frozen=True)
+class FixedBlocks:
+    """Documents of ``size`` consecutive positions, ``q_idx // size == kv_idx // size`` (torchtitan's fixed-block
+    mask): the segment ids ``arange(S) // size``, shared by every row, which emission writes."""
+
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
 class FA4Params:
     """What a site's FA4 call computes: ``fa4.flash_attn_fwd``'s parameters after q, k and v, as the analysis found
     them. The masks are their sources in the graph (a 0/1 or bool padding input that hides the keys where it is
@@ -78,7 +86,7 @@ class FA4Params:
     key_padding: Node | None = None
     key_padding_hides: bool = False
     key_lengths: Node | None = None
-    segment_ids: Node | None = None
+    segment_ids: Node | FixedBlocks | None = None
     # A mask given as data, decided at run time (``fa4.flash_attn_data_mask``); True in a bool one hides with
     # ``data_mask_hides``.
     data_mask: Node | None = None
@@ -88,7 +96,7 @@ class FA4Params:
     def mask_sources(self) -> tuple[Node, ...]:
         """The graph tensors the call reads its masks from."""
         return tuple(n for n in (self.key_padding, self.key_lengths, self.segment_ids, self.data_mask)
-                     if n is not None)
+                     if isinstance(n, Node))
 
 
 @dataclasses.dataclass(frozen=True)

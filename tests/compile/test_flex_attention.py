@@ -61,6 +61,14 @@ def _documents_padding_window(b, h, q_idx, kv_idx):
     return _documents(b, h, q_idx, kv_idx) & PADDING[b, kv_idx] & (q_idx - kv_idx < 40) & (q_idx >= kv_idx)
 
 
+def _fixed_blocks(b, h, q_idx, kv_idx):  # torchtitan's fixed-block mask_mod
+    return q_idx // 64 == kv_idx // 64
+
+
+def _causal_fixed_blocks(b, h, q_idx, kv_idx):  # and_masks(causal, fixed blocks)
+    return (q_idx >= kv_idx) & (q_idx // 48 == kv_idx // 48)
+
+
 MASK_MODS = {  # name: (mask_mod, expected FA4 features)
     "full": (None, dict(causal=False, window=None, padding=False, documents=False)),
     "causal": (_causal, dict(causal=True, window=None, padding=False, documents=False)),
@@ -72,6 +80,8 @@ MASK_MODS = {  # name: (mask_mod, expected FA4 features)
     "shared_documents": (_shared_documents, dict(causal=False, window=None, padding=False, documents=True)),
     "documents_padding_window": (_documents_padding_window,
                                  dict(causal=False, window=(39, 0), padding=True, documents=True)),
+    "fixed_blocks": (_fixed_blocks, dict(causal=False, window=None, padding=False, documents=True)),
+    "causal_fixed_blocks": (_causal_fixed_blocks, dict(causal=True, window=None, padding=False, documents=True)),
 }
 
 

@@ -103,6 +103,28 @@ def meta_llama_prefill(q, k, v, start_pos=0):
     return torch.matmul(F.softmax(scores.float(), dim=-1).type_as(q), v)
 
 
+def hf_make_causal_mask(q, k, v):
+    """transformers 4.x ``_make_causal_mask``: a finfo.min matrix whose lower triangle is filled with 0 in place."""
+    mask = torch.full((q.shape[2], q.shape[2]), torch.finfo(q.dtype).min)
+    condition = torch.arange(mask.size(-1))
+    mask.masked_fill_(condition < (condition + 1).view(mask.size(-1), 1), 0)
+    mask = mask.to(q.dtype)[None, None, :, :].expand(q.shape[0], 1, q.shape[2], q.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def fixed_blocks(q, k, v):
+    """Block-diagonal attention over fixed blocks of 8 positions (torchtitan's ``q_idx // c == kv_idx // c``)."""
+    i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(i // 8) == (j // 8))
+
+
+def causal_fixed_blocks(q, k, v):
+    i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+    scores = (q @ k.transpose(-2, -1) * 0.25).masked_fill((torch.div(i, 5, rounding_mode="floor") != j // 5) | (j > i),
+                                                         float("-inf"))
+    return scores.softmax(-1) @ v
+
+
 def cloned_probabilities(q, k, v):
     return (q @ k.transpose(-2, -1) * 0.25).softmax(-1).clone().matmul(v)
 
@@ -146,6 +168,8 @@ SPELLINGS = {  # name: (program, causal, window)
     "zero_dim_tensor_scale_and_fill": (zero_dim_tensor_scale_and_fill, True, None),
     "zero_dim_tensor_factor": (zero_dim_tensor_factor, False, None),
     "falcon_inplace_div": (falcon_inplace_div, True, None), "inplace_mul": (inplace_mul, False, None),
+    "hf_make_causal_mask": (hf_make_causal_mask, True, None), "fixed_blocks": (fixed_blocks, False, None),
+    "causal_fixed_blocks": (causal_fixed_blocks, True, None),
 }
 
 
@@ -164,6 +188,28 @@ def test_spelling_runs_fa4_and_matches_eager(name, dynamic):
     fn, causal, window = SPELLINGS[name]
     record = _compare(fn, _qkv(), dynamic=dynamic)
     assert record.features["causal"] == causal and record.features["window"] == window
+
+
+def meta_llama_chunk(q, k, v, start_pos):
+    """meta-llama's prefill of a chunk after ``start_pos`` cached tokens: every cached key kept, causal within the
+    chunk, joined with ``hstack``: FA4's bottom-right causal over S_kv = start_pos + S_q keys."""
+    mask = torch.full((q.shape[2], q.shape[2]), float("-inf")).triu(1)
+    mask = torch.hstack([torch.zeros((q.shape[2], start_pos)), mask]).type_as(q)
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(q.shape[-1]) + mask
+    return torch.matmul(F.softmax(scores.float(), dim=-1).type_as(q), v)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_meta_llama_chunk_after_a_cache_is_bottom_right_causal(dynamic):
+    q, _, _ = _qkv()
+    compiled = torch.compile(meta_llama_chunk, fullgraph=True, dynamic=dynamic)
+    for start_pos in (8, 13):
+        k, v = (torch.randn(B, H, S + start_pos, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+        with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+            assert_matches_eager(meta_llama_chunk, compiled, [q, k, v], (start_pos,))
+        (record,) = stats.site_records()[-1:]
+        assert record.decision == "fa4" and record.features["causal"], record.reason
+    assert len(stats.site_records()) == (1 if dynamic else 2)  # dynamic: one graph serves both cache lengths
 
 
 @pytest.mark.parametrize("form", ["extended", "extended_eager"])
@@ -201,19 +247,30 @@ def test_a_position_bias_tensor_takes_pytorchs_route_at_run_time():
     assert stats.counters["data_mask.pytorch"] >= 1 and stats.counters["data_mask.fa4"] == 0
 
 
-def test_a_mask_joined_from_two_filled_pieces_falls_back_with_its_reason():
-    """meta-llama's mask with a cache offset (``start_pos`` > 0): two filled pieces, not modeled; the site stays."""
+def test_a_mask_joined_from_two_filled_pieces_is_read_piece_by_piece():
+    """meta-llama's cache-offset join at S_q == S_kv: 8 keys all kept, then causal shifted by 8: ``kv_idx - q_idx <=
+    8`` everywhere (the kept block lies inside that band), FA4's window (-1, 8)."""
     def fn(q, k, v):
         offset = 8
         mask = torch.full((q.shape[2], k.shape[2] - offset), float("-inf")).triu(1)
         mask = torch.cat([torch.zeros((q.shape[2], offset)), mask], dim=-1).type_as(q)
         return torch.softmax((q @ k.transpose(-1, -2) + mask).float(), dim=-1).type_as(q) @ v
 
+    record = _compare(fn, _qkv())
+    assert record.features["window"] == (-1, 8) and not record.features["causal"]
+
+
+def test_a_joined_mask_that_is_no_band_falls_back_with_its_reason():
+    """The first 8 keys kept, the rest hidden: a bound on kv_idx alone, which FA4 has no parameter for."""
+    def fn(q, k, v):
+        mask = torch.cat([torch.zeros((q.shape[2], 8)), torch.full((q.shape[2], k.shape[2] - 8), float("-inf"))], 1)
+        return torch.softmax((q @ k.transpose(-1, -2) + mask.type_as(q)).float(), dim=-1).type_as(q) @ v
+
     q, k, v = (t.detach() for t in _qkv())
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
         got = torch.compile(fn)(q, k, v)
     (record,) = stats.site_records()
-    assert record.decision == "fallback" and "2 non-empty pieces with cat" in record.reason, record.reason
+    assert record.decision == "fallback" and "not a bound on kv_idx - q_idx" in record.reason, record.reason
     torch.testing.assert_close(got, fn(q, k, v))
 
 

@@ -103,7 +103,7 @@ def _scales_by_ln2(node: Node) -> bool:
 
 def _reads_batch(structure: MaskStructure) -> bool:
     """Does the mask differ between batch rows (padding, per-row documents)? Ids shared by every row don't."""
-    per_row_documents = structure.segment_ids is not None and example_value(structure.segment_ids).dim() == 2
+    per_row_documents = isinstance(structure.segment_ids, Node) and example_value(structure.segment_ids).dim() == 2
     return structure.key_padding is not None or structure.key_lengths is not None or per_row_documents
 
 
