@@ -54,3 +54,22 @@ def rewriting_backend(records: list):
         gm.recompile()
         return gm
     return backend
+
+
+def _errors(result, exact) -> dict:
+    """Relative error of the logits and of each gradient that is not zero in exact math, against ``exact``."""
+    pairs = [("logits", result[0], exact[0]), *((key, result[1][key], truth) for key, truth in exact[1].items())]
+    return {key: relative_error(value, truth) for key, value, truth in pairs if truth.norm() >= 1e-5}
+
+
+def assert_as_exact_as_stock(got, eager, stock, exact, *, factor: float = 1.25, margin: float = 1e-2):
+    """Every output and gradient of the compiled bf16 model (``got``: the outputs and a dict of parameter gradients)
+    as close to the float32 model's (``exact``) as bf16 eager's or, where Inductor's own rounding moves it
+    (``stock()``, compiled without the plugin), stock's: within ``factor`` times that error plus ``margin``."""
+    got_errors, eager_errors = _errors(got, exact), _errors(eager, exact)
+    worse = [key for key in got_errors if got_errors[key] > factor * eager_errors[key] + margin]
+    if worse:
+        stock_errors = _errors(stock(), exact)
+        worse = [key for key in worse
+                 if got_errors[key] > factor * max(eager_errors[key], stock_errors[key]) + margin]
+    assert not worse, {key: (got_errors[key], eager_errors[key]) for key in worse}

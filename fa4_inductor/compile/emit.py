@@ -150,6 +150,10 @@ def _operand(graph: Graph, operand: Operand) -> Node:
         node = call_with_meta(graph, torch.transpose, (node, -2, -1))
     if operand.one_head:
         node = call_with_meta(graph, torch.unsqueeze, (node, 1))
+    for head_scale in operand.head_scales:
+        node = call_with_meta(graph, torch.div if head_scale.divides else torch.mul, (node, head_scale.factor))
+    if operand.head_scales:  # a float32 factor promotes the product: FA4 reads q in its own dtype
+        node = call_with_meta(graph, torch.Tensor.to, (node, example_value(operand.source).dtype))
     return node
 
 

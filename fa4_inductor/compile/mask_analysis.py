@@ -582,8 +582,10 @@ class _Evaluator:
 
     @staticmethod
     def _gather(value, index):
-        """``value[t0, t1, ...]`` with one index tensor per axis (advanced indexing)."""
-        if not isinstance(value, IndexTensor) or len(index) != value.ndim:
+        """``value[t0, t1, ...]`` with index tensors for the leading axes (advanced indexing): the result's axes are
+        the indices' broadcast ones, then ``value``'s axes that were not indexed (a mask_mod's ``pad[b][kv_idx]``
+        reads row ``b``, then its entry ``kv_idx``)."""
+        if not isinstance(value, IndexTensor) or not 0 < len(index) <= value.ndim:
             raise ReadsData("the mask gathers with an index tensor")
         if not all(isinstance(i, IndexTensor) for i in index):
             raise NotAnalyzable("the mask gathers with something other than index arithmetic")
@@ -591,7 +593,9 @@ class _Evaluator:
             raise NotAnalyzable("the mask is indexed by a boolean tensor (a selection, not a gather)")
         exprs, ndim = _broadcast(*index)
         mapping = {_axis(k): e for k, e in enumerate(exprs)}
-        return IndexTensor(value.expr.xreplace(mapping), ndim, value.additive)
+        kept = range(len(index), value.ndim)
+        mapping.update({_axis(axis): _axis(ndim + position) for position, axis in enumerate(kept)})
+        return IndexTensor(value.expr.xreplace(mapping), ndim + len(kept), value.additive)
 
     def _concatenation(self, node: Node, name: str, example: torch.Tensor) -> IndexTensor:
         """``cat``/``hstack`` of masks of one kind (0/-inf, or boolean): along the joined axis, each index reads the
@@ -1078,8 +1082,8 @@ def _documents(expr, sources: dict[str, Node], q_len, kv_len) -> tuple[Any, Node
 
 
 def _fixed_blocks(expr, q_len, kv_len) -> tuple[Any, FixedBlocks] | None:
-    """``q_idx // c == kv_idx // c`` (or ``!=``, one ``c``) replaced by the document symbol, with its :class:`FixedBlocks`; None
-    where the mask has no such test."""
+    """``q_idx // c == kv_idx // c`` (or ``!=``, one ``c``) replaced by the document symbol, with its
+    :class:`FixedBlocks`; None where the mask has no such test."""
     def block(side):
         if isinstance(side, sympy.floor):
             numerator, denominator = side.args[0].as_numer_denom()

@@ -43,14 +43,25 @@ class GraphScale:
 
 
 @dataclasses.dataclass(frozen=True)
+class HeadScale:
+    """A factor of the scores that differs per head: a tensor shaped (..., H or 1, 1, 1) (a learned temperature).
+    Emission multiplies it into q (divides, with ``divides``) in q's dtype, which FA4 then reads: autograd sees the
+    product, so a learned factor gets its gradient."""
+
+    factor: Node
+    divides: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Operand:
     """A (B, H, S, D) operand of the FA4 call: ``source`` as the graph has it, seen through the views emission
     writes (``transposed``: ``source`` is kᵀ, transposed back; ``one_head``: a (B * H, S, D) ``bmm`` operand read
-    as (B * H, 1, S, D))."""
+    as (B * H, 1, S, D)) and the per-head factors it writes into q."""
 
     source: Node
     transposed: bool = False
     one_head: bool = False
+    head_scales: tuple[HeadScale, ...] = ()  # q only
 
     @property
     def example(self) -> Any:

@@ -155,6 +155,20 @@ def test_mask_mods_run_fa4_and_match(mask, heads_kv, cpu_backward):
     _only_site({**expected, "gqa_ratio": H // heads_kv, "block_mask": "built in graph"})
 
 
+def _padded_causal_row_lookup(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & PADDING[b][kv_idx]
+
+
+def test_a_padding_row_looked_up_then_indexed_runs_fa4(cpu_backward):
+    """``pad[b][kv_idx]`` (a row, then its entry) is ``pad[b, kv_idx]``: FA4's key padding. Stock FlexAttention fails
+    on this spelling (eager ``create_block_mask`` and Inductor's lowering, torch 2.13 and 2.15), so the reference is
+    the ``pad[b, kv_idx]`` program."""
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        assert_matches_eager(lambda q, k, v: reference(q, k, v, mask_mod=_padded_causal)[0],
+                             torch.compile(_flex(_padded_causal_row_lookup), fullgraph=True), _qkv())
+    _only_site(dict(causal=True, padding=True))
+
+
 @pytest.mark.parametrize("score", list(SCORE_MODS))
 def test_score_mods_run_fa4_and_match(score, cpu_backward):
     score_mod, softcap = SCORE_MODS[score]

@@ -212,6 +212,32 @@ def test_meta_llama_chunk_after_a_cache_is_bottom_right_causal(dynamic):
     assert len(stats.site_records()) == (1 if dynamic else 2)  # dynamic: one graph serves both cache lengths
 
 
+def per_head_temperature(q, k, v, temperature):
+    """A learned temperature per head, (H, 1, 1), on the scores."""
+    return (q @ k.transpose(-2, -1) * temperature).softmax(-1) @ v
+
+
+def per_head_divisor(q, k, v, temperature):
+    return F.softmax(q @ k.transpose(-2, -1) / temperature.view(1, H, 1, 1), dim=-1) @ v
+
+
+def per_head_query_factor(q, k, v, temperature):
+    i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+    scores = (q * temperature) @ k.transpose(-2, -1)
+    return scores.masked_fill(j > i, float("-inf")).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("fn, low", [(per_head_temperature, 0.15), (per_head_divisor, 3.0),
+                                     (per_head_query_factor, 0.15)], ids=["temperature", "divisor", "query_factor"])
+def test_a_per_head_factor_is_written_into_q_and_gets_its_gradient(fn, low, dynamic):
+    """FA4 has one softmax scale; a factor per head (a learned temperature) is multiplied into q before the call,
+    where autograd gives it its gradient (compared with eager's here, as an input). Factors near 1/sqrt(D) (divisors
+    near sqrt(D)): larger scores make bf16 eager's own rounding the larger error."""
+    temperature = (low * (1 + torch.rand(H, 1, 1))).to(torch.bfloat16).requires_grad_()
+    _compare(fn, [*_qkv(), temperature], dynamic=dynamic)
+
+
 @pytest.mark.parametrize("form", ["extended", "extended_eager"])
 def test_bert_extended_padding_mask(form):
     """``(1.0 - mask) * finfo.min`` over a (B, 1, 1, S) 0/1 attention mask: FA4 key padding."""

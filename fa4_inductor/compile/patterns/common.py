@@ -221,7 +221,8 @@ def decide(
                        window_right=window[1], softcap=_as_float(constants["softcap"]), **masks)
     if reason is None and context.mutations is not None:
         reason = context.mutations.unsafe_read(
-            node, [t.source for t in (query, key, value)] + list(params.mask_sources), modeled, read_inputs)
+            node, [t.source for t in (query, key, value)] + [h.factor for h in query.head_scales]
+            + list(params.mask_sources), modeled, read_inputs)
     features.update(causal=causal, window=None if window == (-1, -1) else window)
     return SiteDecision(node, reason, features, params if reason is None else None, operands)
 

@@ -28,7 +28,8 @@ from torch.fx import Node
 from fa4_inductor.compile import mask_analysis, modeled_ops
 from fa4_inductor.compile.fx_utils import example_value, op_name
 from fa4_inductor.compile.emit import call_with_meta, emit_fa4, replace_output, replace_with_fa4
-from fa4_inductor.compile.sites import AttentionPattern, GraphScale, Operand, RewriteContext, SiteDecision, register
+from fa4_inductor.compile.sites import (AttentionPattern, GraphScale, HeadScale, Operand, RewriteContext, SiteDecision,
+                                        register)
 
 from .common import decide, guarded_value
 
@@ -92,6 +93,23 @@ def _constant_operand(node: Node) -> tuple[Node, Any] | None:
     return None
 
 
+def _head_factor(node: Node) -> tuple[Node, Node] | None:
+    """For ``x * t`` / ``t * x`` / ``x / t`` with ``t`` a float tensor that varies along the head axis of a 4-D ``x``
+    only (shaped (..., H or 1, 1, 1)): (x, t); None otherwise."""
+    pairs = ((node.args[0], node.args[1]),) if _is(node, "div", "truediv", "__truediv__") \
+        else ((node.args[0], node.args[1]), (node.args[1], node.args[0]))
+    for x, factor in pairs:
+        x_value, factor_value = example_value(x), example_value(factor)
+        if not (isinstance(x, Node) and isinstance(factor, Node) and isinstance(x_value, torch.Tensor)
+                and isinstance(factor_value, torch.Tensor) and factor_value.is_floating_point()):
+            continue
+        shape = tuple(factor_value.shape)
+        if x_value.dim() == 4 and 3 <= len(shape) <= 4 and shape[-2:] == (1, 1) and shape[:-3] in ((), (1,)) \
+                and shape[-3] in (1, x_value.shape[1]):
+            return x, factor
+    return None
+
+
 def _is(node: Any, *names: str) -> bool:
     """Is ``node`` a call of one of ``names``? A call with an argument the analysis does not model (a division's
     ``rounding_mode``, an ``alpha``, an ``out``) makes the site fall back, naming it."""
@@ -142,9 +160,10 @@ def _is_float_cast(node: Node) -> bool:
         node.args[0]).device
 
 
-def _peel_factors(node: Any, factors: list, operand: bool = False) -> Any:
+def _peel_factors(node: Any, factors: list, operand: bool = False, per_head: bool = True) -> Any:
     """See through ``x * c``, ``c * x`` and ``x / c`` with scalar ``c`` (and casts, on an ``operand`` of the scores
-    only those that keep its values); collect the factors."""
+    only those that keep its values), and with ``per_head`` a factor per head (:func:`_head_factor`; not on k,
+    whose heads GQA may repeat); collect the factors."""
     while True:
         node = _peel_casts(node, exact_only=operand)
         # In-place spellings too (Falcon's ``scores /= sqrt(d)``): the write's value is the product's, and
@@ -158,13 +177,17 @@ def _peel_factors(node: Any, factors: list, operand: bool = False) -> Any:
             divisor = _scalar(node.args[1])
             factors.append(1.0 / divisor if isinstance(divisor, (int, float)) else GraphScale(divisors=(divisor,)))
             node = node.args[0]
+        elif per_head and _is(node, "mul", "__mul__", "div", "truediv", "__truediv__") and _head_factor(node):
+            divides = not _is(node, "mul", "__mul__")
+            node, factor = _head_factor(node)
+            factors.append(HeadScale(factor, divides))
         else:
             return node
 
 
 def _scale(factors: list) -> Any:
     """One softmax scale from the factors found around the scores: a number, or a :class:`GraphScale`."""
-    number = math.prod(f for f in factors if isinstance(f, (int, float)))
+    number = math.prod(f for f in factors if isinstance(f, (int, float)))  # per-head factors go into q
     divisors = tuple(d for f in factors if isinstance(f, GraphScale) for d in f.divisors)
     symbolic = tuple(f for f in factors if isinstance(f, Node))
     return GraphScale(number, symbolic, divisors) if symbolic or divisors else number
@@ -242,7 +265,7 @@ def _peel_scale(node: Node) -> dict[str, Any]:
         query, key_t = node.args[1:3] if _is(node, "baddbmm") else node.args[:2]
         if _is(node, "baddbmm"):
             _peel_baddbmm(node, factors, found)
-        key_t = _peel_factors(key_t, factors, operand=True)
+        key_t = _peel_factors(key_t, factors, operand=True, per_head=False)
         rank = example_value(node).dim()
         if _is_last_two_transposed(key_t):
             key = key_t.args[0]
@@ -253,8 +276,9 @@ def _peel_scale(node: Node) -> dict[str, Any]:
     else:
         raise NoMatch("the scores are not q @ k^T")
     found["query"] = _peel_factors(query, factors, operand=True)
-    found["key"] = _peel_factors(key, factors, operand=True) if key is not None else None
+    found["key"] = _peel_factors(key, factors, operand=True, per_head=False) if key is not None else None
     found["scale"] = _scale(factors)
+    found["head_scales"] = tuple(f for f in factors if isinstance(f, HeadScale))
     return found
 
 
@@ -330,7 +354,10 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
     one_head = len(shape) == 3  # (B * H, S, D) operands (bmm): one head each, read as (B * H, 1, S, D)
     key = Operand(scores["key_transposed"], transposed=True, one_head=one_head) if scores["key"] is None \
         else Operand(scores["key"], one_head=one_head)  # kᵀ written some other way (permute, .mT): transposed back
-    query, value = Operand(scores["query"], one_head=one_head), Operand(value, one_head=one_head)
+    if one_head and scores["head_scales"]:
+        return SiteDecision(softmax, "a per-head factor on (B * H, S, S) scores, which the pattern does not follow", {})
+    query = Operand(scores["query"], one_head=one_head, head_scales=scores["head_scales"])
+    value = Operand(value, one_head=one_head)
     return decide(
         output, context, query, key, value, dropout_p=dropout_p,
         scale=scores["scale"], enable_gqa=False, attn_mask=scores["mask"], softcap=scores["softcap"],
