@@ -168,6 +168,13 @@ def _aligned(value: IndexTensor, shape: tuple) -> Any:
         for k, size in enumerate(value.shape)})
 
 
+def _nonnegative_at_every_index(value: IndexTensor) -> bool:
+    """Is ``value`` >= 0 wherever it is read (its axis indices are >= 0)?"""
+    expr = sympy.sympify(value.expr)
+    indices = {_axis(k): sympy.Dummy(integer=True, nonnegative=True) for k in range(value.ndim)}
+    return expr.xreplace(indices).is_nonnegative is True
+
+
 def _broadcast_shape(*shapes: tuple) -> tuple:
     """The shape tensors of ``shapes`` broadcast to (a size 1 where every one has size 1)."""
     ndim = max((len(s) for s in shapes), default=0)
@@ -321,8 +328,9 @@ class _Evaluator:
         name = modeled_ops.IN_PLACE.get(name, name)  # an in-place op read as the value it leaves in its tensor
         if name not in modeled_ops.IN_PLACE.values() and graph_mutations.written(node):
             raise NotAnalyzable(f"the mask is written in place by {name}, which the analysis does not model")
-        if name == "div" and node.kwargs.get("rounding_mode") == "floor":
-            name = "floor_divide"
+        rounding = node.kwargs.get("rounding_mode") if name == "div" else None
+        if rounding in ("floor", "trunc"):
+            name = "floor_divide"  # truncation too, on values the model proves nonnegative (_floor_divide)
         unmodeled = modeled_ops.unmodeled_argument(node, name)
         if unmodeled is not None:
             raise NotAnalyzable(f"the mask uses {unmodeled}")
@@ -363,7 +371,7 @@ class _Evaluator:
         if name in _COMPARE or name in _ARITH:
             return self._binary(name, args)
         if name in _FLOOR_DIVIDE:
-            return self._floor_divide(args[:2])
+            return self._floor_divide(args[:2], truncates=rounding == "trunc")
         if name in _LOGIC:
             return self._logic(name, args)
         if name == "logical_not" and isinstance(args[0], IndexTensor):
@@ -459,14 +467,17 @@ class _Evaluator:
         return IndexTensor(_ARITH[name](a, b), ndim)
 
     @staticmethod
-    def _floor_divide(args) -> IndexTensor:
-        """``index // c`` of index arithmetic by a positive integer constant (fixed blocks of positions)."""
+    def _floor_divide(args, truncates: bool = False) -> IndexTensor:
+        """``index // c`` of index arithmetic by a positive integer constant (fixed blocks of positions); a division
+        that ``truncates`` is the same where the values are nonnegative (indices are)."""
         value, divisor = args
         if not isinstance(value, IndexTensor) or value.additive or _is_boolean(value.expr) or \
                 sympy.sympify(value.expr).is_integer is not True:
             raise NotAnalyzable("floor division of values that are not integer index arithmetic")
         if not isinstance(divisor, int) or isinstance(divisor, bool) or divisor <= 0:
             raise NotAnalyzable(f"floor division by {divisor!r}, not a positive integer constant")
+        if truncates and not _nonnegative_at_every_index(value):
+            raise NotAnalyzable("a truncating division of values that may be negative")
         return IndexTensor(sympy.floor(value.expr / divisor), value.ndim, shape=value.shape)
 
     @staticmethod

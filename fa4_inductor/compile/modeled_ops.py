@@ -102,8 +102,9 @@ TABLE: Mapping[str, ModeledOp] = MappingProxyType({
     "__rsub__": _BINARY,
     **{name: _BINARY for name in ("mul", "__mul__", "__rmul__", "truediv", "__truediv__")},
     "div": _op("self other", "true division (no rounding)", "self other", rounding_mode=None),
-    # ``div(..., rounding_mode="floor")`` is read as ``floor_divide`` (by the mask analysis only).
-    **{name: _op("self other", "division rounded down", "self other", rounding_mode="floor")
+    # ``div(..., rounding_mode="floor" | "trunc")`` is read as ``floor_divide`` (by the mask analysis only, "trunc"
+    # where the values are nonnegative).
+    **{name: _op("self other rounding_mode", "division rounded down", "self other rounding_mode")
        for name in ("floordiv", "__floordiv__", "floor_divide")},
     # casts and copies: the result's dtype is read from the graph
     **{name: _CAST for name in DTYPE_CASTS - {"to", "type", "type_as"}},

@@ -26,7 +26,7 @@ from tests.compile.flex_reference import flex_reference
 
 SPELLINGS = ("sdpa", "sdpa_repeat_kv", "matmul", "matmul_div", "einsum", "prescaled_q", "whisper", "llama_ref",
              "masked_fill")
-BANDS = ("none", "causal", "window", "abs_window", "tril")
+BANDS = ("none", "causal", "window", "abs_window", "tril", "fixed_blocks")
 EXTRAS = ("none", "padding", "bert_extended", "documents", "relative_bias", "query_padding", "or_mask", "data_mask")
 UNEXPRESSIBLE = ("relative_bias", "query_padding", "or_mask")
 # How the mask and scores are built: out of place, in place where the rewrite applies the writes, or with the scores
@@ -57,8 +57,10 @@ class Program:
 
     @property
     def expressible(self) -> bool:
-        """Can the rewrite compute this program on FA4 (a late write of the scores: no, by design)?"""
-        return self.extra not in UNEXPRESSIBLE and not self.late_write
+        """Can the rewrite compute this program on FA4 (a late write of the scores: no, by design; fixed blocks
+        and-ed with documents: two partitions, which the rewrite does not merge)?"""
+        return self.extra not in UNEXPRESSIBLE and not self.late_write and not (
+            self.band == "fixed_blocks" and self.extra == "documents")
 
     @property
     def late_write(self) -> bool:
@@ -125,6 +127,8 @@ def _keep(program: Program, q, padding, segments) -> torch.Tensor | None:
         keep = (i - j).abs() <= 3
     elif program.band == "tril":
         keep = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    elif program.band == "fixed_blocks":  # truncation: Inductor's CPU code for arange(n) // c is wrong past a vector
+        keep = torch.div(i, 6, rounding_mode="trunc") == torch.div(j, 6, rounding_mode="trunc")
     b = torch.arange(q.shape[0], device=q.device)[:, None, None, None]
     extra = None
     if program.extra in ("padding", "bert_extended", "data_mask"):
@@ -186,6 +190,7 @@ def _flex_mods(program: Program, padding, segments, bias):
         "window": lambda q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx < 5),
         "abs_window": lambda q_idx, kv_idx: (q_idx - kv_idx).abs() <= 3,
         "tril": lambda q_idx, kv_idx: kv_idx <= q_idx,
+        "fixed_blocks": lambda q_idx, kv_idx: q_idx // 6 == kv_idx // 6,
     }
     lengths = padding.sum(-1)
     extras = {
@@ -274,8 +279,8 @@ def random_programs(count: int, seed: int = 0, max_seqlen: int = 40, spellings=S
     for index in range(count):
         heads = rng.choice((2, 4))
         band, extra = rng.choice(BANDS), rng.choice(EXTRAS)
-        if extra in ("padding", "bert_extended", "data_mask") and band in ("window", "abs_window"):
-            band = "causal"  # a window past a row's last key would leave query rows with no key at all
+        if extra in ("padding", "bert_extended", "data_mask") and band in ("window", "abs_window", "fixed_blocks"):
+            band = "causal"  # a window or block past a row's last key would leave query rows with no key at all
         program = Program(
             spelling=rng.choice(spellings), band=band, extra=extra, batch=rng.choice((1, 2, 3)), heads=heads,
             heads_kv=rng.choice((heads, heads // 2)), seqlen=rng.randint(5, max_seqlen), head_dim=rng.choice(head_dims),

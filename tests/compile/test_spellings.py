@@ -125,6 +125,13 @@ def causal_fixed_blocks(q, k, v):
     return scores.softmax(-1) @ v
 
 
+def truncated_fixed_blocks(q, k, v):
+    """Truncating division, floor division on positions."""
+    i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+    same = torch.div(i, 6, rounding_mode="trunc") == torch.div(j, 6, rounding_mode="trunc")
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=same)
+
+
 def cloned_probabilities(q, k, v):
     return (q @ k.transpose(-2, -1) * 0.25).softmax(-1).clone().matmul(v)
 
@@ -170,6 +177,7 @@ SPELLINGS = {  # name: (program, causal, window)
     "falcon_inplace_div": (falcon_inplace_div, True, None), "inplace_mul": (inplace_mul, False, None),
     "hf_make_causal_mask": (hf_make_causal_mask, True, None), "fixed_blocks": (fixed_blocks, False, None),
     "causal_fixed_blocks": (causal_fixed_blocks, True, None),
+    "truncated_fixed_blocks": (truncated_fixed_blocks, False, None),
 }
 
 
@@ -284,6 +292,20 @@ def test_a_mask_joined_from_two_filled_pieces_is_read_piece_by_piece():
 
     record = _compare(fn, _qkv())
     assert record.features["window"] == (-1, 8) and not record.features["causal"]
+
+
+def test_a_truncating_division_of_signed_values_falls_back_with_its_reason():
+    """``trunc((i - j) / 4) == 0`` is ``|i - j| <= 3``, not what floor division would give: not read as floor."""
+    def fn(q, k, v):
+        i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.div(i - j, 4, rounding_mode="trunc") == 0)
+
+    q, k, v = (t.detach() for t in _qkv())
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = torch.compile(fn)(q, k, v)
+    (record,) = stats.site_records()
+    assert record.decision == "fallback" and "truncating division" in record.reason, record.reason
+    torch.testing.assert_close(got, fn(q, k, v))
 
 
 def test_a_joined_mask_that_is_no_band_falls_back_with_its_reason():
