@@ -41,7 +41,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_kno
 from fa4_inductor.compile import graph_mutations, modeled_ops
 from fa4_inductor._torch_private import is_tensor_property_symbol, symbol_hint
 from fa4_inductor.compile.fx_utils import op_name
-from fa4_inductor.compile.sites import FixedBlocks
+from fa4_inductor.compile.sites import AddedMasks, FixedBlocks
 
 _I, _J, _B, _H = sympy.symbols("q_idx kv_idx batch head", integer=True, nonnegative=True)
 
@@ -354,6 +354,8 @@ class _Evaluator:
             return self._passthrough(self.value(node.args[0], node), example)
         if name in ("cat", "concat", "concatenate", "hstack") and isinstance(example, torch.Tensor):
             return self._concatenation(node, name, example)
+        if name == "pad" and isinstance(example, torch.Tensor):
+            return self._pad(node, example)
         if name == "unflatten" and isinstance(example, torch.Tensor):
             raise NotAnalyzable(f"the mask's axis {node.args[1]} is split into {node.args[2]}: heads folded into the "
                                 "batch, as a 3-D (B * heads, L, S) attn_mask has them, a mask per batch row and head "
@@ -635,6 +637,37 @@ class _Evaluator:
             start = end
         return IndexTensor(sympy.Or(*parts), example.dim(), values[0].additive)
 
+    def _pad(self, node: Node, example: torch.Tensor) -> IndexTensor:
+        """``F.pad(mask, (left, right, ...), value=v)`` in constant mode: inside, each padded axis reads the mask
+        shifted by its left padding; outside, ``v`` as a mask entry (True/False, or an additive 0/-inf)."""
+        arguments = dict(zip(("input", "pad", "mode", "value"), node.args)) | dict(node.kwargs)
+        widths, mode, fill = arguments.get("pad"), arguments.get("mode", "constant"), arguments.get("value")
+        value = self._passthrough(self.value(arguments["input"], node), _example(arguments["input"]))
+        if mode != "constant" or not isinstance(widths, (list, tuple)) or len(widths) % 2 or \
+                not all(isinstance(w, int) and w >= 0 for w in widths):
+            raise NotAnalyzable(f"pad with mode {mode!r} and widths {widths!r}: constant, nonnegative widths only")
+        if not (value.additive or _is_boolean(value.expr)):
+            raise NotAnalyzable("pad of values that are not a mask")
+        fill = 0 if fill is None else fill
+        if value.additive:
+            if not isinstance(fill, (int, float)) or not (fill == 0 or self._additive(0, fill)):
+                raise self._not_a_mask(f"pad with value {fill!r}", 0, fill)
+            outside = sympy.true if fill == 0 else sympy.false
+        elif isinstance(fill, (bool, int, float)) and fill in (0, 1):
+            outside = sympy.true if fill else sympy.false
+        else:
+            raise NotAnalyzable(f"pad of an indicator with value {fill!r}")
+        inside, mapping = [], {}
+        for pair in range(len(widths) // 2):
+            axis = _axis(example.dim() - 1 - pair)
+            left, size = widths[2 * pair], _sym(_example(arguments["input"]).shape[example.dim() - 1 - pair])
+            inside += [axis >= left, axis < left + size]
+            mapping[axis] = axis - left
+        inside_expr = sympy.And(*inside)
+        expr = sympy.Or(sympy.And(inside_expr, value.expr.xreplace(mapping)), sympy.And(sympy.Not(inside_expr),
+                                                                                        outside))
+        return IndexTensor(expr, example.dim(), value.additive)
+
     @staticmethod
     def _unit_reshape(value, before, after):
         """A ``view``/``reshape`` that only adds or removes axes of size 1 (``pad.view(b, 1, 1, s)``): each axis of
@@ -791,8 +824,8 @@ def _nonnegative(value) -> bool:
 
 def _within_index_ranges(expr, q_len, kv_len):
     """``expr`` simplified by what every index satisfies, ``0 <= q_idx < S_q`` and ``0 <= kv_idx < S_kv``: a bound on
-    one index that its whole range meets is true, and in an ``or`` a bound ``kv_idx <= c`` next to the diagonal
-    bound ``kv_idx - q_idx <= u`` with ``c <= u`` is implied by it (as ``q_idx >= 0``). Joined masks need both:
+    one index that its whole range meets is true (one it never meets false), and in an ``or`` a bound ``kv_idx <= c``
+    next to the diagonal bound ``kv_idx - q_idx <= u`` with ``c <= u`` is implied by it (as ``q_idx >= 0``). Joined masks need both:
     meta-llama's cached keys, all kept, beside the causal part, ``kv_idx < p | (kv_idx < p + S & kv_idx - q_idx <= p)``
     is ``kv_idx - q_idx <= p``."""
     last = {_J: _sym(kv_len) - 1, _I: _sym(q_len) - 1}
@@ -823,7 +856,9 @@ def _within_index_ranges(expr, q_len, kv_len):
             return diagonals[0]
         return either
 
-    expr = expr.xreplace({atom: sympy.true for atom in expr.atoms(sympy.Rel) if always(atom)})
+    known = {atom: sympy.true for atom in expr.atoms(sympy.Rel) if always(atom)}
+    known.update({atom: sympy.false for atom in expr.atoms(sympy.Rel) if always(sympy.Not(atom))})
+    expr = expr.xreplace(known)
     return expr.replace(lambda e: isinstance(e, sympy.Or), absorbed)
 
 
@@ -864,11 +899,12 @@ def _static_window(value, name: str) -> int:
     return int(value)
 
 
-def analyze_mask(mask: Node, q_len, kv_len, *, hides_where_true: bool = False, reader: Node | None = None,
-                 mutations: graph_mutations.Mutations | None = None, batch=None, heads=None, one_head: bool = False
-                 ) -> tuple[MaskStructure, list[Node], graph_mutations.Modeled]:
-    """Prove the structure of ``mask`` (a node broadcastable to (B, H, S_q, S_kv)) as ``reader`` reads it (after the
-    in-place writes of ``mutations`` that come before); a boolean mask keeps the keys where it is true, or hides
+def analyze_mask(mask: Node | AddedMasks, q_len, kv_len, *, hides_where_true: bool = False,
+                 reader: Node | None = None, mutations: graph_mutations.Mutations | None = None, batch=None, heads=None,
+                 one_head: bool = False) -> tuple[MaskStructure, list[Node], graph_mutations.Modeled]:
+    """Prove the structure of ``mask`` (a node broadcastable to (B, H, S_q, S_kv), or 0/-inf masks added one after
+    another, each read by its own addition) as ``reader`` reads it (after the in-place writes of ``mutations`` that
+    come before); a boolean mask keeps the keys where it is true, or hides
     them with ``hides_where_true`` (the condition of ``scores.masked_fill(c, -inf)``). ``batch`` and ``heads`` are
     the attention's B and H (None: unknown, so a mask axis of size 1 there is read at index 0). With ``one_head``
     the attention is a (B * H, S, D) ``bmm`` read as (B * H, 1, S, D), and a 3-D mask's first axis is its B * H.
@@ -878,22 +914,33 @@ def analyze_mask(mask: Node, q_len, kv_len, *, hides_where_true: bool = False, r
     (for :meth:`.graph_mutations.Mutations.unsafe_read`). Raises
     :class:`NotAnalyzable` with the reason otherwise.
     """
-    example = _example(mask)
-    if not isinstance(example, torch.Tensor):
-        raise NotAnalyzable("the mask has no tensor metadata")
-    if example.dtype != torch.bool and not example.is_floating_point():
-        raise NotAnalyzable(f"mask dtype {example.dtype}")
+    nodes, readers = (mask.masks, mask.readers) if isinstance(mask, AddedMasks) else ((mask,), (reader,))
     evaluator = _Evaluator(mutations)
-    value = _evaluate(evaluator, mask, reader)
-    if example.is_floating_point() and not value.additive:
-        raise NotAnalyzable("float mask that is not a 0/-inf mask")
+    values = []
+    for node, node_reader in zip(nodes, readers):
+        example = _example(node)
+        if not isinstance(example, torch.Tensor):
+            raise NotAnalyzable("the mask has no tensor metadata")
+        if example.dtype != torch.bool and not example.is_floating_point():
+            raise NotAnalyzable(f"mask dtype {example.dtype}")
+        values.append(_evaluate(evaluator, node, node_reader))
+        if example.is_floating_point() and not values[-1].additive:
+            raise NotAnalyzable("float mask that is not a 0/-inf mask")
+    value = values[0]
+    if len(values) > 1:
+        if not all(v.additive for v in values):
+            raise NotAnalyzable("masks added to the scores that are not 0/-inf masks")
+        exprs, ndim = _broadcast(*values)  # the sum keeps a key where every mask keeps it
+        value = IndexTensor(sympy.And(*exprs), ndim, additive=True,
+                            shape=_broadcast_shape(*(v.shape for v in values)))
     if hides_where_true:
-        if value.additive or example.dtype != torch.bool:
+        if value.additive or len(values) > 1 or _example(nodes[0]).dtype != torch.bool:
             raise NotAnalyzable("masked_fill with a condition that is not boolean")
         value = IndexTensor(sympy.Not(value.expr), value.ndim, shape=value.shape)
     if one_head and value.ndim == 3:
+        shape = value.shape
         value = _Evaluator._unsqueeze(value, 1)
-        value = dataclasses.replace(value, shape=(example.shape[0], 1, *example.shape[1:]))
+        value = dataclasses.replace(value, shape=(shape[0], 1, *shape[1:]))
     if value.ndim > 4:
         raise NotAnalyzable("mask has more than 4 dims")
     expr = _aligned(value, tuple(2 if size is None else size for size in (batch, heads, q_len, kv_len)))
@@ -955,7 +1002,7 @@ def _structure_of(expr, lookup_sources: dict[str, Node], q_len, kv_len) -> MaskS
                             "(only seg[batch, q_idx] == seg[batch, kv_idx] document masks and "
                             "kv_idx < lengths[batch])")
     expr = sympy.simplify_logic(expr) if expr.has(sympy.Or, sympy.Not) else expr
-    expr = _within_index_ranges(expr, q_len, kv_len) if expr.has(sympy.Or) else expr
+    expr = _within_index_ranges(expr, q_len, kv_len)
     if expr.has(_B) or expr.has(_H):
         raise NotAnalyzable("the mask depends on the batch or head index")
     if expr is sympy.false:

@@ -144,6 +144,8 @@ TABLE: Mapping[str, ModeledOp] = MappingProxyType({
     **{name: _op("tensors dim", "the tensors joined along dim", "tensors dim") for name in ("cat", "concat",
                                                                                               "concatenate")},
     "hstack": _op("tensors", "the tensors joined along axis 1 (0 for 1-D)", "tensors"),
+    "pad": _op("input pad mode value", "the last axes widened by (left, right) entries of value (mode constant)",
+               "input pad mode value"),
     # attention
     "softmax": _SOFTMAX,
     "_softmax": _op("self dim half_to_float", "softmax along dim (in float32 with half_to_float)", "self dim",

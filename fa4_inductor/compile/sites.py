@@ -43,6 +43,15 @@ class GraphScale:
 
 
 @dataclasses.dataclass(frozen=True)
+class AddedMasks:
+    """0/-inf masks added to the scores one after another (T5's position bias, then the padding mask), each read
+    by its addition: a key is kept where every one keeps it."""
+
+    masks: tuple[Node, ...]
+    readers: tuple[Node, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class HeadScale:
     """A factor of the scores that differs per head: a tensor shaped (..., H or 1, 1, 1) (a learned temperature).
     Emission multiplies it into q (divides, with ``divides``) in q's dtype, which FA4 then reads: autograd sees the

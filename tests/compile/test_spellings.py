@@ -132,6 +132,25 @@ def truncated_fixed_blocks(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=same)
 
 
+def padded_nothing(q, k, v):
+    """``F.pad`` with widths (0, 0), as export-friendly mask code writes it."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=F.pad(_causal(q, k), (0, 0)))
+
+
+def padded_prefix(q, k, v):
+    """A causal block shifted right by 4 keys every row keeps (``F.pad(..., (4, 0), value=True)``): ``kv_idx -
+    q_idx <= 4``, FA4's window (-1, 4)."""
+    i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2] - 4)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=F.pad(j <= i, (4, 0), value=True))
+
+
+def padded_additive_prefix(q, k, v):
+    i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2] - 4)[None, :]
+    mask = torch.where(j <= i, 0.0, float("-inf")).to(q.dtype)
+    scores = q @ k.transpose(-2, -1) * 0.25 + F.pad(mask, (4, 0))
+    return scores.softmax(-1) @ v
+
+
 def cloned_probabilities(q, k, v):
     return (q @ k.transpose(-2, -1) * 0.25).softmax(-1).clone().matmul(v)
 
@@ -178,6 +197,8 @@ SPELLINGS = {  # name: (program, causal, window)
     "hf_make_causal_mask": (hf_make_causal_mask, True, None), "fixed_blocks": (fixed_blocks, False, None),
     "causal_fixed_blocks": (causal_fixed_blocks, True, None),
     "truncated_fixed_blocks": (truncated_fixed_blocks, False, None),
+    "padded_nothing": (padded_nothing, True, None), "padded_prefix": (padded_prefix, False, (-1, 4)),
+    "padded_additive_prefix": (padded_additive_prefix, False, (-1, 4)),
 }
 
 
@@ -294,18 +315,63 @@ def test_a_mask_joined_from_two_filled_pieces_is_read_piece_by_piece():
     assert record.features["window"] == (-1, 8) and not record.features["causal"]
 
 
+def _assert_falls_back(fn, reason: str, extra=(), exact: bool = True):
+    """``fn`` compiled with the plugin leaves its one site to PyTorch with ``reason`` and computes what eager does
+    (``exact``: to the bit; else within Inductor's own rounding)."""
+    q, k, v = (t.detach() for t in _qkv())
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = torch.compile(fn)(q, k, v, *extra)
+    (record,) = stats.site_records()
+    assert record.decision == "fallback" and reason in record.reason, record.reason
+    tolerance = {} if exact else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got, fn(q, k, v, *extra), **tolerance)
+
+
+def t5_eager(q, k, v, padding, bias):
+    """T5's eager attention: a position bias, then the padding mask, added to the scores one after the other."""
+    extended = (1.0 - padding[:, None, None, :].to(q.dtype)) * torch.finfo(q.dtype).min
+    scores = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5
+    scores = scores + bias
+    scores = scores + extended
+    return F.softmax(scores.float(), dim=-1).type_as(q) @ v
+
+
+def test_masks_added_one_after_another_keep_what_both_keep():
+    """Cross-attention's bias is zeros made in the graph: the sum is the padding, FA4's key padding."""
+    padding = torch.ones(B, S, dtype=torch.long)
+    padding[1, 17:] = 0
+
+    def fn(q, k, v, padding):
+        return t5_eager(q, k, v, padding, torch.zeros(1, H, q.shape[2], k.shape[2], dtype=q.dtype))
+
+    record = _compare(fn, _qkv(), (padding,))
+    assert record.features["padding"] and not record.features["causal"]
+
+
+def test_a_bias_given_as_data_added_before_a_mask_falls_back_with_its_reason():
+    padding, bias = torch.ones(B, S, dtype=torch.long), torch.randn(1, H, S, S, dtype=torch.bfloat16)
+    _assert_falls_back(t5_eager, "masks added one after another", (padding, bias), exact=False)
+
+
+@pytest.mark.parametrize("widths, value, reason", [
+    ((0, 4), False, "not a bound on kv_idx - q_idx"),  # the last 4 keys hidden from every row: no band
+    ((4, 0), 0.5, "pad of an indicator"),
+], ids=["hidden_suffix", "fill_not_a_mask_entry"])
+def test_a_pad_that_is_no_band_falls_back_with_its_reason(widths, value, reason):
+    def fn(q, k, v):
+        i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2] - 4)[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=F.pad(j <= i, widths, value=value))
+
+    _assert_falls_back(fn, reason, exact=False)
+
+
 def test_a_truncating_division_of_signed_values_falls_back_with_its_reason():
     """``trunc((i - j) / 4) == 0`` is ``|i - j| <= 3``, not what floor division would give: not read as floor."""
     def fn(q, k, v):
         i, j = torch.arange(q.shape[2])[:, None], torch.arange(k.shape[2])[None, :]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.div(i - j, 4, rounding_mode="trunc") == 0)
 
-    q, k, v = (t.detach() for t in _qkv())
-    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
-        got = torch.compile(fn)(q, k, v)
-    (record,) = stats.site_records()
-    assert record.decision == "fallback" and "truncating division" in record.reason, record.reason
-    torch.testing.assert_close(got, fn(q, k, v))
+    _assert_falls_back(fn, "truncating division")
 
 
 def test_a_joined_mask_that_is_no_band_falls_back_with_its_reason():
@@ -314,12 +380,7 @@ def test_a_joined_mask_that_is_no_band_falls_back_with_its_reason():
         mask = torch.cat([torch.zeros((q.shape[2], 8)), torch.full((q.shape[2], k.shape[2] - 8), float("-inf"))], 1)
         return torch.softmax((q @ k.transpose(-1, -2) + mask.type_as(q)).float(), dim=-1).type_as(q) @ v
 
-    q, k, v = (t.detach() for t in _qkv())
-    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
-        got = torch.compile(fn)(q, k, v)
-    (record,) = stats.site_records()
-    assert record.decision == "fallback" and "not a bound on kv_idx - q_idx" in record.reason, record.reason
-    torch.testing.assert_close(got, fn(q, k, v))
+    _assert_falls_back(fn, "not a bound on kv_idx - q_idx")
 
 
 def _kept(q, k):

@@ -116,8 +116,8 @@ ZOO: tuple[Architecture, ...] = (
     _vision("clip_vision_model"), _vision("siglip_vision_model", (FA4, FA4)),  # the pooling head's attention too
     _seq2seq("bart"), _seq2seq("mbart"), _seq2seq("marian"), _seq2seq("pegasus"), _seq2seq("blenderbot"),
     _seq2seq("m2m_100"),
-    # T5's self-attention adds a learned position bias; its eager attention adds bias and mask in place.
-    Architecture("t5", "seq2seq", {"sdpa": (MASK, MASK, FA4), "eager": (UNMATCHED,) * 3},
+    # T5's self-attention adds a learned position bias (cross-attention's is zeros).
+    Architecture("t5", "seq2seq", (MASK, MASK, FA4),
                  dict(d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4, vocab_size=128,
                       decoder_start_token_id=0)),
     Architecture("whisper", "speech", (FA4, FA4, FA4), {**SEQ2SEQ, "num_mel_bins": 8, "max_source_positions": 32,

@@ -15,7 +15,8 @@ from torch.fx.operator_schemas import normalize_function
 from fa4_inductor.compile.fx_utils import example_value, op_name
 
 from fa4_inductor.compile.mask_analysis import MaskStructure, NotAnalyzable, ReadsData, analyze_mask
-from fa4_inductor.compile.sites import FA4Params, GraphScale, Operand, RewriteContext, SiteDecision, SiteOperands
+from fa4_inductor.compile.sites import (AddedMasks, FA4Params, GraphScale, Operand, RewriteContext, SiteDecision,
+                                        SiteOperands)
 from fa4_inductor.runtime.support import AttentionCall, is_dtensor, unsupported_reason
 
 
@@ -123,7 +124,7 @@ def decide(
     is_causal: Any = False,
     scale: Any = None,
     enable_gqa: Any = False,
-    attn_mask: Node | None = None,
+    attn_mask: Node | AddedMasks | None = None,
     softcap: float = 0.0,
     blocker: str | None = None,
     mask_hides_where_true: bool = False,
@@ -184,7 +185,8 @@ def decide(
                 attn_mask, q.shape[2], k.shape[2], hides_where_true=mask_hides_where_true, batch=q.shape[0],
                 heads=q.shape[1], one_head=query.one_head,
                 reader=mask_reader or node, mutations=context.mutations)
-            operands = dataclasses.replace(operands, dead=(attn_mask, *mask_nodes))
+            masks = attn_mask.masks if isinstance(attn_mask, AddedMasks) else (attn_mask,)
+            operands = dataclasses.replace(operands, dead=(*masks, *mask_nodes))
         except ReadsData as exc:
             blocked = _data_mask_blocker(attn_mask, q, k, query.one_head, constants["is_causal"])
             if blocked:
@@ -227,8 +229,10 @@ def decide(
     return SiteDecision(node, reason, features, params if reason is None else None, operands)
 
 
-def _data_mask_blocker(mask: Node, q, k, one_head: bool, is_causal) -> str | None:
+def _data_mask_blocker(mask: Node | AddedMasks, q, k, one_head: bool, is_causal) -> str | None:
     """Why a mask given as data can't be decided at run time here, or None."""
+    if isinstance(mask, AddedMasks):
+        return "masks added one after another, not one tensor to read"
     value = example_value(mask)
     if is_causal:
         return "is_causal=True as well (SDPA would and the two)"

@@ -28,8 +28,8 @@ from torch.fx import Node
 from fa4_inductor.compile import mask_analysis, modeled_ops
 from fa4_inductor.compile.fx_utils import example_value, op_name
 from fa4_inductor.compile.emit import call_with_meta, emit_fa4, replace_output, replace_with_fa4
-from fa4_inductor.compile.sites import (AttentionPattern, GraphScale, HeadScale, Operand, RewriteContext, SiteDecision,
-                                        register)
+from fa4_inductor.compile.sites import (AddedMasks, AttentionPattern, GraphScale, HeadScale, Operand, RewriteContext,
+                                        SiteDecision, register)
 
 from .common import decide, guarded_value
 
@@ -227,6 +227,13 @@ def _peel_scores(scores: Node) -> dict[str, Any]:
             if inner["mask"] is None:
                 inner["mask"], inner["mask_reader"] = mask_side, node
                 return inner
+            if not inner["mask_hides_where_true"] and not _is(inner["mask_reader"], "masked_fill", "masked_fill_",
+                                                                  "where"):
+                masks = inner["mask"] if isinstance(inner["mask"], AddedMasks) \
+                    else AddedMasks((inner["mask"],), (inner["mask_reader"],))
+                inner["mask"] = AddedMasks((*masks.masks, mask_side), (*masks.readers, node))
+                inner["mask_reader"] = node
+                return inner
         raise NoMatch("no attention scores under the mask addition")
     fill = _scalar(node.args[2]) if _is(node, "masked_fill", "masked_fill_", "where") else None
     if isinstance(fill, (int, float)) and fill <= -1e30 and all(isinstance(a, Node) for a in node.args[:2]):
@@ -361,7 +368,8 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
     return decide(
         output, context, query, key, value, dropout_p=dropout_p,
         scale=scores["scale"], enable_gqa=False, attn_mask=scores["mask"], softcap=scores["softcap"],
-        mask_hides_where_true=scores["mask_hides_where_true"], mask_reader=scores.get("mask_reader"),
+        mask_hides_where_true=scores["mask_hides_where_true"],
+        mask_reader=None if isinstance(scores["mask"], AddedMasks) else scores.get("mask_reader"),
         replaced=(softmax.args[0], key.source, value.source),
     )
 
