@@ -25,7 +25,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from tests.compile.flex_reference import flex_reference
 
 SPELLINGS = ("sdpa", "sdpa_repeat_kv", "matmul", "matmul_div", "einsum", "prescaled_q", "whisper", "llama_ref",
-             "masked_fill")
+             "masked_fill", "head_scale")
 BANDS = ("none", "causal", "window", "abs_window", "tril", "fixed_blocks")
 EXTRAS = ("none", "padding", "bert_extended", "documents", "relative_bias", "query_padding", "or_mask", "data_mask")
 UNEXPRESSIBLE = ("relative_bias", "query_padding", "or_mask")
@@ -248,6 +248,9 @@ def _attention(program: Program, group: int, d: int, q, k, v, padding, segments,
         scores = (q * scale) @ (k * scale).transpose(-1, -2)
     elif program.spelling == "matmul_div":
         scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(d)
+    elif program.spelling == "head_scale":  # a temperature per head, (H, 1, 1)
+        heads = torch.arange(q.shape[1], device=q.device, dtype=torch.float32)
+        scores = (q @ k.transpose(-2, -1)) * (d ** -0.5 * (1 + 0.1 * heads)).view(-1, 1, 1).to(q.dtype)
     else:
         scores = torch.matmul(q, k.transpose(-2, -1)) * d ** -0.5
     if program.late_write:

@@ -5,6 +5,7 @@ what FA4 can't compute stays PyTorch's, with the reason."""
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fa4_inductor
 from fa4_inductor import stats
@@ -136,6 +137,18 @@ def test_multihead_attention_in_inference():
     assert [r.decision for r in _site_records()] == ["fa4"]
 
 
+def _coca_cls_mask(padding):
+    """open_clip CoCa's text-tower mask over L tokens, the last a CLS token: causal, and the CLS row alone hides
+    the padded text tokens (``F.pad`` of the kept tokens, an additive mask repeated over heads with
+    ``repeat_interleave``: (B * heads, L, L)). The rows before the CLS see padded keys, so this is no FA4 mask."""
+    kept = F.pad(~padding[:, None, :-1], (1, 0, padding.shape[1] - 1, 0), value=True)
+    additive = torch.empty(kept.shape, dtype=BF16)
+    additive.fill_(0)
+    additive.masked_fill_(~kept, float("-inf"))
+    causal = torch.full((L, L), float("-inf")).triu(1).to(BF16)
+    return causal[None] + torch.repeat_interleave(additive, H, 0)
+
+
 FALLBACKS = {  # name: (module kwargs, call, reason fragment)
     "weights_read": ({}, lambda m, x, p: (lambda out: out[0] + out[1].sum())(m(x, x, x)),
                      "the attention weights are read"),
@@ -143,6 +156,8 @@ FALLBACKS = {  # name: (module kwargs, call, reason fragment)
                                     "PyTorch's weights path gives NaN in a row whose every key is masked"),
     "bias_kv": ({"add_bias_kv": True}, lambda m, x, p: m(x, x, x, need_weights=False)[0], "add_bias_kv=True"),
     "zero_attn": ({"add_zero_attn": True}, lambda m, x, p: m(x, x, x, need_weights=False)[0], "add_zero_attn=True"),
+    "open_clip_coca_cls_mask": ({}, lambda m, x, p: m(x, x, x, attn_mask=_coca_cls_mask(p), need_weights=False)[0],
+                                "heads folded into the batch"),
 }
 
 

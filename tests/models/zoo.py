@@ -109,7 +109,7 @@ ZOO: tuple[Architecture, ...] = (
     _encoder("bert"), _encoder("roberta"), _encoder("distilbert", dim=64, hidden_dim=128, n_layers=1, n_heads=4),
     _encoder("electra", embedding_size=64), _encoder("albert", embedding_size=64),
     _encoder("modernbert", global_attn_every_n_layers=1), _encoder("megatron-bert", {"eager": (FA4,)}),
-    _encoder("mpnet", {"eager": (UNMATCHED,)}, (Change("5.25", "eager", (MASK,), padded=False),)),  # position bias
+    _encoder("mpnet", {"eager": (MASK,)}),  # a learned relative-position bias, then the padding mask
     _encoder("deberta-v2", {"eager": (UNMATCHED,)}),  # disentangled attention: position terms in the scores
     _vision("vit"), _vision("deit"), _vision("dinov2"), _vision("beit"),
     _vision("yolos", image_size=[32, 32], num_detection_tokens=2),
