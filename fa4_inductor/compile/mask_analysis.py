@@ -825,9 +825,9 @@ def _nonnegative(value) -> bool:
 def _within_index_ranges(expr, q_len, kv_len):
     """``expr`` simplified by what every index satisfies, ``0 <= q_idx < S_q`` and ``0 <= kv_idx < S_kv``: a bound on
     one index that its whole range meets is true (one it never meets false), and in an ``or`` a bound ``kv_idx <= c``
-    next to the diagonal bound ``kv_idx - q_idx <= u`` with ``c <= u`` is implied by it (as ``q_idx >= 0``). Joined masks need both:
-    meta-llama's cached keys, all kept, beside the causal part, ``kv_idx < p | (kv_idx < p + S & kv_idx - q_idx <= p)``
-    is ``kv_idx - q_idx <= p``."""
+    next to the diagonal bound ``kv_idx - q_idx <= u`` with ``c <= u`` is implied by it (as ``q_idx >= 0``). Joined
+    masks need both: meta-llama's cached keys, all kept, beside the causal part, ``kv_idx < p | (kv_idx < p + S &
+    kv_idx - q_idx <= p)`` is ``kv_idx - q_idx <= p``."""
     last = {_J: _sym(kv_len) - 1, _I: _sym(q_len) - 1}
 
     def always(atom) -> bool:
