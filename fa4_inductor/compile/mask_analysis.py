@@ -694,11 +694,13 @@ class _Evaluator:
     @staticmethod
     def _triangle(name, value, diagonal):
         """``tril``/``triu`` (entries with ``col - row <= d`` / ``>= d`` stay, the others become 0): and-ed with
-        that band for a boolean mask; for an additive one the zeroed entries are kept keys."""
-        if not isinstance(value, IndexTensor) or value.ndim < 2 or not isinstance(diagonal, int):
+        that band for a boolean mask; for an additive one the zeroed entries are kept keys. ``d`` may be a graph
+        size (``S_kv - S_q`` under dynamic shapes)."""
+        if not isinstance(value, IndexTensor) or value.ndim < 2 or not isinstance(diagonal, (int, torch.SymInt)) \
+                or isinstance(diagonal, bool):
             raise NotAnalyzable(f"{name} of something other than an index tensor")
         offset = _axis(value.ndim - 1) - _axis(value.ndim - 2)
-        stays = offset <= diagonal if name == "tril" else offset >= diagonal
+        stays = offset <= _sym(diagonal) if name == "tril" else offset >= _sym(diagonal)
         if value.additive:
             return IndexTensor(sympy.Or(value.expr, sympy.Not(stays)), value.ndim, additive=True)
         return IndexTensor(sympy.And(value.expr, stays), value.ndim)

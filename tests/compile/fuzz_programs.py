@@ -54,6 +54,7 @@ class Program:
     seed: int
     score: str = "identity"  # the score_mod of a "flex" program: one of SCORE_MODS
     builder: str = "functional"  # one of BUILDERS
+    cached: int = 0  # keys before the queries' own (a cache): S_kv = seqlen + cached, bands bottom-right aligned
 
     @property
     def expressible(self) -> bool:
@@ -79,17 +80,18 @@ class Program:
         generator = torch.Generator().manual_seed(self.seed)
         b, h, hkv, s, d = self.batch, self.heads, self.heads_kv, self.seqlen, self.head_dim
 
-        def leaf(heads):
-            shape = (b, heads, s, d) if self.layout == "bhsd" else (b, s, heads, d)
+        def leaf(heads, length=s):
+            shape = (b, heads, length, d) if self.layout == "bhsd" else (b, length, heads, d)
             return torch.randn(shape, generator=generator).to(device, torch.bfloat16).requires_grad_(True)
-        lengths = torch.randint(1, s + 1, (b,), generator=generator)
-        padding = (torch.arange(s)[None, :] < lengths[:, None]).long()  # right padding, 0/1 as tokenizers give
+        kv = s + self.cached
+        lengths = torch.randint(1, kv + 1, (b,), generator=generator)
+        padding = (torch.arange(kv)[None, :] < lengths[:, None]).long()  # right padding, 0/1 as tokenizers give
         cuts = torch.sort(torch.randint(1, s, (b, 2), generator=generator), dim=1).values
         segments = (torch.arange(s)[None, None, :] >= cuts[:, :, None]).sum(dim=1)
         bias = torch.randn(1, h, s, s, generator=generator).to(torch.bfloat16)
         if self.extra == "data_mask":  # the band and the padding as one dense bool tensor given to the program
             bias = _keep(self, torch.empty(b, 1, s, 1), padding, segments).expand(b, 1, s, s).contiguous()
-        return [leaf(h), leaf(hkv), leaf(hkv)], tuple(t.to(device) for t in (padding, segments, bias))
+        return [leaf(h), leaf(hkv, kv), leaf(hkv, kv)], tuple(t.to(device) for t in (padding, segments, bias))
 
     def function(self):
         """The program: ``fn(q, k, v, padding, segments, bias) -> (B, H, S, D)``."""
@@ -113,20 +115,24 @@ class Program:
         return dense
 
 
-def _keep(program: Program, q, padding, segments) -> torch.Tensor | None:
-    """The boolean mask the program builds (True = visible), broadcastable to (B, H, S, S); None for none."""
+def _keep(program: Program, q, padding, segments, kv_len=None) -> torch.Tensor | None:
+    """The boolean mask the program builds (True = visible), broadcastable to (B, H, S, S_kv); None for none. Bands
+    are aligned to the last key, as a cache's are: offset by ``S_kv - S``, read from the shapes (meta-llama's
+    ``start_pos``)."""
     s = q.shape[2]
+    kv_len = s if kv_len is None else kv_len
+    offset = kv_len - s
     i = torch.arange(s, device=q.device)[:, None]
-    j = torch.arange(s, device=q.device)[None, :]
+    j = torch.arange(kv_len, device=q.device)[None, :]
     keep = None
     if program.band == "causal":
-        keep = j <= i
+        keep = j <= i + offset
     elif program.band == "window":
-        keep = (j <= i) & (j > i - 5)
+        keep = (j <= i + offset) & (j > i + offset - 5)
     elif program.band == "abs_window":
-        keep = (i - j).abs() <= 3
+        keep = (i + offset - j).abs() <= 3
     elif program.band == "tril":
-        keep = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        keep = torch.ones(s, kv_len, dtype=torch.bool, device=q.device).tril(offset)
     elif program.band == "fixed_blocks":  # truncation: Inductor's CPU code for arange(n) // c is wrong past a vector
         keep = torch.div(i, 6, rounding_mode="trunc") == torch.div(j, 6, rounding_mode="trunc")
     b = torch.arange(q.shape[0], device=q.device)[:, None, None, None]
@@ -140,7 +146,7 @@ def _keep(program: Program, q, padding, segments) -> torch.Tensor | None:
     elif program.extra == "or_mask":
         extra = (j <= i - 2) | (j >= i)  # a hole below the diagonal: no band
     if extra is not None and keep is not None and program.builder != "functional":
-        combined = torch.ones(q.shape[0], 1, s, s, dtype=torch.bool, device=q.device)
+        combined = torch.ones(q.shape[0], 1, s, kv_len, dtype=torch.bool, device=q.device)
         combined &= keep
         combined &= extra
         return combined
@@ -149,7 +155,7 @@ def _keep(program: Program, q, padding, segments) -> torch.Tensor | None:
     return keep
 
 
-def _additive(program: Program, keep, q, padding):
+def _additive(program: Program, keep, q, padding, kv_len):
     """The mask as an additive float mask, in the spelling the program uses."""
     inplace = program.builder != "functional"
     if program.extra == "bert_extended":  # BERT: (1 - mask) * finfo.min for the padding, the band as -inf
@@ -158,7 +164,7 @@ def _additive(program: Program, keep, q, padding):
             extended.mul_(torch.finfo(q.dtype).min)
         else:
             extended = extended * torch.finfo(q.dtype).min
-        band = _keep(dataclasses.replace(program, extra="none"), q, padding, None)
+        band = _keep(dataclasses.replace(program, extra="none"), q, padding, None, kv_len)
         return extended if band is None else extended + torch.where(band, 0.0, float("-inf")).to(q.dtype)
     if keep is None:
         return None
@@ -228,12 +234,13 @@ def _flex_attention(program: Program, q, k, v, padding, segments, bias):
 def _attention(program: Program, group: int, d: int, q, k, v, padding, segments, bias):
     q, k, v = _layout(program, q, k, v)
     # A "data_mask" program reads its mask from an input (the same values it would build): decided at run time.
-    keep = bias if program.extra == "data_mask" else _keep(program, q, padding, segments)
+    keep = bias if program.extra == "data_mask" else _keep(program, q, padding, segments, k.shape[2])
     if program.spelling in ("sdpa", "sdpa_repeat_kv"):
         if program.spelling == "sdpa_repeat_kv" and group > 1:
             k, v = (t[:, :, None].expand(t.shape[0], t.shape[1], group, *t.shape[2:]).reshape(
                 t.shape[0], t.shape[1] * group, *t.shape[2:]) for t in (k, v))
-        mask = _additive(program, keep, q, padding) if program.extra in ("bert_extended", "relative_bias") else keep
+        mask = _additive(program, keep, q, padding, k.shape[2]) if program.extra in ("bert_extended", "relative_bias") \
+            else keep
         if program.extra == "relative_bias":
             mask = bias if mask is None else mask + bias
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=program.spelling == "sdpa")
@@ -259,7 +266,7 @@ def _attention(program: Program, group: int, d: int, q, k, v, padding, segments,
         scores = scores.masked_fill_(~keep, float("-inf")) if program.builder != "functional" \
             else scores.masked_fill(~keep, float("-inf"))
     else:
-        mask = _additive(program, keep, q, padding)
+        mask = _additive(program, keep, q, padding, k.shape[2])
         if mask is not None and program.builder != "functional":
             scores += mask
         elif mask is not None:
@@ -292,5 +299,8 @@ def random_programs(count: int, seed: int = 0, max_seqlen: int = 40, spellings=S
         if program.spelling == "flex":  # a mask_mod reads its tensors by index: no dense mask given as data
             program = dataclasses.replace(program, score=rng.choice(list(SCORE_MODS)),
                                           extra="padding" if extra == "data_mask" else extra)
+        elif program.extra in ("none", "padding", "bert_extended") and program.band != "fixed_blocks" \
+                and rng.random() < 0.3:  # a chunk after cached keys
+            program = dataclasses.replace(program, cached=rng.randint(1, 6))
         programs.append(program)
     return programs
