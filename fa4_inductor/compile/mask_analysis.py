@@ -642,7 +642,8 @@ class _Evaluator:
         shifted by its left padding; outside, ``v`` as a mask entry (True/False, or an additive 0/-inf)."""
         arguments = dict(zip(("input", "pad", "mode", "value"), node.args)) | dict(node.kwargs)
         widths, mode, fill = arguments.get("pad"), arguments.get("mode", "constant"), arguments.get("value")
-        value = self._passthrough(self.value(arguments["input"], node), _example(arguments["input"]))
+        before = _example(arguments["input"])
+        value = self._passthrough(self.value(arguments["input"], node), before)
         if mode != "constant" or not isinstance(widths, (list, tuple)) or len(widths) % 2 or \
                 not all(isinstance(w, int) and w >= 0 for w in widths):
             raise NotAnalyzable(f"pad with mode {mode!r} and widths {widths!r}: constant, nonnegative widths only")
@@ -660,7 +661,7 @@ class _Evaluator:
         inside, mapping = [], {}
         for pair in range(len(widths) // 2):
             axis = _axis(example.dim() - 1 - pair)
-            left, size = widths[2 * pair], _sym(_example(arguments["input"]).shape[example.dim() - 1 - pair])
+            left, size = widths[2 * pair], _sym(before.shape[example.dim() - 1 - pair])
             inside += [axis >= left, axis < left + size]
             mapping[axis] = axis - left
         inside_expr = sympy.And(*inside)

@@ -177,10 +177,10 @@ def _peel_factors(node: Any, factors: list, operand: bool = False, per_head: boo
             divisor = _scalar(node.args[1])
             factors.append(1.0 / divisor if isinstance(divisor, (int, float)) else GraphScale(divisors=(divisor,)))
             node = node.args[0]
-        elif per_head and _is(node, "mul", "__mul__", "div", "truediv", "__truediv__") and _head_factor(node):
-            divides = not _is(node, "mul", "__mul__")
-            node, factor = _head_factor(node)
-            factors.append(HeadScale(factor, divides))
+        elif per_head and _is(node, "mul", "__mul__", "div", "truediv", "__truediv__") \
+                and (head := _head_factor(node)) is not None:
+            factors.append(HeadScale(head[1], divides=not _is(node, "mul", "__mul__")))
+            node = head[0]
         else:
             return node
 
