@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 from collections.abc import Callable, Iterator
 
 import torch
@@ -238,3 +239,32 @@ def decide_tensor_branches(decide) -> Callable[[], None]:
             if table[code] is ours:
                 table[code] = original
     return undo
+
+
+_trace_time_callbacks: dict[str, Callable[..., None]] = {}
+
+
+def on_trace(name: str, callback: Callable[..., None]) -> None:
+    """Register ``callback(user_backtrace, *values)`` for :func:`call_while_tracing` under ``name``."""
+    _trace_time_callbacks[name] = callback
+
+
+def _run_trace_time_callback(ctx) -> None:
+    name = ctx.get_local("_callback_name").as_python_constant()
+    values = ctx.get_local("_callback_values").as_python_constant()
+    backtrace = io.StringIO()
+    ctx.print_bt(file=backtrace)
+    _trace_time_callbacks[name](backtrace.getvalue(), *values)
+
+
+def call_while_tracing(_callback_name: str, *_callback_values) -> None:
+    """Run the callback registered under ``_callback_name`` with the user's backtrace and these constant values, in
+    Python, while Dynamo traces the caller (once per trace, nothing in the graph; nothing in eager).
+
+    ``torch._dynamo.comptime`` is Dynamo's only hook for code that runs at trace time: a library call that keeps its
+    own implementation breaks the graph inside the code Dynamo inlines, so no marker in the graph would survive.
+    The callback is looked up by name because comptime runs only module-level functions, reading the caller's locals.
+    """
+    from torch._dynamo.comptime import comptime
+
+    comptime(_run_trace_time_callback)

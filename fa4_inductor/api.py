@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from fa4_inductor.compile import drawn_branches, inductor_pass
+from fa4_inductor.compile import drawn_branches, inductor_pass, library_calls
 
 from fa4_inductor.runtime import fa4_binding
 from fa4_inductor.eager.override import EagerOverride, register_with_pytorch
@@ -80,6 +80,7 @@ def enable(*, compile: bool = True, eager: bool = True, devices: Sequence[str] =
         graph_pass = inductor_pass.install(settings.devices) if settings.compile else None
         if settings.compile:  # LayerDrop at 0 would split a model's graph and hide its masks from the pass
             drawn_branches.see_through()
+            library_calls.activate()
         _active = _Active(settings, override, graph_pass)
         log.info("fa4_inductor enabled: %s", settings)
         return True
@@ -94,6 +95,7 @@ def _disable_locked() -> None:
     if _active.graph_pass is not None:
         inductor_pass.uninstall(_active.graph_pass)
         drawn_branches.stop_seeing_through()
+        library_calls.deactivate()
     log.info("fa4_inductor disabled (was %s)", _active.settings)
     _active = None
 

@@ -73,3 +73,37 @@ def assert_as_exact_as_stock(got, eager, stock, exact, *, factor: float = 1.25, 
         worse = [key for key in worse
                  if got_errors[key] > factor * max(eager_errors[key], stock_errors[key]) + margin]
     assert not worse, {key: (got_errors[key], eager_errors[key]) for key in worse}
+
+
+def band(seqlen_q: int, seqlen_k: int, *, causal: bool = False, window=(-1, -1)) -> torch.Tensor:
+    """The (S_q, S_k) keys a causal or windowed query sees, bottom-right aligned as FA4 aligns them (-1: unbounded)."""
+    i = torch.arange(seqlen_q)[:, None] + (seqlen_k - seqlen_q)
+    j = torch.arange(seqlen_k)[None, :]
+    keep = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
+    right = 0 if causal else window[1]
+    if window[0] >= 0:
+        keep &= j >= i - window[0]
+    if right >= 0:
+        keep &= j <= i + right
+    return keep
+
+
+def packed_attention_reference(q, k, v, cu_q, cu_k, *, scale, causal=False, window=(-1, -1), softcap=0.0, used=None):
+    """Attention on packed (tokens, H, D) sequences, each through an explicit mask, bottom-right aligned as FA4
+    aligns them, in the inputs' dtype (float64 makes it the independent yardstick); ``used`` limits each sequence's
+    keys."""
+    outs = []
+    for b in range(len(cu_q) - 1):
+        rows = slice(cu_q[b], cu_q[b + 1])
+        end = cu_k[b + 1] if used is None else cu_k[b] + used[b]
+        qs, ks, vs = q[rows].transpose(0, 1), k[cu_k[b]:end].transpose(0, 1), v[cu_k[b]:end].transpose(0, 1)
+        group = qs.shape[0] // ks.shape[0]
+        ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)
+        keep = band(qs.shape[1], ks.shape[1], causal=causal, window=window)
+        s = qs @ ks.transpose(-1, -2) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        s = s.masked_fill(~keep, float("-inf"))
+        p = torch.where(keep.any(-1, keepdim=True), torch.softmax(s, -1), 0.0)
+        outs.append((p.nan_to_num() @ vs).transpose(0, 1))
+    return torch.cat(outs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 from typing import Any
 
 import torch
@@ -40,3 +41,20 @@ def tuple_reads(node: Node) -> tuple[frozenset[int], bool]:
         else:
             whole = True
     return frozenset(indices), whole
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+
+
+def user_location(stack_trace: str | None, skip: tuple[str, ...] = ()) -> str | None:
+    """'file:line' of the innermost frame of a Python stack trace (as Dynamo records it in ``node.meta``) outside
+    torch itself and the directories in ``skip`` (``flex_attention`` calls its op from torch's own code), else of
+    the innermost frame."""
+    frames = []
+    for line in (stack_trace or "").splitlines():
+        line = line.strip()
+        if line.startswith('File "'):
+            path, _, rest = line[len('File "'):].partition('", line ')
+            frames.append((path, f"{path}:{rest.split(',')[0]}"))
+    outside = [location for path, location in frames if not path.startswith((_TORCH_DIR, *skip))]
+    return (outside or [location for _, location in frames] or [None])[-1]

@@ -12,40 +12,27 @@ import contextvars
 import functools
 import itertools
 import logging
-import os
 
 import torch
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass, register_graph_pattern
 
 from fa4_inductor import stats
-from fa4_inductor.compile import graph_mutations
-from fa4_inductor.compile.fx_utils import example_value, op_name
+from fa4_inductor.compile import graph_mutations, library_calls
+from fa4_inductor.compile.fx_utils import example_value, op_name, user_location
 from fa4_inductor.compile import patterns  # noqa: F401  (registers the built-in patterns and expansions)
 from fa4_inductor.compile.sites import (EXPANDED_FROM, AttentionPattern, RewriteContext, SiteDecision,
                                         registered_expansions, registered_patterns)
 
 log = logging.getLogger(__name__)
 
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _graph_ids = itertools.count()
 
 
 def source_location(node: torch.fx.Node) -> tuple[str | None, str | None]:
-    """('file:line', module path) of the user code that made ``node``: the innermost frame outside torch itself
-    (``flex_attention`` calls its op from torch's own code)."""
-    frames = []
-    for line in (node.meta.get("stack_trace") or "").splitlines():
-        line = line.strip()
-        if line.startswith('File "'):
-            path, _, rest = line[len('File "'):].partition('", line ')
-            frames.append((path, f"{path}:{rest.split(',')[0]}"))
-    outside = [location for path, location in frames if not path.startswith(_TORCH_DIR)]
-    location = (outside or [location for _, location in frames] or [None])[-1]
+    """('file:line', module path) of the user code that made ``node``: the innermost frame outside torch itself."""
     module_stack = node.meta.get("nn_module_stack") or {}
-    module_path = None
-    if module_stack:
-        module_path = list(module_stack.values())[-1][0]
-    return location, module_path
+    module_path = list(module_stack.values())[-1][0] if module_stack else None
+    return user_location(node.meta.get("stack_trace")), module_path
 
 
 def _record(pattern_name: str, decision: SiteDecision, context: RewriteContext, anchor: torch.fx.Node) -> None:
@@ -154,6 +141,7 @@ def _unreported_softmaxes(graph: torch.fx.Graph, context: RewriteContext) -> lis
 def rewrite_graph(graph: torch.fx.Graph, context: RewriteContext) -> list[stats.SiteRecord]:
     """Apply every registered pattern to ``graph``; return the site records."""
     context.graph_name = f"{context.graph_name}_{next(_graph_ids)}"
+    context.records.extend(library_calls.records(graph, context.graph_name, source_location))
     _expand(graph, context)
     context.mutations = graph_mutations.Mutations(graph)
     order = {node.name: i for i, node in enumerate(graph.nodes)}

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fa4_inductor.compile import drawn_branches
+from fa4_inductor.compile import drawn_branches, library_calls
 
 from fa4_inductor.runtime import plan_trust
 
@@ -121,8 +121,11 @@ def explain(model_or_fn, *args, arch: str | None = "sm90", devices=("cuda", "cpu
 
     compiled: Any = torch.compile(model_or_fn, backend=capture)
     drawn_branches.see_through()
+    library_calls.activate()
     try:
-        compiled(*args, **kwargs)
+        with library_calls.reporting_left_calls_to(report.records.append):
+            compiled(*args, **kwargs)
     finally:
         drawn_branches.stop_seeing_through()
+        library_calls.deactivate()
     return report

@@ -42,10 +42,12 @@ _FA4_MODULE = "flash_attn.cute.interface"
 _FWD_PARAMS = (
     "softmax_scale", "causal", "softcap", "window_size_left", "window_size_right",
     "seqused_k", "return_lse", "out", "lse", "mask_mod", "aux_tensors", "block_sparse_tensors",
+    "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
 )
 _BWD_PARAMS = (
     "softmax_scale", "causal", "softcap", "window_size_left", "window_size_right",
     "seqused_k", "deterministic", "dq", "dk", "dv", "mask_mod", "aux_tensors", "block_sparse_tensors",
+    "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
 )
 
 # Architectures (major version) on which FA4 runs forward and backward.
@@ -150,6 +152,14 @@ def sm90_backward_head_dim_reason(head_dim: int, head_dim_v: int) -> str | None:
         return (f"head dims ({head_dim}, {head_dim_v}): FA4's sm90 backward returns wrong gradients when a head "
                 "dim rounded up to 16 is no multiple of 32 (flash-attention PR #2896); forward-only calls run FA4")
     return None
+
+
+def check_backward_head_dims(q: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ValueError where FA4's backward would return wrong gradients (sm90, some head dims)."""
+    if q.device.type == "cuda" and arch_and_sms(q.device.index)[0] // 10 == 9:
+        reason = sm90_backward_head_dim_reason(q.shape[-1], v.shape[-1])
+        if reason:
+            raise ValueError(f"fa4 backward: {reason}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -257,19 +267,21 @@ def block_sparse_tensors(lists: tuple[torch.Tensor, ...], block_size: tuple[int,
     return BlockSparseTensorsTorch(*lists, block_size=block_size)
 
 
-def flash_forward(q, k, v, out, lse, *, softmax_scale, softcap, seqused_k, masking: dict) -> None:
-    """FA4's forward entry point on B,S,H,D tensors, writing ``out`` and ``lse``; ``masking`` holds FA4's
+def flash_forward(q, k, v, out, lse, *, softmax_scale, softcap, seqused_k, masking: dict,
+                  packed: dict | None = None) -> None:
+    """FA4's forward entry point on B,S,H,D tensors (packed (tokens, H, D) ones with ``packed``: FA4's
+    ``cu_seqlens_q/k`` and ``max_seqlen_q/k`` keywords), writing ``out`` and ``lse``; ``masking`` holds FA4's
     masking keywords (causal/window, or mask_mod, aux_tensors and block_sparse_tensors)."""
     module()._flash_attn_fwd(
         q, k, v, softmax_scale=softmax_scale, softcap=softcap or None, seqused_k=seqused_k,
-        return_lse=True, out=out, lse=lse, **masking,
+        return_lse=True, out=out, lse=lse, **masking, **(packed or {}),
     )
 
 
 def flash_backward(dout, q, k, v, out, lse, dq, dk, dv, *, softmax_scale, softcap, seqused_k, deterministic,
-                   masking: dict) -> None:
-    """FA4's backward entry point, writing ``dq``, ``dk``, ``dv``."""
+                   masking: dict, packed: dict | None = None) -> None:
+    """FA4's backward entry point, writing ``dq``, ``dk``, ``dv`` (``packed`` as for :func:`flash_forward`)."""
     module()._flash_attn_bwd(
         q, k, v, out, dout, lse, softmax_scale=softmax_scale, softcap=softcap, seqused_k=seqused_k,
-        deterministic=deterministic, dq=dq, dk=dk, dv=dv, **masking,
+        deterministic=deterministic, dq=dq, dk=dk, dv=dv, **masking, **(packed or {}),
     )

@@ -215,7 +215,9 @@ def _fake_inputs(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [concrete_fake_like(t) if t is not None else None for t in tensors]
 
 
-def _timed_precompile(what: str, describe: str, build) -> float:
+def timed_precompile(what: str, describe: str, build) -> float:
+    """Run ``build`` (compiling FA4 kernels under fake tensors); return its seconds, or 0.0 when it raised (logged:
+    the real call will raise it, compiling the graph must not)."""
     start = time.perf_counter()
     try:
         build()
@@ -251,7 +253,7 @@ def _precompile_once(what: str, q, k, v, params: dict, build) -> float:
     if key in _precompiled:
         return 0.0
     _precompiled.add(key)
-    return _timed_precompile(what, _describe(q, k, params), build)
+    return timed_precompile(what, _describe(q, k, params), build)
 
 
 def _route(what: str, q, k, v, params: dict):

@@ -46,6 +46,7 @@ from fa4_inductor import config
 from torch import Tensor
 
 from fa4_inductor.runtime import data_mask, fa4_call, fa4_binding, mask_routes, native, reference
+from fa4_inductor.runtime import varlen  # noqa: F401  (registers the varlen ops)
 from fa4_inductor._torch_private import empty_contiguous
 from fa4_inductor.runtime.support import FA4_DTYPES
 
@@ -296,19 +297,11 @@ def _gradient(t: Tensor) -> Tensor:
     return fa4_call.gradient_like(t)
 
 
-def _validate_backward(q: Tensor, v: Tensor) -> None:
-    """Raise ValueError where FA4's backward would return wrong gradients (sm90, some head dims)."""
-    if q.device.type == "cuda" and fa4_binding.arch_and_sms(q.device.index)[0] // 10 == 9:
-        reason = fa4_binding.sm90_backward_head_dim_reason(q.shape[-1], v.shape[-1])
-        if reason:
-            raise ValueError(f"fa4.flash_attn_bwd: {reason}")
-
-
 def _backward_kernel(dout, q, k, v, out, lse, softmax_scale, causal=False, window_left=-1,
                      window_right=-1, softcap=0.0, seqused_k=None, key_padding=None, segment_ids=None,
                      masking_buffer=None):
     _validate(q, k, v, seqused_k, key_padding, segment_ids)
-    _validate_backward(q, v)
+    fa4_binding.check_backward_head_dims(q, v)
     params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding, segment_ids)
     if q.device.type == "cpu":
         grads = reference.attention_backward(dout, q, k, v, out, lse, **params)
@@ -323,7 +316,7 @@ def _backward_kernel_fake(dout, q, k, v, out, lse, softmax_scale, causal=False, 
                           window_right=-1, softcap=0.0, seqused_k=None, key_padding=None, segment_ids=None,
                           masking_buffer=None):
     _validate(q, k, v, seqused_k, key_padding, segment_ids)
-    _validate_backward(q, v)
+    fa4_binding.check_backward_head_dims(q, v)
     params = _params(softmax_scale, causal, window_left, window_right, softcap, seqused_k, key_padding, segment_ids)
     if _precompile_wanted(q):
         fa4_call.precompile_backward(dout, q, k, v, out, lse, **params)

@@ -184,3 +184,45 @@ def attention_backward(
     dk = _group_sum(dscores.transpose(-1, -2) @ qh, k.shape[2])
     dv = _group_sum(probs.transpose(-1, -2) @ do_h, k.shape[2])
     return tuple(g.to(t.dtype).contiguous() for g, t in zip((dq, dk, dv), (q, k, v)))
+
+
+def _sequences(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, seqused_k: torch.Tensor | None):
+    """(query rows, key rows) of each sequence of a varlen batch: FA4 reads ``seqused_k[b]`` keys of sequence ``b``
+    where given (its causal alignment then counts those), else all of them."""
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    used = seqused_k.tolist() if seqused_k is not None else None
+    for b in range(len(starts_q) - 1):
+        keys_end = starts_k[b + 1] if used is None else starts_k[b] + used[b]
+        yield slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], keys_end)
+
+
+def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale: float, causal: bool = False,
+                   window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+                   seqused_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference varlen forward on packed (tokens, H, D) tensors: each sequence attends to its own keys, causal and
+    windows aligned bottom-right per sequence; returns (out (total_q, H, Dv), lse (H, total_q) float32). Rows no
+    sequence covers get zeros and ``lse = -inf``."""
+    out = q.new_zeros((q.shape[0], q.shape[1], v.shape[-1]))
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32)
+    for rows, keys in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k):
+        seq_out, seq_lse = attention_forward(q[None, rows], k[None, keys], v[None, keys], softmax_scale=softmax_scale,
+                                             causal=causal, window_left=window_left, window_right=window_right,
+                                             softcap=softcap)
+        out[rows] = seq_out[0]
+        lse[:, rows] = seq_lse[0]
+    return out, lse
+
+
+def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, softmax_scale: float,
+                    causal: bool = False, window_left: int = -1, window_right: int = -1, softcap: float = 0.0,
+                    seqused_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference varlen backward: :func:`attention_backward` per sequence; keys and queries of no sequence (or past
+    ``seqused_k``) get zero gradients."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for rows, keys in _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k):
+        grads = attention_backward(dout[None, rows], q[None, rows], k[None, keys], v[None, keys], out[None, rows],
+                                   lse[None, :, rows], softmax_scale=softmax_scale, causal=causal,
+                                   window_left=window_left, window_right=window_right, softcap=softcap)
+        for total, grad in zip((dq[rows], dk[keys], dv[keys]), grads):
+            total += grad[0]  # in place on views of the totals
+    return dq, dk, dv

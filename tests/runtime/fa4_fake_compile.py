@@ -9,7 +9,8 @@ the plugin's kernel families: plain (causal GQA, non-causal fp16, a sliding
 window, head dim 256, a deterministic backward), the masking routes (block
 sparsity for key padding, documents and both with a band; the mask_mod on
 every tile for a small padding-only call), softcap on both and, on sm90,
-split-KV decoding. Prints one JSON line.
+split-KV decoding, and the varlen ops (packed sequences: causal GQA, a window with softcap, seqused_k). Prints
+one JSON line.
 """
 
 import json
@@ -20,7 +21,7 @@ import time
 
 import torch
 
-from fa4_inductor.runtime import fa4_call, fa4_binding, launch_plan, mask_routes
+from fa4_inductor.runtime import fa4_call, fa4_binding, launch_plan, mask_routes, varlen
 
 from fa4_inductor.runtime import fa4_version
 from fa4_inductor._torch_private import fresh_fake_mode
@@ -140,6 +141,31 @@ def precompile_masked() -> dict:
     return results
 
 
+# (name, heads, heads_kv, head dim, causal, window, softcap, seqused_k): the varlen op's configurations (FA4's and
+# FA2's varlen API calls, Hugging Face's padded and packed flash-attention paths).
+VARLEN = (
+    ("varlen_causal_gqa", 8, 2, 128, True, (-1, -1), 0.0, False),
+    ("varlen_window_softcap_d64", 8, 8, 64, False, (63, 0), 30.0, False),
+    ("varlen_seqused_k", 8, 4, 128, False, (-1, -1), 0.0, True),
+)
+
+
+def precompile_varlen() -> dict:
+    """Precompile each of :data:`VARLEN` (fwd + bwd) on 3 sequences, 1500 tokens; {name: seconds}."""
+    results = {}
+    for name, heads, heads_kv, head_dim, causal, window, softcap, used in VARLEN:
+        with fresh_fake_mode():
+            q = torch.empty(1500, heads, head_dim, dtype=torch.bfloat16, device="cuda")
+            k, v = (torch.empty(1500, heads_kv, head_dim, dtype=torch.bfloat16, device="cuda") for _ in "kv")
+            lse = torch.empty(heads, 1500, dtype=torch.float32, device="cuda")
+            cu_seqlens = torch.empty(4, dtype=torch.int32, device="cuda")
+            seqused_k = torch.empty(3, dtype=torch.int32, device="cuda") if used else None
+        args = (cu_seqlens, cu_seqlens, 1000, 1000, head_dim ** -0.5, causal, *window, softcap, seqused_k)
+        results[name] = round(varlen.precompile_forward(q, k, v, *args)
+                              + varlen.precompile_backward(q, q, k, v, q, lse, *args), 2)
+    return results
+
+
 def _without_a_cuda_device() -> None:
     """FA4's deterministic backward exports its semaphores through DLPack, which asks torch for the current CUDA
     device; torch built without CUDA can't answer: device 0 (only compiling, nothing launches)."""
@@ -164,9 +190,9 @@ def main() -> None:
     fwd_seconds = fa4_call.precompile_forward(q, k, v, **params)
     bwd_seconds = fa4_call.precompile_backward(out, q, k, v, out, lse, **params)
     again = fa4_call.precompile_forward(q, k, v, **params)
-    plain, masked = precompile_plain(), precompile_masked()
+    plain, masked, packed = precompile_plain(), precompile_masked(), precompile_varlen()
     result = {"arch": ARCH_MAJOR, "forward_s": round(fwd_seconds, 2), "backward_s": round(bwd_seconds, 2),
-              "again_s": again, "plain": plain, "masked": masked, "fa4": fa4_version.version(),
+              "again_s": again, "plain": plain, "masked": masked, "varlen": packed, "fa4": fa4_version.version(),
               "warnings": warnings.messages}
     if ARCH_MAJOR == 9:
         result.update(sm90_only())

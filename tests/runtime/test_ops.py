@@ -10,6 +10,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 
 import fa4_inductor  # noqa: F401
 from fa4_inductor.runtime import reference
+from tests.compare import band
 
 
 def _qkv(b=2, sq=7, sk=7, h=4, hkv=4, d=16, dtype=torch.float64):
@@ -22,15 +23,7 @@ def _sdpa_reference(q, k, v, *, scale, causal=False, window=(-1, -1), softcap=0.
     group = q.shape[2] // k.shape[2]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
-    sq, sk = q.shape[1], k.shape[1]
-    i = torch.arange(sq)[:, None] + (sk - sq)
-    j = torch.arange(sk)[None, :]
-    mask = torch.ones(sq, sk, dtype=torch.bool)
-    right = 0 if causal else window[1]
-    if window[0] >= 0:
-        mask &= j >= i - window[0]
-    if right >= 0:
-        mask &= j <= i + right
+    mask = band(q.shape[1], k.shape[1], causal=causal, window=window)
     s = qh @ kh.transpose(-1, -2) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)

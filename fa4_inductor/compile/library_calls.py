@@ -1,0 +1,263 @@
+"""Flash-attention library calls traced by Dynamo become the ``fa4`` ops.
+
+FA4's own API (``flash_attn.cute.flash_attn_func`` / ``flash_attn_varlen_func``, what Hugging Face's
+``attn_implementation="flash_attention_4"`` calls) is Python that Dynamo can't trace: it breaks the graph at every
+call. While the plugin compiles (``enable(compile=True)``, or ``explain``), Dynamo traces a substitute instead
+(``torch.compiler.substitute_in_graph``, PyTorch's public hook for this): a call whose arguments our ops compute
+exactly becomes ``fa4.flash_attn_fwd`` / ``fa4.flash_attn_varlen_fwd`` in the graph, annotated with the API it came
+from (``torch.fx.traceback.annotate``), so the compile pass records the site under that pattern name. A call with
+an argument they don't take (a ``score_mod``, a ``learnable_sink``, paged KV, ...) keeps FA4's own call (a graph
+break, as without the plugin) and is recorded with the reason while Dynamo traces it (the break drops the code
+Dynamo inlined, so nothing in the graph could carry it). Eager calls never see any of this: substitutes are used
+only while Dynamo traces, and with the plugin off they trace FA4's call as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import logging
+import math
+import os
+import pathlib
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.fx.traceback as fx_traceback
+
+from fa4_inductor import stats
+from fa4_inductor._torch_private import call_while_tracing, on_trace
+from fa4_inductor.compile.fx_utils import example_value, user_location
+from fa4_inductor.runtime import ops  # noqa: F401  (the fa4 ops the substitutes call)
+
+log = logging.getLogger(__name__)
+
+# node.meta["custom"] key naming the library function an fa4 op node was traced from.
+ANNOTATION = "fa4_inductor.library_call"
+
+class _Switch:
+    """Whether the substitutes translate calls (read while Dynamo traces, so a change recompiles)."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.holders = 0
+        self.lock = threading.Lock()
+
+
+_switch = _Switch()
+
+
+def activate() -> None:
+    """Translate library calls in graphs traced from now on (counted: the plugin and ``explain`` may overlap)."""
+    _install_once()
+    with _switch.lock:
+        _switch.holders += 1
+        _switch.on = True
+
+
+def deactivate() -> None:
+    """Undo one :func:`activate`; with none left, Dynamo traces the libraries' own calls again."""
+    with _switch.lock:
+        _switch.holders = max(0, _switch.holders - 1)
+        _switch.on = _switch.holders > 0
+
+
+def _window(left, right, causal: bool) -> tuple[int, int] | str:
+    """FA4's ``window_size`` (None or a negative pair: unbounded) with ``causal`` as our ops take it (-1 unbounded;
+    causal implies a right side of 0), or why not."""
+    if left is not None and right is not None and left < 0 and right < 0:
+        left = right = None
+    if causal:
+        right = None
+    for side, value in (("left", left), ("right", right)):
+        if value is not None and value < 0:
+            return f"window_size {side} side {value} with the other side bounded: FA4's own reading of it is kept"
+    return (-1 if left is None else left, -1 if right is None else right)
+
+
+# Arguments that change what FA4 computes and that our ops don't take: a call that sets one keeps FA4's own call.
+_UNSERVED = ("qv", "gather_kv_indices", "learnable_sink", "score_mod", "score_mod_bwd", "mask_mod", "aux_tensors",
+             "aux_scalars", "block_sparse_tensors", "block_sparse_tensors_bwd", "scales", "config", "page_table",
+             "seqused_q", "min_seqlen_k", "scheduler_metadata", "seqlen_k_per_split", "gather_bwd_token_chunk")
+
+
+def _common_reason(params: dict) -> str | None:
+    """Why our ops can't compute this FA4 API call, or None: an argument they don't take, or a deterministic
+    backward asked of a process whose deterministic algorithms are off (our backward follows
+    ``torch.use_deterministic_algorithms``)."""
+    for name in _UNSERVED:
+        if params.get(name) is not None:
+            return f"{name} is set: the fa4 ops don't take it; FA4's own call is kept"
+    if params.get("gather_bwd_recompute_p"):
+        return "gather_bwd_recompute_p is set: the fa4 ops don't take it; FA4's own call is kept"
+    if params.get("deterministic") and not torch.are_deterministic_algorithms_enabled():
+        return ("deterministic=True while torch.use_deterministic_algorithms is off: the fa4 backward follows the "
+                "latter; FA4's own call is kept")
+    return None
+
+
+def _scale(params: dict, q) -> float:
+    scale = params.get("softmax_scale")
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+
+def _dense_call(params: dict):
+    """``flash_attn_func`` → ``fa4.flash_attn_fwd`` on the same B,S,H,D tensors, or a reason."""
+    reason = _common_reason(params)
+    q = params["q"]
+    if reason is None and q.dim() != 4:
+        reason = f"q is {q.dim()}-D: flash_attn_func takes (B, S, H, D)"
+    window = _window(*params["window_size"], params["causal"]) if reason is None else reason
+    if isinstance(window, str):
+        return window
+    return lambda: torch.ops.fa4.flash_attn_fwd(q, params["k"], params["v"], _scale(params, q), params["causal"],
+                                                *window, params["softcap"] or 0.0)
+
+
+def _varlen_call(params: dict):
+    """``flash_attn_varlen_func`` on packed tokens → ``fa4.flash_attn_varlen_fwd``, or a reason."""
+    reason = _common_reason(params)
+    q = params["q"]
+    if reason is None and (params["cu_seqlens_q"] is None or params["cu_seqlens_k"] is None or q.dim() != 3):
+        reason = "not packed tokens with cu_seqlens_q and cu_seqlens_k (the batch form): FA4's own call is kept"
+    window = _window(*params["window_size"], params["causal"]) if reason is None else reason
+    if isinstance(window, str):
+        return window
+    return lambda: torch.ops.fa4.flash_attn_varlen_fwd(
+        q, params["k"], params["v"], params["cu_seqlens_q"], params["cu_seqlens_k"], params["max_seqlen_q"],
+        params["max_seqlen_k"], _scale(params, q), params["causal"], *window, params["softcap"] or 0.0,
+        params["seqused_k"])
+
+
+@dataclasses.dataclass(frozen=True)
+class LibraryFunction:
+    """A library's attention function and how a call of it becomes an fa4 op: ``translate(arguments)`` returns a
+    thunk making the op call, or the reason the call keeps its own implementation."""
+
+    module: str
+    name: str
+    translate: Callable[[dict], Callable | str]
+
+    @property
+    def api(self) -> str:
+        """The pattern name sites of this function are recorded under."""
+        return f"{self.module.removesuffix('.interface')}.{self.name}"
+
+
+FUNCTIONS = (
+    LibraryFunction("flash_attn.cute.interface", "flash_attn_func", _dense_call),
+    LibraryFunction("flash_attn.cute.interface", "flash_attn_varlen_func", _varlen_call),
+)
+
+
+def _substitute(function: LibraryFunction, original: Callable) -> Callable:
+    """What Dynamo traces in place of ``original``: the fa4 op call, or ``original`` itself (not traced: a graph
+    break) after a marker with the reason."""
+    signature = inspect.signature(original)
+    names = list(signature.parameters)
+    defaults = {name: p.default for name, p in signature.parameters.items() if p.default is not p.empty}
+    own_call = torch.compiler.disable(original)
+    api, translate = function.api, function.translate  # what Dynamo reads while tracing: plain values
+
+    def substitute(*args, **kwargs):
+        if not _switch.on:
+            return own_call(*args, **kwargs)
+        params = dict(defaults)
+        params.update(zip(names, args))
+        params.update(kwargs)
+        translated = translate(params)
+        if isinstance(translated, str):
+            call_while_tracing(_LEFT, api, translated)
+            return own_call(*args, **kwargs)
+        with fx_traceback.annotate({ANNOTATION: api}):
+            return translated()
+
+    return substitute
+
+
+_installed: list[LibraryFunction] = []
+_install_lock = threading.Lock()
+
+
+def _install_once() -> None:
+    """Register the substitutes of the importable libraries with Dynamo (once per process: a registration can't be
+    undone, so each consults the switch)."""
+    with _install_lock:
+        if _installed:
+            return
+        for function in FUNCTIONS:
+            try:
+                original = getattr(importlib.import_module(function.module), function.name)
+            except (ImportError, AttributeError) as exc:
+                log.debug("fa4_inductor: %s not importable (%s): its calls are not translated", function.api, exc)
+                continue
+            torch.compiler.substitute_in_graph(original, skip_signature_check=True)(_substitute(function, original))
+            _installed.append(function)
+
+
+_TRANSLATED_OPS = ("flash_attn_fwd", "flash_attn_varlen_fwd")
+
+
+def _op(node: torch.fx.Node) -> str | None:
+    """The fa4 op a call node makes (the op or one of its overloads), else None."""
+    target = node.target if node.op == "call_function" else None
+    packet = getattr(target, "overloadpacket", target)
+    return getattr(packet, "__name__", None) if getattr(packet, "_qualified_op_name", "").startswith("fa4::") else None
+
+
+def records(graph: torch.fx.Graph, graph_name: str, location_of) -> list[stats.SiteRecord]:
+    """A record of every library call in ``graph`` that became an fa4 op; ``location_of(node)`` gives (file:line,
+    module path)."""
+    found = []
+    for node in graph.nodes:
+        api = (node.meta.get("custom") or {}).get(ANNOTATION)
+        if api and _op(node) in _TRANSLATED_OPS:
+            location, module_path = location_of(node)
+            found.append(stats.SiteRecord(graph=graph_name, node=node.name, target=api, pattern=api, decision="fa4",
+                                          reason=None, location=location, module_path=module_path,
+                                          features=_features(node)))
+    return found
+
+
+_LEFT = "fa4_inductor.library_call_left"
+_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parents[1]) + os.sep
+_left_sinks: list[Callable[[stats.SiteRecord], None]] = []
+
+
+@contextlib.contextmanager
+def reporting_left_calls_to(sink: Callable[[stats.SiteRecord], None]) -> Iterator[None]:
+    """Send the records of library calls kept as written to ``sink`` during the block (``explain``), not to
+    :func:`stats.record_site`."""
+    _left_sinks.append(sink)
+    try:
+        yield
+    finally:
+        _left_sinks.remove(sink)
+
+
+def _record_left(backtrace: str, api: str, reason: str) -> None:
+    """Record a library call that keeps its own implementation (called while Dynamo traces it)."""
+    record = stats.SiteRecord(graph="dynamo", node=api.rpartition(".")[2], target=api, pattern=api,
+                              decision="fallback", reason=reason, location=user_location(backtrace, (_PACKAGE_DIR,)),
+                              module_path=None, features={})
+    (_left_sinks[-1] if _left_sinks else stats.record_site)(record)
+
+
+on_trace(_LEFT, _record_left)
+
+
+def _features(node: torch.fx.Node) -> dict:
+    """What the fa4 op of a library call computes, for the record."""
+    schema = getattr(node.target, "_schema", None) or node.target.default._schema
+    arguments = {**{a.name: a.default_value for a in schema.arguments if a.has_default_value()},
+                 **dict(zip((a.name for a in schema.arguments), node.args)), **node.kwargs}
+    q = example_value(arguments["q"])
+    features = {"op": _op(node), "causal": arguments["causal"],
+                "window": (arguments["window_left"], arguments["window_right"]),
+                "softcap": arguments["softcap"] or None, "packed": "cu_seqlens_q" in arguments}
+    if isinstance(q, torch.Tensor):
+        features["dtype"] = str(q.dtype).removeprefix("torch.")
+    return features
