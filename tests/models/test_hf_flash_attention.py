@@ -1,0 +1,108 @@
+"""Hugging Face models with ``attn_implementation="flash_attention_4"`` compiled with the plugin: HF calls FA4's
+``flash_attn_func`` (a full batch), ``flash_attn_varlen_func`` (a padded batch, which HF unpads; a packed batch from
+``DataCollatorWithFlattening``), and each call runs our fa4 ops in the graph. FA4 itself can't run on this CPU, so a
+site left to FA4's own call would raise: every test passing is every call traced into our ops. Logits and parameter
+gradients equal the same weights under ``"eager"`` attention at bf16 tolerance; a packed batch equals each document
+run alone.
+
+HF loads the flash functions on the first forward (``lazy_import_flash_attention``, whose ``inspect.signature``
+Dynamo can't trace); as HF's docs ask for ``fullgraph``, the tests load them before compiling.
+"""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("flash_attn.cute")
+
+import fa4_inductor  # noqa: E402
+from fa4_inductor import stats  # noqa: E402
+from tests.compare import assert_parameter_grads_close, relative_error  # noqa: E402
+from tests.models.test_hf_models import _build, _padding_mask  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("no_compile_cache")
+
+DENSE = "flash_attn.cute.flash_attn_func"
+VARLEN = "flash_attn.cute.flash_attn_varlen_func"
+
+
+def _flash_attention_4_twin(name: str):
+    """(model with ``flash_attention_4``, the same weights with ``eager``), bf16. HF refuses FA4 on a CPU at
+    construction, so the implementation is set on the built model's config."""
+    from transformers import modeling_flash_attention_utils
+
+    reference = _build(name, "eager").to(torch.bfloat16).eval()
+    model = copy.deepcopy(reference)
+    model.config._attn_implementation_internal = "flash_attention_4"
+    modeling_flash_attention_utils.lazy_import_flash_attention("flash_attention_4")
+    return model, reference
+
+
+def _logits_and_grads(model, call, kwargs: dict, weights: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    logits = call(**kwargs).logits
+    (logits.float() * weights).sum().backward()
+    return logits.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+EXPECTED = {  # the features of each layer's site
+    "llama": [dict(causal=True, window=(-1, -1), softcap=None)] * 2,
+    "qwen2": [dict(causal=True, window=(-1, -1), softcap=None)] * 2,
+    "mistral": [dict(causal=True, window=(7, -1), softcap=None)] * 2,
+    "gemma2": [dict(causal=True, window=(7, -1), softcap=50.0), dict(causal=True, window=(-1, -1), softcap=50.0)],
+}
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "left_padded"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "qwen2"])
+def test_flash_attention_4_models_run_our_ops_and_match_eager(name, padded):
+    """A full batch calls flash_attn_func, a padded one flash_attn_varlen_func on the unpadded tokens (HF's
+    unpadding reads data: Dynamo's capture flags, as HF asks for under compile, keep it in the graph)."""
+    torch.manual_seed(0)
+    model, reference = _flash_attention_4_twin(name)
+    ids = torch.randint(0, 128, (2, 16))
+    kwargs = {"input_ids": ids, **({"attention_mask": _padding_mask("left")} if padded else {})}
+    weights = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(1))
+    valid = kwargs["attention_mask"].bool() if padded else torch.ones(2, 16, dtype=torch.bool)
+    weights = weights * valid[..., None]
+    want, want_grads = _logits_and_grads(reference, reference, kwargs, weights)
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)), torch._dynamo.config.patch(
+            capture_scalar_outputs=padded, capture_dynamic_output_shape_ops=padded):
+        got, got_grads = _logits_and_grads(model, torch.compile(model), kwargs, weights)
+    records = stats.site_records()
+    assert [(r.pattern, r.decision) for r in records] == [(VARLEN if padded else DENSE, "fa4")] * 2, records
+    for record, features in zip(records, EXPECTED[name]):
+        assert {key: record.features[key] for key in features} == features, record.features
+    assert relative_error(got[valid], want[valid]) < 2e-2
+    assert_parameter_grads_close(got_grads, want_grads)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_a_packed_batch_runs_the_varlen_op_exact_per_document(name):
+    """``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``: documents packed into one row with
+    ``cu_seq_lens_q/k`` and ``max_length_q/k``; HF hands them to flash_attn_varlen_func, which runs our varlen op.
+    Each document's logits and the parameter gradients equal the documents run one at a time in eager."""
+    torch.manual_seed(0)
+    model, reference = _flash_attention_4_twin(name)
+    documents = [torch.randint(0, 128, (n,)).tolist() for n in (5, 11, 7)]
+    batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
+        [{"input_ids": d} for d in documents])
+    batch.pop("labels")
+    assert batch["cu_seq_lens_q"].tolist() == [0, 5, 16, 23]
+    weights = torch.randn(1, 23, 128, generator=torch.Generator().manual_seed(2))
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got, got_grads = _logits_and_grads(model, torch.compile(model), dict(batch), weights)
+    records = stats.site_records()
+    assert [(r.pattern, r.decision, r.features["packed"]) for r in records] == [(VARLEN, "fa4", True)] * 2
+    reference.zero_grad(set_to_none=True)
+    starts = batch["cu_seq_lens_q"].tolist()
+    want = []
+    for document, start, end in zip(documents, starts, starts[1:]):
+        logits = reference(input_ids=torch.tensor([document])).logits
+        (logits.float() * weights[:, start:end]).sum().backward()
+        want.append(logits.detach().float())
+    want_grads = {n: p.grad.float() for n, p in reference.named_parameters() if p.grad is not None}
+    assert relative_error(got, torch.cat(want, dim=1)) < 2e-2
+    assert_parameter_grads_close(got_grads, want_grads)
