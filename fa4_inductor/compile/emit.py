@@ -28,9 +28,9 @@ def call_with_meta(graph: Graph, target, args: tuple, kwargs: dict | None = None
     kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)
     fake_args = [example_value(a) for a in args]
-    fake_mode = next((getattr(a, "fake_mode", None) for a in (*fake_args, example_value(like))
-                      if getattr(a, "fake_mode", None)), None)
     fake_kwargs = {k: example_value(v) for k, v in kwargs.items()}
+    fake_mode = next((getattr(a, "fake_mode", None) for a in (*fake_args, *fake_kwargs.values(), example_value(like))
+                      if getattr(a, "fake_mode", None)), None)
     if fake_mode is not None:
         with fake_mode:
             node.meta["example_value"] = target(*fake_args, **fake_kwargs)
@@ -209,3 +209,15 @@ def replace_output(decision: SiteDecision, output: Node, new: Node) -> None:
     output.replace_all_uses_with(new)
     output.graph.erase_node(output)
     erase_if_unused([*decision.operands.dead, *decision.operands.replaced])
+
+
+def replace_library_op(decision) -> Node:
+    """Write ``decision.op`` (an fa4 op, a :class:`~fa4_inductor.compile.library_ops.LibraryOpDecision`'s) in place
+    of the library op node, its (out, lse) read where the node's outputs 0 and 1 were; return the op's node."""
+    node = decision.node
+    with node.graph.inserting_before(node):
+        call = call_with_meta(node.graph, decision.op, (), decision.arguments)
+        outputs = {i: call_with_meta(node.graph, operator.getitem, (call, i)) for i in (0, 1)}
+    call.meta.update({key: node.meta[key] for key in ("stack_trace", "nn_module_stack") if key in node.meta})
+    replace_tuple_outputs(node, outputs)
+    return call

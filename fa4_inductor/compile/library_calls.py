@@ -30,7 +30,8 @@ import torch.fx.traceback as fx_traceback
 
 from fa4_inductor import stats
 from fa4_inductor._torch_private import call_while_tracing, on_trace
-from fa4_inductor.compile.fx_utils import example_value, user_location
+from fa4_inductor.compile.fx_utils import user_location
+from fa4_inductor.compile.library_ops import call_features, schema_arguments
 from fa4_inductor.runtime import ops  # noqa: F401  (the fa4 ops the substitutes call)
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ def _window(left, right, causal: bool) -> tuple[int, int] | str:
 # Arguments that change what FA4 computes and that our ops don't take: a call that sets one keeps FA4's own call.
 _UNSERVED = ("qv", "gather_kv_indices", "learnable_sink", "score_mod", "score_mod_bwd", "mask_mod", "aux_tensors",
              "aux_scalars", "block_sparse_tensors", "block_sparse_tensors_bwd", "scales", "config", "page_table",
-             "seqused_q", "min_seqlen_k", "scheduler_metadata", "seqlen_k_per_split", "gather_bwd_token_chunk")
+             "seqused_q", "min_seqlen_k", "scheduler_metadata", "seqlen_k_per_split", "gather_bwd_token_chunk",
+             "alibi_slopes", "block_table")
 
 
 def _common_reason(params: dict) -> str | None:
@@ -93,6 +95,10 @@ def _common_reason(params: dict) -> str | None:
             return f"{name} is set: the fa4 ops don't take it; FA4's own call is kept"
     if params.get("gather_bwd_recompute_p"):
         return "gather_bwd_recompute_p is set: the fa4 ops don't take it; FA4's own call is kept"
+    if params.get("dropout_p", 0.0) != 0.0:
+        return f"dropout_p={params['dropout_p']}: FA4 has no dropout; the library's own call is kept"
+    if params.get("return_attn_probs"):
+        return "return_attn_probs=True: FA4 returns no attention probabilities; the library's own call is kept"
     if params.get("deterministic") and not torch.are_deterministic_algorithms_enabled():
         return ("deterministic=True while torch.use_deterministic_algorithms is off: the fa4 backward follows the "
                 "latter; FA4's own call is kept")
@@ -144,12 +150,50 @@ class LibraryFunction:
     @property
     def api(self) -> str:
         """The pattern name sites of this function are recorded under."""
-        return f"{self.module.removesuffix('.interface')}.{self.name}"
+        return f"{self.module.removesuffix('.interface').removesuffix('.flash_attn_interface')}.{self.name}"
 
 
+def _fa2_operands(params: dict) -> tuple:
+    """q, k, v of an FA2 call, unpacked from ``qkv`` (…, 3, H, D) or ``kv`` (…, 2, H_kv, D) where given."""
+    if "qkv" in params:
+        return params["qkv"].unbind(-3)
+    if "kv" in params:
+        return (params["q"], *params["kv"].unbind(-3))
+    return params["q"], params["k"], params["v"]
+
+
+def _fa2_call(params: dict):
+    """An FA2 ``flash_attn_*func`` → the fa4 op (FA2's windows: a negative side is unbounded, as in our ops; causal
+    sets the right side to 0), its output alone as FA2 returns it; or a reason."""
+    reason = _common_reason(params)
+    if reason is not None:
+        return reason
+    left, right = params["window_size"]
+    window = (max(left, -1), -1 if params["causal"] else max(right, -1))
+    varlen = "cu_seqlens_q" in params or "cu_seqlens" in params
+
+    def call():
+        q, k, v = _fa2_operands(params)
+        scale = _scale(params, q)
+        if not varlen:
+            return torch.ops.fa4.flash_attn_fwd(q, k, v, scale, params["causal"], *window, params["softcap"])[0]
+        cu_q, cu_k = (params["cu_seqlens"],) * 2 if "cu_seqlens" in params else (params["cu_seqlens_q"],
+                                                                                  params["cu_seqlens_k"])
+        max_q, max_k = (params["max_seqlen"],) * 2 if "max_seqlen" in params else (params["max_seqlen_q"],
+                                                                                   params["max_seqlen_k"])
+        return torch.ops.fa4.flash_attn_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, params["causal"], *window,
+                                                   params["softcap"])[0]
+
+    return call
+
+
+_FA2 = "flash_attn.flash_attn_interface"
 FUNCTIONS = (
     LibraryFunction("flash_attn.cute.interface", "flash_attn_func", _dense_call),
     LibraryFunction("flash_attn.cute.interface", "flash_attn_varlen_func", _varlen_call),
+    *(LibraryFunction(_FA2, name, _fa2_call) for name in (
+        "flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
+        "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func")),
 )
 
 
@@ -178,24 +222,24 @@ def _substitute(function: LibraryFunction, original: Callable) -> Callable:
     return substitute
 
 
-_installed: list[LibraryFunction] = []
+_installed: set[LibraryFunction] = set()
 _install_lock = threading.Lock()
 
 
 def _install_once() -> None:
-    """Register the substitutes of the importable libraries with Dynamo (once per process: a registration can't be
-    undone, so each consults the switch)."""
+    """Register with Dynamo the substitutes of the library functions importable now and not registered before (a
+    registration can't be undone, so each consults the switch)."""
     with _install_lock:
-        if _installed:
-            return
         for function in FUNCTIONS:
+            if function in _installed:
+                continue
             try:
                 original = getattr(importlib.import_module(function.module), function.name)
             except (ImportError, AttributeError) as exc:
                 log.debug("fa4_inductor: %s not importable (%s): its calls are not translated", function.api, exc)
                 continue
             torch.compiler.substitute_in_graph(original, skip_signature_check=True)(_substitute(function, original))
-            _installed.append(function)
+            _installed.add(function)
 
 
 _TRANSLATED_OPS = ("flash_attn_fwd", "flash_attn_varlen_fwd")
@@ -251,13 +295,4 @@ on_trace(_LEFT, _record_left)
 
 def _features(node: torch.fx.Node) -> dict:
     """What the fa4 op of a library call computes, for the record."""
-    schema = getattr(node.target, "_schema", None) or node.target.default._schema
-    arguments = {**{a.name: a.default_value for a in schema.arguments if a.has_default_value()},
-                 **dict(zip((a.name for a in schema.arguments), node.args)), **node.kwargs}
-    q = example_value(arguments["q"])
-    features = {"op": _op(node), "causal": arguments["causal"],
-                "window": (arguments["window_left"], arguments["window_right"]),
-                "softcap": arguments["softcap"] or None, "packed": "cu_seqlens_q" in arguments}
-    if isinstance(q, torch.Tensor):
-        features["dtype"] = str(q.dtype).removeprefix("torch.")
-    return features
+    return call_features(node.target, schema_arguments(node))

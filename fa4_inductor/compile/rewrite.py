@@ -17,7 +17,7 @@ import torch
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass, register_graph_pattern
 
 from fa4_inductor import stats
-from fa4_inductor.compile import graph_mutations, library_calls
+from fa4_inductor.compile import emit, graph_mutations, library_calls, library_ops
 from fa4_inductor.compile.fx_utils import example_value, op_name, user_location
 from fa4_inductor.compile import patterns  # noqa: F401  (registers the built-in patterns and expansions)
 from fa4_inductor.compile.sites import (EXPANDED_FROM, AttentionPattern, RewriteContext, SiteDecision,
@@ -111,6 +111,27 @@ def _expand(graph: torch.fx.Graph, context: RewriteContext) -> None:
             _record(expansion.name, SiteDecision(node, reason, {}), context, node)
 
 
+def _rewrite_library_ops(graph: torch.fx.Graph, context: RewriteContext) -> list[stats.SiteRecord]:
+    """Decide every FA2/FA3 op node (:mod:`.library_ops`) and write the fa4 op in place of each that FA4 serves."""
+    records = []
+    for node in list(graph.nodes):
+        if library_ops.library_op(node) is not None:
+            decision = library_ops.decide(node, context)
+        elif (inside := library_ops.inside_autograd_function(node)) is not None:
+            decision = library_ops.LibraryOpDecision(node, inside.api, reason=library_ops.IN_AUTOGRAD_FUNCTION)
+        else:
+            continue
+        location, module_path = source_location(node)
+        target = library_ops.schema_name(node) or str(node.target)
+        # A rewritten site is recorded under its fa4 op's node, the one left in the graph.
+        name = node.name if decision.reason else emit.replace_library_op(decision).name
+        records.append(stats.SiteRecord(
+            graph=context.graph_name, node=name, target=target, pattern=decision.api,
+            decision="fallback" if decision.reason else "fa4", reason=decision.reason, location=location,
+            module_path=module_path, features=decision.features))
+    return records
+
+
 _SOFTMAX_NAMES = {"softmax", "_softmax", "_safe_softmax", "log_softmax"}
 
 
@@ -142,6 +163,7 @@ def rewrite_graph(graph: torch.fx.Graph, context: RewriteContext) -> list[stats.
     """Apply every registered pattern to ``graph``; return the site records."""
     context.graph_name = f"{context.graph_name}_{next(_graph_ids)}"
     context.records.extend(library_calls.records(graph, context.graph_name, source_location))
+    context.records.extend(_rewrite_library_ops(graph, context))
     _expand(graph, context)
     context.mutations = graph_mutations.Mutations(graph)
     order = {node.name: i for i, node in enumerate(graph.nodes)}
