@@ -170,16 +170,41 @@ def fa2_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
                                softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
 
 
+def fa2_flash_attn_with_kvcache(*args, **kwargs):
+    """FA2's ``flash_attn_with_kvcache``: not computed by the stand-in (Hugging Face imports it with the others)."""
+    raise NotImplementedError("flash_attn_with_kvcache is not computed by the stand-in")
+
+
+def unpad_input(hidden_states, attention_mask, unused_mask=None):
+    """FA2's ``flash_attn.bert_padding.unpad_input``: the kept tokens, their indices, cu_seqlens, the longest
+    sequence and each row's length."""
+    lengths = attention_mask.sum(dim=-1, dtype=torch.int32)
+    indices = torch.nonzero(attention_mask.flatten(), as_tuple=False).flatten()
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    return hidden_states.flatten(0, 1)[indices], indices, cu_seqlens, int(lengths.max()), lengths
+
+
+def pad_input(hidden_states, indices, batch, seqlen):
+    """FA2's ``flash_attn.bert_padding.pad_input``: tokens back to (batch, seqlen, ...), zeros elsewhere."""
+    padded = hidden_states.new_zeros((batch * seqlen, *hidden_states.shape[1:]))
+    padded[indices] = hidden_states
+    return padded.view(batch, seqlen, *hidden_states.shape[1:])
+
+
 def _install_fa2_api() -> None:
-    """FA2's Python API as ``flash_attn.flash_attn_interface`` (and on ``flash_attn``, where Hugging Face imports it
-    from), next to FA4's ``flash_attn.cute``."""
+    """FA2's Python API as ``flash_attn.flash_attn_interface`` and ``flash_attn.bert_padding`` (and on
+    ``flash_attn``, where Hugging Face imports it from), next to FA4's ``flash_attn.cute``."""
     import flash_attn
 
-    module = types.ModuleType("flash_attn.flash_attn_interface", "FA2's API (stand-in)")
-    module.flash_attn_func, module.flash_attn_varlen_func = fa2_flash_attn_func, fa2_flash_attn_varlen_func
-    sys.modules[module.__name__] = module
-    flash_attn.flash_attn_interface = module
-    flash_attn.flash_attn_func, flash_attn.flash_attn_varlen_func = fa2_flash_attn_func, fa2_flash_attn_varlen_func
+    functions = dict(flash_attn_func=fa2_flash_attn_func, flash_attn_varlen_func=fa2_flash_attn_varlen_func,
+                     flash_attn_with_kvcache=fa2_flash_attn_with_kvcache)
+    for name, attributes in (("flash_attn_interface", functions),
+                             ("bert_padding", dict(pad_input=pad_input, unpad_input=unpad_input))):
+        module = types.ModuleType(f"flash_attn.{name}", "FA2 (stand-in)")
+        module.__dict__.update(attributes)
+        sys.modules[module.__name__] = module
+        setattr(flash_attn, name, module)
+    flash_attn.__dict__.update(functions)
 
 
 def _register_fa3() -> None:

@@ -28,15 +28,15 @@ DENSE = "flash_attn.cute.flash_attn_func"
 VARLEN = "flash_attn.cute.flash_attn_varlen_func"
 
 
-def _flash_attention_4_twin(name: str):
-    """(model with ``flash_attention_4``, the same weights with ``eager``), bf16. HF refuses FA4 on a CPU at
-    construction, so the implementation is set on the built model's config."""
+def _flash_attention_twin(name: str, implementation: str = "flash_attention_4"):
+    """(model with ``implementation``, the same weights with ``eager``), bf16. HF refuses flash attention on a CPU
+    at construction, so the implementation is set on the built model's config."""
     from transformers import modeling_flash_attention_utils
 
     reference = _build(name, "eager").to(torch.bfloat16).eval()
     model = copy.deepcopy(reference)
-    model.config._attn_implementation_internal = "flash_attention_4"
-    modeling_flash_attention_utils.lazy_import_flash_attention("flash_attention_4")
+    model.config._attn_implementation_internal = implementation
+    modeling_flash_attention_utils.lazy_import_flash_attention(implementation)
     return model, reference
 
 
@@ -61,7 +61,7 @@ def test_flash_attention_4_models_run_our_ops_and_match_eager(name, padded):
     """A full batch calls flash_attn_func, a padded one flash_attn_varlen_func on the unpadded tokens (HF's
     unpadding reads data: Dynamo's capture flags, as HF asks for under compile, keep it in the graph)."""
     torch.manual_seed(0)
-    model, reference = _flash_attention_4_twin(name)
+    model, reference = _flash_attention_twin(name)
     ids = torch.randint(0, 128, (2, 16))
     kwargs = {"input_ids": ids, **({"attention_mask": _padding_mask("left")} if padded else {})}
     weights = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(1))
@@ -85,7 +85,7 @@ def test_a_packed_batch_runs_the_varlen_op_exact_per_document(name):
     ``cu_seq_lens_q/k`` and ``max_length_q/k``; HF hands them to flash_attn_varlen_func, which runs our varlen op.
     Each document's logits and the parameter gradients equal the documents run one at a time in eager."""
     torch.manual_seed(0)
-    model, reference = _flash_attention_4_twin(name)
+    model, reference = _flash_attention_twin(name)
     documents = [torch.randint(0, 128, (n,)).tolist() for n in (5, 11, 7)]
     batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True)(
         [{"input_ids": d} for d in documents])
@@ -105,4 +105,35 @@ def test_a_packed_batch_runs_the_varlen_op_exact_per_document(name):
         want.append(logits.detach().float())
     want_grads = {n: p.grad.float() for n, p in reference.named_parameters() if p.grad is not None}
     assert relative_error(got, torch.cat(want, dim=1)) < 2e-2
+    assert_parameter_grads_close(got_grads, want_grads)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "left_padded"])
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_flash_attention_2_models_run_our_ops_through_the_fa2_stand_in(name, padded, monkeypatch):
+    """``attn_implementation="flash_attention_2"`` on FA2's STAND-IN (:mod:`tests.stand_ins`; FA2 builds only with
+    a CUDA toolchain). HF checks FA2's installed distribution and a CUDA device before it imports FA2, and neither
+    is here: that one check is patched; HF's attention code runs as written and calls the stand-in's
+    ``flash_attn_func`` / ``flash_attn_varlen_func``, which the plugin traces as our ops."""
+    from tests import stand_ins
+    from transformers import modeling_flash_attention_utils
+
+    stand_ins.install()
+    monkeypatch.setattr(modeling_flash_attention_utils, "is_flash_attn_2_available", lambda *args, **kwargs: True)
+    torch.manual_seed(0)
+    model, reference = _flash_attention_twin(name, "flash_attention_2")
+    ids = torch.randint(0, 128, (2, 16))
+    kwargs = {"input_ids": ids, **({"attention_mask": _padding_mask("left")} if padded else {})}
+    valid = kwargs["attention_mask"].bool() if padded else torch.ones(2, 16, dtype=torch.bool)
+    weights = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(1)) * valid[..., None]
+    want, want_grads = _logits_and_grads(reference, reference, kwargs, weights)
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)), torch._dynamo.config.patch(
+            capture_scalar_outputs=padded, capture_dynamic_output_shape_ops=padded):
+        got, got_grads = _logits_and_grads(model, torch.compile(model), kwargs, weights)
+    records = stats.site_records()
+    api = "flash_attn.flash_attn_varlen_func" if padded else "flash_attn.flash_attn_func"
+    assert [(r.pattern, r.decision) for r in records] == [(api, "fa4")] * 2, records
+    for record, features in zip(records, EXPECTED[name]):
+        assert {key: record.features[key] for key in features} == features, record.features
+    assert relative_error(got[valid], want[valid]) < 2e-2
     assert_parameter_grads_close(got_grads, want_grads)
