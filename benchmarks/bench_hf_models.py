@@ -3,7 +3,8 @@
 For each model and sequence length (bf16, B=2): a training step (forward + backward of the LM
 loss) and an inference forward, each compiled stock and with the plugin, side by side in one
 process, and Hugging Face's own ``attn_implementation="flash_attention_4"`` compiled (``hf_fa4``, what
-users would pick instead); a variant that cannot run a model gets a note (traceback on stderr), not a failure. Checks the plugin's logits
+users would pick instead) and compiled with the plugin (``hf_fa4_plugin``: HF's FA4 calls traced as the plugin's
+ops); a variant that cannot run a model gets a note (traceback on stderr), not a failure. Checks the plugin's logits
 against the uncompiled model, counts FA4 kernels with the profiler, and records peak memory. Writes JSON and markdown to --out.
 With --left-pad F, batch row 1 is left-padded over a fraction F of its positions (an attention_mask,
 labels -100 there) and errors are measured on the unpadded positions. With --attn flex_attention every model
@@ -139,13 +140,16 @@ def _attention(model: torch.nn.Module, variant: str) -> contextlib.AbstractConte
     as before block sparsity); else the model's own."""
     if variant == "plugin_no_sparsity":
         return unittest.mock.patch.dict(os.environ, {"FA4_INDUCTOR_BLOCK_SPARSITY": "0"})
-    if variant != "hf_fa4":
+    if variant not in ("hf_fa4", "hf_fa4_plugin"):
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def swapped():
+        from transformers.modeling_flash_attention_utils import lazy_import_flash_attention
+
         before = model.config._attn_implementation
         model.set_attn_implementation("flash_attention_4")
+        lazy_import_flash_attention("flash_attention_4")  # before compiling, as HF asks (Dynamo can't trace it)
         try:
             yield
         finally:
@@ -157,7 +161,7 @@ def _run_variant(model, variant: str, mode: str, inputs, masks, extra, reference
     """Measure one variant (one compile, reused for every S when ``dynamic``) into ``rows``."""
     torch._dynamo.reset()
     stats.reset()
-    on = variant.startswith("plugin")
+    on = variant.startswith("plugin") or variant == "hf_fa4_plugin"
     if variant == "flex_flash":
         extra = {s: {**kwargs, "kernel_options": {"BACKEND": "FLASH"}} for s, kwargs in extra.items()}
     with (fa4_inductor.enabled(compile=True, eager=False) if on else contextlib.nullcontext(),
@@ -212,6 +216,11 @@ def run(name: str, seqs: list[int], left_pad: float = 0.0, modes=("train", "infe
                               ("speedup_vs_hf_fa4", "hf_fa4"), ("speedup_vs_flex_flash", "flex_flash")):
                 if f"{peer}_ms" in row and "plugin_ms" in row:
                     row[key] = row[f"{peer}_ms"] / row["plugin_ms"]
+            if "hf_fa4_plugin_ms" in row:  # the plugin on HF's FA4 calls: vs HF FA4 compiled, vs the plugin on sdpa
+                for key, peer in (("hf_fa4_plugin_speedup_vs_hf_fa4", "hf_fa4"),
+                                  ("hf_fa4_plugin_speedup_vs_plugin", "plugin")):
+                    if f"{peer}_ms" in row:
+                        row[key] = row[f"{peer}_ms"] / row["hf_fa4_plugin_ms"]
             print(json.dumps(row), flush=True)
     return list(rows.values())  # the model is freed with this frame
 
@@ -240,6 +249,12 @@ def markdown(result: dict) -> str:
         if "flex_flash_ms" in r:
             notes.append(f"{r['model']} S={r['S']} {r['mode']}: FlexAttention FLASH {r['flex_flash_ms']:.2f} ms, "
                          f"plugin {r['plugin_ms']:.2f} ms ({r['speedup_vs_flex_flash']:.2f}x).")
+        if "hf_fa4_plugin_ms" in r:
+            notes.append(f"{r['model']} S={r['S']} {r['mode']}: HF flash_attention_4 compiled with the plugin "
+                         f"{r['hf_fa4_plugin_ms']:.2f} ms: "
+                         + ", ".join(f"{r[key]:.2f}x {label}" for key, label in (
+                             ("hf_fa4_plugin_speedup_vs_hf_fa4", "HF FA4 compiled without it"),
+                             ("hf_fa4_plugin_speedup_vs_plugin", "the plugin on the sdpa model")) if key in r) + ".")
         if "plugin_no_sparsity_ms" in r:
             notes.append(f"{r['model']} S={r['S']} {r['mode']}: plugin without block sparsity "
                          f"{r['plugin_no_sparsity_ms']:.2f} ms, with it {r['plugin_ms']:.2f} ms "
@@ -267,7 +282,7 @@ def main() -> None:
     parser.add_argument("--left-pad", type=float, default=0.0)
     parser.add_argument("--modes", nargs="+", default=["train", "infer"])
     parser.add_argument("--variants", nargs="+", default=["stock", "plugin", "hf_fa4"],
-                        help="stock, plugin, hf_fa4, plugin_no_sparsity, flex_flash")
+                        help="stock, plugin, hf_fa4, hf_fa4_plugin, plugin_no_sparsity, flex_flash")
     parser.add_argument("--attn", default=None, help="attention implementation of every model (flex_attention)")
     parser.add_argument("--static", action="store_true",
                         help="compile without dynamic=True (HF Gemma2's flex_attention does not compile with it on "

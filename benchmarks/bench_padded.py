@@ -20,7 +20,11 @@ Variants, side by side in one process, median of ``triton.testing.do_bench`` (fo
   padding the padded rows see no key and are zeros, and documents have no padded rows);
 - ``flex_flash`` / ``flex_triton``: compiled ``flex_attention`` with the same mask as a block mask
   (built once, outside the timing), ``kernel_options={"BACKEND": "FLASH"}`` / default;
-- ``fa4_direct`` (``causal`` only): FA4's ``flash_attn_func`` on B,S,H,D-contiguous copies.
+- ``fa4_direct`` (``causal`` only): FA4's ``flash_attn_func`` on B,S,H,D-contiguous copies;
+- ``hf_packed`` (``documents`` only): Hugging Face's packed flash-attention path (``_flash_attention_forward`` with
+  ``cu_seq_lens_q/k`` and ``max_length_q/k``, as ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` hands
+  them to a model) with ``attn_implementation="flash_attention_4"``, compiled with the plugin: HF's
+  ``flash_attn_varlen_func`` call runs the plugin's varlen op on the same tokens as ``fa4_varlen``.
 
 Every variant is compiled and warmed first, then timed in rounds in which the variants take turns.
 
@@ -123,15 +127,36 @@ def _varlen(lengths_q: torch.Tensor, lengths_k: torch.Tensor, causal: bool):
     return fn
 
 
+def _sequence_lengths(problem: str, extra: torch.Tensor) -> torch.Tensor:
+    """The packed sequences' lengths: each row's unpadded tokens, or each document."""
+    if problem != "documents":
+        return _lengths()
+    lengths = torch.stack([torch.bincount(row, minlength=int(extra.max()) + 1) for row in extra.long()]).flatten()
+    return lengths[lengths > 0]
+
+
 def _varlen_step(problem: str, extra: torch.Tensor):
     """FA4 varlen on the unpadded tokens (or on each document): (step, tokens)."""
-    if problem == "documents":
-        lengths = torch.stack([torch.bincount(row, minlength=int(extra.max()) + 1) for row in extra.long()]).flatten()
-        lengths = lengths[lengths > 0]
-    else:
-        lengths = _lengths()
+    lengths = _sequence_lengths(problem, extra)
     total = int(lengths.sum())
     return problem_runner.fwd_bwd(_varlen(lengths, lengths, True), _leaves(total, H, D)), total
+
+
+def _hf_packed_step(extra: torch.Tensor):
+    """Hugging Face's packed flash-attention path on the documents' tokens, compiled with the plugin (which must
+    stay on while the step runs: the compiled code guards on it)."""
+    from transformers.modeling_flash_attention_utils import _flash_attention_forward, lazy_import_flash_attention
+
+    lazy_import_flash_attention("flash_attention_4")
+    lengths = _sequence_lengths("documents", extra)
+    cu_seq_lens, longest = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), int(lengths.max())
+
+    def packed(q, k, v):
+        return _flash_attention_forward(q, k, v, None, q.shape[1], is_causal=True, cu_seq_lens_q=cu_seq_lens,
+                                        cu_seq_lens_k=cu_seq_lens, max_length_q=longest, max_length_k=longest,
+                                        attn_implementation="flash_attention_4")
+
+    return problem_runner.fwd_bwd(torch.compile(packed, fullgraph=True), _leaves(1, int(lengths.sum()), H, D))
 
 
 def _varlen_all_rows_step():
@@ -194,18 +219,28 @@ def run(problem: str) -> dict:
         steps["fa4_varlen"] = problem_runner.warm(varlen)
         if problem == "right":
             steps["fa4_varlen_all_rows"] = problem_runner.warm(_varlen_all_rows_step())
+    if problem == "documents":
+        fa4_inductor.enable(compile=True, eager=False)  # on until the timing is done (see _hf_packed_step)
+        stats.reset()
+        steps["hf_packed"] = problem_runner.warm(_hf_packed_step(extra))
+        row["hf_packed_sites"] = [f"{r.decision}: {r.pattern} {r.reason or r.features}" for r in stats.site_records()]
     row["ms"] = problem_runner.interleaved_medians(steps)
+    fa4_inductor.disable()
     row["kernel_ms"] = {name: problem_runner.kernel_ms(step) for name, step in steps.items()}
     if "flex_flash" in outputs:
         row["plugin_vs_flex_flash_max_abs_diff"] = (outputs["plugin"].float() - outputs["flex_flash"].float()).abs().max().item()
     same_work = row["ms"].get("fa4_varlen_all_rows") or row["ms"].get("fa4_varlen") or row["ms"].get("fa4_direct")
     row["plugin_vs_best_peer"] = row["ms"]["plugin"] / min(same_work, row["ms"].get("flex_flash") or same_work)
+    if "hf_packed" in row["ms"]:
+        row["hf_packed_vs_fa4_varlen"] = row["ms"]["hf_packed"] / row["ms"]["fa4_varlen"]
+        row["hf_packed_vs_plugin_documents"] = row["ms"]["hf_packed"] / row["ms"]["plugin"]
     print(json.dumps(row), flush=True)
     return row
 
 
 def markdown(result: dict) -> str:
-    names = ("plugin", "stock", "fa4_varlen", "fa4_varlen_all_rows", "fa4_direct", "flex_flash", "flex_triton")
+    names = ("plugin", "stock", "fa4_varlen", "fa4_varlen_all_rows", "fa4_direct", "flex_flash", "flex_triton",
+             "hf_packed")
     lines = [f"# Padded and packed batches, forward + backward ({result['device']})", "",
              f"torch {result['torch']}, flash-attn-4 {result['fa4']}; bf16, B={B}, H={H}, S={S}, D={D}, causal; "
              f"padded rows keep {', '.join(f'{f:.1%}' for f in KEEP)} of their tokens; documents: 4 per row. "
@@ -216,7 +251,10 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         cells = [f"{r['ms'][n]:.3f}" if r["ms"].get(n) else "" for n in names]
         lines.append(f"| {r['problem']} | " + " | ".join(cells) + f" | {r['plugin_vs_best_peer']:.2f}x |")
-    return "\n".join(lines) + "\n"
+    notes = [f"{r['problem']}: HF's packed path with the plugin (hf_packed) {r['hf_packed_vs_fa4_varlen']:.3f}x FA4 "
+             f"varlen direct, {r['hf_packed_vs_plugin_documents']:.3f}x the plugin's document-mask route"
+             for r in result["rows"] if "hf_packed_vs_fa4_varlen" in r]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def main() -> None:

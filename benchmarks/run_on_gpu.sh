@@ -18,6 +18,9 @@
 #   plan_check what checking a launch plan on its first replay costs
 #   stock_probe stock torch.compile's SDPA gradients on transposed views vs float64
 #   vit_mha    a ViT-B/16 train step with nn.MultiheadAttention: stock compile vs the plugin (results named by FA4)
+#   library_calls HF Llama/Mistral train steps with attn_implementation="flash_attention_4" compiled with the plugin
+#              vs without it, the plugin on the sdpa model and stock; the packed documents problem through HF's packed
+#              path vs FA4 varlen direct and the plugin's document-mask route (results named by FA4)
 # BENCH_ARGS is passed to bench_attention.py (e.g. "--s 1024 --block-s 4096" for a short run).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -62,6 +65,11 @@ for step in $STEPS; do
     stock_probe) timeout 300 python3 benchmarks/probe_stock_transposed.py --out $OUT 2>&1 | grep -v "^{" | tail -14 ;;
     vit_mha) timeout 400 python3 benchmarks/bench_vit_mha.py --out $OUT --tag vit_mha_train_h200_$(fa4_beta) 2>&1 \
         | grep -v "^{" | tail -10 ;;
+    library_calls)
+      timeout 400 python3 benchmarks/bench_hf_models.py --out $OUT --tag hf_fa4_library_calls_$(fa4_beta) \
+        --models llama mistral --seq 4096 --modes train --variants stock plugin hf_fa4 hf_fa4_plugin 2>&1 \
+        | grep -v "^{" | tail -8
+      timeout 180 python3 benchmarks/bench_padded.py --out $OUT --problems documents --tag hf_packed_$(fa4_beta) 2>&1 | grep -v "^{" | tail -8 ;;
     *) echo "unknown step $step" ;;
   esac
 done
