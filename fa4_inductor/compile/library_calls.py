@@ -187,6 +187,12 @@ def _fa2_call(params: dict):
     return call
 
 
+def _kv_cache_call(params: dict) -> str:
+    """FA2's ``flash_attn_with_kvcache``: kept as written (recorded), whatever its arguments."""
+    return ("flash_attn_with_kvcache writes k and v into the cache in place (and may rotate q and k) before attending: "
+            "not served; the library's own call is kept")
+
+
 _FA2 = "flash_attn.flash_attn_interface"
 FUNCTIONS = (
     LibraryFunction("flash_attn.cute.interface", "flash_attn_func", _dense_call),
@@ -194,6 +200,7 @@ FUNCTIONS = (
     *(LibraryFunction(_FA2, name, _fa2_call) for name in (
         "flash_attn_func", "flash_attn_varlen_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
         "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func")),
+    LibraryFunction(_FA2, "flash_attn_with_kvcache", _kv_cache_call),
 )
 
 

@@ -140,3 +140,18 @@ def test_fa3_calls_fa4_does_not_compute_stay_with_the_reason(options, reason):
 
 def test_the_stand_ins_are_marked_as_such():
     assert "STAND-INS" in stand_ins.__doc__ and set(STAND_INS) == {"fa2", "fa3"}
+
+
+def test_fa2_kv_cache_calls_keep_fa2s_call_with_the_reason():
+    import flash_attn
+
+    q, k, v = (t.detach() for t in _inputs())
+
+    def decode(q, k, v):
+        return flash_attn.flash_attn_with_kvcache(q, k, v) * 2
+
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        with pytest.raises(NotImplementedError):  # the stand-in computes no kv-cache call
+            torch.compile(decode)(q, k, v)
+    (record,) = stats.site_records()
+    assert record.pattern == "flash_attn.flash_attn_with_kvcache" and "writes k and v into the cache" in record.reason
