@@ -126,6 +126,9 @@ class FlashAttnFunc(torch.autograd.Function):
                 deterministic):
         if softmax_scale is None:
             softmax_scale = q.shape[-1] ** (-0.5)
+        head_size = q.shape[-1]
+        if head_size % 8:
+            q, k, v = (torch.nn.functional.pad(t, [0, 8 - head_size % 8]) for t in (q, k, v))
         options = dict(causal=causal, window_size_left=window_size[0], window_size_right=window_size[1],
                        softcap=softcap, alibi_slopes=alibi_slopes, return_softmax=False)
         if lengths is None:
@@ -138,19 +141,21 @@ class FlashAttnFunc(torch.autograd.Function):
         ctx.params = (dropout_p, softmax_scale, causal, window_size[0], window_size[1], softcap, alibi_slopes,
                       deterministic)
         ctx.max_seqlens = lengths[2:] if lengths else ()
-        return out
+        return out[..., :head_size]
 
     @staticmethod
     def backward(ctx, dout, *args):
         q, k, v, out, lse, rng_state, *cu_seqlens = ctx.saved_tensors
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        head_size = dout.shape[-1]
+        dout = torch.nn.functional.pad(dout, [0, q.shape[-1] - head_size])
         if cu_seqlens:
             torch.ops.flashattn._flash_attn_varlen_backward(dout, q, k, v, out, lse, dq, dk, dv, *cu_seqlens,
                                                             *ctx.max_seqlens, *ctx.params, rng_state=rng_state)
         else:
             torch.ops.flashattn._flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, *ctx.params,
                                                      rng_state=rng_state)
-        return dq, dk, dv, *(None,) * 8
+        return dq[..., :head_size], dk[..., :head_size], dv[..., :head_size], *(None,) * 8
 
 
 def fa2_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,

@@ -219,5 +219,9 @@ def replace_library_op(decision) -> Node:
         call = call_with_meta(node.graph, decision.op, (), decision.arguments)
         outputs = {i: call_with_meta(node.graph, operator.getitem, (call, i)) for i in (0, 1)}
     call.meta.update({key: node.meta[key] for key in ("stack_trace", "nn_module_stack") if key in node.meta})
+    bodies = [a for a in node.args if isinstance(a, Node) and a.op == "get_attr"]  # an autograd.Function's
     replace_tuple_outputs(node, outputs)
+    for body in bodies:
+        if not body.users:
+            node.graph.erase_node(body)
     return call

@@ -2,7 +2,9 @@
 
 FlashAttention-2 registers its kernels as ``torch.library`` custom ops (``flashattn::_flash_attn_forward``,
 ``flashattn::_flash_attn_varlen_forward``) called from ``autograd.Function``\\ s; Dynamo inlines those where no
-gradient is needed (inference), so the op is a node of the graph. FlashAttention-3 (``hopper/``) registers
+gradient is needed (inference), so the op is a node of the graph, and traces them whole in training (an
+``autograd_function_apply`` whose forward subgraph calls the op): a function that only calls the op on its inputs
+and returns its output is replaced as a whole by the fa4 op, which is differentiable itself. FlashAttention-3 (``hopper/``) registers
 ``flash_attn_3::_flash_attn_forward`` with its autograd, so its node is in training graphs too. A node whose
 arguments FA4 serves (no dropout, no ALiBi slopes, no paged or appended KV, no FP8 descales; FA2's windows, where
 -1 is unbounded as in our ops; softcap; GQA; varlen with ``cu_seqlens``) and whose extra outputs (FA2's softmax
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Callable
 
 import torch
@@ -165,19 +168,70 @@ def _support_reason(arguments: dict, context: RewriteContext) -> str | None:
     return unsupported_reason(call, context.devices, arch_major=context.arch_major)
 
 
-def inside_autograd_function(node: Node) -> LibraryOp | None:
-    """The library op inside an ``autograd.Function`` Dynamo traced whole (a training graph's
+def inside_autograd_function(node: Node) -> tuple[LibraryOp, Node] | None:
+    """(the library op, its node) inside an ``autograd.Function`` Dynamo traced whole (a training graph's
     ``autograd_function_apply``, its forward a subgraph), else None."""
     if node.op != "call_function" or node.target is not torch.ops.higher_order.autograd_function_apply:
         return None
     forward = getattr(node.graph.owning_module, node.args[0].target, None)
-    found = [library_op(n) for n in forward.graph.nodes] if isinstance(forward, torch.fx.GraphModule) else []
-    return next((library for library in found if library is not None), None)
+    inner = [n for n in forward.graph.nodes if library_op(n)] if isinstance(forward, torch.fx.GraphModule) else []
+    return (library_op(inner[0]), inner[0]) if len(inner) == 1 else None
+
+
+def in_function_body(node: Node) -> bool:
+    """Is this library op node in the forward body of an ``autograd.Function`` (the graph returns (outputs, saved for
+    backward), the op's results among the saved)? The function's own node in the outer graph decides it."""
+    (result,) = [n.args[0] for n in node.graph.nodes if n.op == "output"]
+    if not (isinstance(result, tuple) and len(result) == 2 and all(isinstance(part, tuple) for part in result)):
+        return False
+    return any(isinstance(saved, Node) and saved.args[:1] == (node,) for saved in result[1])
+
+
+def _is_whole_output(value, op_node: Node, head_dim) -> bool:
+    """Is ``value`` the op's output 0, or that sliced to its full head dim (FA2's ``out_padded[..., :d]``)?"""
+    if not isinstance(value, Node) or value.op != "call_function" or value.target is not operator.getitem:
+        return False
+    source, index = value.args
+    if source is op_node:
+        return index == 0
+    return (index == (Ellipsis, slice(None, head_dim, None)) and _is_whole_output(source, op_node, head_dim))
+
+
+def _autograd_function_reason(node: Node, op_node: Node) -> str | dict:
+    """The op's arguments in the outer graph (the function's inputs in place of the subgraph's placeholders), or why
+    the function does more than call the op on its inputs and return the op's output."""
+    forward = op_node.graph
+    placeholders = [n for n in forward.nodes if n.op == "placeholder"]
+    operands = dict(zip(placeholders, node.args[2:]))
+    arguments = schema_arguments(op_node)
+    for name, value in arguments.items():
+        if isinstance(value, Node) and value not in operands:
+            return f"its op's {name} is computed inside the function (a head dim padded to 8, ...): " + IN_AUTOGRAD_FUNCTION
+    (outputs, _saved), = [n.args[0] for n in forward.nodes if n.op == "output"]
+    head_dim = example_value(arguments["q"]).shape[-1]
+    if len(outputs) != 1 or not _is_whole_output(outputs[0], op_node, head_dim):
+        return "the function returns more than its op's output: " + IN_AUTOGRAD_FUNCTION
+    return {name: operands.get(value, value) for name, value in arguments.items()}
 
 
 # Why a library op inside an autograd.Function stays.
-IN_AUTOGRAD_FUNCTION = ("inside an autograd.Function Dynamo traced whole (its backward calls the library's backward "
-                        "op): not rewritten here; the library's flash_attn_*func API calls are (they never reach it)")
+IN_AUTOGRAD_FUNCTION = ("inside an autograd.Function Dynamo traced whole, which does more than call the op on its "
+                        "inputs: not rewritten (the library's flash_attn_*func API calls are)")
+
+
+def decide_autograd_function(node: Node, context: RewriteContext) -> LibraryOpDecision:
+    """Decide an ``autograd_function_apply`` whose forward calls a library op (FA2's ``FlashAttnFunc``): the fa4 op
+    (differentiable itself) in place of the whole function when the function only calls the op on its inputs and
+    returns the op's output, or why it stays (writes nothing)."""
+    library, op_node = inside_autograd_function(node)
+    indices, whole = tuple_reads(node)
+    if whole or not indices <= {0}:
+        return LibraryOpDecision(node, library.api, reason="more than the function's output is read: "
+                                 + IN_AUTOGRAD_FUNCTION)
+    arguments = _autograd_function_reason(node, op_node)
+    if isinstance(arguments, str):
+        return LibraryOpDecision(node, library.api, reason=arguments)
+    return _decided(node, library, arguments, context)
 
 
 def decide(node: Node, context: RewriteContext) -> LibraryOpDecision:
@@ -189,7 +243,10 @@ def decide(node: Node, context: RewriteContext) -> LibraryOpDecision:
     if not indices <= {0, 1}:
         return LibraryOpDecision(node, library.api, reason=f"outputs {sorted(indices - {0, 1})} are read (the "
                                  "softmax sample, RNG state or split accumulators): FA4 returns only out and lse")
-    arguments = schema_arguments(node)
+    return _decided(node, library, schema_arguments(node), context)
+
+
+def _decided(node: Node, library: LibraryOp, arguments: dict, context: RewriteContext) -> LibraryOpDecision:
     translated = library.translate(arguments)
     if isinstance(translated, str):
         return LibraryOpDecision(node, library.api, reason=translated)

@@ -116,9 +116,11 @@ def _rewrite_library_ops(graph: torch.fx.Graph, context: RewriteContext) -> list
     records = []
     for node in list(graph.nodes):
         if library_ops.library_op(node) is not None:
+            if library_ops.in_function_body(node):  # Inductor's pass visits the body too: its function decides
+                continue
             decision = library_ops.decide(node, context)
-        elif (inside := library_ops.inside_autograd_function(node)) is not None:
-            decision = library_ops.LibraryOpDecision(node, inside.api, reason=library_ops.IN_AUTOGRAD_FUNCTION)
+        elif library_ops.inside_autograd_function(node) is not None:
+            decision = library_ops.decide_autograd_function(node, context)
         else:
             continue
         location, module_path = source_location(node)

@@ -106,18 +106,38 @@ def test_fa2_api_calls_train_on_the_fa4_ops(api):
     _assert_same(got, attend(*inputs), inputs)
 
 
-def test_fa2_autograd_function_applied_directly_stays_with_the_reason():
-    inputs = _inputs()
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_fa2_autograd_function_applied_directly_trains_on_the_fa4_op(varlen):
+    """FA2's autograd.Function in a training graph: Dynamo traces it whole (a higher-order op with FA2's forward and
+    backward as subgraphs); the function only calls the op on its inputs and returns its output, so the fa4 op
+    (differentiable itself) takes its place."""
+    inputs = _inputs(2, [6, 9] if varlen else None)
+
+    def attend(q, k, v):
+        lengths = (_cu([6, 9]), _cu([6, 9]), 9, 9) if varlen else None
+        return stand_ins.FlashAttnFunc.apply(q, k, v, lengths, 0.0, None, True, (4, -1), 0.0, None, False)
+
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = torch.compile(attend, fullgraph=True)(*inputs)
+    records = stats.site_records()  # one site: Inductor's pass also visits FA2's forward body, which is not one
+    assert [(r.target, r.decision, r.features.get("window"), r.features.get("packed")) for r in records] == [
+        ("autograd_function_apply", "fa4", (4, -1), varlen)], records
+    _assert_same(got, attend(*inputs), inputs)
+
+
+def test_fa2_autograd_function_padding_its_head_dim_stays_with_the_reason():
+    """A head dim FA2 pads to a multiple of 8 inside its function: the op reads padded copies, not the inputs."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 9, 4, 12, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
 
     def attend(q, k, v):
         return stand_ins.FlashAttnFunc.apply(q, k, v, None, 0.0, None, True, (-1, -1), 0.0, None, False)
 
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
-        got = torch.compile(attend)(*inputs)
-    records = stats.site_records()  # Inductor's pass also sees the forward subgraph: its op's RNG state is read
-    assert {r.decision for r in records} == {"fallback"}
-    assert [r.target for r in records if r.reason == library_ops.IN_AUTOGRAD_FUNCTION] == ["autograd_function_apply"]
-    _assert_same(got, attend(*inputs), inputs)
+        got = torch.compile(attend)(q, k, v)
+    records = stats.site_records()
+    assert [r.decision for r in records] == ["fallback"] and "computed inside the function" in records[0].reason
+    _assert_same(got, attend(q, k, v), (q, k, v))
 
 
 @pytest.mark.parametrize("options, reason", [
