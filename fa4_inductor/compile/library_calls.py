@@ -33,6 +33,7 @@ from fa4_inductor._torch_private import call_while_tracing, on_trace
 from fa4_inductor.compile.fx_utils import user_location
 from fa4_inductor.compile.library_ops import call_features, schema_arguments
 from fa4_inductor.runtime import ops  # noqa: F401  (the fa4 ops the substitutes call)
+from fa4_inductor.runtime.support import FA4_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,9 @@ def _common_reason(params: dict) -> str | None:
         return f"dropout_p={params['dropout_p']}: FA4 has no dropout; the library's own call is kept"
     if params.get("return_attn_probs"):
         return "return_attn_probs=True: FA4 returns no attention probabilities; the library's own call is kept"
+    query = params.get("q", params.get("qkv"))
+    if query is not None and query.dtype not in FA4_DTYPES:
+        return f"dtype {query.dtype}: the fa4 ops take float16/bfloat16; the library's own call is kept"
     if params.get("deterministic") and not torch.are_deterministic_algorithms_enabled():
         return ("deterministic=True while torch.use_deterministic_algorithms is off: the fa4 backward follows the "
                 "latter; FA4's own call is kept")

@@ -42,7 +42,7 @@ _FA4_MODULE = "flash_attn.cute.interface"
 _FWD_PARAMS = (
     "softmax_scale", "causal", "softcap", "window_size_left", "window_size_right",
     "seqused_k", "return_lse", "out", "lse", "mask_mod", "aux_tensors", "block_sparse_tensors",
-    "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
+    "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "num_splits",
 )
 _BWD_PARAMS = (
     "softmax_scale", "causal", "softcap", "window_size_left", "window_size_right",

@@ -14,7 +14,8 @@ token counts and, on CUDA, compile FA4's varlen kernels while the graph compiles
 :func:`.reference.varlen_forward` / :func:`.reference.varlen_backward`.
 
 Varlen calls run FA4's entry points on every call, not launch plans: FA4 derives per-call scheduling tensors from
-the ``cu_seqlens`` values (``_compute_tile_cumsum``), which a plan replaying recorded launches would freeze.
+the ``cu_seqlens`` values (``_compute_tile_cumsum``), which a plan replaying recorded launches would freeze. On
+sm100 the forward lets FA4 split the keys of decoding-shaped calls (its ``num_splits`` heuristic).
 """
 
 from __future__ import annotations
@@ -115,11 +116,18 @@ def _fa4_masking(causal, window_left, window_right) -> dict:
                 window_size_right=None if window_right < 0 else window_right)
 
 
+def _splits(q: Tensor) -> int:
+    """FA4's ``num_splits`` for a varlen forward: its own split-KV heuristic (0) on sm100/sm110, where FA4 splits
+    the keys of calls with few query blocks (decoding), else 1 (FA4 has no split-KV on sm90)."""
+    return 0 if fa4_binding.arch_and_sms(q.device.index)[0] // 10 in (10, 11) else 1
+
+
 def _run_forward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                  window_left, window_right, softcap, seqused_k) -> None:
     fa4_binding.flash_forward(q, k, v, out, lse, softmax_scale=softmax_scale, softcap=softcap, seqused_k=seqused_k,
                               masking=_fa4_masking(causal, window_left, window_right),
-                              packed=_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+                              packed=dict(_packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                                          num_splits=_splits(q)))
 
 
 def _run_backward(dout, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -168,7 +176,8 @@ def _precompile(what: str, tensors: tuple, args: tuple, build) -> float:
     q, k, v = tensors[-3:] if what == "forward" else tensors[1:4]
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, left, right, softcap, used = args
     key = (what, q.dtype, *(_hinted(s) for s in (*q.shape[1:], k.shape[1], v.shape[-1])), causal, left, right,
-           bool(softcap), used is None, torch.are_deterministic_algorithms_enabled())
+           bool(softcap), used is None, torch.are_deterministic_algorithms_enabled(),
+           *(_hinted(s) for s in (cu_seqlens_q.shape[0], max_seqlen_q, max_seqlen_k)))  # FA4's split heuristic reads these
     if key in _precompiled or fa4_binding.unavailable_reason() is not None:
         return 0.0
     _precompiled.add(key)

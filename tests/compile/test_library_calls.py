@@ -101,17 +101,19 @@ def test_flash_attn_varlen_func_runs_the_varlen_op_with_dynamic_token_counts():
     (dict(learnable_sink=torch.zeros(4, dtype=torch.bfloat16)), "learnable_sink is set"),
     (dict(window_size=(-1, 3)), "window_size left side -1 with the other side bounded"),
     (dict(deterministic=True), "deterministic=True while torch.use_deterministic_algorithms is off"),
-], ids=["score_mod", "learnable_sink", "half_open_window", "deterministic"])
+    (dict(dtype=torch.float32), "dtype torch.float32: the fa4 ops take float16/bfloat16"),
+], ids=["score_mod", "learnable_sink", "half_open_window", "deterministic", "float32"])
 def test_an_argument_the_ops_dont_take_keeps_fa4s_call_with_the_reason(kwargs, reason):
     """The call stays FA4's own (a graph break, as without the plugin; FA4 itself can't run on this CPU, so the
     call raises FA4's error), and the site's record gives the reason."""
-    q, k, v = (torch.randn(1, 8, 4, 16, dtype=torch.bfloat16) for _ in range(3))
+    kwargs = dict(kwargs)
+    q, k, v = (torch.randn(1, 8, 4, 16, dtype=kwargs.pop("dtype", torch.bfloat16)) for _ in range(3))
 
     def attend(q, k, v):
         return cute.flash_attn_func(q, k, v, **kwargs)[0] * 2
 
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
-        with pytest.raises(AssertionError, match="CUDA|float16"):  # FA4's own input checks, on the CPU
+        with pytest.raises(AssertionError, match="CUDA|float16|dtype"):  # FA4's own input checks, on the CPU
             torch.compile(attend)(q, k, v)
     (record,) = [r for r in stats.site_records() if r.pattern == DENSE]
     assert record.decision == "fallback" and reason in record.reason, record

@@ -144,23 +144,25 @@ def precompile_masked() -> dict:
 # (name, heads, heads_kv, head dim, causal, window, softcap, seqused_k): the varlen op's configurations (FA4's and
 # FA2's varlen API calls, Hugging Face's padded and packed flash-attention paths).
 VARLEN = (
-    ("varlen_causal_gqa", 8, 2, 128, True, (-1, -1), 0.0, False),
-    ("varlen_window_softcap_d64", 8, 8, 64, False, (63, 0), 30.0, False),
-    ("varlen_seqused_k", 8, 4, 128, False, (-1, -1), 0.0, True),
+    ("varlen_causal_gqa", 8, 2, 128, True, (-1, -1), 0.0, False, 1000),
+    ("varlen_window_softcap_d64", 8, 8, 64, False, (63, 0), 30.0, False, 1000),
+    ("varlen_seqused_k", 8, 4, 128, False, (-1, -1), 0.0, True, 1000),
+    ("varlen_decode", 32, 8, 128, True, (-1, -1), 0.0, False, 1),  # one query per sequence: split-KV on sm100
 )
 
 
 def precompile_varlen() -> dict:
-    """Precompile each of :data:`VARLEN` (fwd + bwd) on 3 sequences, 1500 tokens; {name: seconds}."""
+    """Precompile each of :data:`VARLEN` (fwd + bwd) on 3 sequences of up to 1000 keys; {name: seconds}."""
     results = {}
-    for name, heads, heads_kv, head_dim, causal, window, softcap, used in VARLEN:
+    for name, heads, heads_kv, head_dim, causal, window, softcap, used, longest_q in VARLEN:
+        tokens_q = 3 * longest_q if longest_q == 1 else 1500
         with fresh_fake_mode():
-            q = torch.empty(1500, heads, head_dim, dtype=torch.bfloat16, device="cuda")
+            q = torch.empty(tokens_q, heads, head_dim, dtype=torch.bfloat16, device="cuda")
             k, v = (torch.empty(1500, heads_kv, head_dim, dtype=torch.bfloat16, device="cuda") for _ in "kv")
-            lse = torch.empty(heads, 1500, dtype=torch.float32, device="cuda")
-            cu_seqlens = torch.empty(4, dtype=torch.int32, device="cuda")
+            lse = torch.empty(heads, tokens_q, dtype=torch.float32, device="cuda")
+            cu_seqlens_q, cu_seqlens_k = (torch.empty(4, dtype=torch.int32, device="cuda") for _ in "qk")
             seqused_k = torch.empty(3, dtype=torch.int32, device="cuda") if used else None
-        args = (cu_seqlens, cu_seqlens, 1000, 1000, head_dim ** -0.5, causal, *window, softcap, seqused_k)
+        args = (cu_seqlens_q, cu_seqlens_k, longest_q, 1000, head_dim ** -0.5, causal, *window, softcap, seqused_k)
         results[name] = round(varlen.precompile_forward(q, k, v, *args)
                               + varlen.precompile_backward(q, q, k, v, q, lse, *args), 2)
     return results
