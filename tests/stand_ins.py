@@ -175,9 +175,21 @@ def fa2_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
                                softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
 
 
-def fa2_flash_attn_with_kvcache(*args, **kwargs):
-    """FA2's ``flash_attn_with_kvcache``: not computed by the stand-in (Hugging Face imports it with the others)."""
-    raise NotImplementedError("flash_attn_with_kvcache is not computed by the stand-in")
+def fa2_flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                                cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                                softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """FA2's ``flash_attn_with_kvcache`` (stand-in) on a contiguous cache, reading each row's first
+    ``cache_seqlens[b]`` keys, masks aligned to that length; appending, rotary, gathers and ALiBi are not computed."""
+    if any(t is not None for t in (k, v, rotary_cos, cache_batch_idx, cache_leftpad, block_table, alibi_slopes)):
+        raise NotImplementedError("not computed by the stand-in")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    used = [k_cache.shape[1]] * q.shape[0] if cache_seqlens is None else (
+        [cache_seqlens] * q.shape[0] if isinstance(cache_seqlens, int) else cache_seqlens.tolist())
+    rows = [_attend(q[b], k_cache[b, :used[b]], v_cache[b, :used[b]], scale, causal, *window_size, softcap)
+            for b in range(q.shape[0])]
+    out, lse = torch.stack([o for o, _ in rows]), torch.stack([lse for _, lse in rows])
+    return (out, lse) if return_softmax_lse else out
 
 
 def unpad_input(hidden_states, attention_mask, unused_mask=None):

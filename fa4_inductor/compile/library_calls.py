@@ -191,10 +191,38 @@ def _fa2_call(params: dict):
     return call
 
 
-def _kv_cache_call(params: dict) -> str:
-    """FA2's ``flash_attn_with_kvcache``: kept as written (recorded), whatever its arguments."""
-    return ("flash_attn_with_kvcache writes k and v into the cache in place (and may rotate q and k) before attending: "
-            "not served; the library's own call is kept")
+_KV_CACHE_UNSERVED = ("k", "v", "rotary_cos", "cache_batch_idx", "cache_leftpad", "block_table", "alibi_slopes")
+
+
+def _kv_cache_call(params: dict):
+    """FA2's ``flash_attn_with_kvcache`` reading a contiguous cache (B, S_cache, H_kv, D), each row's first
+    ``cache_seqlens[b]`` keys → ``fa4.flash_attn_fwd`` with them as ``seqused_k``; or a reason. FA2 aligns a causal
+    or windowed mask to each row's cache length, our op to the whole cache: those agree only for one query per row
+    under causal and no window."""
+    given = next((name for name in _KV_CACHE_UNSERVED if params.get(name) is not None), None)
+    if given is not None:
+        return (f"{given} is set: flash_attn_with_kvcache then writes into the cache in place, rotates, gathers or "
+                "biases; not served, the library's own call is kept")
+    reason = _common_reason(params)
+    if reason is not None:
+        return reason
+    q, k_cache = params["q"], params["k_cache"]
+    if tuple(params["window_size"]) != (-1, -1) or (params["causal"] and q.shape[1] != 1):
+        return ("a causal mask over several queries or a window, aligned to each row's cache length: not served; the "
+                "library's own call is kept")
+    lengths = params["cache_seqlens"]
+
+    def call():
+        used = lengths
+        if isinstance(used, int):
+            used = torch.full((q.shape[0],), used, dtype=torch.int32, device=q.device)
+        elif used is not None:
+            used = used.to(torch.int32)
+        out, lse = torch.ops.fa4.flash_attn_fwd(q, k_cache, params["v_cache"], _scale(params, q), False, -1, -1,
+                                                params["softcap"], used)
+        return (out, lse) if params.get("return_softmax_lse") else out
+
+    return call
 
 
 _FA2 = "flash_attn.flash_attn_interface"

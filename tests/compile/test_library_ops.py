@@ -162,16 +162,48 @@ def test_the_stand_ins_are_marked_as_such():
     assert "STAND-INS" in stand_ins.__doc__ and set(STAND_INS) == {"fa2", "fa3"}
 
 
-def test_fa2_kv_cache_calls_keep_fa2s_call_with_the_reason():
+@pytest.mark.parametrize("causal", [True, False])
+def test_fa2_kv_cache_decode_runs_the_fa4_op_with_the_cache_lengths(causal):
+    """A decoding step over a contiguous cache (no keys appended): each row's ``cache_seqlens`` become seqused_k."""
     import flash_attn
 
-    q, k, v = (t.detach() for t in _inputs())
+    torch.manual_seed(0)
+    q = torch.randn(3, 1, 8, 16, dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(3, 20, 2, 16, dtype=torch.bfloat16) for _ in "kv")
+    lengths = torch.tensor([20, 7, 1], dtype=torch.int32)
 
-    def decode(q, k, v):
-        return flash_attn.flash_attn_with_kvcache(q, k, v) * 2
+    def decode(q, k_cache, v_cache, lengths):
+        return flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, causal=causal)
 
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
-        with pytest.raises(NotImplementedError):  # the stand-in computes no kv-cache call
-            torch.compile(decode)(q, k, v)
+        got = torch.compile(decode, fullgraph=True)(q, k_cache, v_cache, lengths)
     (record,) = stats.site_records()
-    assert record.pattern == "flash_attn.flash_attn_with_kvcache" and "writes k and v into the cache" in record.reason
+    assert (record.pattern, record.decision) == ("flash_attn.flash_attn_with_kvcache", "fa4"), record
+    torch.testing.assert_close(got, decode(q, k_cache, v_cache, lengths), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("options, reason", [
+    (dict(k=True), "k is set"),
+    (dict(queries=3, causal=True), "a causal mask over several queries"),
+    (dict(window_size=(4, 0)), "a causal mask over several queries or a window"),
+], ids=["append", "causal_prefill", "window"])
+def test_fa2_kv_cache_calls_it_does_not_serve_keep_fa2s_call_with_the_reason(options, reason):
+    import flash_attn
+
+    options = dict(options)
+    q = torch.randn(2, options.pop("queries", 1), 4, 16, dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(2, 12, 4, 16, dtype=torch.bfloat16) for _ in "kv")
+    if options.pop("k", False):
+        options.update(k=q.clone(), v=q.clone())
+
+    def decode(q, k_cache, v_cache):
+        return flash_attn.flash_attn_with_kvcache(q, k_cache, v_cache, **options) * 2
+
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        try:
+            torch.compile(decode)(q, k_cache, v_cache)
+        except NotImplementedError:  # the stand-in computes no appending
+            pass
+    (record,) = stats.site_records()
+    assert record.pattern == "flash_attn.flash_attn_with_kvcache" and record.decision == "fallback"
+    assert reason in record.reason, record.reason
