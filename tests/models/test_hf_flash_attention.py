@@ -137,3 +137,21 @@ def test_flash_attention_2_models_run_our_ops_through_the_fa2_stand_in(name, pad
         assert {key: record.features[key] for key in features} == features, record.features
     assert relative_error(got[valid], want[valid]) < 2e-2
     assert_parameter_grads_close(got_grads, want_grads)
+
+
+def test_padded_batches_of_new_lengths_compile_nothing_new_once_dynamic():
+    """HF's padded FA4 path under the capture flags: a new padding recompiles nothing, a new sequence length once
+    (Dynamo's automatic dynamic shapes), then neither; every call runs our varlen op."""
+    torch.manual_seed(0)
+    model, _ = _flash_attention_twin("llama")
+    compiled = torch.compile(model)
+    graphs = []
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)), torch.no_grad(), torch._dynamo.config.patch(
+            capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+        for pad, length in ((3, 16), (5, 16), (2, 20), (7, 24), (9, 32)):
+            mask = torch.ones(2, length, dtype=torch.long)
+            mask[1, :pad] = 0
+            compiled(torch.randint(0, 128, (2, length)), attention_mask=mask)
+            graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[0] and graphs[4] == graphs[3] == graphs[2], graphs
+    assert {(r.pattern, r.decision) for r in stats.site_records()} == {(VARLEN, "fa4")}
