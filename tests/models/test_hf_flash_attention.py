@@ -68,9 +68,12 @@ def test_flash_attention_4_models_run_our_ops_and_match_eager(name, padded):
     valid = kwargs["attention_mask"].bool() if padded else torch.ones(2, 16, dtype=torch.bool)
     weights = weights * valid[..., None]
     want, want_grads = _logits_and_grads(reference, reference, kwargs, weights)
+    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     with fa4_inductor.enabled(eager=False, devices=("cpu",)), torch._dynamo.config.patch(
             capture_scalar_outputs=padded, capture_dynamic_output_shape_ops=padded):
         got, got_grads = _logits_and_grads(model, torch.compile(model), kwargs, weights)
+    if not padded:  # one graph (HF's padding checks branch on data: those break the padded model's graph)
+        assert sum(torch._dynamo.utils.counters["graph_break"].values()) == breaks
     records = stats.site_records()
     assert [(r.pattern, r.decision) for r in records] == [(VARLEN if padded else DENSE, "fa4")] * 2, records
     for record, features in zip(records, EXPECTED[name]):
@@ -155,3 +158,10 @@ def test_padded_batches_of_new_lengths_compile_nothing_new_once_dynamic():
             graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[0] and graphs[4] == graphs[3] == graphs[2], graphs
     assert {(r.pattern, r.decision) for r in stats.site_records()} == {(VARLEN, "fa4")}
+
+
+def test_explain_reports_hf_flash_attention_4_sites_by_api():
+    model, _ = _flash_attention_twin("mistral")
+    report = fa4_inductor.explain(model, torch.randint(0, 128, (2, 16)), arch="sm90")
+    assert [(r.pattern, r.decision, r.features["window"]) for r in report.records] == [(DENSE, "fa4", (7, -1))] * 2
+    assert str(report).startswith("fa4_inductor: 2 of 2 attention sites run FA4 on sm90")
