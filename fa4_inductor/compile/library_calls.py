@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # node.meta["custom"] key naming the library function an fa4 op node was traced from.
 ANNOTATION = "fa4_inductor.library_call"
 
+
 class _Switch:
     """Whether the substitutes translate calls (read while Dynamo traces, so a change recompiles)."""
 
@@ -238,7 +239,7 @@ FUNCTIONS = (
 
 def _substitute(function: LibraryFunction, original: Callable) -> Callable:
     """What Dynamo traces in place of ``original``: the fa4 op call, or ``original`` itself (not traced: a graph
-    break) after a marker with the reason."""
+    break) once the reason is recorded."""
     signature = inspect.signature(original)
     names = list(signature.parameters)
     defaults = {name: p.default for name, p in signature.parameters.items() if p.default is not p.empty}

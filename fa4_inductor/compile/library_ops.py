@@ -130,7 +130,7 @@ def _fa3_forward(arguments: dict):
 
 @dataclasses.dataclass(frozen=True)
 class LibraryOp:
-    """A library's attention op: its qualified name, the outputs beyond (out, lse) it returns, and how a call
+    """A library's attention op: its qualified name, the pattern name its sites are recorded under, and how a call
     becomes an fa4 op call (``translate(arguments)`` returns (op, arguments) or a reason)."""
 
     qualified_name: str
