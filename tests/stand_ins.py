@@ -21,14 +21,18 @@ import torch
 from tests.compare import band
 
 
-def _attend(q, k, v, scale, causal, window_left, window_right, softcap):
-    """One sequence: (S_q, H, D), (S_k, H_kv, D) -> (out (S_q, H, Dv), lse (H, S_q)), float32 math."""
+def _attend(q, k, v, scale, causal, window_left, window_right, softcap, alibi_slopes=None):
+    """One sequence: (S_q, H, D), (S_k, H_kv, D) -> (out (S_q, H, Dv), lse (H, S_q)), float32 math; FA2's ALiBi
+    adds ``-slope[h] * |i + S_k - S_q - j|``."""
     qf, kf, vf = (t.float().transpose(0, 1) for t in (q, k, v))
     group = qf.shape[0] // kf.shape[0]
     kf, vf = kf.repeat_interleave(group, 0), vf.repeat_interleave(group, 0)
     scores = qf @ kf.transpose(-1, -2) * scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        i = torch.arange(q.shape[0])[:, None] + k.shape[0] - q.shape[0]
+        scores = scores - alibi_slopes.float()[:, None, None] * (i - torch.arange(k.shape[0])[None, :]).abs()
     keep = band(q.shape[0], k.shape[0], causal=causal, window=(window_left, window_right))
     scores = scores.masked_fill(~keep, float("-inf"))
     lse = torch.logsumexp(scores, -1)
@@ -36,21 +40,22 @@ def _attend(q, k, v, scale, causal, window_left, window_right, softcap):
     return (probs @ vf).transpose(0, 1).to(q.dtype), lse
 
 
-def _forward(q, k, v, cu_q, cu_k, scale, causal, left, right, softcap):
+def _forward(q, k, v, cu_q, cu_k, scale, causal, left, right, softcap, alibi_slopes=None):
     """Packed (or, without cu_seqlens, B,S,H,D) attention: (out, lse) in the libraries' layouts."""
     if cu_q is None:
-        results = [_attend(q[b], k[b], v[b], scale, causal, left, right, softcap) for b in range(q.shape[0])]
+        results = [_attend(q[b], k[b], v[b], scale, causal, left, right, softcap, alibi_slopes)
+                   for b in range(q.shape[0])]
         return torch.stack([o for o, _ in results]), torch.stack([lse for _, lse in results])
     bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
     results = [_attend(q[bounds_q[b]:bounds_q[b + 1]], k[bounds_k[b]:bounds_k[b + 1]], v[bounds_k[b]:bounds_k[b + 1]],
-                       scale, causal, left, right, softcap) for b in range(len(bounds_q) - 1)]
+                       scale, causal, left, right, softcap, alibi_slopes) for b in range(len(bounds_q) - 1)]
     return torch.cat([o for o, _ in results]), torch.cat([lse for _, lse in results], dim=-1)
 
 
-def _gradients(dout, q, k, v, cu_q, cu_k, scale, causal, left, right, softcap):
+def _gradients(dout, q, k, v, cu_q, cu_k, scale, causal, left, right, softcap, alibi_slopes=None):
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        out, _ = _forward(*inputs, cu_q, cu_k, scale, causal, left, right, softcap)
+        out, _ = _forward(*inputs, cu_q, cu_k, scale, causal, left, right, softcap, alibi_slopes)
         return torch.autograd.grad(out, inputs, dout)
 
 
@@ -78,8 +83,9 @@ def _register_fa2() -> None:
 
     def forward(q, k, v, dropout_p, softmax_scale, causal, window_size_left=-1, window_size_right=-1, softcap=0.0,
                 alibi_slopes=None, return_softmax=False, cu_q=None, cu_k=None):
-        assert dropout_p == 0.0 and alibi_slopes is None, "the stand-in computes no dropout and no ALiBi"
-        out, lse = _forward(q, k, v, cu_q, cu_k, softmax_scale, causal, window_size_left, window_size_right, softcap)
+        assert dropout_p == 0.0, "the stand-in computes no dropout"
+        out, lse = _forward(q, k, v, cu_q, cu_k, softmax_scale, causal, window_size_left, window_size_right, softcap,
+                            alibi_slopes)
         return out, lse, _empty(q), torch.zeros(2, dtype=torch.int64)
 
     def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
@@ -99,7 +105,7 @@ def _register_fa2() -> None:
     def backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, dropout_p, softmax_scale, causal, window_size_left,
                  window_size_right, softcap, alibi_slopes, deterministic, rng_state=None, cu_q=None, cu_k=None):
         grads = _gradients(dout, q, k, v, cu_q, cu_k, softmax_scale, causal, window_size_left, window_size_right,
-                           softcap)
+                           softcap, alibi_slopes)
         for target, grad in zip((dq, dk, dv), grads):
             target.copy_(grad)
         return _empty(q).float()

@@ -31,7 +31,7 @@ import torch.fx.traceback as fx_traceback
 from fa4_inductor import stats
 from fa4_inductor._torch_private import call_while_tracing, on_trace
 from fa4_inductor.compile.fx_utils import user_location
-from fa4_inductor.compile.library_ops import call_features, schema_arguments
+from fa4_inductor.compile.library_ops import alibi_reason, call_features, schema_arguments
 from fa4_inductor.runtime import ops  # noqa: F401  (the fa4 ops the substitutes call)
 from fa4_inductor.runtime.support import FA4_DTYPES
 
@@ -85,7 +85,7 @@ def _window(left, right, causal: bool) -> tuple[int, int] | str:
 _UNSERVED = ("qv", "gather_kv_indices", "learnable_sink", "score_mod", "score_mod_bwd", "mask_mod", "aux_tensors",
              "aux_scalars", "block_sparse_tensors", "block_sparse_tensors_bwd", "scales", "config", "page_table",
              "seqused_q", "min_seqlen_k", "scheduler_metadata", "seqlen_k_per_split", "gather_bwd_token_chunk",
-             "alibi_slopes", "block_table")
+             "block_table")
 
 
 def _common_reason(params: dict) -> str | None:
@@ -171,15 +171,20 @@ def _fa2_call(params: dict):
     """An FA2 ``flash_attn_*func`` → the fa4 op (FA2's windows: a negative side is unbounded, as in our ops; causal
     sets the right side to 0), its output alone as FA2 returns it; or a reason."""
     reason = _common_reason(params)
-    if reason is not None:
-        return reason
     left, right = params["window_size"]
     window = (max(left, -1), -1 if params["causal"] else max(right, -1))
     varlen = "cu_seqlens_q" in params or "cu_seqlens" in params
+    slopes = params["alibi_slopes"]
+    if reason is None and slopes is not None:
+        reason = alibi_reason(slopes, params["causal"], varlen, params["softcap"])
+    if reason is not None:
+        return reason
 
     def call():
         q, k, v = _fa2_operands(params)
         scale = _scale(params, q)
+        if slopes is not None:  # FA2's causal ALiBi is the op's bias (see library_ops.alibi_reason)
+            return torch.ops.fa4.flash_attn_alibi_fwd(q, k, v, slopes, scale, True, window[0], -1)[0]
         if not varlen:
             return torch.ops.fa4.flash_attn_fwd(q, k, v, scale, params["causal"], *window, params["softcap"])[0]
         cu_q, cu_k = (params["cu_seqlens"],) * 2 if "cu_seqlens" in params else (params["cu_seqlens_q"],
@@ -282,7 +287,7 @@ def _install_once() -> None:
             _installed.add(function)
 
 
-_TRANSLATED_OPS = ("flash_attn_fwd", "flash_attn_varlen_fwd")
+_TRANSLATED_OPS = ("flash_attn_fwd", "flash_attn_varlen_fwd", "flash_attn_alibi_fwd")
 
 
 def _op(node: torch.fx.Node) -> str | None:

@@ -50,7 +50,8 @@ def call_features(op, arguments: dict) -> dict:
     """The features of an fa4 attention op call (``arguments`` by its schema's names) a site record shows."""
     features = {"op": op.overloadpacket.__name__ if hasattr(op, "overloadpacket") else op.__name__,
                 "causal": arguments["causal"], "window": (arguments["window_left"], arguments["window_right"]),
-                "softcap": arguments["softcap"] or None, "packed": "cu_seqlens_q" in arguments}
+                "softcap": arguments.get("softcap") or None, "packed": "cu_seqlens_q" in arguments,
+                "alibi": "slopes" in arguments}
     q = example_value(arguments["q"])
     if isinstance(q, torch.Tensor):
         features["dtype"] = str(q.dtype).removeprefix("torch.")
@@ -78,8 +79,28 @@ def _set(arguments: dict, names: tuple[str, ...]) -> str | None:
     return next((name for name in names if arguments.get(name) is not None), None)
 
 
+def alibi_reason(slopes, causal: bool, varlen: bool, softcap) -> str | None:
+    """Why FA2's ``alibi_slopes`` (a bias ``-slope[h] * |i + S_k - S_q - j|``) can't go to ``fa4.flash_attn_alibi_fwd``,
+    or None. Under causal masking the visible keys have ``j <= i + S_k - S_q``, where the bias is the op's linear
+    ``slope[h] * (j - i - (S_k - S_q))``; without it the absolute value is no linear bias."""
+    if not causal:
+        return "alibi_slopes without causal: FA2's bias -slope·|i - j| is not linear in j, which FA4's ALiBi is"
+    if varlen:
+        return "alibi_slopes on packed sequences (varlen): not served"
+    if slopes.dim() != 1 or slopes.dtype != torch.float32:
+        return f"alibi_slopes of shape {tuple(slopes.shape)} ({slopes.dtype}): served as one float32 slope per head"
+    if softcap:
+        return "alibi_slopes with softcap: FA4 takes one score_mod"
+    return None
+
+
 def _fa4_call(arguments: dict, causal: bool, varlen: bool) -> tuple[Callable, dict]:
     """The fa4 op and its arguments for a call with FA2's argument names and window semantics."""
+    if arguments.get("alibi_slopes") is not None:
+        return torch.ops.fa4.flash_attn_alibi_fwd.default, dict(
+            q=arguments["q"], k=arguments["k"], v=arguments["v"], slopes=arguments["alibi_slopes"],
+            softmax_scale=_scale(arguments["softmax_scale"], arguments["q"]), causal=causal,
+            window_left=max(arguments["window_size_left"], -1), window_right=-1)
     common = dict(softmax_scale=_scale(arguments["softmax_scale"], arguments["q"]), causal=causal,
                   window_left=max(arguments["window_size_left"], -1), window_right=max(arguments["window_size_right"], -1),
                   softcap=arguments["softcap"] or 0.0, seqused_k=arguments.get("seqused_k"))
@@ -90,11 +111,14 @@ def _fa4_call(arguments: dict, causal: bool, varlen: bool) -> tuple[Callable, di
     return torch.ops.fa4.flash_attn_varlen_fwd.default, qkv | lengths | common
 
 
-def _fa2_reason(arguments: dict) -> str | None:
+def _fa2_reason(arguments: dict, varlen: bool) -> str | None:
     if arguments["dropout_p"] != 0.0:
         return f"dropout_p={arguments['dropout_p']}: FA4 has no dropout"
-    if arguments["alibi_slopes"] is not None:
-        return "alibi_slopes are set: ALiBi is not served on this path"
+    slopes = arguments["alibi_slopes"]
+    reason = alibi_reason(example_value(slopes), arguments["causal"], varlen, arguments["softcap"]) \
+        if slopes is not None else None
+    if reason:
+        return reason
     if arguments["return_softmax"]:
         return "return_softmax=True: FA4 returns no attention probabilities"
     unserved = _set(arguments, ("block_table", "leftpad_k"))
@@ -102,11 +126,11 @@ def _fa2_reason(arguments: dict) -> str | None:
 
 
 def _fa2_forward(arguments: dict):
-    return _fa2_reason(arguments) or _fa4_call(arguments, arguments["causal"], varlen=False)
+    return _fa2_reason(arguments, varlen=False) or _fa4_call(arguments, arguments["causal"], varlen=False)
 
 
 def _fa2_varlen_forward(arguments: dict):
-    return _fa2_reason(arguments) or _fa4_call(arguments, arguments["causal"], varlen=True)
+    return _fa2_reason(arguments, varlen=True) or _fa4_call(arguments, arguments["causal"], varlen=True)
 
 
 _FA3_UNSERVED = ("k_new", "v_new", "qv", "out_", "cu_seqlens_k_new", "seqused_q", "page_table", "kv_batch_idx",

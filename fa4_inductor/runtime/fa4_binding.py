@@ -42,12 +42,12 @@ _FA4_MODULE = "flash_attn.cute.interface"
 _FWD_PARAMS = (
     "softmax_scale", "causal", "softcap", "window_size_left", "window_size_right",
     "seqused_k", "return_lse", "out", "lse", "mask_mod", "aux_tensors", "block_sparse_tensors",
-    "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "num_splits",
+    "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "num_splits", "score_mod",
 )
 _BWD_PARAMS = (
     "softmax_scale", "causal", "softcap", "window_size_left", "window_size_right",
     "seqused_k", "deterministic", "dq", "dk", "dv", "mask_mod", "aux_tensors", "block_sparse_tensors",
-    "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
+    "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "score_mod", "score_mod_bwd",
 )
 
 # Architectures (major version) on which FA4 runs forward and backward.
@@ -258,6 +258,29 @@ def split_key_padding_mask_mod(group: int, splits: int):
         return scalar_to_ssa(keep[batch[0], chunk, kv_idx[0]], cutlass.Int32) != scalar_to_ssa(0, cutlass.Int32)
 
     return split_key_padding_mask
+
+
+@functools.lru_cache(maxsize=None)
+def alibi_score_mods():
+    """FA4 (``score_mod``, ``score_mod_bwd``) adding ALiBi to the scaled scores: ``aux[0][head] * (kv_idx - q_idx
+    - (seqlen_k - seqlen_q))``, 0 on the bottom-right diagonal (as :func:`.reference.alibi_bias`). The bias does not
+    depend on the score, so the backward passes the score's gradient through unchanged. FA4 calls a score_mod that
+    reads aux tensors one score at a time (vector size 1), so ``head[0]`` is that score's head."""
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute.utils import scalar_to_ssa
+
+    @cute.jit
+    def alibi(score, batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
+        slope = scalar_to_ssa(aux_tensors[0][head[0]], cutlass.Float32)
+        diagonal = q_idx + scalar_to_ssa(seqlen_info.seqlen_k - seqlen_info.seqlen_q, cutlass.Int32)
+        return score + slope * (kv_idx - diagonal).to(cutlass.Float32)
+
+    @cute.jit
+    def alibi_backward(grad, score, batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
+        return grad
+
+    return alibi, alibi_backward
 
 
 def block_sparse_tensors(lists: tuple[torch.Tensor, ...], block_size: tuple[int, int]):

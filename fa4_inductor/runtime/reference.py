@@ -77,21 +77,32 @@ def visible_keys(
     return torch.where(states == block_mask.FULL, True, (states == block_mask.PARTIAL) & visible)
 
 
-def _scores(q, k, softmax_scale, softcap):
-    """B,S,H,D inputs (compute dtype) -> (scaled, capped scores B,H,S_q,S_k; tanh of the capped scores)."""
+def alibi_bias(slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi as the fa4 ops add it: ``slopes[h] * (j - i - (S_k - S_q))`` (H, S_q, S_k), 0 on the bottom-right
+    diagonal (a constant per row, which softmax ignores, away from ``slopes[h] * j``)."""
+    i = torch.arange(seqlen_q, device=slopes.device)[:, None] + (seqlen_k - seqlen_q)
+    j = torch.arange(seqlen_k, device=slopes.device)[None, :]
+    return slopes.to(dtype)[:, None, None] * (j - i).to(dtype)
+
+
+def _scores(q, k, softmax_scale, softcap, alibi_slopes=None):
+    """B,S,H,D inputs (compute dtype) -> (scaled, capped scores B,H,S_q,S_k plus ALiBi; tanh of the capped
+    scores)."""
     group = q.shape[2] // k.shape[2]
     kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
     scores = (q.transpose(1, 2) @ kh.transpose(-1, -2)) * softmax_scale
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, q.shape[1], k.shape[1], scores.dtype)
     if softcap <= 0:
         return scores, None
     capped_tanh = torch.tanh(scores / softcap)
     return softcap * capped_tanh, capped_tanh
 
 
-def _attention(q, k, v, softmax_scale, softcap, visible):
+def _attention(q, k, v, softmax_scale, softcap, visible, alibi_slopes=None):
     """B,S,H,D inputs (compute dtype) -> (out B,S,H,Dv, lse B,H,S)."""
     vh = v.transpose(1, 2).repeat_interleave(q.shape[2] // k.shape[2], dim=1)
-    scores, _ = _scores(q, k, softmax_scale, softcap)
+    scores, _ = _scores(q, k, softmax_scale, softcap, alibi_slopes)
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     has_key = visible.any(dim=-1, keepdim=True)
@@ -126,11 +137,13 @@ def attention_forward(
     seqused_k: torch.Tensor | None = None,
     key_padding: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference forward: (out B,S,H,Dv in q's dtype, lse B,H,S float32)."""
+    """Reference forward: (out B,S,H,Dv in q's dtype, lse B,H,S float32); ``alibi_slopes`` (H_q,) adds
+    :func:`alibi_bias` to the scaled scores."""
     ct = _compute_dtype(q.dtype)
     visible = _visible(q, k, causal, window_left, window_right, seqused_k, key_padding, segment_ids)
-    out, lse = _attention(q.to(ct), k.to(ct), v.to(ct), softmax_scale, softcap, visible)
+    out, lse = _attention(q.to(ct), k.to(ct), v.to(ct), softmax_scale, softcap, visible, alibi_slopes)
     return out.to(q.dtype).contiguous(), lse.to(torch.float32).contiguous()
 
 
@@ -150,6 +163,7 @@ def attention_backward(
     seqused_k: torch.Tensor | None = None,
     key_padding: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference backward, FA4's way: the probabilities come from the given ``lse`` and the row term from
     the given ``out`` (so a call on part of the keys, with the whole row's ``out`` and ``lse``, gives that
@@ -161,7 +175,7 @@ def attention_backward(
     ct = _compute_dtype(q.dtype)
     qc, kc, vc, doc, oc = (t.to(ct) for t in (q, k, v, dout, out))
     visible = _visible(q, k, causal, window_left, window_right, seqused_k, key_padding, segment_ids)
-    scores, capped_tanh = _scores(qc, kc, softmax_scale, softcap)
+    scores, capped_tanh = _scores(qc, kc, softmax_scale, softcap, alibi_slopes)
     row_lse = lse.to(ct)
     if ct == torch.float64:  # lse is stored in float32; where it is this call's own lse rounded, take it exact
         own = scores.masked_fill(~visible, float("-inf")).logsumexp(dim=-1)

@@ -26,19 +26,13 @@ from torch import Tensor
 from fa4_inductor import config
 from fa4_inductor._torch_private import concrete_fake_like, fresh_fake_mode
 from fa4_inductor.runtime import fa4_binding, fa4_call, reference
+from fa4_inductor.runtime.op_schemas import define_attention_ops, implement_attention_ops
 from fa4_inductor.runtime.support import FA4_DTYPES
 
 _ARGS = ("Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt? max_seqlen_q, SymInt? max_seqlen_k, "
          "float softmax_scale, bool causal=False, int window_left=-1, int window_right=-1, float softcap=0.0, "
          "Tensor? seqused_k=None")
-_TAGS = (torch.Tag.pt2_compliant_tag,)
-
-_library = torch.library.Library("fa4", "FRAGMENT")
-_library.define(f"flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)", tags=_TAGS)
-_library.define(f"flash_attn_varlen_fwd_kernel(Tensor q, Tensor k, Tensor v, {_ARGS}) -> (Tensor, Tensor)",
-                tags=_TAGS)
-_library.define(f"flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_ARGS}) "
-                "-> (Tensor, Tensor, Tensor)", tags=_TAGS)
+_library = define_attention_ops("flash_attn_varlen", _ARGS)
 
 
 def validate(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -241,10 +235,7 @@ def _backward_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     return _gradients(q, k, v)
 
 
-_library.impl("flash_attn_varlen_fwd", flash_attn_varlen_fwd, "CompositeImplicitAutograd")
-_library.impl("flash_attn_varlen_fwd_kernel", _forward_cpu, "CPU")
-_library.impl("flash_attn_varlen_fwd_kernel", _forward_cuda, "CUDA")
-_library.impl("flash_attn_varlen_bwd", _backward_cpu, "CPU")
-_library.impl("flash_attn_varlen_bwd", _backward_cuda, "CUDA")
-torch.library.register_fake("fa4::flash_attn_varlen_fwd_kernel", _forward_fake, lib=_library)
-torch.library.register_fake("fa4::flash_attn_varlen_bwd", _backward_fake, lib=_library)
+implement_attention_ops(_library, "flash_attn_varlen", flash_attn_varlen_fwd, {
+    "forward": {"CPU": _forward_cpu, "CUDA": _forward_cuda, "fake": _forward_fake},
+    "backward": {"CPU": _backward_cpu, "CUDA": _backward_cuda, "fake": _backward_fake},
+})

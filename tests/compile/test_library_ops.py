@@ -207,3 +207,53 @@ def test_fa2_kv_cache_calls_it_does_not_serve_keep_fa2s_call_with_the_reason(opt
     (record,) = stats.site_records()
     assert record.pattern == "flash_attn.flash_attn_with_kvcache" and record.decision == "fallback"
     assert reason in record.reason, record.reason
+
+
+def _alibi_slopes(heads=4):
+    return torch.tensor([2 ** (-8 * (h + 1) / heads) for h in range(heads)], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("path", ["api", "autograd_function", "inference_op"])
+def test_fa2_causal_alibi_runs_the_fa4_alibi_op(path):
+    """FA2's ALiBi (``-slope·|i - j|``) under causal masking is the ALiBi op's linear bias: FA4 with a score_mod."""
+    import flash_attn
+
+    inputs = _inputs(2)
+    slopes = _alibi_slopes()
+
+    def attend(q, k, v):
+        if path == "api":
+            return flash_attn.flash_attn_func(q, k, v, causal=True, window_size=(5, 0), alibi_slopes=slopes)
+        return stand_ins.FlashAttnFunc.apply(q, k, v, None, 0.0, None, True, (5, 0), 0.0, slopes, False)
+
+    with torch.set_grad_enabled(path != "inference_op"), fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = torch.compile(attend, fullgraph=True)(*inputs)
+    (record,) = stats.site_records()
+    assert (record.decision, record.features["op"], record.features["alibi"]) == ("fa4", "flash_attn_alibi_fwd", True)
+    _assert_same(got, attend(*inputs), inputs, grads=path != "inference_op")
+
+
+@pytest.mark.parametrize("options, reason", [
+    (dict(causal=False), "alibi_slopes without causal"),
+    (dict(causal=True, slopes=torch.ones(2, 4)), "alibi_slopes of shape (2, 4)"),
+    (dict(causal=True, softcap=5.0), "alibi_slopes with softcap"),
+], ids=["not_causal", "per_row_slopes", "softcap"])
+def test_fa2_alibi_fa4_does_not_compute_keeps_fa2s_call_with_the_reason(options, reason):
+    import flash_attn
+
+    options = dict(options)
+    slopes = options.pop("slopes", _alibi_slopes())
+    q, k, v = (t.detach() for t in _inputs())
+
+    def attend(q, k, v):
+        return flash_attn.flash_attn_func(q, k, v, alibi_slopes=slopes, **options) * 2
+
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        try:
+            torch.compile(attend)(q, k, v)
+        except (RuntimeError, IndexError):  # the stand-in takes one slope per head only
+            pass
+    # The API call's record, and the record of FA2's op where Dynamo then traces FA2's own code (its frame runs
+    # with the plugin's pass too): both keep FA2's call, for the same reason.
+    records = stats.site_records()
+    assert records and all(r.decision == "fallback" and reason in r.reason for r in records), records

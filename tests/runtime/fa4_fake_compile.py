@@ -9,8 +9,8 @@ the plugin's kernel families: plain (causal GQA, non-causal fp16, a sliding
 window, head dim 256, a deterministic backward), the masking routes (block
 sparsity for key padding, documents and both with a band; the mask_mod on
 every tile for a small padding-only call), softcap on both and, on sm90,
-split-KV decoding, and the varlen ops (packed sequences: causal GQA, a window with softcap, seqused_k). Prints
-one JSON line.
+split-KV decoding, the varlen ops (packed sequences: causal GQA, a window with softcap, seqused_k, decoding) and
+the ALiBi score_mod (causal GQA, a window). Prints one JSON line.
 """
 
 import json
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from fa4_inductor.runtime import fa4_call, fa4_binding, launch_plan, mask_routes, varlen
+from fa4_inductor.runtime import alibi, fa4_call, fa4_binding, launch_plan, mask_routes, varlen
 
 from fa4_inductor.runtime import fa4_version
 from fa4_inductor._torch_private import fresh_fake_mode
@@ -168,6 +168,27 @@ def precompile_varlen() -> dict:
     return results
 
 
+# (name, heads, heads_kv, head dim, causal, window): the ALiBi op's score_mod kernels.
+ALIBI = (
+    ("alibi_causal_gqa", 8, 2, 128, True, (-1, -1)),
+    ("alibi_window_d64", 8, 8, 64, False, (255, 0)),
+)
+
+
+def precompile_alibi() -> dict:
+    """Precompile each of :data:`ALIBI` (fwd + bwd); {name: seconds}."""
+    results = {}
+    for name, heads, heads_kv, head_dim, causal, window in ALIBI:
+        with fresh_fake_mode():
+            q, k, v = _qkv(2, 1000, heads, heads_kv, head_dim=head_dim)
+            lse = torch.empty(2, heads, 1000, dtype=torch.float32, device="cuda")
+            slopes = torch.empty(heads, dtype=torch.float32, device="cuda")
+        options = (head_dim ** -0.5, causal, *window)
+        results[name] = round(alibi.precompile("forward", (q, k, v, slopes), options)
+                              + alibi.precompile("backward", (q, q, k, v, q, lse, slopes), options), 2)
+    return results
+
+
 def _without_a_cuda_device() -> None:
     """FA4's deterministic backward exports its semaphores through DLPack, which asks torch for the current CUDA
     device; torch built without CUDA can't answer: device 0 (only compiling, nothing launches)."""
@@ -192,9 +213,10 @@ def main() -> None:
     fwd_seconds = fa4_call.precompile_forward(q, k, v, **params)
     bwd_seconds = fa4_call.precompile_backward(out, q, k, v, out, lse, **params)
     again = fa4_call.precompile_forward(q, k, v, **params)
-    plain, masked, packed = precompile_plain(), precompile_masked(), precompile_varlen()
+    plain, masked, packed, biased = precompile_plain(), precompile_masked(), precompile_varlen(), precompile_alibi()
     result = {"arch": ARCH_MAJOR, "forward_s": round(fwd_seconds, 2), "backward_s": round(bwd_seconds, 2),
-              "again_s": again, "plain": plain, "masked": masked, "varlen": packed, "fa4": fa4_version.version(),
+              "again_s": again, "plain": plain, "masked": masked, "varlen": packed, "alibi": biased,
+              "fa4": fa4_version.version(),
               "warnings": warnings.messages}
     if ARCH_MAJOR == 9:
         result.update(sm90_only())

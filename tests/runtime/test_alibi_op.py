@@ -1,0 +1,85 @@
+"""The ALiBi fa4 op: a linear position bias per head (FA4 score_mod on the GPU), forward and backward, against
+float64 attention with the bias written out; compiled against eager; bad input."""
+
+import math
+
+import pytest
+import torch
+
+import fa4_inductor  # noqa: F401
+from tests.compare import band
+
+
+def _explicit(q, k, v, slopes, scale, causal=False, window=(-1, -1)):
+    """float64 SDPA of B,S,H,D tensors with the bias ``slopes[h] * j`` (a constant per row away from the op's)."""
+    group = q.shape[2] // k.shape[2]
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
+    j = torch.arange(k.shape[1], dtype=q.dtype)
+    scores = qh @ kh.transpose(-1, -2) * scale + slopes.to(q.dtype)[:, None, None] * j
+    keep = band(q.shape[1], k.shape[1], causal=causal, window=window)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    return (torch.softmax(scores, -1) @ vh).transpose(1, 2)
+
+
+def _slopes(heads: int) -> torch.Tensor:
+    """ALiBi's geometric slopes (Press et al.), negative: far keys weigh less."""
+    return -torch.tensor([2 ** (-8 * (h + 1) / heads) for h in range(heads)], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("case", [dict(causal=True), dict(), dict(window=(3, 0)), dict(causal=True, heads_kv=2),
+                                  dict(causal=True, sq=4, sk=11), dict(window=(2, 2), heads_kv=1)], ids=str)
+def test_alibi_matches_explicit_float64_forward_and_backward(case):
+    torch.manual_seed(0)
+    sq, sk, heads_kv = case.get("sq", 9), case.get("sk", 9), case.get("heads_kv", 4)
+    q = torch.randn(2, sq, 4, 16, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, sk, heads_kv, 16, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    slopes, scale = _slopes(4), 16 ** -0.5
+    window = case.get("window", (-1, -1))
+    out, lse = torch.ops.fa4.flash_attn_alibi_fwd(q, k, v, slopes, scale, case.get("causal", False), *window)
+    want = _explicit(q, k, v, slopes, scale, case.get("causal", False), window)
+    torch.testing.assert_close(out, want)
+    assert lse.shape == (2, 4, sq) and lse.dtype == torch.float32
+    cotangent = torch.randn_like(out)
+    for got, expected in zip(torch.autograd.grad(out, (q, k, v), cotangent),
+                             torch.autograd.grad(want, (q, k, v), cotangent)):
+        torch.testing.assert_close(got, expected)
+
+
+def test_compiled_training_step_matches_eager():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 12, 4, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    slopes = _slopes(4)
+
+    def step(q, k, v):
+        return torch.ops.fa4.flash_attn_alibi_fwd(q, k, v, slopes, 0.25, True)[0] * 3
+
+    cotangent = torch.randn(2, 12, 4, 16, dtype=torch.bfloat16)
+    eager = step(q, k, v)
+    compiled = torch.compile(step, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(compiled, eager)
+    for got, want in zip(torch.autograd.grad(compiled, (q, k, v), cotangent),
+                         torch.autograd.grad(eager, (q, k, v), cotangent)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("slopes, message", [
+    (torch.zeros(3), "slopes must be a float32 \\(4,\\)"),
+    (torch.zeros(4, dtype=torch.float64), "slopes must be a float32"),
+])
+def test_bad_slopes_are_named(slopes, message):
+    q, k, v = (torch.randn(1, 5, 4, 16) for _ in range(3))
+    with pytest.raises(ValueError, match=message):
+        torch.ops.fa4.flash_attn_alibi_fwd(q, k, v, slopes, 0.25)
+
+
+def test_slopes_times_key_index_is_the_same_attention():
+    """The op's bias is 0 on the bottom-right diagonal; ``slopes[h] * j`` differs by a constant per row: the same
+    output, a logsumexp moved by that constant."""
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, 6, 2, 8, dtype=torch.float64) for _ in range(3))
+    slopes = torch.tensor([-0.5, -0.25])
+    out, lse = torch.ops.fa4.flash_attn_alibi_fwd(q, k, v, slopes, 1 / math.sqrt(8), True)
+    torch.testing.assert_close(out, _explicit(q, k, v, slopes, 1 / math.sqrt(8), True))
+    plain = torch.ops.fa4.flash_attn_fwd(q, k, v, 1 / math.sqrt(8), True)[1]
+    assert not torch.allclose(lse, plain)
