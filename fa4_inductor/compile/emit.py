@@ -189,6 +189,17 @@ def _data_mask_attention(graph: Graph, query: Node, key: Node, value: Node, para
                          after_qkv=(params.data_mask, _emit_scale(graph, params.softmax_scale)))
 
 
+def _alibi_attention(graph: Graph, query: Node, key: Node, value: Node, params: FA4Params) -> tuple[Node, Node]:
+    """``fa4.flash_attn_alibi_fwd`` on B,H,S,D nodes, its slopes ``factor * slopes``: (out B,H,S,Dv, lse)."""
+    slopes = params.alibi.slopes
+    if params.alibi.factor != 1.0:
+        slopes = call_with_meta(graph, torch.mul, (slopes, params.alibi.factor))
+    options = dict(softmax_scale=_emit_scale(graph, params.softmax_scale), causal=params.causal,
+                   window_left=params.window_left, window_right=params.window_right)
+    return fa4_attention(graph, query, key, value, options, op=torch.ops.fa4.flash_attn_alibi_fwd.default,
+                         after_qkv=(slopes,))
+
+
 def emit_fa4(decision: SiteDecision, before: Node) -> tuple[Node, Node]:
     """Write the decided FA4 call before ``before``; return its (B,H,S,Dv output, logsumexp) nodes."""
     graph, operands = before.graph, decision.operands
@@ -196,6 +207,8 @@ def emit_fa4(decision: SiteDecision, before: Node) -> tuple[Node, Node]:
         query, key, value = (_operand(graph, t) for t in (operands.query, operands.key, operands.value))
         if decision.params.data_mask is not None:
             return _data_mask_attention(graph, query, key, value, decision.params)
+        if decision.params.alibi is not None:
+            return _alibi_attention(graph, query, key, value, decision.params)
         return fa4_attention(graph, query, key, value, fa4_arguments(graph, decision.params, query, key))
 
 

@@ -4,14 +4,14 @@ FlashAttention-2 registers its kernels as ``torch.library`` custom ops (``flasha
 ``flashattn::_flash_attn_varlen_forward``) called from ``autograd.Function``\\ s; Dynamo inlines those where no
 gradient is needed (inference), so the op is a node of the graph, and traces them whole in training (an
 ``autograd_function_apply`` whose forward subgraph calls the op): a function that only calls the op on its inputs
-and returns its output is replaced as a whole by the fa4 op, which is differentiable itself. FlashAttention-3 (``hopper/``) registers
-``flash_attn_3::_flash_attn_forward`` with its autograd, so its node is in training graphs too. A node whose
-arguments FA4 serves (no dropout, no ALiBi slopes, no paged or appended KV, no FP8 descales; FA2's windows, where
--1 is unbounded as in our ops; softcap; GQA; varlen with ``cu_seqlens``) and whose extra outputs (FA2's softmax
-sample and RNG state, FA3's split accumulators) nothing reads is decided here (:func:`decide`, which writes
-nothing); :func:`fa4_inductor.compile.emit.replace_library_op` writes the fa4 op in its place. The others stay,
-with a reason. These ops exist only where the libraries are installed (CUDA builds), so the nodes are found by
-their qualified names.
+and returns its output is replaced as a whole by the fa4 op, which is differentiable itself. FlashAttention-3
+(``hopper/``) registers ``flash_attn_3::_flash_attn_forward`` with its autograd, so its node is in training graphs
+too. A node whose arguments FA4 serves (no dropout, ALiBi slopes only under causal masking, no paged or appended KV,
+no FP8 descales; FA2's windows, where -1 is unbounded as in our ops; softcap; GQA; varlen with ``cu_seqlens``) and
+whose extra outputs (FA2's softmax sample and RNG state, FA3's split accumulators) nothing reads is decided here
+(:func:`decide`, which writes nothing); :func:`fa4_inductor.compile.emit.replace_library_op` writes the fa4 op in
+its place. The others stay, with a reason. These ops exist only where the libraries are installed (CUDA builds), so
+the nodes are found by their qualified names.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def _fa4_call(arguments: dict, causal: bool, varlen: bool) -> tuple[Callable, di
             softmax_scale=_scale(arguments["softmax_scale"], arguments["q"]), causal=causal,
             window_left=max(arguments["window_size_left"], -1), window_right=-1)
     common = dict(softmax_scale=_scale(arguments["softmax_scale"], arguments["q"]), causal=causal,
-                  window_left=max(arguments["window_size_left"], -1), window_right=max(arguments["window_size_right"], -1),
+                  window_left=max(arguments["window_size_left"], -1),
+                  window_right=max(arguments["window_size_right"], -1),
                   softcap=arguments["softcap"] or 0.0, seqused_k=arguments.get("seqused_k"))
     qkv = {name: arguments[name] for name in ("q", "k", "v")}
     if not varlen:
@@ -230,7 +231,8 @@ def _autograd_function_reason(node: Node, op_node: Node) -> str | dict:
     arguments = schema_arguments(op_node)
     for name, value in arguments.items():
         if isinstance(value, Node) and value not in operands:
-            return f"its op's {name} is computed inside the function (a head dim padded to 8, ...): " + IN_AUTOGRAD_FUNCTION
+            return (f"its op's {name} is computed inside the function (a head dim padded to 8, ...): "
+                    + IN_AUTOGRAD_FUNCTION)
     (outputs, _saved), = [n.args[0] for n in forward.nodes if n.op == "output"]
     head_dim = example_value(arguments["q"]).shape[-1]
     if len(outputs) != 1 or not _is_whole_output(outputs[0], op_node, head_dim):

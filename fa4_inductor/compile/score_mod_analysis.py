@@ -6,9 +6,13 @@ evaluated symbolically, with ``score`` a sympy symbol. FA4 computes the same
 thing when the result is ``a * score`` (a scale: FA4's softmax scale times
 ``a``) or ``a * tanh(c * score)`` with ``a, c > 0`` (FA4's ``softcap = a``
 with the softmax scale times ``a * c``: Gemma 2's ``cap * tanh(score / cap)``
-is ``a = cap, c = 1 / cap``). A score_mod that reads the batch, head or
-position indices (a relative bias, ALiBi) or a tensor is not expressible,
-and the reason says which.
+is ``a = cap, c = 1 / cap``). ALiBi, ``a * score + f * slopes[head] * kv_idx``
+plus any term without ``kv_idx`` (``slopes[head] * (kv_idx - q_idx)``: a
+constant per row, which softmax ignores), with ``slopes`` a captured 1-D
+tensor, is FA4's ALiBi score_mod (``fa4.flash_attn_alibi_fwd``) with slopes
+``f * slopes``. A score_mod that reads the indices otherwise (a relative bias
+table, a bias not linear in ``kv_idx``) or a tensor otherwise is not
+expressible, and the reason says which.
 """
 
 from __future__ import annotations
@@ -36,10 +40,17 @@ _CASTS = modeled_ops.DTYPE_CASTS | modeled_ops.COPIES
 
 @dataclasses.dataclass(frozen=True)
 class ScoreTransform:
-    """FA4's view of a score_mod: multiply the softmax scale by ``scale``; ``softcap`` 0 for none."""
+    """FA4's view of a score_mod: multiply the softmax scale by ``scale``; ``softcap`` 0 for none; ``alibi`` (the
+    index of the captured slopes tensor among the score_mod's buffers, the factor on it) for ALiBi."""
 
     scale: float = 1.0
     softcap: float = 0.0
+    alibi: tuple[int, float] | None = None
+
+
+def _slope(index: int) -> sympy.Symbol:
+    """The symbol of ``buffers[index][head]``: a slope per head."""
+    return sympy.Symbol(f"slope{index}", real=True)
 
 
 def analyze_score_mod(score_mod: torch.fx.GraphModule, buffers: tuple) -> ScoreTransform:
@@ -50,15 +61,32 @@ def analyze_score_mod(score_mod: torch.fx.GraphModule, buffers: tuple) -> ScoreT
         raise NotAnalyzable(f"score_mod takes {len(placeholders)} inputs for {len(buffers)} captured buffers")
     for node, symbol in zip(placeholders, (_SCORE, *_INDICES)):
         values[node] = symbol
-    for node in placeholders[5:]:
+    tensors = {}
+    for index, node in enumerate(placeholders[5:]):
         example = node.meta.get("example_value", node.meta.get("val"))
         if isinstance(example, torch.Tensor):
-            raise NotAnalyzable(f"score_mod reads the tensor '{node.name}'")
+            tensors[node] = index
+            continue
         values[node] = example.node.expr if isinstance(example, (torch.SymInt, torch.SymFloat)) else example
     for node in score_mod.graph.nodes:
-        if node.op in ("call_function", "call_method"):
-            values[node] = _apply(node, [values.get(a, a) for a in node.args])
+        if node.op not in ("call_function", "call_method"):
+            continue
+        if node.target is operator.getitem and node.args[0] in tensors:
+            values[node] = _slope_read(node, tensors[node.args[0]], values)
+            continue
+        read = next((a for a in node.args if a in tensors), None)
+        if read is not None:
+            raise NotAnalyzable(f"score_mod reads the tensor '{read.name}' other than one entry per head")
+        values[node] = _apply(node, [values.get(a, a) for a in node.args])
     return _transform(sympy.sympify(values[score_mod.graph.output_node().args[0]]))
+
+
+def _slope_read(node: torch.fx.Node, index: int, values: dict) -> sympy.Symbol:
+    """``buffer[head]`` of a 1-D float32 buffer: the head's slope."""
+    buffer = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
+    if values.get(node.args[1], node.args[1]) != _INDICES[1] or buffer.dim() != 1 or buffer.dtype != torch.float32:
+        raise NotAnalyzable(f"score_mod reads the tensor '{node.args[0].name}' other than a float32 slope per head")
+    return _slope(index)
 
 
 def _apply(node: torch.fx.Node, args: list):
@@ -85,7 +113,29 @@ def _positive_number(value) -> float | None:
     return float(value) if value.is_number and value.is_positive else None
 
 
+def _alibi(expr) -> ScoreTransform | None:
+    """``a * score + f * slope * kv_idx + (terms without kv_idx)`` as a scale and ALiBi, or None when ``expr`` is
+    not that."""
+    slopes = sorted((s for s in expr.free_symbols if s.name.startswith("slope")), key=str)
+    expr = sympy.expand(expr)
+    scale, bias = expr.coeff(_SCORE), expr - expr.coeff(_SCORE) * _SCORE
+    kv_idx = _INDICES[3]
+    slope_term = sympy.expand(sympy.diff(bias, kv_idx))
+    if len(slopes) != 1 or _SCORE in bias.free_symbols or _positive_number(sympy.sympify(scale)) is None:
+        return None
+    factor = sympy.simplify(slope_term / slopes[0])
+    if not factor.is_number or factor == 0 or kv_idx in sympy.expand(bias - slope_term * kv_idx).free_symbols:
+        return None
+    return ScoreTransform(scale=float(scale), alibi=(int(slopes[0].name.removeprefix("slope")), float(factor)))
+
+
 def _transform(expr) -> ScoreTransform:
+    if any(s.name.startswith("slope") for s in expr.free_symbols):
+        alibi = _alibi(expr)
+        if alibi is None:
+            raise NotAnalyzable(f"score_mod computes {expr}: a slope per head not times kv_idx (plus a constant per "
+                                "row) beside a scaled score, which is all FA4's ALiBi adds")
+        return alibi
     if expr.free_symbols - {_SCORE}:
         names = ", ".join(sorted(str(s) for s in expr.free_symbols - {_SCORE}))
         raise NotAnalyzable(f"score_mod depends on {names} (a bias FA4 has no parameter for)")

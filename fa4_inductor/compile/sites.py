@@ -92,6 +92,15 @@ class FixedBlocks:
 
 
 @dataclasses.dataclass(frozen=True)
+class Alibi:
+    """ALiBi on the scores: ``factor * slopes[h] * (kv_idx - q_idx)`` (up to a constant per row), ``slopes`` a
+    float32 (H_q,) graph tensor; emission calls ``fa4.flash_attn_alibi_fwd`` with ``factor * slopes``."""
+
+    slopes: Node
+    factor: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
 class FA4Params:
     """What a site's FA4 call computes: ``fa4.flash_attn_fwd``'s parameters after q, k and v, as the analysis found
     them. The masks are their sources in the graph (a 0/1 or bool padding input that hides the keys where it is
@@ -111,12 +120,13 @@ class FA4Params:
     # ``data_mask_hides``.
     data_mask: Node | None = None
     data_mask_hides: bool = False
+    alibi: Alibi | None = None
 
     @property
     def mask_sources(self) -> tuple[Node, ...]:
-        """The graph tensors the call reads its masks from."""
-        return tuple(n for n in (self.key_padding, self.key_lengths, self.segment_ids, self.data_mask)
-                     if isinstance(n, Node))
+        """The graph tensors the call reads its masks and bias from."""
+        return tuple(n for n in (self.key_padding, self.key_lengths, self.segment_ids, self.data_mask,
+                                 self.alibi.slopes if self.alibi else None) if isinstance(n, Node))
 
 
 @dataclasses.dataclass(frozen=True)

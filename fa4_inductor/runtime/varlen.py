@@ -171,7 +171,7 @@ def _precompile(what: str, tensors: tuple, args: tuple, build) -> float:
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, left, right, softcap, used = args
     key = (what, q.dtype, *(_hinted(s) for s in (*q.shape[1:], k.shape[1], v.shape[-1])), causal, left, right,
            bool(softcap), used is None, torch.are_deterministic_algorithms_enabled(),
-           *(_hinted(s) for s in (cu_seqlens_q.shape[0], max_seqlen_q, max_seqlen_k)))  # FA4's split heuristic reads these
+           *(_hinted(s) for s in (cu_seqlens_q.shape[0], max_seqlen_q, max_seqlen_k)))  # FA4's split heuristic
     if key in _precompiled or fa4_binding.unavailable_reason() is not None:
         return 0.0
     _precompiled.add(key)

@@ -321,3 +321,56 @@ def test_shared_documents_with_a_block_mask_for_one_row_run_fa4(cpu_backward):
         assert_matches_eager(lambda q, k, v: reference(q, k, v, mask_mod=_shared_documents)[0],
                              torch.compile(program, fullgraph=True), _qkv())
     _only_site({"documents": True, "padding": False})
+
+
+SLOPES = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)])  # ALiBi's geometric slopes (float32)
+
+
+def _alibi_slopes(score, b, h, q_idx, kv_idx):
+    return score + SLOPES[h] * (kv_idx - q_idx)
+
+
+def _alibi_scaled_key_positions(score, b, h, q_idx, kv_idx):
+    return 2 * score - 0.5 * SLOPES[h] * kv_idx  # a constant per row away from -0.5·slope·(kv_idx - q_idx)
+
+
+@pytest.mark.parametrize("score_mod, mask_mod, heads_kv", [
+    (_alibi_slopes, _causal, H), (_alibi_slopes, _window, 2), (_alibi_slopes, None, H),
+    (_alibi_scaled_key_positions, _causal, 2),
+], ids=["causal", "window_gqa", "no_mask", "scaled_key_positions_gqa"])
+def test_alibi_score_mods_run_fa4_alibi_and_match(score_mod, mask_mod, heads_kv, cpu_backward):
+    """ALiBi read from a captured slopes tensor becomes FA4's ALiBi score_mod (fa4.flash_attn_alibi_fwd), forward
+    and backward, at every position."""
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        assert_matches_eager(lambda q, k, v: reference(q, k, v, score_mod, mask_mod, scale=0.3)[0],
+                             torch.compile(_flex(mask_mod, score_mod, scale=0.3), fullgraph=True), _qkv(heads_kv))
+    _only_site({"alibi": True, "causal": mask_mod is _causal})
+
+
+def _alibi_symmetric(score, b, h, q_idx, kv_idx):
+    return score - SLOPES[h] * (kv_idx - q_idx).abs()
+
+
+def _alibi_quadratic(score, b, h, q_idx, kv_idx):
+    return score + SLOPES[h] * (kv_idx - q_idx) * (kv_idx - q_idx)
+
+
+RELATIVE_TABLE = torch.randn(H, 2 * S)
+
+
+def _relative_table(score, b, h, q_idx, kv_idx):
+    return score + RELATIVE_TABLE[h, kv_idx - q_idx + S]
+
+
+@pytest.mark.parametrize("score_mod, mask_mod, reason", [
+    (_alibi_symmetric, None, "score_mod uses abs"),
+    (_alibi_quadratic, _causal, "a slope per head not times kv_idx"),
+    (_relative_table, _causal, "other than a float32 slope per head"),
+    (_alibi_slopes, _padded_causal, "ALiBi beside key padding"),
+], ids=["symmetric", "quadratic", "relative_table", "with_padding"])
+def test_alibi_like_score_mods_fa4_does_not_compute_stay_with_flex_attention(score_mod, mask_mod, reason):
+    q, k, v = (t.detach() for t in _qkv())
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = torch.compile(_flex(mask_mod, score_mod), fullgraph=True)(q, k, v)
+    torch.testing.assert_close(got, reference(q, k, v, score_mod, mask_mod)[0], atol=2e-2, rtol=2e-2)
+    assert reason in _only_site(decision="fallback").reason

@@ -15,8 +15,8 @@ from torch.fx.operator_schemas import normalize_function
 from fa4_inductor.compile.fx_utils import example_value, op_name
 
 from fa4_inductor.compile.mask_analysis import MaskStructure, NotAnalyzable, ReadsData, analyze_mask
-from fa4_inductor.compile.sites import (AddedMasks, FA4Params, GraphScale, Operand, RewriteContext, SiteDecision,
-                                        SiteOperands)
+from fa4_inductor.compile.sites import (AddedMasks, Alibi, FA4Params, GraphScale, Operand, RewriteContext,
+                                        SiteDecision, SiteOperands)
 from fa4_inductor.runtime.support import AttentionCall, is_dtensor, unsupported_reason
 
 
@@ -132,6 +132,7 @@ def decide(
     mask_reader: Node | None = None,
     read_inputs: list | None = None,
     replaced: tuple[Node, ...] = (),
+    alibi: Alibi | None = None,
 ) -> SiteDecision:
     """Decide one SDPA-style site (B,H,S,D operands) for FA4; reads the graph, writes nothing.
 
@@ -142,7 +143,8 @@ def decide(
     (``scores.masked_fill(mask, -inf)``), not the kept ones, and ``mask_reader`` is the node that reads it (default
     ``node``). A site whose rewrite would miss an in-place write falls back (:mod:`fa4_inductor.compile.graph_mutations`);
     ``read_inputs`` are the inputs of ``node`` whose values the rewrite reads (default: all); ``replaced`` are nodes
-    the rewrite may leave dead.
+    the rewrite may leave dead; ``alibi`` an ALiBi bias on the scores (FA4's ALiBi score_mod takes no softcap and no
+    mask read from tensors beside it).
     """
     query, key, value = (_operand(t) for t in (query, key, value))
     key, k_repeats = _strip_repeat(key)
@@ -206,6 +208,12 @@ def decide(
         features["mask"] = "full" if mask_structure.is_full else "analyzed"
         features["padding"] = mask_structure.key_padding is not None or mask_structure.key_lengths is not None
         features["documents"] = mask_structure.segment_ids is not None
+    if alibi is not None and reason is None:
+        features["alibi"] = True
+        if any(masks.get(name) is not None for name in ("key_padding", "key_lengths", "segment_ids", "data_mask")):
+            reason = "ALiBi beside key padding, documents or a mask given as data: FA4's ALiBi op takes neither"
+        elif constants["softcap"]:
+            reason = "ALiBi with softcap: FA4 takes one score_mod"
     if reason:
         return SiteDecision(node, reason, features, operands=operands)
     # SDPA's is_causal flag is top-left aligned; a mask-derived structure is already FA4's.
@@ -220,7 +228,7 @@ def decide(
     if softmax_scale is None and reason is None:
         softmax_scale = 1.0 / math.sqrt(int(d))  # FA4 needs a static head dim: int() guards a symbolic one
     params = FA4Params(softmax_scale=_as_float(softmax_scale), causal=causal, window_left=window[0],
-                       window_right=window[1], softcap=_as_float(constants["softcap"]), **masks)
+                       window_right=window[1], softcap=_as_float(constants["softcap"]), alibi=alibi, **masks)
     if reason is None and context.mutations is not None:
         reason = context.mutations.unsafe_read(
             node, [t.source for t in (query, key, value)] + [h.factor for h in query.head_scales]

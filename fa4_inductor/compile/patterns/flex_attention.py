@@ -33,7 +33,7 @@ from fa4_inductor.compile.fx_utils import example_value, tuple_reads
 
 from fa4_inductor.compile.emit import call_with_meta, emit_fa4, erase_if_unused, replace_tuple_outputs
 from fa4_inductor.compile.mask_analysis import MaskStructure, NotAnalyzable, analyze_mask_mod
-from fa4_inductor.compile.sites import AttentionPattern, GraphScale, RewriteContext, SiteDecision, register
+from fa4_inductor.compile.sites import Alibi, AttentionPattern, GraphScale, RewriteContext, SiteDecision, register
 from fa4_inductor.compile.score_mod_analysis import ScoreTransform, analyze_score_mod
 
 from .common import decide
@@ -144,10 +144,18 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision:
     if structure is not None and _reads_batch(structure) and _block_rows(block_mask) == 1 != q.shape[0]:
         blocker = blocker or ("the block mask was built for one batch row (B=None) but the mask_mod reads per-row "
                               "tensors: FlexAttention applies row 0's blocks to every row")
+    alibi = None
+    if transform.alibi is not None:
+        index, factor = transform.alibi
+        alibi = Alibi(score_buffers[index], factor)
+        heads = example_value(alibi.slopes).shape[0]
+        if heads != q.shape[1]:
+            blocker = blocker or f"ALiBi slopes for {heads} heads, {q.shape[1]} query heads"
     decision = decide(
         node, context, query, key, value, scale=_scale(scale, transform.scale), softcap=transform.softcap,
         enable_gqa=bool(q.shape[1] != k.shape[1]), blocker=blocker, mask_structure=structure,
         read_inputs=[query, key, value, *score_buffers, *mask_buffers],  # not the block lists: FA4 needs none
+        alibi=alibi,
     )
     features = dict(decision.features, flex_backend=kernel_options.get("BACKEND", "AUTO"),
                     block_mask="graph input" if _lists_from_outside(block_mask) else "built in graph")
@@ -175,7 +183,7 @@ def rewrite(match: Match, decision: SiteDecision) -> None:
 FLEX = register(AttentionPattern(
     name="flex_attention",
     matches="torch.ops.higher_order.flex_attention (FlexAttention) with band/padding/document mask_mods and "
-            "identity/scale/softcap score_mods",
+            "identity/scale/softcap/ALiBi score_mods",
     emits="fa4.flash_attn_fwd (+ fa4.flash_attn_bwd via autograd)",
     pattern=CallFunctionVarArgs(FLEX_ATTENTION),
     analyze=analyze,
