@@ -234,6 +234,28 @@ def test_dynamic_lengths_keep_one_graph(cpu_backward):
     assert {r.decision for r in stats.site_records()} == {"fa4"}
 
 
+SLOPES = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)])  # ALiBi's geometric slopes (float32)
+
+
+def _alibi_slopes(score, b, h, q_idx, kv_idx):
+    return score + SLOPES[h] * (kv_idx - q_idx)
+
+
+def _alibi_symmetric(score, b, h, q_idx, kv_idx):
+    return score - SLOPES[h] * (kv_idx - q_idx).abs()
+
+
+def _alibi_quadratic(score, b, h, q_idx, kv_idx):
+    return score + SLOPES[h] * (kv_idx - q_idx) * (kv_idx - q_idx)
+
+
+RELATIVE_TABLE = torch.randn(H, 2 * S)
+
+
+def _relative_table(score, b, h, q_idx, kv_idx):
+    return score + RELATIVE_TABLE[h, kv_idx - q_idx + S]
+
+
 def _alibi(score, b, h, q_idx, kv_idx):
     return score - (h + 1) * (q_idx - kv_idx)
 
@@ -250,7 +272,12 @@ def _batch_dependent(b, h, q_idx, kv_idx):
     (_alibi, _causal, "score_mod depends on"),
     (None, _prefix_lm, "mask_mod not expressible in FA4"),
     (None, _batch_dependent, "depends on the batch or head index"),
-], ids=["alibi", "prefix_lm", "batch_dependent"])
+    (_alibi_symmetric, None, "score_mod uses abs"),
+    (_alibi_quadratic, _causal, "a slope per head not times kv_idx"),
+    (_relative_table, _causal, "other than a float32 slope per head"),
+    (_alibi_slopes, _padded_causal, "ALiBi beside key padding"),
+], ids=["alibi_from_head_index", "prefix_lm", "batch_dependent", "alibi_symmetric", "alibi_quadratic",
+        "relative_table", "alibi_with_padding"])
 def test_mods_fa4_cannot_express_stay_with_flex_attention(score_mod, mask_mod, reason):
     q, k, v = (t.detach() for t in _qkv())
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
@@ -323,13 +350,6 @@ def test_shared_documents_with_a_block_mask_for_one_row_run_fa4(cpu_backward):
     _only_site({"documents": True, "padding": False})
 
 
-SLOPES = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)])  # ALiBi's geometric slopes (float32)
-
-
-def _alibi_slopes(score, b, h, q_idx, kv_idx):
-    return score + SLOPES[h] * (kv_idx - q_idx)
-
-
 def _alibi_scaled_key_positions(score, b, h, q_idx, kv_idx):
     return 2 * score - 0.5 * SLOPES[h] * kv_idx  # a constant per row away from -0.5·slope·(kv_idx - q_idx)
 
@@ -345,32 +365,3 @@ def test_alibi_score_mods_run_fa4_alibi_and_match(score_mod, mask_mod, heads_kv,
         assert_matches_eager(lambda q, k, v: reference(q, k, v, score_mod, mask_mod, scale=0.3)[0],
                              torch.compile(_flex(mask_mod, score_mod, scale=0.3), fullgraph=True), _qkv(heads_kv))
     _only_site({"alibi": True, "causal": mask_mod is _causal})
-
-
-def _alibi_symmetric(score, b, h, q_idx, kv_idx):
-    return score - SLOPES[h] * (kv_idx - q_idx).abs()
-
-
-def _alibi_quadratic(score, b, h, q_idx, kv_idx):
-    return score + SLOPES[h] * (kv_idx - q_idx) * (kv_idx - q_idx)
-
-
-RELATIVE_TABLE = torch.randn(H, 2 * S)
-
-
-def _relative_table(score, b, h, q_idx, kv_idx):
-    return score + RELATIVE_TABLE[h, kv_idx - q_idx + S]
-
-
-@pytest.mark.parametrize("score_mod, mask_mod, reason", [
-    (_alibi_symmetric, None, "score_mod uses abs"),
-    (_alibi_quadratic, _causal, "a slope per head not times kv_idx"),
-    (_relative_table, _causal, "other than a float32 slope per head"),
-    (_alibi_slopes, _padded_causal, "ALiBi beside key padding"),
-], ids=["symmetric", "quadratic", "relative_table", "with_padding"])
-def test_alibi_like_score_mods_fa4_does_not_compute_stay_with_flex_attention(score_mod, mask_mod, reason):
-    q, k, v = (t.detach() for t in _qkv())
-    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
-        got = torch.compile(_flex(mask_mod, score_mod), fullgraph=True)(q, k, v)
-    torch.testing.assert_close(got, reference(q, k, v, score_mod, mask_mod)[0], atol=2e-2, rtol=2e-2)
-    assert reason in _only_site(decision="fallback").reason
