@@ -189,11 +189,36 @@ def _data_mask_attention(graph: Graph, query: Node, key: Node, value: Node, para
                          after_qkv=(params.data_mask, _emit_scale(graph, params.softmax_scale)))
 
 
+def _per_head(graph: Graph, expression, heads: Node, slopes: Node | None):
+    """The graph computing a sympy expression of the head index (``heads``: ``arange(H)`` in float32) and the
+    ``slope`` symbol (``slopes``, read at every head): a float32 (H,) node."""
+    import sympy
+
+    if expression.is_number:
+        return call_with_meta(graph, torch.full_like, (heads, float(expression)))
+    if isinstance(expression, sympy.Symbol):
+        return slopes if expression.name == "slope" else heads
+    parts = [_per_head(graph, arg, heads, slopes) if not arg.is_number else float(arg) for arg in expression.args]
+    if isinstance(expression, sympy.Add):
+        operation = operator.add
+    elif isinstance(expression, sympy.Mul):
+        operation = operator.mul
+    elif isinstance(expression, sympy.Pow):
+        operation = operator.pow
+    else:
+        raise AssertionError(f"ALiBi slope {expression}: the analysis admits sums, products and powers only")
+    result = parts[0]
+    for part in parts[1:]:
+        result = call_with_meta(graph, operation, (result, part), like=heads)
+    return result
+
+
 def _alibi_attention(graph: Graph, query: Node, key: Node, value: Node, params: FA4Params) -> tuple[Node, Node]:
-    """``fa4.flash_attn_alibi_fwd`` on B,H,S,D nodes, its slopes ``factor * slopes``: (out B,H,S,Dv, lse)."""
-    slopes = params.alibi.slopes
-    if params.alibi.factor != 1.0:
-        slopes = call_with_meta(graph, torch.mul, (slopes, params.alibi.factor))
+    """``fa4.flash_attn_alibi_fwd`` on B,H,S,D nodes, its slopes the analysis's ``slope(h)`` per head: (out
+    B,H,S,Dv, lse)."""
+    heads = call_with_meta(graph, torch.arange, (_size(graph, query, 1),),
+                           {"dtype": torch.float32, "device": example_value(query).device}, like=query)
+    slopes = _per_head(graph, params.alibi.slope, heads, params.alibi.slopes)
     options = dict(softmax_scale=_emit_scale(graph, params.softmax_scale), causal=params.causal,
                    window_left=params.window_left, window_right=params.window_right)
     return fa4_attention(graph, query, key, value, options, op=torch.ops.fa4.flash_attn_alibi_fwd.default,

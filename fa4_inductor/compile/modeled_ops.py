@@ -93,7 +93,8 @@ TABLE: Mapping[str, ModeledOp] = MappingProxyType({
                                   "bitwise_or", "and_", "or_", "__and__", "__or__", "__lt__", "__le__", "__gt__",
                                   "__ge__", "__eq__", "__ne__")},
     **{name: _UNARY for name in ("invert", "__invert__", "logical_not", "bitwise_not", "abs", "__abs__", "neg",
-                                 "__neg__", "tanh")},
+                                 "__neg__", "tanh", "exp2")},
+    **{name: _BINARY for name in ("pow", "__pow__")},
     # arithmetic
     **{name: _op("self other", "self + alpha * other", "self other", alpha=1) for name in ("add", "__add__",
                                                                                           "__radd__")},

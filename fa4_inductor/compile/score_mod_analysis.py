@@ -6,13 +6,15 @@ evaluated symbolically, with ``score`` a sympy symbol. FA4 computes the same
 thing when the result is ``a * score`` (a scale: FA4's softmax scale times
 ``a``) or ``a * tanh(c * score)`` with ``a, c > 0`` (FA4's ``softcap = a``
 with the softmax scale times ``a * c``: Gemma 2's ``cap * tanh(score / cap)``
-is ``a = cap, c = 1 / cap``). ALiBi, ``a * score + f * slopes[head] * kv_idx``
-plus any term without ``kv_idx`` (``slopes[head] * (kv_idx - q_idx)``: a
-constant per row, which softmax ignores), with ``slopes`` a captured 1-D
-tensor, is FA4's ALiBi score_mod (``fa4.flash_attn_alibi_fwd``) with slopes
-``f * slopes``. A score_mod that reads the indices otherwise (a relative bias
-table, a bias not linear in ``kv_idx``) or a tensor otherwise is not
-expressible, and the reason says which.
+is ``a = cap, c = 1 / cap``). ALiBi, ``a * score + slope(head) * kv_idx`` plus
+any term without ``kv_idx`` (``slope(head) * (kv_idx - q_idx)``: a constant per
+row, which softmax ignores), where ``slope(head)`` is arithmetic of the head
+index (attention-gym's ``exp2(-(h + 1) * 8 / H)``) and of at most one captured
+float32 tensor read at the head (``slopes[h]``), is FA4's ALiBi score_mod
+(``fa4.flash_attn_alibi_fwd``) with ``slope`` evaluated per head. A score_mod
+that reads the indices otherwise (a relative bias table, a bias not linear in
+``kv_idx``) or a tensor otherwise is not expressible, and the reason says
+which.
 """
 
 from __future__ import annotations
@@ -39,18 +41,26 @@ _CASTS = modeled_ops.DTYPE_CASTS | modeled_ops.COPIES
 
 
 @dataclasses.dataclass(frozen=True)
+class AlibiSlope:
+    """ALiBi's slope per head: ``expression`` in :data:`HEAD` and, where ``buffer`` is given, :data:`SLOPE` (that
+    score_mod buffer read at the head)."""
+
+    expression: sympy.Expr
+    buffer: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ScoreTransform:
-    """FA4's view of a score_mod: multiply the softmax scale by ``scale``; ``softcap`` 0 for none; ``alibi`` (the
-    index of the captured slopes tensor among the score_mod's buffers, the factor on it) for ALiBi."""
+    """FA4's view of a score_mod: multiply the softmax scale by ``scale``; ``softcap`` 0 for none; ``alibi`` the
+    slope per head of an ALiBi bias."""
 
     scale: float = 1.0
     softcap: float = 0.0
-    alibi: tuple[int, float] | None = None
+    alibi: AlibiSlope | None = None
 
 
-def _slope(index: int) -> sympy.Symbol:
-    """The symbol of ``buffers[index][head]``: a slope per head."""
-    return sympy.Symbol(f"slope{index}", real=True)
+HEAD = _INDICES[1]
+SLOPE = sympy.Symbol("slope", real=True)  # a captured tensor read at the head
 
 
 def analyze_score_mod(score_mod: torch.fx.GraphModule, buffers: tuple) -> ScoreTransform:
@@ -82,11 +92,11 @@ def analyze_score_mod(score_mod: torch.fx.GraphModule, buffers: tuple) -> ScoreT
 
 
 def _slope_read(node: torch.fx.Node, index: int, values: dict) -> sympy.Symbol:
-    """``buffer[head]`` of a 1-D float32 buffer: the head's slope."""
+    """``buffer[head]`` of a 1-D float32 buffer: the head's slope (a symbol naming the buffer)."""
     buffer = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
-    if values.get(node.args[1], node.args[1]) != _INDICES[1] or buffer.dim() != 1 or buffer.dtype != torch.float32:
+    if values.get(node.args[1], node.args[1]) != HEAD or buffer.dim() != 1 or buffer.dtype != torch.float32:
         raise NotAnalyzable(f"score_mod reads the tensor '{node.args[0].name}' other than a float32 slope per head")
-    return _slope(index)
+    return sympy.Symbol(f"slope{index}", real=True)
 
 
 def _apply(node: torch.fx.Node, args: list):
@@ -104,6 +114,10 @@ def _apply(node: torch.fx.Node, args: list):
         return -args[0]
     if name == "tanh":
         return sympy.tanh(args[0])
+    if name == "exp2":
+        return sympy.Integer(2) ** args[0]
+    if name in ("pow", "__pow__") and len(args) == 2 and not isinstance(args[1], torch.Tensor):
+        return sympy.sympify(args[0]) ** args[1]
     if name in _CASTS:
         return args[0]
     raise NotAnalyzable(f"score_mod uses {name or node.target}, which FA4 has no equivalent for")
@@ -114,26 +128,28 @@ def _positive_number(value) -> float | None:
 
 
 def _alibi(expr) -> ScoreTransform | None:
-    """``a * score + f * slope * kv_idx + (terms without kv_idx)`` as a scale and ALiBi, or None when ``expr`` is
+    """``a * score + slope(head) * kv_idx + (terms without kv_idx)`` as a scale and ALiBi, or None when ``expr`` is
     not that."""
-    slopes = sorted((s for s in expr.free_symbols if s.name.startswith("slope")), key=str)
     expr = sympy.expand(expr)
-    scale, bias = expr.coeff(_SCORE), expr - expr.coeff(_SCORE) * _SCORE
-    kv_idx = _INDICES[3]
-    slope_term = sympy.expand(sympy.diff(bias, kv_idx))
-    if len(slopes) != 1 or _SCORE in bias.free_symbols or _positive_number(sympy.sympify(scale)) is None:
+    scale = expr.coeff(_SCORE)
+    bias = sympy.expand(expr - scale * _SCORE)
+    batch, _, q_idx, kv_idx = _INDICES
+    slope = sympy.expand(sympy.diff(bias, kv_idx))
+    buffers = sorted((s for s in slope.free_symbols if s.name.startswith("slope")), key=str)
+    if (_SCORE in bias.free_symbols or _positive_number(sympy.sympify(scale)) is None or len(buffers) > 1
+            or slope.free_symbols & {_SCORE, batch, q_idx, kv_idx} or slope == 0
+            or kv_idx in sympy.expand(bias - slope * kv_idx).free_symbols):
         return None
-    factor = sympy.simplify(slope_term / slopes[0])
-    if not factor.is_number or factor == 0 or kv_idx in sympy.expand(bias - slope_term * kv_idx).free_symbols:
-        return None
-    return ScoreTransform(scale=float(scale), alibi=(int(slopes[0].name.removeprefix("slope")), float(factor)))
+    buffer = int(buffers[0].name.removeprefix("slope")) if buffers else None
+    expression = slope.subs(buffers[0], SLOPE) if buffers else slope
+    return ScoreTransform(scale=float(scale), alibi=AlibiSlope(expression, buffer))
 
 
 def _transform(expr) -> ScoreTransform:
-    if any(s.name.startswith("slope") for s in expr.free_symbols):
+    if _INDICES[3] in expr.free_symbols:
         alibi = _alibi(expr)
         if alibi is None:
-            raise NotAnalyzable(f"score_mod computes {expr}: a slope per head not times kv_idx (plus a constant per "
+            raise NotAnalyzable(f"score_mod computes {expr}: not a slope per head times kv_idx (plus a constant per "
                                 "row) beside a scaled score, which is all FA4's ALiBi adds")
         return alibi
     if expr.free_symbols - {_SCORE}:

@@ -93,11 +93,12 @@ class FixedBlocks:
 
 @dataclasses.dataclass(frozen=True)
 class Alibi:
-    """ALiBi on the scores: ``factor * slopes[h] * (kv_idx - q_idx)`` (up to a constant per row), ``slopes`` a
-    float32 (H_q,) graph tensor; emission calls ``fa4.flash_attn_alibi_fwd`` with ``factor * slopes``."""
+    """ALiBi on the scores: ``slope(h) * (kv_idx - q_idx)`` (up to a constant per row). ``slope`` is arithmetic of
+    the head index (the symbol ``head``) and of ``slopes``, a float32 (H_q,) graph tensor read at the head (the
+    symbol ``slope``), where given; emission evaluates it per head and calls ``fa4.flash_attn_alibi_fwd``."""
 
-    slopes: Node
-    factor: float = 1.0
+    slope: Any  # a sympy expression
+    slopes: Node | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -256,8 +256,13 @@ def _relative_table(score, b, h, q_idx, kv_idx):
     return score + RELATIVE_TABLE[h, kv_idx - q_idx + S]
 
 
-def _alibi(score, b, h, q_idx, kv_idx):
+def _alibi_from_head_index(score, b, h, q_idx, kv_idx):
     return score - (h + 1) * (q_idx - kv_idx)
+
+
+def _alibi_attention_gym(score, b, h, q_idx, kv_idx):
+    """attention-gym's ALiBi: the slope computed from the head index."""
+    return score + (kv_idx - q_idx) * torch.exp2(-((h + 1) * 8.0 / H))
 
 
 def _prefix_lm(b, h, q_idx, kv_idx):
@@ -269,15 +274,14 @@ def _batch_dependent(b, h, q_idx, kv_idx):
 
 
 @pytest.mark.parametrize("score_mod, mask_mod, reason", [
-    (_alibi, _causal, "score_mod depends on"),
     (None, _prefix_lm, "mask_mod not expressible in FA4"),
     (None, _batch_dependent, "depends on the batch or head index"),
     (_alibi_symmetric, None, "score_mod uses abs"),
-    (_alibi_quadratic, _causal, "a slope per head not times kv_idx"),
+    (_alibi_quadratic, _causal, "not a slope per head times kv_idx"),
     (_relative_table, _causal, "other than a float32 slope per head"),
     (_alibi_slopes, _padded_causal, "ALiBi beside key padding"),
-], ids=["alibi_from_head_index", "prefix_lm", "batch_dependent", "alibi_symmetric", "alibi_quadratic",
-        "relative_table", "alibi_with_padding"])
+], ids=["prefix_lm", "batch_dependent", "alibi_symmetric", "alibi_quadratic", "relative_table",
+        "alibi_with_padding"])
 def test_mods_fa4_cannot_express_stay_with_flex_attention(score_mod, mask_mod, reason):
     q, k, v = (t.detach() for t in _qkv())
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
@@ -356,8 +360,8 @@ def _alibi_scaled_key_positions(score, b, h, q_idx, kv_idx):
 
 @pytest.mark.parametrize("score_mod, mask_mod, heads_kv", [
     (_alibi_slopes, _causal, H), (_alibi_slopes, _window, 2), (_alibi_slopes, None, H),
-    (_alibi_scaled_key_positions, _causal, 2),
-], ids=["causal", "window_gqa", "no_mask", "scaled_key_positions_gqa"])
+    (_alibi_scaled_key_positions, _causal, 2), (_alibi_attention_gym, _causal, 2), (_alibi_from_head_index, None, H),
+], ids=["causal", "window_gqa", "no_mask", "scaled_key_positions_gqa", "attention_gym_gqa", "from_head_index"])
 def test_alibi_score_mods_run_fa4_alibi_and_match(score_mod, mask_mod, heads_kv, cpu_backward):
     """ALiBi read from a captured slopes tensor becomes FA4's ALiBi score_mod (fa4.flash_attn_alibi_fwd), forward
     and backward, at every position."""

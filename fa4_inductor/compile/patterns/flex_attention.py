@@ -146,11 +146,10 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision:
                               "tensors: FlexAttention applies row 0's blocks to every row")
     alibi = None
     if transform.alibi is not None:
-        index, factor = transform.alibi
-        alibi = Alibi(score_buffers[index], factor)
-        heads = example_value(alibi.slopes).shape[0]
-        if heads != q.shape[1]:
-            blocker = blocker or f"ALiBi slopes for {heads} heads, {q.shape[1]} query heads"
+        slopes = None if transform.alibi.buffer is None else score_buffers[transform.alibi.buffer]
+        alibi = Alibi(transform.alibi.expression, slopes)
+        if slopes is not None and example_value(slopes).shape[0] != q.shape[1]:
+            blocker = blocker or f"ALiBi slopes for {example_value(slopes).shape[0]} heads, {q.shape[1]} query heads"
     decision = decide(
         node, context, query, key, value, scale=_scale(scale, transform.scale), softcap=transform.softcap,
         enable_gqa=bool(q.shape[1] != k.shape[1]), blocker=blocker, mask_structure=structure,
