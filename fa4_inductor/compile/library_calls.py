@@ -176,7 +176,8 @@ def _fa2_call(params: dict):
     varlen = "cu_seqlens_q" in params or "cu_seqlens" in params
     slopes = params["alibi_slopes"]
     if reason is None and slopes is not None:
-        reason = alibi_reason(slopes, params["causal"], varlen, params["softcap"])
+        heads = (params["qkv"] if "qkv" in params else params["q"]).shape[-2]
+        reason = alibi_reason(slopes, params["causal"], varlen, params["softcap"], heads)
     if reason is not None:
         return reason
 

@@ -79,7 +79,7 @@ def _set(arguments: dict, names: tuple[str, ...]) -> str | None:
     return next((name for name in names if arguments.get(name) is not None), None)
 
 
-def alibi_reason(slopes, causal: bool, varlen: bool, softcap) -> str | None:
+def alibi_reason(slopes, causal: bool, varlen: bool, softcap, heads: int) -> str | None:
     """Why FA2's ``alibi_slopes`` (a bias ``-slope[h] * |i + S_k - S_q - j|``) can't go to ``fa4.flash_attn_alibi_fwd``,
     or None. Under causal masking the visible keys have ``j <= i + S_k - S_q``, where the bias is the op's linear
     ``slope[h] * (j - i - (S_k - S_q))``; without it the absolute value is no linear bias."""
@@ -87,8 +87,9 @@ def alibi_reason(slopes, causal: bool, varlen: bool, softcap) -> str | None:
         return "alibi_slopes without causal: FA2's bias -slope·|i - j| is not linear in j, which FA4's ALiBi is"
     if varlen:
         return "alibi_slopes on packed sequences (varlen): not served"
-    if slopes.dim() != 1 or slopes.dtype != torch.float32:
-        return f"alibi_slopes of shape {tuple(slopes.shape)} ({slopes.dtype}): served as one float32 slope per head"
+    if slopes.dim() != 1 or slopes.dtype != torch.float32 or slopes.shape[0] != heads:
+        return (f"alibi_slopes of shape {tuple(slopes.shape)} ({slopes.dtype}) for {heads} heads: served as one "
+                "float32 slope per head")
     if softcap:
         return "alibi_slopes with softcap: FA4 takes one score_mod"
     return None
@@ -116,8 +117,8 @@ def _fa2_reason(arguments: dict, varlen: bool) -> str | None:
     if arguments["dropout_p"] != 0.0:
         return f"dropout_p={arguments['dropout_p']}: FA4 has no dropout"
     slopes = arguments["alibi_slopes"]
-    reason = alibi_reason(example_value(slopes), arguments["causal"], varlen, arguments["softcap"]) \
-        if slopes is not None else None
+    reason = alibi_reason(example_value(slopes), arguments["causal"], varlen, arguments["softcap"],
+                          example_value(arguments["q"]).shape[-2]) if slopes is not None else None
     if reason:
         return reason
     if arguments["return_softmax"]:

@@ -236,8 +236,9 @@ def test_fa2_causal_alibi_runs_the_fa4_alibi_op(path):
 @pytest.mark.parametrize("options, reason", [
     (dict(causal=False), "alibi_slopes without causal"),
     (dict(causal=True, slopes=torch.ones(2, 4)), "alibi_slopes of shape (2, 4)"),
+    (dict(causal=True, slopes=torch.ones(3)), "alibi_slopes of shape (3,) (torch.float32) for 4 heads"),
     (dict(causal=True, softcap=5.0), "alibi_slopes with softcap"),
-], ids=["not_causal", "per_row_slopes", "softcap"])
+], ids=["not_causal", "per_row_slopes", "heads_mismatch", "softcap"])
 def test_fa2_alibi_fa4_does_not_compute_keeps_fa2s_call_with_the_reason(options, reason):
     import flash_attn
 
