@@ -2,7 +2,9 @@
 
 FA4's own API (``flash_attn.cute.flash_attn_func`` / ``flash_attn_varlen_func``, what Hugging Face's
 ``attn_implementation="flash_attention_4"`` calls) is Python that Dynamo can't trace: it breaks the graph at every
-call. While the plugin compiles (``enable(compile=True)``, or ``explain``), Dynamo traces a substitute instead
+call. FA2's API (``flash_attn.flash_attn_func`` and its varlen, qkv/kv-packed and kv-cache forms, what
+``"flash_attention_2"`` calls) wraps its ops in ``autograd.Function``\ s; traced here, a training graph gets the fa4
+op itself. While the plugin compiles (``enable(compile=True)``, or ``explain``), Dynamo traces a substitute instead
 (``torch.compiler.substitute_in_graph``, PyTorch's public hook for this): a call whose arguments our ops compute
 exactly becomes ``fa4.flash_attn_fwd`` / ``fa4.flash_attn_varlen_fwd`` in the graph, annotated with the API it came
 from (``torch.fx.traceback.annotate``), so the compile pass records the site under that pattern name. A call with
