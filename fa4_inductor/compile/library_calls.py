@@ -286,7 +286,11 @@ def _install_once() -> None:
             except (ImportError, AttributeError) as exc:
                 log.debug("fa4_inductor: %s not importable (%s): its calls are not translated", function.api, exc)
                 continue
-            torch.compiler.substitute_in_graph(original, skip_signature_check=True)(_substitute(function, original))
+            try:
+                torch.compiler.substitute_in_graph(original, skip_signature_check=True)(_substitute(function, original))
+            except ValueError as exc:  # Dynamo already has a rule for it (another library's substitute)
+                log.warning("fa4_inductor: %s keeps Dynamo's existing rule (%s): its calls are not translated",
+                            function.api, exc)
             _installed.add(function)
 
 
