@@ -145,3 +145,17 @@ def test_explain_shows_library_calls_under_their_api_names():
     report = fa4_inductor.explain(model, q, k, v, arch="sm90")
     assert [(r.pattern, r.decision) for r in report.records] == [(DENSE, "fa4"), (VARLEN, "fa4")]
     assert "pattern: flash_attn.cute.flash_attn_varlen_func" in str(report)
+
+
+def test_a_function_dynamo_already_has_a_rule_for_keeps_it(monkeypatch, caplog):
+    """Another library's substitute for FA4's functions wins: enabling logs it and works."""
+    from fa4_inductor.compile import library_calls
+
+    def already_registered(original, **kwargs):
+        raise ValueError(f"Duplicate polyfill handlers for {original}")
+
+    monkeypatch.setattr(library_calls, "_installed", set())
+    monkeypatch.setattr(torch.compiler, "substitute_in_graph", already_registered)
+    with caplog.at_level("WARNING", logger="fa4_inductor"), fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        pass
+    assert "flash_attn.cute.flash_attn_func keeps Dynamo's existing rule" in caplog.text
