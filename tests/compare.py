@@ -88,6 +88,16 @@ def band(seqlen_q: int, seqlen_k: int, *, causal: bool = False, window=(-1, -1))
     return keep
 
 
+def masked_scores(q, k, *, scale, keep, softcap=0.0):
+    """Scaled (and softcapped) scores of head-major q (..., H, S_q, D) against k (..., H_kv, S_k, D), k's heads
+    repeated for GQA, -inf where ``keep`` is False."""
+    k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
+    scores = q @ k.transpose(-1, -2) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    return scores.masked_fill(~keep, float("-inf"))
+
+
 def packed_attention_reference(q, k, v, cu_q, cu_k, *, scale, causal=False, window=(-1, -1), softcap=0.0, used=None):
     """Attention on packed (tokens, H, D) sequences, each through an explicit mask, bottom-right aligned as FA4
     aligns them, in the inputs' dtype (float64 makes it the independent yardstick); ``used`` limits each sequence's
@@ -97,13 +107,8 @@ def packed_attention_reference(q, k, v, cu_q, cu_k, *, scale, causal=False, wind
         rows = slice(cu_q[b], cu_q[b + 1])
         end = cu_k[b + 1] if used is None else cu_k[b] + used[b]
         qs, ks, vs = q[rows].transpose(0, 1), k[cu_k[b]:end].transpose(0, 1), v[cu_k[b]:end].transpose(0, 1)
-        group = qs.shape[0] // ks.shape[0]
-        ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)
         keep = band(qs.shape[1], ks.shape[1], causal=causal, window=window)
-        s = qs @ ks.transpose(-1, -2) * scale
-        if softcap:
-            s = softcap * torch.tanh(s / softcap)
-        s = s.masked_fill(~keep, float("-inf"))
+        s = masked_scores(qs, ks, scale=scale, keep=keep, softcap=softcap)
         p = torch.where(keep.any(-1, keepdim=True), torch.softmax(s, -1), 0.0)
-        outs.append((p.nan_to_num() @ vs).transpose(0, 1))
+        outs.append((p.nan_to_num() @ vs.repeat_interleave(qs.shape[0] // vs.shape[0], 0)).transpose(0, 1))
     return torch.cat(outs)

@@ -10,7 +10,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 
 import fa4_inductor  # noqa: F401
 from fa4_inductor.runtime import reference
-from tests.compare import band
+from tests.compare import band, masked_scores
 
 
 def _qkv(b=2, sq=7, sk=7, h=4, hkv=4, d=16, dtype=torch.float64):
@@ -20,14 +20,9 @@ def _qkv(b=2, sq=7, sk=7, h=4, hkv=4, d=16, dtype=torch.float64):
 
 def _sdpa_reference(q, k, v, *, scale, causal=False, window=(-1, -1), softcap=0.0):
     """SDPA in fp64 with an explicit mask and softcap: the independent yardstick."""
-    group = q.shape[2] // k.shape[2]
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
-    mask = band(q.shape[1], k.shape[1], causal=causal, window=window)
-    s = qh @ kh.transpose(-1, -2) * scale
-    if softcap:
-        s = softcap * torch.tanh(s / softcap)
-    s = s.masked_fill(~mask, float("-inf"))
+    keep = band(q.shape[1], k.shape[1], causal=causal, window=window)
+    s = masked_scores(q.transpose(1, 2), k.transpose(1, 2), scale=scale, keep=keep, softcap=softcap)
+    vh = v.transpose(1, 2).repeat_interleave(q.shape[2] // k.shape[2], 1)
     return (torch.softmax(s, -1) @ vh).transpose(1, 2), torch.logsumexp(s, -1)
 
 
