@@ -281,7 +281,7 @@ def fa3_flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(
         window_size_right=window_size[1], softcap=softcap)[0]
 
 
-_libraries: list = []
+_libraries: list = []  # the registrations live as long as these objects
 
 
 def install() -> dict:

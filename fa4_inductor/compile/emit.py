@@ -14,6 +14,7 @@ import operator
 from collections.abc import Mapping
 from typing import Any
 
+import sympy
 import torch
 from torch.fx import Graph, Node
 
@@ -192,8 +193,6 @@ def _data_mask_attention(graph: Graph, query: Node, key: Node, value: Node, para
 def _per_head(graph: Graph, expression, heads: Node, slopes: Node | None):
     """The graph computing a sympy expression of the head index (``heads``: ``arange(H)`` in float32) and the
     ``slope`` symbol (``slopes``, read at every head): a float32 (H,) node."""
-    import sympy
-
     if expression.is_number:
         return call_with_meta(graph, torch.full_like, (heads, float(expression)))
     if isinstance(expression, sympy.Symbol):

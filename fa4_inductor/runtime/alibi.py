@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fa4_inductor import config
-from fa4_inductor._torch_private import concrete_fake_like, fresh_fake_mode
+from fa4_inductor._torch_private import concrete_fake_like
 from fa4_inductor.runtime import fa4_binding, fa4_call, reference
 from fa4_inductor.runtime.op_schemas import define_attention_ops, implement_attention_ops
 
@@ -123,25 +123,16 @@ def _backward_cuda(dout, q, k, v, out, lse, slopes, softmax_scale, causal=False,
     return _run_backward(dout, q, k, v, out, lse, slopes, softmax_scale, causal, window_left, window_right)
 
 
-_precompiled: set = set()
-
-
 def precompile(what: str, tensors: tuple, options: tuple) -> float:
     """Compile (or load from disk) FA4's ALiBi ``what`` ("forward" or "backward") kernels for these (fake) tensors
     (q, k, v, slopes; the backward's dout, q, k, v, out, lse, slopes) and options (softmax_scale, causal,
     window_left, window_right); return seconds (0.0 when compiled before). Nothing is launched."""
     q, k, v = tensors[:3] if what == "forward" else tensors[1:4]
-    key = (what, q.dtype, *(s if isinstance(s, int) else s.node.hint for s in (*q.shape[2:], k.shape[2],
-                                                                              v.shape[-1])),
-           *options[1:], torch.are_deterministic_algorithms_enabled())
-    if key in _precompiled or fa4_binding.unavailable_reason() is not None:
-        return 0.0
-    _precompiled.add(key)
+    key = (f"ALiBi {what}", q.dtype, *fa4_call.hints((*q.shape[2:], k.shape[2], v.shape[-1])), *options[1:],
+           torch.are_deterministic_algorithms_enabled())
     run = _run_forward if what == "forward" else _run_backward
-    with fresh_fake_mode():
-        fakes = [concrete_fake_like(t) for t in tensors]
-        return fa4_call.timed_precompile(f"ALiBi {what}", f"{q.dtype} d={q.shape[-1]} causal={options[1]}",
-                                         lambda: run(*fakes, *options))
+    return fa4_call.precompile_once(key, f"ALiBi {what}", f"{q.dtype} d={q.shape[-1]} causal={options[1]}",
+                                    lambda: run(*(concrete_fake_like(t) for t in tensors), *options))
 
 
 def _forward_fake(q, k, v, slopes, softmax_scale, causal=False, window_left=-1, window_right=-1):

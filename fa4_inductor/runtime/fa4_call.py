@@ -89,11 +89,11 @@ def _decode_splits(q, k, params: dict) -> int:
     arch, sms = fa4_binding.arch_and_sms(q.device.index)
     if arch // 10 != 9:
         return 1
-    sizes = _hints((*q.shape[:3], k.shape[2], k.shape[1]))
+    sizes = hints((*q.shape[:3], k.shape[2], k.shape[1]))
     return 1 if None in sizes else split_kv.num_splits(*sizes, sms)
 
 
-def _hints(values) -> list:
+def hints(values) -> list:
     """Symbolic sizes and scalars (precompiling for a dynamic graph) by their hints, so that deciding adds no guards
     and keys hash."""
     return [s.node.hint if isinstance(s, (torch.SymInt, torch.SymFloat, torch.SymBool)) else s for s in values]
@@ -102,7 +102,7 @@ def _hints(values) -> list:
 def split_count(q, k, v, params: dict) -> int:
     """The key chunks :func:`_forward_maybe_split` runs these inputs in (1: unsplit)."""
     splits = _decode_splits(q, k, params)
-    if splits > 1 and all(split_kv.chunkable(*_hints((t.shape[1], t.stride(1), t.stride(2)))) for t in (k, v)):
+    if splits > 1 and all(split_kv.chunkable(*hints((t.shape[1], t.stride(1), t.stride(2)))) for t in (k, v)):
         return splits
     return 1
 
@@ -245,20 +245,27 @@ _precompiled: set = set()
 def _precompile_once(what: str, q, k, v, params: dict, build) -> float:
     if fa4_binding.unavailable_reason() is not None:
         return 0.0
-    key = (what, q.dtype, *_hints((*q.shape[2:], k.shape[2], v.shape[-1], params["softcap"])), params["causal"],
+    key = (what, q.dtype, *hints((*q.shape[2:], k.shape[2], v.shape[-1], params["softcap"])), params["causal"],
            params["window_left"], params["window_right"],
            params["seqused_k"] is None, params.get("key_padding") is None, params.get("segment_ids") is None,
            _route(what, q, k, v, params),
            split_count(q, k, v, params) if what == "forward" else torch.are_deterministic_algorithms_enabled())
-    if key in _precompiled:
+    return precompile_once(key, what, _describe(q, k, params), build)
+
+
+def precompile_once(key: tuple, what: str, describe: str, build) -> float:
+    """Run ``build`` (compiling FA4 kernels on fake tensors it makes) in a fresh fake mode, once per ``key`` (which
+    names the op family first: every family's keys share one set); return seconds, 0.0 when done before or FA4 is
+    not usable."""
+    if fa4_binding.unavailable_reason() is not None or key in _precompiled:
         return 0.0
     _precompiled.add(key)
-    return timed_precompile(what, _describe(q, k, params), build)
+    return timed_precompile(what, describe, lambda: _in_fresh_fake_mode(build))
 
 
 def _route(what: str, q, k, v, params: dict):
     """The masking route a (possibly symbolic) call takes, by the sizes' hints: its sparse block size or None."""
-    sizes = _hints((*q.shape, k.shape[1]))
+    sizes = hints((*q.shape, k.shape[1]))
     if not _masked_by_data(params) or None in sizes:
         return None
     return mask_routes.block_sparsity_route(tuple(sizes[:4]), sizes[4], v.shape[-1], params,
@@ -277,7 +284,7 @@ def precompile_forward(q, k, v, **params) -> float:
         lse = torch.empty((fq.shape[0], fq.shape[2], fq.shape[1]), dtype=torch.float32, device=fq.device)
         _forward_maybe_split(fq, fk, fv, out, lse, {**params, **dict(zip(_MASK_TENSORS, masks))},
                              lambda *call: _fa4_forward(*call[:5], **call[5]), merge=False)
-    return _precompile_once("forward", q, k, v, params, lambda: _in_fresh_fake_mode(build))
+    return _precompile_once("forward", q, k, v, params, build)
 
 
 def precompile_backward(dout, q, k, v, out, lse, **params) -> float:
@@ -287,7 +294,7 @@ def precompile_backward(dout, q, k, v, out, lse, **params) -> float:
         grads = [gradient_like(t) for t in (fq, fk, fv)]
         _fa4_backward(fdout, fq, fk, fv, fout, flse, *grads, **{**params, **dict(zip(_MASK_TENSORS, masks))},
                       deterministic=torch.are_deterministic_algorithms_enabled())
-    return _precompile_once("backward", q, k, v, params, lambda: _in_fresh_fake_mode(build))
+    return _precompile_once("backward", q, k, v, params, build)
 
 
 _MASK_TENSORS = ("seqused_k", "key_padding", "segment_ids")

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from fa4_inductor import config
-from fa4_inductor._torch_private import concrete_fake_like, fresh_fake_mode
+from fa4_inductor._torch_private import concrete_fake_like
 from fa4_inductor.runtime import fa4_binding, fa4_call, reference
 from fa4_inductor.runtime.op_schemas import define_attention_ops, implement_attention_ops
 from fa4_inductor.runtime.support import FA4_DTYPES
@@ -152,35 +152,25 @@ def _forward_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     return out, lse
 
 
-def _hinted(value):
-    """A symbolic size by its hint (precompiling a dynamic graph's call)."""
-    return value.node.hint if isinstance(value, torch.SymInt) else value
-
-
 def _fake_like(t: Tensor | None) -> Tensor | None:
     return None if t is None else concrete_fake_like(t)
 
 
-_precompiled: set = set()
-
-
-def _precompile(what: str, tensors: tuple, args: tuple, build) -> float:
-    """Compile FA4's varlen kernels for this call once per kernel-deciding key, under fresh fake tensors (``args``:
-    the schema's arguments after the tensors); return seconds."""
-    q, k, v = tensors[-3:] if what == "forward" else tensors[1:4]
+def _precompile(what: str, tensors: tuple, args: tuple, run) -> float:
+    """Compile FA4's varlen kernels for this call once per kernel-deciding key, on fresh fake tensors (``args``:
+    the schema's arguments after the tensors; ``run(fake_tensors, fake_args)`` makes the call); return seconds."""
+    q, k, v = tensors[:3] if what == "forward" else tensors[1:4]
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, left, right, softcap, used = args
-    key = (what, q.dtype, *(_hinted(s) for s in (*q.shape[1:], k.shape[1], v.shape[-1])), causal, left, right,
+    key = (f"varlen {what}", q.dtype, *fa4_call.hints((*q.shape[1:], k.shape[1], v.shape[-1])), causal, left, right,
            bool(softcap), used is None, torch.are_deterministic_algorithms_enabled(),
-           *(_hinted(s) for s in (cu_seqlens_q.shape[0], max_seqlen_q, max_seqlen_k)))  # FA4's split heuristic
-    if key in _precompiled or fa4_binding.unavailable_reason() is not None:
-        return 0.0
-    _precompiled.add(key)
-    with fresh_fake_mode():
-        fakes = [_fake_like(t) for t in tensors]
-        fake_args = (_fake_like(cu_seqlens_q), _fake_like(cu_seqlens_k), _hinted(max_seqlen_q), _hinted(max_seqlen_k),
+           *fa4_call.hints((cu_seqlens_q.shape[0], max_seqlen_q, max_seqlen_k)))  # FA4's split heuristic reads them
+
+    def build():
+        fake_args = (_fake_like(cu_seqlens_q), _fake_like(cu_seqlens_k), *fa4_call.hints((max_seqlen_q, max_seqlen_k)),
                      softmax_scale, causal, left, right, softcap, _fake_like(used))
-        return fa4_call.timed_precompile(f"varlen {what}", f"{q.dtype} d={q.shape[-1]} causal={causal}",
-                                         lambda: build(fakes, fake_args))
+        run([_fake_like(t) for t in tensors], fake_args)
+
+    return fa4_call.precompile_once(key, f"varlen {what}", f"{q.dtype} d={q.shape[-1]} causal={causal}", build)
 
 
 def precompile_forward(q, k, v, *args) -> float:
