@@ -121,35 +121,21 @@ def run(name: str) -> dict:
             row["errors"][variant] = f"{type(exc).__name__}: {str(exc)[:300]}"
         if plugin:
             row["plugin_sites"] = [f"{r.decision}: {r.reason or r.features}" for r in stats.site_records()]
-    row["ms"] = problem_runner.interleaved_medians(steps)
-    row["kernel_ms"] = {name: problem_runner.kernel_ms(step) for name, step in steps.items()}
-    if "flex_flash" in outputs:
-        row["max_abs_diff_vs_flex_flash"] = {
-            name: (out.float() - outputs["flex_flash"].float()).abs().max().item() for name, out in outputs.items()}
-    ms = row["ms"]
-    for peer in ("flex_flash", "flex_triton", "flex_flash_premade"):
-        if ms.get(peer) and ms.get("plugin"):
-            row[f"speedup_vs_{peer}"] = ms[peer] / ms["plugin"]
+    problem_runner.time_and_compare(row, steps, outputs, "flex_flash", ("flex_flash", "flex_triton",
+                                                                        "flex_flash_premade"))
     print(json.dumps(row), flush=True)
     return row
 
 
 def markdown(result: dict) -> str:
-    names = ("plugin", "flex_flash", "flex_triton", "flex_flash_premade")
-    lines = [f"# FlexAttention programs, forward + backward ({result['device']})", "",
-             f"torch {result['torch']}, flash-attn-4 {result['fa4']}; bf16, D={D}. Median of 5 rounds of "
-             "triton.testing.do_bench, the variants taking turns in each round, ms. The block mask is built inside the compiled step (the plugin removes "
-             "it), except in the flex_flash_premade column, where FlexAttention FLASH gets it built once outside the timing. "
-             "Speedups are the peer's time over the plugin's.", "",
-             "| problem | shape | " + " | ".join(names) + " | vs FLASH | vs Triton | vs FLASH premade |",
-             "|---|---|" + "---|" * (len(names) + 3)]
-    for r in result["rows"]:
-        cells = [f"{r['ms'][n]:.3f}" if r["ms"].get(n) else "error" if n in r["errors"] else "" for n in names]
-        speedups = [f"{r[k]:.2f}x" if k in r else "" for k in
-                    ("speedup_vs_flex_flash", "speedup_vs_flex_triton", "speedup_vs_flex_flash_premade")]
-        lines.append(f"| {r['problem']} | {r['shape']} | " + " | ".join(cells + speedups) + " |")
-    notes = [f"- {r['problem']} {variant}: {error}" for r in result["rows"] for variant, error in r["errors"].items()]
-    return "\n".join(lines + (["", "Errors:"] + notes if notes else [])) + "\n"
+    return problem_runner.markdown_table(
+        result, "FlexAttention programs, forward + backward",
+        f"torch {result['torch']}, flash-attn-4 {result['fa4']}; bf16, D={D}. Median of 5 rounds of "
+        "triton.testing.do_bench, the variants taking turns in each round, ms. The block mask is built inside the "
+        "compiled step (the plugin removes it), except in the flex_flash_premade column, where FlexAttention FLASH "
+        "gets it built once outside the timing. Speedups are the peer's time over the plugin's.",
+        ("plugin", "flex_flash", "flex_triton", "flex_flash_premade"),
+        {"flex_flash": "vs FLASH", "flex_triton": "vs Triton", "flex_flash_premade": "vs FLASH premade"})
 
 
 def main() -> None:

@@ -90,6 +90,36 @@ def with_own_code(function: types.FunctionType, tag: str) -> types.FunctionType:
     return types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
 
 
+def time_and_compare(row: dict, steps: dict[str, Callable[[], object]], outputs: dict[str, torch.Tensor],
+                     reference: str, peers: tuple[str, ...]) -> None:
+    """Fill ``row``: each warm step's median ms (taking turns) and GPU ms by kernel, each output's largest difference
+    from ``reference``'s, and the plugin's speedup over each of ``peers``."""
+    row["ms"] = interleaved_medians(steps)
+    row["kernel_ms"] = {name: kernel_ms(step) for name, step in steps.items()}
+    if reference in outputs:
+        row[f"max_abs_diff_vs_{reference}"] = {
+            name: (out.float() - outputs[reference].float()).abs().max().item() for name, out in outputs.items()}
+    for peer in peers:
+        if row["ms"].get(peer) and row["ms"].get("plugin"):
+            row[f"speedup_vs_{peer}"] = row["ms"][peer] / row["ms"]["plugin"]
+
+
+def markdown_table(result: dict, title: str, preamble: str, names: tuple[str, ...], peers: dict[str, str],
+                   columns: tuple[str, ...] = ("shape",)) -> str:
+    """A result's markdown: ``title`` with the device, ``preamble``, a row per problem (its ``columns``, each
+    variant's ms in ``names``, then the speedup over each peer in ``peers``, a column heading by ``speedup_vs_<peer>``
+    key) and the variants' errors."""
+    headings = ("problem", *columns, *names, *peers.values())
+    lines = [f"# {title} ({result['device']})", "", preamble, "", "| " + " | ".join(headings) + " |",
+             "|" + "---|" * len(headings)]
+    for r in result["rows"]:
+        cells = [f"{r['ms'][n]:.3f}" if r["ms"].get(n) else "error" if n in r["errors"] else "" for n in names]
+        speedups = [f"{r[f'speedup_vs_{peer}']:.2f}x" if f"speedup_vs_{peer}" in r else "" for peer in peers]
+        lines.append("| " + " | ".join([r["problem"], *(r[c] for c in columns), *cells, *speedups]) + " |")
+    notes = [f"- {r['problem']} {variant}: {error}" for r in result["rows"] for variant, error in r["errors"].items()]
+    return "\n".join(lines + (["", "Errors:"] + notes if notes else [])) + "\n"
+
+
 def main(description: str, problems: list[str], tag: str, run: Callable[[str], dict],
          markdown: Callable[[dict], str]) -> None:
     """Parse --out/--problems/--tag, run every problem, and rewrite ``<tag>.json``/``.md`` after each (a run cut

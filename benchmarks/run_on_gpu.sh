@@ -18,6 +18,8 @@
 #   plan_check what checking a launch plan on its first replay costs
 #   stock_probe stock torch.compile's SDPA gradients on transposed views vs float64
 #   vit_mha    a ViT-B/16 train step with nn.MultiheadAttention: stock compile vs the plugin (results named by FA4)
+#   position_bias an MPT-style ALiBi layer and T5 layers (learned table: forward; frozen: fwd+bwd) vs stock, FA4
+#              direct and Flex FLASH with the same score_mod (results named by FA4)
 #   library_calls HF Llama/Mistral train steps with attn_implementation="flash_attention_4" compiled with the plugin
 #              vs without it, the plugin on the sdpa model and stock; the packed documents problem through HF's packed
 #              path vs FA4 varlen direct and the plugin's document-mask route (results named by FA4)
@@ -64,6 +66,8 @@ for step in $STEPS; do
         | tail -12 ;;
     stock_probe) timeout 300 python3 benchmarks/probe_stock_transposed.py --out $OUT 2>&1 | grep -v "^{" | tail -14 ;;
     vit_mha) timeout 400 python3 benchmarks/bench_vit_mha.py --out $OUT --tag vit_mha_train_h200_$(fa4_beta) 2>&1 \
+        | grep -v "^{" | tail -10 ;;
+    position_bias) timeout 400 python3 benchmarks/bench_position_bias.py --out $OUT --tag position_bias_$(fa4_beta) 2>&1 \
         | grep -v "^{" | tail -10 ;;
     library_calls)
       timeout 400 python3 benchmarks/bench_hf_models.py --out $OUT --tag hf_fa4_library_calls_$(fa4_beta) \

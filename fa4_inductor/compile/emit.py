@@ -20,7 +20,8 @@ from torch.fx import Graph, Node
 
 import fa4_inductor.runtime.ops  # noqa: F401  (defines torch.ops.fa4)
 from fa4_inductor.compile.fx_utils import example_value
-from fa4_inductor.compile.sites import FA4Params, FixedBlocks, GraphScale, Operand, SiteDecision
+from fa4_inductor.compile.sites import (FA4Params, FixedBlocks, GraphScale, OffsetChain, Operand, RelativeBias,
+                                        SiteDecision)
 
 
 def call_with_meta(graph: Graph, target, args: tuple, kwargs: dict | None = None, *, like: Node | None = None) -> Node:
@@ -28,8 +29,8 @@ def call_with_meta(graph: Graph, target, args: tuple, kwargs: dict | None = None
     argument runs in the fake mode of ``like``'s value)."""
     kwargs = kwargs or {}
     node = graph.call_function(target, args, kwargs)
-    fake_args = [example_value(a) for a in args]
-    fake_kwargs = {k: example_value(v) for k, v in kwargs.items()}
+    fake_args = [torch.fx.node.map_aggregate(a, example_value) for a in args]
+    fake_kwargs = {k: torch.fx.node.map_aggregate(v, example_value) for k, v in kwargs.items()}
     fake_mode = next((getattr(a, "fake_mode", None) for a in (*fake_args, *fake_kwargs.values(), example_value(like))
                       if getattr(a, "fake_mode", None)), None)
     if fake_mode is not None:
@@ -212,16 +213,77 @@ def _per_head(graph: Graph, expression, heads: Node, slopes: Node | None):
     return result
 
 
-def _alibi_attention(graph: Graph, query: Node, key: Node, value: Node, params: FA4Params) -> tuple[Node, Node]:
-    """``fa4.flash_attn_alibi_fwd`` on B,H,S,D nodes, its slopes the analysis's ``slope(h)`` per head: (out
-    B,H,S,Dv, lse)."""
-    heads = call_with_meta(graph, torch.arange, (_size(graph, query, 1),),
-                           {"dtype": torch.float32, "device": example_value(query).device}, like=query)
-    slopes = _per_head(graph, params.alibi.slope, heads, params.alibi.slopes)
+def _slopes_per_head(graph: Graph, alibi, query: Node) -> Node | None:
+    """The analysis's slopes tensor as a float32 (H,) node: read at its ``slopes_index`` where it has one (the
+    head's axis taken whole; one entry shared by every head broadcast)."""
+    if alibi.slopes is None or alibi.slopes_index is None:
+        return alibi.slopes
+    index = tuple(slice(None) if i is None else i for i in alibi.slopes_index)
+    read = call_with_meta(graph, operator.getitem, (alibi.slopes, index)) if index else alibi.slopes
+    read = call_with_meta(graph, torch.reshape, (read, (-1,)))
+    read = call_with_meta(graph, torch.Tensor.expand, (read, _size(graph, query, 1)))
+    return call_with_meta(graph, torch.Tensor.to, (call_with_meta(graph, torch.Tensor.contiguous, (read,)),
+                                                   torch.float32))
+
+
+def _relative_table(graph: Graph, bias: RelativeBias, query: Node, key: Node) -> Node:
+    """The (H, S_q + S_kv - 1) float32 table of a bias that depends on the head and ``kv_idx - q_idx`` only, entry
+    ``d + S_q - 1`` for offset ``d``: the bias's own ops run on the row of offsets where the analysis found them
+    (O(S) work), else read from the bias where each offset first occurs (row ``max(0, -d)``, column ``max(0, d)``)."""
+    sizes = [_size(graph, query, 0), _size(graph, query, 1), _size(graph, query, 2), _size(graph, key, 2)]
+    first = 1 - sizes[2] if isinstance(sizes[2], int) else call_with_meta(graph, operator.sub, (1, sizes[2]))
+    if bias.table_start is not None:  # the analysis checked that the table covers every offset
+        length = call_with_meta(graph, operator.sub, (sizes[3], first)) if not all(
+            isinstance(s, int) for s in (first, sizes[3])) else sizes[3] - first
+        start = first + bias.table_start if isinstance(first, int) else call_with_meta(
+            graph, operator.add, (first, bias.table_start))
+        table = call_with_meta(graph, torch.narrow, (bias.values, 1, start, length))
+        return call_with_meta(graph, torch.Tensor.contiguous, (table,))
+    offsets = call_with_meta(graph, torch.arange, (first, sizes[3]), {"device": example_value(query).device},
+                             like=query)
+    if bias.chain is not None:
+        values = _on_offsets(graph, bias.chain, offsets)
+        sizes[2:], query_rows, columns = [1, _size(graph, offsets, 0)], 0, slice(None)
+    else:
+        values = bias.values
+        query_rows = call_with_meta(graph, torch.clamp_min, (call_with_meta(graph, torch.neg, (offsets,)), 0))
+        columns = call_with_meta(graph, torch.clamp_min, (offsets, 0))
+    if bias.dtype is not None:
+        values = call_with_meta(graph, torch.Tensor.to, (values, bias.dtype))
+    values = call_with_meta(graph, torch.select, (call_with_meta(graph, torch.Tensor.expand, (values, *sizes)), 0, 0))
+    table = call_with_meta(graph, operator.getitem, (values, (slice(None), query_rows, columns)))
+    return call_with_meta(graph, torch.Tensor.to, (table, torch.float32))
+
+
+def _on_offsets(graph: Graph, chain: OffsetChain, offsets: Node) -> Node:
+    """``chain``'s ops run again with its (S_q, S_kv) relative positions replaced by the (1, S_q + S_kv - 1) row
+    ``offsets + start``: the bias with a query axis of size 1 and the offsets along the keys."""
+    row = call_with_meta(graph, torch.unsqueeze, (offsets, 0))
+    if chain.start:
+        row = call_with_meta(graph, operator.add, (row, chain.start))
+    copies = {chain.positions: call_with_meta(graph, torch.Tensor.to, (row, example_value(chain.positions).dtype))}
+    for node in chain.ops:
+        target = node.target if node.op == "call_function" else getattr(torch.Tensor, node.target)
+        args, kwargs = (torch.fx.node.map_arg(a, lambda n: copies.get(n, n)) for a in (node.args, node.kwargs))
+        copies[node] = call_with_meta(graph, target, args, kwargs)
+    return copies[chain.ops[-1]]
+
+
+def _position_bias_attention(graph: Graph, query: Node, key: Node, value: Node, params: FA4Params
+                             ) -> tuple[Node, Node]:
+    """``fa4.flash_attn_alibi_fwd`` (its slopes the analysis's ``slope(h)`` per head) or
+    ``fa4.flash_attn_relative_bias_fwd`` (its table read from the bias) on B,H,S,D nodes: (out B,H,S,Dv, lse)."""
+    bias = params.position_bias
+    if isinstance(bias, RelativeBias):
+        op, aux = torch.ops.fa4.flash_attn_relative_bias_fwd.default, _relative_table(graph, bias, query, key)
+    else:
+        heads = call_with_meta(graph, torch.arange, (_size(graph, query, 1),),
+                               {"dtype": torch.float32, "device": example_value(query).device}, like=query)
+        op, aux = torch.ops.fa4.flash_attn_alibi_fwd.default, _per_head(graph, bias.slope, heads,
+                                                                      _slopes_per_head(graph, bias, query))
     options = dict(softmax_scale=_emit_scale(graph, params.softmax_scale), causal=params.causal,
                    window_left=params.window_left, window_right=params.window_right)
-    return fa4_attention(graph, query, key, value, options, op=torch.ops.fa4.flash_attn_alibi_fwd.default,
-                         after_qkv=(slopes,))
+    return fa4_attention(graph, query, key, value, options, op=op, after_qkv=(aux,))
 
 
 def emit_fa4(decision: SiteDecision, before: Node) -> tuple[Node, Node]:
@@ -231,8 +293,8 @@ def emit_fa4(decision: SiteDecision, before: Node) -> tuple[Node, Node]:
         query, key, value = (_operand(graph, t) for t in (operands.query, operands.key, operands.value))
         if decision.params.data_mask is not None:
             return _data_mask_attention(graph, query, key, value, decision.params)
-        if decision.params.alibi is not None:
-            return _alibi_attention(graph, query, key, value, decision.params)
+        if decision.params.position_bias is not None:
+            return _position_bias_attention(graph, query, key, value, decision.params)
         return fa4_attention(graph, query, key, value, fa4_arguments(graph, decision.params, query, key))
 
 

@@ -44,6 +44,7 @@ from fa4_inductor.compile.fx_utils import op_name
 from fa4_inductor.compile.sites import AddedMasks, FixedBlocks
 
 _I, _J, _B, _H = sympy.symbols("q_idx kv_idx batch head", integer=True, nonnegative=True)
+INDICES = (_B, _H, _I, _J)  # the attention's axes, as the formulas name them
 
 
 class NotAnalyzable(Exception):
@@ -53,6 +54,18 @@ class NotAnalyzable(Exception):
 class ReadsData(NotAnalyzable):
     """The mask depends on the values of a tensor in a way compile time can't decide (a dense mask given as an
     input, a buffer, a lookup at other indices than [batch, kv_idx]): its values can be read at run time."""
+
+
+class _Rounded(NotAnalyzable):
+    """A formula modeled for a tensor whose dtype rounds it (``value``): its values are not the formula's."""
+
+    def __init__(self, message: str, value: "IndexTensor"):
+        super().__init__(message)
+        self.value = value
+
+
+class IsAMask(NotAnalyzable):
+    """Values read as a bias are a mask (0/-inf or boolean)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +109,42 @@ class VectorLookup(sympy.Function):
     is_integer = True
 
 
+class Elementwise(sympy.Function):
+    """An entry of a tensor computed elementwise by an op the analysis does not model, from its inputs' entries at
+    the same index: ``Elementwise(name, input formulas...)`` (T5's ``log`` of relative positions). Only
+    :func:`evaluate_values` makes them: the formula says what the entry depends on, not its value."""
+
+
+class Opaque(sympy.Function):
+    """An entry of a float tensor whose values the analysis does not model, read at its own axis indices:
+    ``Opaque(name, i0, i1, ...)`` (ALiBi's slopes computed with ``pow``, a buffer). Only :func:`evaluate_values`
+    makes them: a formula holding one says nothing about the values, only where they are read."""
+
+    is_real = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Values:
+    """A tensor's values as a formula in (batch, head, q_idx, kv_idx) (:data:`INDICES`); ``opaque`` the graph nodes
+    its :class:`Opaque` reads name, ``why_opaque`` why each was not modeled."""
+
+    expr: Any
+    opaque: dict[str, Node]
+    why_opaque: dict[str, str]
+    definitions: dict[str, Any]  # an opaque read's formula in its tensor's own axes, where known
+    formulas: dict[Node, Any]  # each node evaluated: its :class:`IndexTensor` (own axes)
+
+    def expanded(self, expr: Any) -> Any:
+        """``expr`` with every opaque read that has a definition replaced by it, at the read's indices."""
+        for _ in range(len(self.definitions) + 1):
+            reads = [r for r in expr.atoms(Opaque) if r.args[0].name in self.definitions]
+            if not reads:
+                return expr
+            expr = expr.xreplace({r: self.definitions[r.args[0].name].xreplace(
+                {_axis(k): index for k, index in enumerate(r.args[1:])}) for r in reads})
+        raise NotAnalyzable("opaque definitions that refer to each other")
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskStructure:
     """FA4 parameters equivalent to a mask (windows: -1 = unbounded).
@@ -135,7 +184,9 @@ def _axis(k: int) -> sympy.Symbol:
 
 
 def _sym(value: Any) -> Any:
-    """A Python/Sym int or float as a sympy number/expression."""
+    """A Python/Sym int or float as a sympy number/expression (a sympy expression as it is)."""
+    if isinstance(value, sympy.Basic):
+        return value
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return value.node.expr
     if isinstance(value, bool):
@@ -272,20 +323,36 @@ _LOGICAL = {"logical_and": sympy.And, "logical_or": sympy.Or}
 _LOGIC = _BITWISE | _LOGICAL
 _NOT = {"invert", "__invert__", "bitwise_not"}
 _FLOOR_DIVIDE = {"floordiv", "__floordiv__", "floor_divide"}
+_DIVIDE = {"div", "truediv", "__truediv__"}
 # Ops that change neither values nor the index formula (broadcast/cast/copy).
 _PASSTHROUGH = modeled_ops.BROADCASTS | modeled_ops.DTYPE_CASTS | modeled_ops.COPIES | {"detach"}
+# What a tensor the model can't follow may be, where values are read (:func:`evaluate_values`): each entry a function
+# of its inputs' entries at the same (broadcast) index.
+ELEMENTWISE = modeled_ops.DTYPE_CASTS | {
+    "abs", "neg", "log", "log1p", "log2", "exp", "exp2", "sqrt", "rsqrt", "floor", "ceil", "round", "trunc", "tanh",
+    "sigmoid", "sign", "reciprocal", "clamp", "clamp_min", "clamp_max", "minimum", "maximum", "min", "max", "where",
+    "add", "sub", "mul", "div", "truediv", "floordiv", "floor_divide", "pow", "rsub", "lt", "le", "gt", "ge", "eq",
+    "ne", "logical_not", "logical_and", "logical_or", "full_like", "masked_fill"} | {
+    f"__{name}__" for name in ("add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "floordiv", "pow",
+                               "neg", "abs", "lt", "le", "gt", "ge", "eq", "ne")}
+_LAYOUT_KWARGS = {"dtype", "device", "layout", "memory_format", "copy", "non_blocking", "pin_memory"}
 _NEW_TRUE = {"ones", "ones_like", "new_ones"}
 # New float tensors of zeros: an additive mask that keeps every key.
 _NEW_ZEROS = {"zeros", "zeros_like", "new_zeros"}
 
 
 class _Evaluator:
-    def __init__(self, mutations: graph_mutations.Mutations | None = None):
+    def __init__(self, mutations: graph_mutations.Mutations | None = None, opaque_values: bool = False):
         self.cache: dict[Node, Any] = {}
         self.visited: list[Node] = []
         self.lookup_sources: dict[str, Node] = {}
         self.mutations = mutations
         self.modeled = graph_mutations.Modeled()
+        # With ``opaque_values``, a tensor the model can't follow is a function of its inputs or a read of itself.
+        self.opaque_values = opaque_values
+        self.opaque: dict[str, Node] = {}
+        self.why_opaque: dict[str, str] = {}
+        self.definitions: dict[str, Any] = {}
 
     def value(self, arg: Any, reader: Node | None = None) -> Any:
         """The index formula of ``arg`` as ``reader`` reads it: after the in-place writes of it that come before."""
@@ -298,12 +365,11 @@ class _Evaluator:
                     arg = write
             if arg not in self.cache:
                 try:
-                    self.cache[arg] = _with_shape(self._node(arg), _example(arg), arg)
-                except NotAnalyzable:
-                    raise
-                except Exception as exc:  # e.g. sympy refusing arithmetic on a boolean lookup
-                    raise NotAnalyzable(f"the mask's '{arg.name}' ({op_name(arg) or arg.op}) combines values the "
-                                        "analysis can't model") from exc
+                    self.cache[arg] = self._modeled(arg)
+                except _Rounded as exc:
+                    self.cache[arg] = self._opaque(arg, exc, exc.value)
+                except NotAnalyzable as exc:
+                    self.cache[arg] = self._opaque(arg, exc)
                 self.visited.append(arg)
             return self.cache[arg]
         if isinstance(arg, (int, float, bool, torch.SymInt, torch.SymFloat)):
@@ -311,6 +377,78 @@ class _Evaluator:
         if arg is None or isinstance(arg, (torch.dtype, torch.device, str)):
             return arg
         raise NotAnalyzable(f"unsupported argument {arg!r}")
+
+    def _modeled(self, node: Node) -> Any:
+        try:
+            value = _with_shape(self._node(node), _example(node), node)
+        except NotAnalyzable:
+            raise
+        except Exception as exc:  # e.g. sympy refusing arithmetic on a boolean lookup
+            raise NotAnalyzable(f"the mask's '{node.name}' ({op_name(node) or node.op}) combines values the "
+                                "analysis can't model") from exc
+        example = _example(node)
+        if self.opaque_values and isinstance(value, IndexTensor) and example.is_floating_point() \
+                and example.dtype.itemsize < 4 and not (value.additive or _is_boolean(value.expr)) \
+                and not sympy.sympify(value.expr).is_number:
+            raise _Rounded(f"'{node.name}' is computed in {example.dtype}, which rounds its values", value)
+        return value
+
+    def _opaque(self, node: Node, why: NotAnalyzable, modeled: IndexTensor | None = None) -> IndexTensor:
+        """With ``opaque_values``, ``node`` where the model can't follow it: an :class:`Opaque` read of itself (a
+        tensor nothing writes in place), defined (``definitions``) as an :class:`Elementwise` function of its
+        inputs' formulas where it is an elementwise op, as a read of the weight where it is an embedding lookup, or
+        as ``modeled`` (its formula, in a dtype that rounds it); ``why`` raised again otherwise."""
+        example = _example(node)
+        if not self.opaque_values or not isinstance(example, torch.Tensor) or graph_mutations.written(node):
+            raise why
+        self.opaque[node.name], self.why_opaque[node.name] = node, str(why)
+        for model in (lambda *_: modeled, self._elementwise, self._embedding):
+            try:
+                definition = model(node, example)
+            except NotAnalyzable:
+                definition = None
+            if definition is not None:
+                self.definitions[node.name] = definition.expr
+                break
+        indices = (_axis(k) for k in range(example.dim()))
+        return IndexTensor(Opaque(sympy.Symbol(node.name), *indices), example.dim(), shape=tuple(example.shape))
+
+    def _elementwise(self, node: Node, example: torch.Tensor) -> IndexTensor | None:
+        """An elementwise op (:data:`ELEMENTWISE`) as the function of its inputs' formulas at each entry."""
+        name = op_name(node)
+        name = modeled_ops.IN_PLACE.get(name, name)
+        tensors = [a for a in node.args if isinstance(a, Node)]
+        if name not in ELEMENTWISE or set(node.kwargs) - _LAYOUT_KWARGS or not tensors \
+                or (name in ("min", "max") and len(node.args) != 2) \
+                or not all(isinstance(a, (Node, int, float, bool, torch.dtype, torch.device)) for a in node.args):
+            return None
+        values = [self.value(a, node) if isinstance(a, Node) else a for a in node.args
+                  if not isinstance(a, (torch.dtype, torch.device))]
+        if any(isinstance(v, IndexTensor) and v.additive for v in values):
+            return None
+        exprs, ndim = _broadcast(*values)
+        if ndim != example.dim():
+            return None
+        result = Elementwise(sympy.Symbol(node.name), *exprs)
+        if example.dtype == torch.bool:
+            result = sympy.Eq(result, 1)  # a truth value, for what reads it as one
+        return IndexTensor(result, ndim, shape=tuple(example.shape))
+
+    def _embedding(self, node: Node, example: torch.Tensor) -> IndexTensor | None:
+        """``embedding(indices, weight)``: ``weight[indices[...], c]``, an :class:`Opaque` read of the weight at the
+        indices' formula (``max_norm``, which rewrites the weight, is not modeled)."""
+        max_norm = node.args[3] if len(node.args) > 3 else node.kwargs.get("max_norm")
+        if op_name(node) != "embedding" or len(node.args) < 2 or max_norm is not None:
+            return None
+        indices, weight = node.args[:2]
+        value = self.value(indices, node)
+        if not isinstance(value, IndexTensor) or value.additive or _is_boolean(value.expr) \
+                or not isinstance(weight, Node) or graph_mutations.written(weight):
+            return None
+        self.opaque[weight.name] = weight
+        self.why_opaque.setdefault(weight.name, "an embedding's weight")
+        read = Opaque(sympy.Symbol(weight.name), value.expr, _axis(value.ndim))
+        return IndexTensor(read, example.dim(), shape=tuple(example.shape))
 
     def _node(self, node: Node) -> Any:
         example = _example(node)
@@ -340,7 +478,9 @@ class _Evaluator:
             index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
             if any(isinstance(i, Node) for i in index):
                 return self._gather(self.lookup_source(node.args[0], node), [self.value(i, node) for i in index])
-            return self._getitem(self.value(node.args[0], node), node.args[1], _example(node.args[0]))
+            index = tuple(slice(*(_example(p) for p in (i.start, i.stop, i.step))) if isinstance(i, slice) else i
+                          for i in index)  # a slice from a graph size: its (symbolic) value
+            return self._getitem(self.value(node.args[0], node), index, _example(node.args[0]))
         if name in ("tensor", "scalar_tensor") and len(node.args) == 1 and isinstance(node.args[0], (int, float, bool)):
             return _as_dtype_number(node.args[0], example.dtype)  # torch.tensor(0.0): a scalar
         if name in _NEW_TRUE:
@@ -360,9 +500,12 @@ class _Evaluator:
             raise NotAnalyzable(f"the mask's axis {node.args[1]} is split into {node.args[2]}: heads folded into the "
                                 "batch, as a 3-D (B * heads, L, S) attn_mask has them, a mask per batch row and head "
                                 "that FA4 can't take")
-        if name in ("view", "reshape", "_unsafe_view") and isinstance(example, torch.Tensor):
+        if name in ("view", "reshape", "_unsafe_view", "squeeze") and isinstance(example, torch.Tensor):
             # The target shape is read from the result (its arguments may be a tuple, -1 or size nodes).
             return self._unit_reshape(self.value(node.args[0], node), _example(node.args[0]), example)
+        if name == "permute":
+            dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            return self._permute(self.value(node.args[0], node), dims)
         args = [self.value(a, node) for a in node.args]
         kwargs = {k: self.value(v, node) for k, v in node.kwargs.items()}
         if name == "arange":
@@ -372,6 +515,8 @@ class _Evaluator:
             return self._passthrough(args[0], example)  # ``mask != 0`` of a 0/1 mask: the mask as a boolean
         if name in _COMPARE or name in _ARITH:
             return self._binary(name, args)
+        if name in _DIVIDE and rounding is None:
+            return self._divide(args)
         if name in _FLOOR_DIVIDE:
             return self._floor_divide(args[:2], truncates=rounding == "trunc")
         if name in _LOGIC:
@@ -467,6 +612,16 @@ class _Evaluator:
         if name in _COMPARE:
             return IndexTensor(_COMPARE[name](a, b), ndim)
         return IndexTensor(_ARITH[name](a, b), ndim)
+
+    @staticmethod
+    def _divide(args) -> IndexTensor:
+        """``values / c`` of numbers per entry (a bias, not a mask) by a nonzero constant."""
+        value, divisor = args
+        if not isinstance(value, IndexTensor) or value.additive or _is_boolean(value.expr):
+            raise NotAnalyzable("division of values that are not numbers per entry")
+        if not isinstance(divisor, (int, float)) or isinstance(divisor, bool) or divisor == 0:
+            raise NotAnalyzable(f"division by {divisor!r}, not a nonzero constant")
+        return IndexTensor(value.expr / _sym(divisor), value.ndim, shape=value.shape)
 
     @staticmethod
     def _floor_divide(args, truncates: bool = False) -> IndexTensor:
@@ -573,9 +728,11 @@ class _Evaluator:
                 out_axis += 1
             elif isinstance(item, slice) and item.step in (None, 1):
                 start = 0 if item.start is None else item.start
-                if not isinstance(start, int) or isinstance(start, bool):
+                if isinstance(start, torch.SymInt) and statically_known_true(start >= 0):
+                    pass  # a graph size, read as its symbol
+                elif not isinstance(start, int) or isinstance(start, bool):
                     raise NotAnalyzable(f"mask slice start {start!r}")
-                if start < 0:  # counted from the end, clamped at 0 as Python slices are
+                elif start < 0:  # counted from the end, clamped at 0 as Python slices are
                     start = _sym(size()) + start if guard_or_false(size() + start >= 0) else 0
                 mapping[_axis(in_axis)] = _axis(out_axis) + _sym(start)
                 in_axis += 1
@@ -684,6 +841,14 @@ class _Evaluator:
         mapping = {_axis(axis): sympy.Integer(0) for axis in range(before.dim())}
         mapping.update({_axis(a): _axis(b) for (a, _), (b, _) in zip(kept_before, kept_after)})
         return IndexTensor(value.expr.xreplace(mapping), after.dim(), value.additive)
+
+    @staticmethod
+    def _permute(value, dims):
+        """``permute(dims)``: axis ``k`` of the result is axis ``dims[k]`` of the input."""
+        if not isinstance(value, IndexTensor) or sorted(d % value.ndim for d in dims) != list(range(value.ndim)):
+            raise NotAnalyzable(f"permute of something other than an index tensor by {dims!r}")
+        return IndexTensor(value.expr.xreplace({_axis(d % value.ndim): _axis(k) for k, d in enumerate(dims)}),
+                           value.ndim, value.additive)
 
     @staticmethod
     def _unsqueeze(value, dim):
@@ -952,6 +1117,26 @@ def analyze_mask(mask: Node | AddedMasks, q_len, kv_len, *, hides_where_true: bo
     visited = [n for n in evaluator.visited if n not in (structure.key_padding, structure.segment_ids,
                                                          structure.key_lengths)]
     return structure, visited, evaluator.modeled
+
+
+def evaluate_values(node: Node, shape: tuple, *, reader: Node | None = None,
+                    mutations: graph_mutations.Mutations | None = None) -> Values:
+    """The values of ``node``, a float tensor that broadcasts to ``shape`` (the scores' (B, H, S_q, S_kv); None for an
+    unknown size), as ``reader`` reads it: index arithmetic modeled as masks are, and every float tensor the model
+    can't follow an :class:`Opaque` read. Raises :class:`NotAnalyzable` for a mask (0/-inf or boolean) or what
+    can't be read so."""
+    if _example(node).requires_grad:
+        raise NotAnalyzable(f"'{node.name}' needs a gradient (a learned bias, slopes or table), which the attention "
+                            "kernels do not give")
+    evaluator = _Evaluator(mutations, opaque_values=True)
+    value = _evaluate(evaluator, node, reader)
+    if value.additive or _is_boolean(value.expr):
+        raise IsAMask("a mask, not a bias")
+    if value.ndim > len(shape):
+        raise NotAnalyzable(f"a bias of {value.ndim} axes on scores of {len(shape)}")
+    expr = _aligned(value, tuple(2 if size is None else size for size in shape))
+    expr = sympy.sympify(expr).xreplace({_axis(k): s for k, s in enumerate(INDICES)})
+    return Values(expr, evaluator.opaque, evaluator.why_opaque, evaluator.definitions, dict(evaluator.cache))
 
 
 def analyze_mask_mod(mask_mod: torch.fx.GraphModule, buffers: tuple, q_len, kv_len) -> MaskStructure:

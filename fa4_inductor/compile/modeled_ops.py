@@ -121,6 +121,8 @@ TABLE: Mapping[str, ModeledOp] = MappingProxyType({
     **{name: _VIEW for name in ("view", "reshape", "_unsafe_view")},
     "unflatten": _op("self dim sizes", "axis dim split into sizes", "self dim sizes"),
     "unsqueeze": _op("self dim", "a new axis of size 1 at dim", "self dim"),
+    "squeeze": _op("self *dim", "axes of size 1 removed", "self", "dim"),
+    "permute": _op("self *dims", "axes reordered: axis k of the result is axis dims[k]", "self", "dims"),
     "getitem": _op("self index", "basic indexing (None, slices with step 1, integers) or a gather", "self index"),
     "tril": _op("self diagonal", "entries with col - row <= diagonal kept, the rest 0", "self diagonal"),
     "triu": _op("self diagonal", "entries with col - row >= diagonal kept, the rest 0", "self diagonal"),

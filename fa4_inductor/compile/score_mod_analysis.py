@@ -11,10 +11,12 @@ any term without ``kv_idx`` (``slope(head) * (kv_idx - q_idx)``: a constant per
 row, which softmax ignores), where ``slope(head)`` is arithmetic of the head
 index (attention-gym's ``exp2(-(h + 1) * 8 / H)``) and of at most one captured
 float32 tensor read at the head (``slopes[h]``), is FA4's ALiBi score_mod
-(``fa4.flash_attn_alibi_fwd``) with ``slope`` evaluated per head. A score_mod
-that reads the indices otherwise (a relative bias table, a bias not linear in
-``kv_idx``) or a tensor otherwise is not expressible, and the reason says
-which.
+(``fa4.flash_attn_alibi_fwd``) with ``slope`` evaluated per head. A relative-position
+table, ``a * score + table[head, kv_idx - q_idx + c]`` of a captured (H, N) float32
+tensor, is FA4's relative-bias score_mod (``fa4.flash_attn_relative_bias_fwd``),
+the table sliced to the offsets. A score_mod that reads the indices otherwise (a
+bias not linear in ``kv_idx``) or a tensor otherwise is not expressible, and the
+reason says which.
 """
 
 from __future__ import annotations
@@ -50,13 +52,23 @@ class AlibiSlope:
 
 
 @dataclasses.dataclass(frozen=True)
+class TableRead:
+    """A relative-position table: score_mod buffer ``buffer``, (H, N) float32, read at ``[head, kv_idx - q_idx +
+    start]``."""
+
+    buffer: int
+    start: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ScoreTransform:
     """FA4's view of a score_mod: multiply the softmax scale by ``scale``; ``softcap`` 0 for none; ``alibi`` the
-    slope per head of an ALiBi bias."""
+    slope per head of an ALiBi bias; ``table`` a relative-position table added to the scaled score."""
 
     scale: float = 1.0
     softcap: float = 0.0
     alibi: AlibiSlope | None = None
+    table: TableRead | None = None
 
 
 HEAD = _INDICES[1]
@@ -71,7 +83,7 @@ def analyze_score_mod(score_mod: torch.fx.GraphModule, buffers: tuple) -> ScoreT
         raise NotAnalyzable(f"score_mod takes {len(placeholders)} inputs for {len(buffers)} captured buffers")
     for node, symbol in zip(placeholders, (_SCORE, *_INDICES)):
         values[node] = symbol
-    tensors = {}
+    tensors, tables = {}, {}
     for index, node in enumerate(placeholders[5:]):
         example = node.meta.get("example_value", node.meta.get("val"))
         if isinstance(example, torch.Tensor):
@@ -82,21 +94,32 @@ def analyze_score_mod(score_mod: torch.fx.GraphModule, buffers: tuple) -> ScoreT
         if node.op not in ("call_function", "call_method"):
             continue
         if node.target is operator.getitem and node.args[0] in tensors:
-            values[node] = _slope_read(node, tensors[node.args[0]], values)
+            values[node] = _buffer_read(node, tensors[node.args[0]], values, tables)
             continue
         read = next((a for a in node.args if a in tensors), None)
         if read is not None:
             raise NotAnalyzable(f"score_mod reads the tensor '{read.name}' other than one entry per head")
         values[node] = _apply(node, [values.get(a, a) for a in node.args])
-    return _transform(sympy.sympify(values[score_mod.graph.output_node().args[0]]))
+    return _transform(sympy.sympify(values[score_mod.graph.output_node().args[0]]), tables)
 
 
-def _slope_read(node: torch.fx.Node, index: int, values: dict) -> sympy.Symbol:
-    """``buffer[head]`` of a 1-D float32 buffer: the head's slope (a symbol naming the buffer)."""
+def _buffer_read(node: torch.fx.Node, index: int, values: dict, tables: dict) -> sympy.Symbol:
+    """``buffer[head]`` of a 1-D float32 buffer: the head's slope (a symbol naming the buffer); ``buffer[head,
+    kv_idx - q_idx + c]`` of a 2-D one (also read as ``buffer[head][...]``): a relative-position table's entry (a
+    symbol, its read kept in ``tables``)."""
     buffer = node.args[0].meta.get("example_value", node.args[0].meta.get("val"))
-    if values.get(node.args[1], node.args[1]) != HEAD or buffer.dim() != 1 or buffer.dtype != torch.float32:
-        raise NotAnalyzable(f"score_mod reads the tensor '{node.args[0].name}' other than a float32 slope per head")
-    return sympy.Symbol(f"slope{index}", real=True)
+    where = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    where = tuple(sympy.sympify(values.get(i, i)) for i in where)
+    if buffer.dtype == torch.float32 and buffer.dim() == 1 and where == (HEAD,):
+        return sympy.Symbol(f"slope{index}", real=True)
+    if buffer.dtype == torch.float32 and buffer.dim() == 2 and len(where) == 2 and where[0] == HEAD:
+        start = sympy.expand(where[1] - (_INDICES[3] - _INDICES[2]))
+        if start.is_Integer:
+            symbol = sympy.Symbol(f"table{index}", real=True)
+            tables[symbol] = TableRead(index, int(start))
+            return symbol
+    raise NotAnalyzable(f"score_mod reads the tensor '{node.args[0].name}' other than a float32 slope per head or a "
+                        "float32 table at [head, kv_idx - q_idx + c]")
 
 
 def _apply(node: torch.fx.Node, args: list):
@@ -127,6 +150,18 @@ def _positive_number(value) -> float | None:
     return float(value) if value.is_number and value.is_positive else None
 
 
+def _table(expr, read: set, tables: dict) -> ScoreTransform:
+    """``a * score + table[head, kv_idx - q_idx + c]``: a scale and a relative-position table."""
+    expr = sympy.expand(expr)
+    (symbol,) = read if len(read) == 1 else (None,)
+    scale = expr.coeff(_SCORE)
+    if symbol is None or _positive_number(sympy.sympify(scale)) is None \
+            or sympy.expand(expr - scale * _SCORE - symbol) != 0:
+        raise NotAnalyzable(f"score_mod computes {expr}: not a scaled score plus one entry of a relative-position "
+                            "table")
+    return ScoreTransform(scale=float(scale), table=tables[symbol])
+
+
 def _alibi(expr) -> ScoreTransform | None:
     """``a * score + slope(head) * kv_idx + (terms without kv_idx)`` as a scale and ALiBi, or None when ``expr`` is
     not that."""
@@ -145,7 +180,10 @@ def _alibi(expr) -> ScoreTransform | None:
     return ScoreTransform(scale=float(scale), alibi=AlibiSlope(expression, buffer))
 
 
-def _transform(expr) -> ScoreTransform:
+def _transform(expr, tables: dict) -> ScoreTransform:
+    read = set(tables) & expr.free_symbols
+    if read:
+        return _table(expr, read, tables)
     if _INDICES[3] in expr.free_symbols:
         alibi = _alibi(expr)
         if alibi is None:

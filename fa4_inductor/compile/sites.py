@@ -94,11 +94,41 @@ class FixedBlocks:
 @dataclasses.dataclass(frozen=True)
 class Alibi:
     """ALiBi on the scores: ``slope(h) * (kv_idx - q_idx)`` (up to a constant per row). ``slope`` is arithmetic of
-    the head index (the symbol ``head``) and of ``slopes``, a float32 (H_q,) graph tensor read at the head (the
-    symbol ``slope``), where given; emission evaluates it per head and calls ``fa4.flash_attn_alibi_fwd``."""
+    the head index (the symbol ``head``) and of ``slopes``, a float graph tensor read at the head (the symbol
+    ``slope``), where given: a (H_q,) one as it is, else read at ``slopes_index`` (None marking the head's axis; no
+    None: one entry every head shares). Emission evaluates it per head and calls ``fa4.flash_attn_alibi_fwd``."""
 
     slope: Any  # a sympy expression
     slopes: Node | None = None
+    slopes_index: tuple[int | None, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OffsetChain:
+    """How a relative-position bias is computed: ``ops`` (graph order) from ``positions``, an (S_q, S_kv) tensor
+    holding ``kv - q + start``; run on a row of offsets instead, they give the bias once per offset."""
+
+    positions: Node
+    start: int
+    ops: tuple[Node, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class RelativeBias:
+    """A bias on the scores that depends on the head and ``kv_idx - q_idx`` only (T5's bucketed position bias):
+    ``values``, the graph tensor that holds it, broadcasting to (B, H, S_q, S_kv); emission reads it once per offset
+    into the table ``fa4.flash_attn_relative_bias_fwd`` takes, rounded to ``dtype`` where the graph rounds the bias
+    (with the mask it carries) before the scores read it."""
+
+    values: Node
+    dtype: torch.dtype | None = None
+    chain: OffsetChain | None = None  # where known, emission runs it on the offsets instead of reading the grid
+    # Where given, ``values`` is an (H, N) table read at [head, kv_idx - q_idx + table_start] (a FlexAttention
+    # score_mod's), not the bias broadcast to the scores.
+    table_start: int | None = None
+
+
+PositionBias = Alibi | RelativeBias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,13 +151,15 @@ class FA4Params:
     # ``data_mask_hides``.
     data_mask: Node | None = None
     data_mask_hides: bool = False
-    alibi: Alibi | None = None
+    position_bias: PositionBias | None = None
 
     @property
     def mask_sources(self) -> tuple[Node, ...]:
         """The graph tensors the call reads its masks and bias from."""
-        return tuple(n for n in (self.key_padding, self.key_lengths, self.segment_ids, self.data_mask,
-                                 self.alibi.slopes if self.alibi else None) if isinstance(n, Node))
+        bias = self.position_bias
+        bias_source = bias.slopes if isinstance(bias, Alibi) else bias.values if bias is not None else None
+        return tuple(n for n in (self.key_padding, self.key_lengths, self.segment_ids, self.data_mask, bias_source)
+                     if isinstance(n, Node))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -283,6 +283,29 @@ def alibi_score_mods():
     return alibi, alibi_backward
 
 
+@functools.lru_cache(maxsize=None)
+def relative_bias_score_mods():
+    """FA4 (``score_mod``, ``score_mod_bwd``) adding a relative-position table to the scaled scores: ``aux[0][head,
+    kv_idx - q_idx + seqlen_q - 1]`` (as :func:`.reference.relative_bias`), the offset clamped into the table for the
+    positions past the sequence ends that a tile also covers (those scores are masked). Its backward passes the
+    score's gradient through, as :func:`alibi_score_mods`' does."""
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute.utils import scalar_to_ssa
+
+    @cute.jit
+    def relative_bias(score, batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
+        last = seqlen_info.seqlen_q + seqlen_info.seqlen_k - 2
+        offset = cutlass.min(cutlass.max(kv_idx[0] - q_idx[0] + seqlen_info.seqlen_q - 1, 0), last)
+        return score + scalar_to_ssa(aux_tensors[0][head[0], offset], cutlass.Float32)
+
+    @cute.jit
+    def relative_bias_backward(grad, score, batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
+        return grad
+
+    return relative_bias, relative_bias_backward
+
+
 def block_sparse_tensors(lists: tuple[torch.Tensor, ...], block_size: tuple[int, int]):
     """FA4's block-sparsity argument from (partial count, partial indices, full count, full indices)."""
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch

@@ -46,7 +46,7 @@ from fa4_inductor import config
 from torch import Tensor
 
 from fa4_inductor.runtime import data_mask, fa4_call, fa4_binding, mask_routes, native, reference
-from fa4_inductor.runtime import alibi, varlen  # noqa: F401  (register the ALiBi and varlen ops)
+from fa4_inductor.runtime import position_bias, varlen  # noqa: F401  (register the position-bias and varlen ops)
 from fa4_inductor._torch_private import empty_contiguous
 from fa4_inductor.runtime.support import FA4_DTYPES
 

@@ -85,24 +85,31 @@ def alibi_bias(slopes: torch.Tensor, seqlen_q: int, seqlen_k: int, dtype: torch.
     return slopes.to(dtype)[:, None, None] * (j - i).to(dtype)
 
 
-def _scores(q, k, softmax_scale, softcap, alibi_slopes=None):
-    """B,S,H,D inputs (compute dtype) -> (scaled, capped scores B,H,S_q,S_k plus ALiBi; tanh of the capped
-    scores)."""
+def relative_bias(table: torch.Tensor, seqlen_q: int, seqlen_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """A relative-position table (H, S_q + S_k - 1) as the fa4 ops add it: ``table[h, j - i + S_q - 1]`` (H, S_q,
+    S_k)."""
+    offsets = torch.arange(seqlen_k, device=table.device)[None, :] - torch.arange(seqlen_q, device=table.device)[:, None]
+    return table.to(dtype)[:, offsets + seqlen_q - 1]
+
+
+def _scores(q, k, softmax_scale, softcap, bias=None):
+    """B,S,H,D inputs (compute dtype) -> (scaled, capped scores B,H,S_q,S_k plus the bias (H, S_q, S_k); tanh of
+    the capped scores)."""
     group = q.shape[2] // k.shape[2]
     kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
     scores = (q.transpose(1, 2) @ kh.transpose(-1, -2)) * softmax_scale
-    if alibi_slopes is not None:
-        scores = scores + alibi_bias(alibi_slopes, q.shape[1], k.shape[1], scores.dtype)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     if softcap <= 0:
         return scores, None
     capped_tanh = torch.tanh(scores / softcap)
     return softcap * capped_tanh, capped_tanh
 
 
-def _attention(q, k, v, softmax_scale, softcap, visible, alibi_slopes=None):
+def _attention(q, k, v, softmax_scale, softcap, visible, bias=None):
     """B,S,H,D inputs (compute dtype) -> (out B,S,H,Dv, lse B,H,S)."""
     vh = v.transpose(1, 2).repeat_interleave(q.shape[2] // k.shape[2], dim=1)
-    scores, _ = _scores(q, k, softmax_scale, softcap, alibi_slopes)
+    scores, _ = _scores(q, k, softmax_scale, softcap, bias)
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     has_key = visible.any(dim=-1, keepdim=True)
@@ -137,13 +144,13 @@ def attention_forward(
     seqused_k: torch.Tensor | None = None,
     key_padding: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
-    alibi_slopes: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference forward: (out B,S,H,Dv in q's dtype, lse B,H,S float32); ``alibi_slopes`` (H_q,) adds
-    :func:`alibi_bias` to the scaled scores."""
+    """Reference forward: (out B,S,H,Dv in q's dtype, lse B,H,S float32); ``bias`` (H_q, S_q, S_k) is added to the
+    scaled scores (:func:`alibi_bias`, :func:`relative_bias`)."""
     ct = _compute_dtype(q.dtype)
     visible = _visible(q, k, causal, window_left, window_right, seqused_k, key_padding, segment_ids)
-    out, lse = _attention(q.to(ct), k.to(ct), v.to(ct), softmax_scale, softcap, visible, alibi_slopes)
+    out, lse = _attention(q.to(ct), k.to(ct), v.to(ct), softmax_scale, softcap, visible, bias)
     return out.to(q.dtype).contiguous(), lse.to(torch.float32).contiguous()
 
 
@@ -163,7 +170,7 @@ def attention_backward(
     seqused_k: torch.Tensor | None = None,
     key_padding: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
-    alibi_slopes: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference backward, FA4's way: the probabilities come from the given ``lse`` and the row term from
     the given ``out`` (so a call on part of the keys, with the whole row's ``out`` and ``lse``, gives that
@@ -175,7 +182,7 @@ def attention_backward(
     ct = _compute_dtype(q.dtype)
     qc, kc, vc, doc, oc = (t.to(ct) for t in (q, k, v, dout, out))
     visible = _visible(q, k, causal, window_left, window_right, seqused_k, key_padding, segment_ids)
-    scores, capped_tanh = _scores(qc, kc, softmax_scale, softcap, alibi_slopes)
+    scores, capped_tanh = _scores(qc, kc, softmax_scale, softcap, bias)
     row_lse = lse.to(ct)
     if ct == torch.float64:  # lse is stored in float32; where it is this call's own lse rounded, take it exact
         own = scores.masked_fill(~visible, float("-inf")).logsumexp(dim=-1)

@@ -256,6 +256,10 @@ def _relative_table(score, b, h, q_idx, kv_idx):
     return score + RELATIVE_TABLE[h, kv_idx - q_idx + S]
 
 
+def _relative_table_short(score, b, h, q_idx, kv_idx):  # offsets below -S + 3 read before the table's start
+    return score + RELATIVE_TABLE[h, kv_idx - q_idx + S - 4]
+
+
 def _alibi_from_head_index(score, b, h, q_idx, kv_idx):
     return score - (h + 1) * (q_idx - kv_idx)
 
@@ -278,9 +282,9 @@ def _batch_dependent(b, h, q_idx, kv_idx):
     (None, _batch_dependent, "depends on the batch or head index"),
     (_alibi_symmetric, None, "score_mod uses abs"),
     (_alibi_quadratic, _causal, "not a slope per head times kv_idx"),
-    (_relative_table, _causal, "other than a float32 slope per head"),
+    (_relative_table_short, _causal, "outside its 400 entries"),
     (_alibi_slopes, _padded_causal, "ALiBi beside key padding"),
-], ids=["prefix_lm", "batch_dependent", "alibi_symmetric", "alibi_quadratic", "relative_table",
+], ids=["prefix_lm", "batch_dependent", "alibi_symmetric", "alibi_quadratic", "relative_table_too_short",
         "alibi_with_padding"])
 def test_mods_fa4_cannot_express_stay_with_flex_attention(score_mod, mask_mod, reason):
     q, k, v = (t.detach() for t in _qkv())
@@ -369,3 +373,14 @@ def test_alibi_score_mods_run_fa4_alibi_and_match(score_mod, mask_mod, heads_kv,
         assert_matches_eager(lambda q, k, v: reference(q, k, v, score_mod, mask_mod, scale=0.3)[0],
                              torch.compile(_flex(mask_mod, score_mod, scale=0.3), fullgraph=True), _qkv(heads_kv))
     _only_site({"alibi": True, "causal": mask_mod is _causal})
+
+
+@pytest.mark.parametrize("mask_mod, heads_kv", [(_causal, 2), (None, H)], ids=["causal_gqa", "no_mask"])
+def test_relative_table_score_mods_run_fa4_relative_bias_and_match(mask_mod, heads_kv, cpu_backward):
+    """A relative-position table read at [h, kv_idx - q_idx + c] becomes FA4's relative-bias op, the table sliced to
+    the offsets, forward and backward."""
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        assert_matches_eager(lambda q, k, v: reference(q, k, v, _relative_table, mask_mod, scale=0.3)[0],
+                             torch.compile(_flex(mask_mod, _relative_table, scale=0.3), fullgraph=True),
+                             _qkv(heads_kv))
+    _only_site({"relative_bias": True, "causal": mask_mod is _causal})

@@ -390,8 +390,6 @@ def _kept(q, k):
 FINITE_FILLS = {
     "masked_fill_scores": lambda q, k, v: (q @ k.mT * 0.25).masked_fill(~_kept(q, k), -1e9).softmax(-1) @ v,
     "where_scores": lambda q, k, v: torch.where(_kept(q, k), q @ k.mT, -1e4).softmax(-1) @ v,
-    "where_mask": lambda q, k, v: F.scaled_dot_product_attention(
-        q, k, v, attn_mask=torch.where(_kept(q, k), 0.0, -1e4).to(q.dtype)),
     "full_mask": lambda q, k, v: F.scaled_dot_product_attention(
         q, k, v, attn_mask=torch.full((q.shape[2], k.shape[2]), -1e9).triu(1).to(q.dtype)),
 }
@@ -409,6 +407,19 @@ def test_finite_fills_stay_with_the_reason(name):
     assert record.decision == "fallback" and "the finite fill" in record.reason, record.reason
     assert not EXCEPTION_TEXT.search(record.reason)
     torch.testing.assert_close(got, fn(q, k, v))
+
+
+def test_a_finite_fill_mask_of_the_offset_runs_the_relative_bias_op_exactly():
+    """``where(kept, 0, -1e4)`` given to SDPA is a bias of ``kv - q`` alone: FA4's relative-bias op adds those very
+    values (hidden keys keep their weight), no causal masking assumed."""
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(_kept(q, k), 0.0, -1e4).to(q.dtype))
+    q, k, v = (t.detach() for t in _qkv())
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = torch.compile(fn, fullgraph=True)(q, k, v)
+    (record,) = stats.site_records()
+    assert record.decision == "fa4" and record.features["relative_bias"] and not record.features["causal"]
+    torch.testing.assert_close(got, fn(q, k, v), atol=2e-2, rtol=2e-2)
 
 
 H_KV = 2

@@ -65,23 +65,26 @@ def _branch_breaks(graph_breaks) -> list[str]:
 ENCODER_DECODER = ["encoder", "encoder", "self", "cross", "self", "cross"]
 
 
-def _expected(name: str, padded: bool) -> list[tuple[str, bool, bool]]:
+def _expected(name: str, padded: bool, training: bool = True) -> list[tuple[str, bool, bool]]:
     """(decision, causal, padding) per site, in graph order."""
     if name == "opt":
         return [(FA4, True, padded)] * 2
     if name == "whisper":  # no encoder mask; the padding mask is the decoder's
         return [{"encoder": (FA4, False, False), "self": (FA4, True, padded), "cross": (FA4, False, False)}[kind]
                 for kind in ENCODER_DECODER]
-    if name == "t5":  # relative-position bias in self-attention; cross-attention's bias is zeros
-        return [{"encoder": (BIAS, False, False), "self": (BIAS, False, False), "cross": (FA4, False, padded)}[kind]
-                for kind in ENCODER_DECODER]
+    if name == "t5":  # relative-position bias in self-attention (learned: PyTorch's in training, and beside the
+        # encoder's padding, FA4's relative-bias op otherwise); cross-attention's bias is zeros
+        encoder = (BIAS, False, False) if training or padded else (FA4, False, False)
+        decoder = (BIAS, False, False) if training else (FA4, True, False)
+        return [{"encoder": encoder, "self": decoder, "cross": (FA4, False, padded)}[kind] for kind in ENCODER_DECODER]
     return [{"encoder": (FA4, False, padded), "self": (FA4, True, False), "cross": (FA4, False, padded)}[kind]
             for kind in ENCODER_DECODER]
 
 
 def _decision(record) -> str:
-    return FA4 if record.decision == "fa4" else BIAS if (record.reason or "").startswith(
-        "attn_mask not expressible") else record.reason
+    reason = record.reason or ""
+    bias = reason.startswith(("attn_mask not expressible", "a relative-position bias beside key padding"))
+    return FA4 if record.decision == "fa4" else BIAS if bias else reason
 
 
 def _inputs(name: str, padded: bool) -> dict:
@@ -138,9 +141,9 @@ def test_training_forward_is_one_graph_with_every_site_on_fa4(name, impl, padded
 
 @pytest.mark.parametrize("name", ["opt", "bart", "mbart", "marian", "whisper", "t5"])
 def test_inference_runs_the_same_sites_on_fa4(name):
-    """``eval()`` under ``no_grad``, padded: the decisions of training (T5's self-attention bias, computed in the
-    graph through a ``permute`` the mask analysis does not model, stays PyTorch's), logits as close to the float32
-    model's as bf16 eager's."""
+    """``eval()`` under ``no_grad``, padded: the decisions of training but T5's decoder self-attention, whose
+    relative-position bias needs no gradient there (FA4's relative-bias op; the encoder's sits beside its padding),
+    logits as close to the float32 model's as bf16 eager's."""
     torch.manual_seed(0)
     model_fp32 = _build(name, "sdpa").eval()
     model = copy.deepcopy(model_fp32).to(torch.bfloat16)
@@ -150,7 +153,8 @@ def test_inference_runs_the_same_sites_on_fa4(name):
         eager = model(**inputs).logits.float()
         with fa4_inductor.enabled(eager=False, devices=("cpu",)):
             got = torch.compile(model)(**inputs).logits.float()
-    assert [_decision(r) for r in stats.site_records()] == [decision for decision, _, _ in _expected(name, True)]
+    assert [_decision(r) for r in stats.site_records()] == [
+        decision for decision, _, _ in _expected(name, True, training=False)]
     assert relative_error(got, exact) <= 1.25 * relative_error(eager, exact) + 1e-2
 
 
@@ -165,3 +169,21 @@ def test_stock_compile_still_breaks_at_layerdrop_once_disabled():
     torch._dynamo.utils.counters["graph_break"].clear()
     torch.compile(model)(**_inputs("opt", True))
     assert _branch_breaks(torch._dynamo.utils.counters["graph_break"])
+
+
+def test_t5_without_padding_runs_every_site_on_fa4_in_inference():
+    """T5 under ``no_grad`` with no padding: its relative-position biases (encoder and decoder self-attention) are FA4's
+    relative-bias op, each table computed once per offset from the bias's own code."""
+    torch.manual_seed(0)
+    model_fp32 = _build("t5", "sdpa").eval()
+    model = copy.deepcopy(model_fp32).to(torch.bfloat16)
+    inputs = _inputs("t5", False)
+    with torch.no_grad():
+        exact = model_fp32(**inputs).logits
+        eager = model(**inputs).logits.float()
+        with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+            got = torch.compile(model)(**inputs).logits.float()
+    records = stats.site_records()
+    assert [_decision(r) for r in records] == [decision for decision, _, _ in _expected("t5", False, training=False)]
+    assert [r.features.get("relative_bias", False) for r in records] == [True, True, True, False, True, False]
+    assert relative_error(got, exact) <= 1.25 * relative_error(eager, exact) + 1e-2

@@ -10,7 +10,8 @@ window, head dim 256, a deterministic backward), the masking routes (block
 sparsity for key padding, documents and both with a band; the mask_mod on
 every tile for a small padding-only call), softcap on both and, on sm90,
 split-KV decoding, the varlen ops (packed sequences: causal GQA, a window with softcap, seqused_k, decoding) and
-the ALiBi score_mod (causal GQA, a window). Prints one JSON line.
+the position-bias score_mods (ALiBi: causal GQA, a window; a relative-position table: d64, causal GQA). Prints one
+JSON line.
 """
 
 import json
@@ -21,7 +22,7 @@ import time
 
 import torch
 
-from fa4_inductor.runtime import alibi, fa4_call, fa4_binding, launch_plan, mask_routes, varlen
+from fa4_inductor.runtime import fa4_binding, fa4_call, launch_plan, mask_routes, position_bias, varlen
 
 from fa4_inductor.runtime import fa4_version
 from fa4_inductor._torch_private import fresh_fake_mode
@@ -168,24 +169,26 @@ def precompile_varlen() -> dict:
     return results
 
 
-# (name, heads, heads_kv, head dim, causal, window): the ALiBi op's score_mod kernels.
-ALIBI = (
-    ("alibi_causal_gqa", 8, 2, 128, True, (-1, -1)),
-    ("alibi_window_d64", 8, 8, 64, False, (255, 0)),
+# (name, bias, heads, heads_kv, head dim, causal, window): the position-bias ops' score_mod kernels.
+POSITION_BIASES = (
+    ("alibi_causal_gqa", position_bias.ALIBI, 8, 2, 128, True, (-1, -1)),
+    ("alibi_window_d64", position_bias.ALIBI, 8, 8, 64, False, (255, 0)),
+    ("relative_bias_d64", position_bias.RELATIVE_BIAS, 8, 8, 64, False, (-1, -1)),
+    ("relative_bias_causal_gqa", position_bias.RELATIVE_BIAS, 8, 2, 128, True, (-1, -1)),
 )
 
 
-def precompile_alibi() -> dict:
-    """Precompile each of :data:`ALIBI` (fwd + bwd); {name: seconds}."""
+def precompile_position_biases() -> dict:
+    """Precompile each of :data:`POSITION_BIASES` (fwd + bwd); {name: seconds}."""
     results = {}
-    for name, heads, heads_kv, head_dim, causal, window in ALIBI:
+    for name, bias, heads, heads_kv, head_dim, causal, window in POSITION_BIASES:
         with fresh_fake_mode():
             q, k, v = _qkv(2, 1000, heads, heads_kv, head_dim=head_dim)
             lse = torch.empty(2, heads, 1000, dtype=torch.float32, device="cuda")
-            slopes = torch.empty(heads, dtype=torch.float32, device="cuda")
+            aux = torch.empty(bias.aux_shape(q, k), dtype=torch.float32, device="cuda")
         options = (head_dim ** -0.5, causal, *window)
-        results[name] = round(alibi.precompile("forward", (q, k, v, slopes), options)
-                              + alibi.precompile("backward", (q, q, k, v, q, lse, slopes), options), 2)
+        results[name] = round(position_bias.precompile(bias, "forward", (q, k, v, aux), options)
+                              + position_bias.precompile(bias, "backward", (q, q, k, v, q, lse, aux), options), 2)
     return results
 
 
@@ -213,9 +216,9 @@ def main() -> None:
     fwd_seconds = fa4_call.precompile_forward(q, k, v, **params)
     bwd_seconds = fa4_call.precompile_backward(out, q, k, v, out, lse, **params)
     again = fa4_call.precompile_forward(q, k, v, **params)
-    plain, masked, packed, biased = precompile_plain(), precompile_masked(), precompile_varlen(), precompile_alibi()
+    plain, masked, packed, biased = precompile_plain(), precompile_masked(), precompile_varlen(), precompile_position_biases()
     result = {"arch": ARCH_MAJOR, "forward_s": round(fwd_seconds, 2), "backward_s": round(bwd_seconds, 2),
-              "again_s": again, "plain": plain, "masked": masked, "varlen": packed, "alibi": biased,
+              "again_s": again, "plain": plain, "masked": masked, "varlen": packed, "position_bias": biased,
               "fa4": fa4_version.version(),
               "warnings": warnings.messages}
     if ARCH_MAJOR == 9:

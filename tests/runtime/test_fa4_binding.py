@@ -66,8 +66,8 @@ def _check_kernels_compiled(result: dict, block: list[int]) -> None:
         assert seconds > 0.2, (name, "the masked kernels did not compile")
         plain = name in ("padding_only_small", "softcap_window_gqa")  # the mask_mod on every tile; no mask_mod
         assert route == (None if plain else block), (name, route)
-    for name, seconds in {**result["varlen"], **result["alibi"]}.items():
-        assert seconds > 0.2, (name, "the varlen or ALiBi kernels did not compile")
+    for name, seconds in {**result["varlen"], **result["position_bias"]}.items():
+        assert seconds > 0.2, (name, "the varlen or position-bias kernels did not compile")
     assert {"fwd", "bwd", "bwd_pre", "bwd_post"} <= set(result["disk_cache"]), result
     assert not result["warnings"], result["warnings"]
 

@@ -12,11 +12,12 @@ from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 from torch.fx.operator_schemas import normalize_function
 
+from fa4_inductor.compile.bias_analysis import bias_in_mask
 from fa4_inductor.compile.fx_utils import example_value, op_name
 
 from fa4_inductor.compile.mask_analysis import MaskStructure, NotAnalyzable, ReadsData, analyze_mask
-from fa4_inductor.compile.sites import (AddedMasks, Alibi, FA4Params, GraphScale, Operand, RewriteContext,
-                                        SiteDecision, SiteOperands)
+from fa4_inductor.compile.sites import (AddedMasks, Alibi, FA4Params, GraphScale, Operand, PositionBias,
+                                        RewriteContext, SiteDecision, SiteOperands)
 from fa4_inductor.runtime.support import AttentionCall, is_dtensor, unsupported_reason
 
 
@@ -132,7 +133,7 @@ def decide(
     mask_reader: Node | None = None,
     read_inputs: list | None = None,
     replaced: tuple[Node, ...] = (),
-    alibi: Alibi | None = None,
+    position_bias: PositionBias | None = None,
 ) -> SiteDecision:
     """Decide one SDPA-style site (B,H,S,D operands) for FA4; reads the graph, writes nothing.
 
@@ -143,8 +144,8 @@ def decide(
     (``scores.masked_fill(mask, -inf)``), not the kept ones, and ``mask_reader`` is the node that reads it (default
     ``node``). A site whose rewrite would miss an in-place write falls back (:mod:`fa4_inductor.compile.graph_mutations`);
     ``read_inputs`` are the inputs of ``node`` whose values the rewrite reads (default: all); ``replaced`` are nodes
-    the rewrite may leave dead; ``alibi`` an ALiBi bias on the scores (FA4's ALiBi score_mod takes no softcap and no
-    mask read from tensors beside it).
+    the rewrite may leave dead; ``position_bias`` ALiBi or a relative-position bias on the scores (FA4's score_mod for
+    it takes no softcap and no mask read from tensors beside it); a bias ``attn_mask`` carries is found here.
     """
     query, key, value = (_operand(t) for t in (query, key, value))
     key, k_repeats = _strip_repeat(key)
@@ -181,6 +182,17 @@ def decide(
         reason = reason or bad
     causal, window = bool(constants["is_causal"]), (-1, -1)
     modeled, data_mask = None, {}
+    not_a_bias = None  # why a bias in the mask is not one FA4 adds, should the mask not be served otherwise either
+    if isinstance(attn_mask, Node) and position_bias is None and reason is None and not query.one_head:
+        try:
+            carried = bias_in_mask(attn_mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]),
+                                   reader=mask_reader or node, mutations=context.mutations)
+        except NotAnalyzable as exc:
+            carried, not_a_bias = None, str(exc)
+        if carried is not None:
+            operands = dataclasses.replace(operands, replaced=(*operands.replaced, attn_mask))
+            position_bias, attn_mask = carried.bias, carried.mask
+            mask_hides_where_true, mask_reader = carried.hides_where_true, carried.mask_reader
     if attn_mask is not None and reason is None:
         try:
             mask_structure, mask_nodes, modeled = analyze_mask(
@@ -208,12 +220,15 @@ def decide(
         features["mask"] = "full" if mask_structure.is_full else "analyzed"
         features["padding"] = mask_structure.key_padding is not None or mask_structure.key_lengths is not None
         features["documents"] = mask_structure.segment_ids is not None
-    if alibi is not None and reason is None:
-        features["alibi"] = True
+    if position_bias is not None and reason is None:
+        kind = "ALiBi" if isinstance(position_bias, Alibi) else "a relative-position bias"
+        features["alibi" if isinstance(position_bias, Alibi) else "relative_bias"] = True
         if any(masks.get(name) is not None for name in ("key_padding", "key_lengths", "segment_ids", "data_mask")):
-            reason = "ALiBi beside key padding, documents or a mask given as data: FA4's ALiBi op takes neither"
+            reason = f"{kind} beside key padding, documents or a mask given as data: FA4's op for it takes neither"
         elif constants["softcap"]:
-            reason = "ALiBi with softcap: FA4 takes one score_mod"
+            reason = f"{kind} with softcap: FA4 takes one score_mod"
+    if reason and not_a_bias:
+        reason = f"{reason}; the bias it adds: {not_a_bias}"
     if reason:
         return SiteDecision(node, reason, features, operands=operands)
     # SDPA's is_causal flag is top-left aligned; a mask-derived structure is already FA4's.
@@ -228,7 +243,8 @@ def decide(
     if softmax_scale is None and reason is None:
         softmax_scale = 1.0 / math.sqrt(int(d))  # FA4 needs a static head dim: int() guards a symbolic one
     params = FA4Params(softmax_scale=_as_float(softmax_scale), causal=causal, window_left=window[0],
-                       window_right=window[1], softcap=_as_float(constants["softcap"]), alibi=alibi, **masks)
+                       window_right=window[1], softcap=_as_float(constants["softcap"]), position_bias=position_bias,
+                       **masks)
     if reason is None and context.mutations is not None:
         reason = context.mutations.unsafe_read(
             node, [t.source for t in (query, key, value)] + [h.factor for h in query.head_scales]

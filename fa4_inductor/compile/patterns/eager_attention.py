@@ -17,6 +17,7 @@ caller, keep the site as it is), plus the SDPA rules.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from typing import Any
@@ -25,11 +26,11 @@ import torch
 from torch._inductor.pattern_matcher import CallFunctionVarArgs, CallMethodVarArgs, Match
 from torch.fx import Node
 
-from fa4_inductor.compile import mask_analysis, modeled_ops
+from fa4_inductor.compile import bias_analysis, mask_analysis, modeled_ops
 from fa4_inductor.compile.fx_utils import example_value, op_name
 from fa4_inductor.compile.emit import call_with_meta, emit_fa4, replace_output, replace_with_fa4
-from fa4_inductor.compile.sites import (AddedMasks, AttentionPattern, GraphScale, HeadScale, Operand, RewriteContext,
-                                        SiteDecision, register)
+from fa4_inductor.compile.sites import (AddedMasks, AttentionPattern, GraphScale, HeadScale, Operand, PositionBias,
+                                        RewriteContext, SiteDecision, register)
 
 from .common import decide, guarded_value
 
@@ -213,17 +214,27 @@ def _einsum(node: Node) -> tuple[str, Node, Node] | None:
     return None
 
 
-def _peel_scores(scores: Node) -> dict[str, Any]:
-    """Walk back from the softmax input to ``q @ kᵀ``."""
+def _peel_scores(scores: Node, bias_of: _BiasTerms) -> dict[str, Any]:
+    """Walk back from the softmax input to ``q @ kᵀ``; ``bias_of`` tells a position bias added to the scores."""
     node = _peel_casts(scores)
     # In-place spellings (``scores += mask``, ``scores.masked_fill_(m, -inf).softmax(-1)``) read as their out-of-place
     # twins: the site falls back where another reader would see the write (fa4_inductor.compile.graph_mutations).
     if _is(node, "add", "__add__", "iadd", "add_", "__iadd__") and all(isinstance(a, Node) for a in node.args[:2]):
+        not_served = None
         for scores_side, mask_side in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
             try:
-                inner = _peel_scores(scores_side)
+                inner = _peel_scores(scores_side, bias_of)
+            except NotServed as exc:
+                not_served = not_served or exc
+                continue
             except NoMatch:
                 continue
+            bias = bias_of(mask_side, node)
+            if bias is not None:
+                if inner["bias"] is not None:
+                    raise NotServed("two position biases added to the scores")
+                inner["bias"], inner["bias_term"] = bias, mask_side
+                return inner
             if inner["mask"] is None:
                 inner["mask"], inner["mask_reader"] = mask_side, node
                 return inner
@@ -234,20 +245,22 @@ def _peel_scores(scores: Node) -> dict[str, Any]:
                 inner["mask"] = AddedMasks((*masks.masks, mask_side), (*masks.readers, node))
                 inner["mask_reader"] = node
                 return inner
-        raise NoMatch("no attention scores under the mask addition")
+        raise not_served or NoMatch("no attention scores under the mask addition")
     fill = _scalar(node.args[2]) if _is(node, "masked_fill", "masked_fill_", "where") else None
     if isinstance(fill, (int, float)) and fill <= -1e30 and all(isinstance(a, Node) for a in node.args[:2]):
         # masked_fill(scores, hidden, fill), or where(kept, scores, fill) (GPT-2)
         mask, scores_node = (node.args[1], node.args[0]) if _is(node, "masked_fill", "masked_fill_") \
             else (node.args[0], node.args[1])
-        inner = _peel_scores(scores_node)
+        inner = _peel_scores(scores_node, bias_of)
+        if inner["mask"] is not None and bias_of.refused:
+            raise NotServed(f"a bias on the scores that FA4 does not add: {'; '.join(bias_of.refused)}")
         if inner["mask"] is not None:
             raise NoMatch("two masks on the scores")
         inner["mask"], inner["mask_hides_where_true"], inner["mask_reader"] = mask, not _is(node, "where"), node
         return inner
     filled = node.args[0] if _is(node, "masked_fill", "masked_fill_") else node.args[1] if fill is not None else None
     if isinstance(fill, (int, float)) and fill < 0 and isinstance(filled, Node):
-        _peel_scores(filled)  # scores filled with -1e4 or -1e9
+        _peel_scores(filled, bias_of)  # scores filled with -1e4 or -1e9
         raise NotServed(f"scores filled where hidden: {mask_analysis.finite_fill_reason(fill)}")
     capped = _constant_operand(node) if _is(node, "mul", "__mul__") else None
     if capped and _is(capped[0], "tanh"):
@@ -264,7 +277,7 @@ def _peel_scale(node: Node) -> dict[str, Any]:
     """``q @ kᵀ`` (``matmul``, ``@`` or ``einsum``) with scalar factors anywhere on the scores, q or k."""
     factors: list = []
     node = _peel_factors(node, factors)
-    found: dict[str, Any] = {"mask": None, "softcap": 0.0, "mask_hides_where_true": False}
+    found: dict[str, Any] = {"mask": None, "softcap": 0.0, "mask_hides_where_true": False, "bias": None}
     einsum = _einsum(node)
     if einsum is not None and einsum[0] == "scores":
         query, key = einsum[1:]
@@ -280,6 +293,9 @@ def _peel_scale(node: Node) -> dict[str, Any]:
             key, found["key_transposed"] = None, key_t  # permute, .mT, ...: the rewrite transposes it back
         else:
             raise NoMatch(f"the scores' right operand is not a {rank}-D kᵀ")
+    elif _is(node, "view", "reshape") and _is(node.args[0], "baddbmm", "bmm") and example_value(node).dim() == 4:
+        raise NotServed("the scores go from (B * H, S, S) to 4-D (Bloom's baddbmm form), which the pattern does not "
+                        "follow")
     else:
         raise NoMatch("the scores are not q @ k^T")
     found["query"] = _peel_factors(query, factors, operand=True)
@@ -342,8 +358,9 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
     if len(shape) == 3 and _is(softmax.args[0], "view", "reshape") and example_value(softmax.args[0].args[0]).dim() == 4:
         return SiteDecision(softmax, "not attention as written: the scores go from (B * H, S, S) to 4-D and back "
                                      "(mBART's bmm form), which the pattern does not follow", {})
+    bias_of = _BiasTerms(tuple(shape), context.mutations)
     try:
-        scores = _peel_scores(softmax.args[0])
+        scores = _peel_scores(softmax.args[0], bias_of)
     except NotServed as exc:
         return SiteDecision(softmax, str(exc), {})
     except NoMatch as exc:
@@ -365,13 +382,40 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
         return SiteDecision(softmax, "a per-head factor on (B * H, S, S) scores, which the pattern does not follow", {})
     query = Operand(scores["query"], one_head=one_head, head_scales=scores["head_scales"])
     value = Operand(value, one_head=one_head)
-    return decide(
+    decision = decide(
         output, context, query, key, value, dropout_p=dropout_p,
         scale=scores["scale"], enable_gqa=False, attn_mask=scores["mask"], softcap=scores["softcap"],
         mask_hides_where_true=scores["mask_hides_where_true"],
         mask_reader=None if isinstance(scores["mask"], AddedMasks) else scores.get("mask_reader"),
-        replaced=(softmax.args[0], key.source, value.source),
+        replaced=(softmax.args[0], key.source, value.source, *filter(None, [scores.get("bias_term")])),
+        position_bias=scores["bias"],
     )
+    if decision.reason and bias_of.refused and isinstance(scores["mask"], AddedMasks):  # (one mask: decide says)
+        return dataclasses.replace(decision, reason=f"{decision.reason}; as a bias: {'; '.join(bias_of.refused)}")
+    return decision
+
+
+class _BiasTerms:
+    """Tells whether a term added to (B, H, S_q, S_kv) scores is a position bias FA4 adds
+    (:func:`.bias_analysis.bias_in_mask`), keeping why a float term is not (for the site's reason, should the term
+    not be a mask either)."""
+
+    def __init__(self, shape: tuple, mutations):
+        self.shape, self.mutations, self.refused = shape, mutations, []
+
+    def __call__(self, term: Node, reader: Node) -> PositionBias | None:
+        value = example_value(term)
+        if len(self.shape) != 4 or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return None
+        try:
+            carried = bias_analysis.bias_in_mask(term, self.shape, reader=reader, mutations=self.mutations)
+        except mask_analysis.IsAMask:
+            return None
+        except mask_analysis.NotAnalyzable as exc:
+            self.refused.append(str(exc))
+            return None
+        # A mask that carries a bias is the site's mask: decide() takes the bias out and analyzes the rest.
+        return carried.bias if carried is not None and carried.mask is None else None
 
 
 def rewrite(match: Match, decision: SiteDecision) -> None:

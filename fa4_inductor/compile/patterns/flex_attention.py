@@ -27,13 +27,15 @@ import operator
 import torch
 from torch._inductor.pattern_matcher import CallFunctionVarArgs, Match
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.nn.attention.flex_attention import _LARGE_SPARSE_BLOCK_SIZE
 
 from fa4_inductor.compile.fx_utils import example_value, tuple_reads
 
 from fa4_inductor.compile.emit import call_with_meta, emit_fa4, erase_if_unused, replace_tuple_outputs
 from fa4_inductor.compile.mask_analysis import MaskStructure, NotAnalyzable, analyze_mask_mod
-from fa4_inductor.compile.sites import Alibi, AttentionPattern, GraphScale, RewriteContext, SiteDecision, register
+from fa4_inductor.compile.sites import (Alibi, AttentionPattern, GraphScale, RelativeBias, RewriteContext, SiteDecision,
+                                        register)
 from fa4_inductor.compile.score_mod_analysis import ScoreTransform, analyze_score_mod
 
 from .common import decide
@@ -125,6 +127,18 @@ def _scale(scale, factor: float):
     return float(scale) * factor
 
 
+def _table_blocker(table, start: int, heads, q_len, kv_len) -> str | None:
+    """Why a score_mod's relative-position table can't be FA4's table: a head count other than the query's, or
+    offsets ``-(S_q - 1) .. S_kv - 1`` it does not cover (FlexAttention would read outside it)."""
+    if not statically_known_true(table.shape[0] == heads):
+        return f"a relative-position table for {table.shape[0]} heads, {heads} query heads"
+    if not (statically_known_true(start - (q_len - 1) >= 0)
+            and statically_known_true(start + kv_len <= table.shape[1])):
+        return (f"the score_mod reads its table at kv_idx - q_idx + {start}, outside its {table.shape[1]} entries for "
+                "some offsets")
+    return None
+
+
 def analyze(match: Match, context: RewriteContext) -> SiteDecision:
     """Decide a flex_attention site."""
     node = match.output_node()
@@ -150,11 +164,15 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision:
         alibi = Alibi(transform.alibi.expression, slopes)
         if slopes is not None and example_value(slopes).shape[0] != q.shape[1]:
             blocker = blocker or f"ALiBi slopes for {example_value(slopes).shape[0]} heads, {q.shape[1]} query heads"
+    if transform.table is not None:
+        table = score_buffers[transform.table.buffer]
+        alibi, blocker = RelativeBias(table, table_start=transform.table.start), blocker or _table_blocker(
+            example_value(table), transform.table.start, q.shape[1], q.shape[-2], k.shape[-2])
     decision = decide(
         node, context, query, key, value, scale=_scale(scale, transform.scale), softcap=transform.softcap,
         enable_gqa=bool(q.shape[1] != k.shape[1]), blocker=blocker, mask_structure=structure,
         read_inputs=[query, key, value, *score_buffers, *mask_buffers],  # not the block lists: FA4 needs none
-        alibi=alibi,
+        position_bias=alibi,
     )
     features = dict(decision.features, flex_backend=kernel_options.get("BACKEND", "AUTO"),
                     block_mask="graph input" if _lists_from_outside(block_mask) else "built in graph")

@@ -1,5 +1,6 @@
-"""The ALiBi fa4 op: a linear position bias per head (FA4 score_mod on the GPU), forward and backward, against
-float64 attention with the bias written out; compiled against eager; bad input."""
+"""The position-bias fa4 ops: ALiBi (a linear bias per head) and a relative-position table (FA4 score_mods on the
+GPU), forward and backward, against float64 attention with the bias written out; compiled against eager; bad
+input."""
 
 import math
 
@@ -10,13 +11,12 @@ import fa4_inductor  # noqa: F401
 from tests.compare import band
 
 
-def _explicit(q, k, v, slopes, scale, causal=False, window=(-1, -1)):
-    """float64 SDPA of B,S,H,D tensors with the bias ``slopes[h] * j`` (a constant per row away from the op's)."""
+def _explicit(q, k, v, bias, scale, causal=False, window=(-1, -1)):
+    """float64 SDPA of B,S,H,D tensors with ``bias`` (H, S_q, S_k) added to the scaled scores."""
     group = q.shape[2] // k.shape[2]
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
     kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
-    j = torch.arange(k.shape[1], dtype=q.dtype)
-    scores = qh @ kh.transpose(-1, -2) * scale + slopes.to(q.dtype)[:, None, None] * j
+    scores = qh @ kh.transpose(-1, -2) * scale + bias.to(q.dtype)
     keep = band(q.shape[1], k.shape[1], causal=causal, window=window)
     scores = scores.masked_fill(~keep, float("-inf"))
     return (torch.softmax(scores, -1) @ vh).transpose(1, 2)
@@ -27,17 +27,37 @@ def _slopes(heads: int) -> torch.Tensor:
     return -torch.tensor([2 ** (-8 * (h + 1) / heads) for h in range(heads)], dtype=torch.float32)
 
 
+def _alibi(sq: int, sk: int):
+    """Slopes and the bias ``slopes[h] * j`` (a constant per row away from the op's)."""
+    slopes = _slopes(4)
+    return slopes, slopes[:, None, None] * torch.arange(sk, dtype=torch.float64).expand(sq, sk)
+
+
+def _relative_table(sq: int, sk: int):
+    """A random table and its bias, ``table[h, j - i + S_q - 1]`` written out entry by entry."""
+    table = torch.randn(4, sq + sk - 1)
+    bias = torch.tensor([[[table[h, j - i + sq - 1].item() for j in range(sk)] for i in range(sq)] for h in range(4)])
+    return table, bias
+
+
+OPS = {"alibi": (torch.ops.fa4.flash_attn_alibi_fwd, _alibi),
+       "relative_bias": (torch.ops.fa4.flash_attn_relative_bias_fwd, _relative_table)}
+
+
 @pytest.mark.parametrize("case", [dict(causal=True), dict(), dict(window=(3, 0)), dict(causal=True, heads_kv=2),
-                                  dict(causal=True, sq=4, sk=11), dict(window=(2, 2), heads_kv=1)], ids=str)
-def test_alibi_matches_explicit_float64_forward_and_backward(case):
+                                  dict(causal=True, sq=4, sk=11), dict(window=(2, 2), heads_kv=1), dict(sq=11, sk=4)],
+                         ids=str)
+@pytest.mark.parametrize("name", list(OPS))
+def test_ops_match_explicit_float64_forward_and_backward(name, case):
     torch.manual_seed(0)
+    op, make_bias = OPS[name]
     sq, sk, heads_kv = case.get("sq", 9), case.get("sk", 9), case.get("heads_kv", 4)
     q = torch.randn(2, sq, 4, 16, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, sk, heads_kv, 16, dtype=torch.float64, requires_grad=True) for _ in "kv")
-    slopes, scale = _slopes(4), 16 ** -0.5
-    window = case.get("window", (-1, -1))
-    out, lse = torch.ops.fa4.flash_attn_alibi_fwd(q, k, v, slopes, scale, case.get("causal", False), *window)
-    want = _explicit(q, k, v, slopes, scale, case.get("causal", False), window)
+    (aux, bias), scale = make_bias(sq, sk), 16 ** -0.5
+    causal, window = case.get("causal", False), case.get("window", (-1, -1))
+    out, lse = op(q, k, v, aux, scale, causal, *window)
+    want = _explicit(q, k, v, bias, scale, causal, window)
     torch.testing.assert_close(out, want)
     assert lse.shape == (2, 4, sq) and lse.dtype == torch.float32
     cotangent = torch.randn_like(out)
@@ -80,6 +100,13 @@ def test_slopes_times_key_index_is_the_same_attention():
     q, k, v = (torch.randn(1, 6, 2, 8, dtype=torch.float64) for _ in range(3))
     slopes = torch.tensor([-0.5, -0.25])
     out, lse = torch.ops.fa4.flash_attn_alibi_fwd(q, k, v, slopes, 1 / math.sqrt(8), True)
-    torch.testing.assert_close(out, _explicit(q, k, v, slopes, 1 / math.sqrt(8), True))
+    bias = slopes[:, None, None] * torch.arange(6, dtype=torch.float64).expand(6, 6)
+    torch.testing.assert_close(out, _explicit(q, k, v, bias, 1 / math.sqrt(8), True))
     plain = torch.ops.fa4.flash_attn_fwd(q, k, v, 1 / math.sqrt(8), True)[1]
     assert not torch.allclose(lse, plain)
+
+
+def test_bad_table_is_named():
+    q, k, v = (torch.randn(1, 5, 4, 16) for _ in range(3))
+    with pytest.raises(ValueError, match="table must be a float32 \\(4, 9\\)"):
+        torch.ops.fa4.flash_attn_relative_bias_fwd(q, k, v, torch.zeros(4, 8), 0.25)

@@ -1,0 +1,77 @@
+"""The position-bias fa4 ops on a GPU: FA4's score_mods adding ``slopes[h] * (j - i)`` (ALiBi) or ``table[h, j - i +
+S_q - 1]`` (a relative-position table), forward and backward, against float64 attention with the bias written out
+(causal GQA and a window; one-row-constant equivalence means the ALiBi reference may use ``slopes[h] * j``); and a
+T5-style layer compiled with the plugin against stock."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.compare import band
+from tests.gpu.common import _grads, _report, require_fa4_gpu
+
+pytestmark = pytest.mark.gpu
+require_fa4_gpu()
+
+
+def _alibi(h: int, sq: int, sk: int):
+    """Slopes and the bias ``slopes[h] * j`` (a constant per row away from the op's), float64 (H, S_q, S_k)."""
+    slopes = -torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)], device="cuda")
+    return slopes, slopes.double()[:, None, None] * torch.arange(sk, device="cuda", dtype=torch.float64)
+
+
+def _relative_table(h: int, sq: int, sk: int):
+    """A random table and its bias ``table[h, j - i + S_q - 1]``, float64 (H, S_q, S_k)."""
+    table = torch.randn(h, sq + sk - 1, device="cuda")
+    offsets = torch.arange(sk, device="cuda")[None, :] - torch.arange(sq, device="cuda")[:, None] + sq - 1
+    return table, table.double()[:, offsets]
+
+
+OPS = {"alibi": (torch.ops.fa4.flash_attn_alibi_fwd, _alibi),
+       "relative_bias": (torch.ops.fa4.flash_attn_relative_bias_fwd, _relative_table)}
+
+
+@pytest.mark.parametrize("causal, window, sq, sk, heads_kv", [
+    (True, (-1, -1), 1024, 1024, 4), (False, (255, 0), 1024, 1024, 16), (False, (-1, -1), 1000, 1200, 16)])
+@pytest.mark.parametrize("name", list(OPS))
+def test_op_equals_float64_with_the_bias_written_out(name, causal, window, sq, sk, heads_kv):
+    torch.manual_seed(0)
+    op, make_bias = OPS[name]
+    b, h, d = 2, 16, 128
+    q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(b, sk, heads_kv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
+    aux, bias = make_bias(h, sq, sk)
+    out, _ = op(q, k, v, aux, d ** -0.5, causal, *window)
+    q64, k64, v64 = (t.detach().double().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    group = h // heads_kv
+    scores = q64 @ k64.repeat_interleave(group, 1).transpose(-1, -2) * d ** -0.5 + bias
+    keep = band(sq, sk, causal=causal, window=window).cuda()
+    ref = (torch.softmax(scores.masked_fill(~keep, float("-inf")), -1) @ v64.repeat_interleave(group, 1))
+    ref = ref.transpose(1, 2)
+    dout = torch.randn_like(out)
+    got = _grads(out, [q, k, v], dout)
+    want = _grads(ref, [q64, k64, v64], dout.double())
+    errors = [((g.double() - w).norm() / w.norm()).item() for g, w in zip([out, *got], [ref, *want])]
+    _report(f"{name}_causal{causal}_window{window[0]}_{sq}x{sk}", rel_errors=errors)
+    assert max(errors) < 2e-2, errors
+
+
+def test_t5_layer_compiled_with_the_plugin_equals_stock():
+    """The bucketed bias of a T5 layer under no_grad: FA4's relative-bias op, its table from the bias's own code."""
+    import fa4_inductor
+    from fa4_inductor import stats
+    from tests.compile.test_position_biases import T5Attention
+
+    torch.manual_seed(2)
+    module = T5Attention(causal=True).cuda()
+    q, k, v = (torch.randn(2, 4, 2048, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with torch.no_grad():
+        want = torch.compile(module)(q, k, v)
+        torch._dynamo.reset()
+        with fa4_inductor.enabled(eager=False):
+            got = torch.compile(module)(q, k, v)
+    assert [r.decision for r in stats.site_records()] == ["fa4"]
+    error = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    _report("t5_layer_plugin_vs_stock", rel_errors=[error])
+    assert error < 2e-2
