@@ -272,7 +272,8 @@ def _on_offsets(graph: Graph, chain: OffsetChain, offsets: Node) -> Node:
 def _position_bias_attention(graph: Graph, query: Node, key: Node, value: Node, params: FA4Params
                              ) -> tuple[Node, Node]:
     """``fa4.flash_attn_alibi_fwd`` (its slopes the analysis's ``slope(h)`` per head) or
-    ``fa4.flash_attn_relative_bias_fwd`` (its table read from the bias) on B,H,S,D nodes: (out B,H,S,Dv, lse)."""
+    ``fa4.flash_attn_relative_bias_fwd`` (its table read from the bias) on B,H,S,D nodes, with the site's masks:
+    (out B,H,S,Dv, lse)."""
     bias = params.position_bias
     if isinstance(bias, RelativeBias):
         op, aux = torch.ops.fa4.flash_attn_relative_bias_fwd.default, _relative_table(graph, bias, query, key)
@@ -281,8 +282,9 @@ def _position_bias_attention(graph: Graph, query: Node, key: Node, value: Node, 
                                {"dtype": torch.float32, "device": example_value(query).device}, like=query)
         op, aux = torch.ops.fa4.flash_attn_alibi_fwd.default, _per_head(graph, bias.slope, heads,
                                                                       _slopes_per_head(graph, bias, query))
-    options = dict(softmax_scale=_emit_scale(graph, params.softmax_scale), causal=params.causal,
-                   window_left=params.window_left, window_right=params.window_right)
+    masks = fa4_arguments(graph, params, query, key)  # key padding and segment ids as FA4 takes them
+    options = {name: masks[name] for name in ("softmax_scale", "causal", "window_left", "window_right",
+                                              "key_padding", "segment_ids")}
     return fa4_attention(graph, query, key, value, options, op=op, after_qkv=(aux,))
 
 

@@ -261,34 +261,31 @@ def split_key_padding_mask_mod(group: int, splits: int):
 
 
 @functools.lru_cache(maxsize=None)
-def alibi_score_mods():
-    """FA4 (``score_mod``, ``score_mod_bwd``) adding ALiBi to the scaled scores: ``aux[0][head] * (kv_idx - q_idx
-    - (seqlen_k - seqlen_q))``, 0 on the bottom-right diagonal (as :func:`.reference.alibi_bias`). The bias does not
-    depend on the score, so the backward passes the score's gradient through unchanged. FA4 calls a score_mod that
-    reads aux tensors one score at a time (vector size 1), so ``head[0]`` is that score's head."""
+def alibi_score_mods(aux_index: int = 0):
+    """FA4 (``score_mod``, ``score_mod_bwd``) adding ALiBi to the scaled scores: ``aux[aux_index][head] * (kv_idx -
+    q_idx - (seqlen_k - seqlen_q))``, 0 on the bottom-right diagonal (as :func:`.reference.alibi_bias`); the aux
+    tensors before ``aux_index`` are a mask_mod's. The bias does not depend on the score, so the backward passes the
+    score's gradient through unchanged. FA4 calls a score_mod that reads aux tensors one score at a time (vector
+    size 1), so ``head[0]`` is that score's head."""
     import cutlass
     import cutlass.cute as cute
     from flash_attn.cute.utils import scalar_to_ssa
 
     @cute.jit
     def alibi(score, batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
-        slope = scalar_to_ssa(aux_tensors[0][head[0]], cutlass.Float32)
+        slope = scalar_to_ssa(aux_tensors[aux_index][head[0]], cutlass.Float32)
         diagonal = q_idx + scalar_to_ssa(seqlen_info.seqlen_k - seqlen_info.seqlen_q, cutlass.Int32)
         return score + slope * (kv_idx - diagonal).to(cutlass.Float32)
 
-    @cute.jit
-    def alibi_backward(grad, score, batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
-        return grad
-
-    return alibi, alibi_backward
+    return alibi, _gradient_through()
 
 
 @functools.lru_cache(maxsize=None)
-def relative_bias_score_mods():
-    """FA4 (``score_mod``, ``score_mod_bwd``) adding a relative-position table to the scaled scores: ``aux[0][head,
-    kv_idx - q_idx + seqlen_q - 1]`` (as :func:`.reference.relative_bias`), the offset clamped into the table for the
-    positions past the sequence ends that a tile also covers (those scores are masked). Its backward passes the
-    score's gradient through, as :func:`alibi_score_mods`' does."""
+def relative_bias_score_mods(aux_index: int = 0):
+    """FA4 (``score_mod``, ``score_mod_bwd``) adding a relative-position table to the scaled scores:
+    ``aux[aux_index][head, kv_idx - q_idx + seqlen_q - 1]`` (as :func:`.reference.relative_bias`), the offset clamped
+    into the table for the positions past the sequence ends that a tile also covers (those scores are masked). Its
+    backward passes the score's gradient through, as :func:`alibi_score_mods`' does."""
     import cutlass
     import cutlass.cute as cute
     from flash_attn.cute.utils import scalar_to_ssa
@@ -297,13 +294,21 @@ def relative_bias_score_mods():
     def relative_bias(score, batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
         last = seqlen_info.seqlen_q + seqlen_info.seqlen_k - 2
         offset = cutlass.min(cutlass.max(kv_idx[0] - q_idx[0] + seqlen_info.seqlen_q - 1, 0), last)
-        return score + scalar_to_ssa(aux_tensors[0][head[0], offset], cutlass.Float32)
+        return score + scalar_to_ssa(aux_tensors[aux_index][head[0], offset], cutlass.Float32)
+
+    return relative_bias, _gradient_through()
+
+
+@functools.lru_cache(maxsize=None)
+def _gradient_through():
+    """A ``score_mod_bwd`` for a bias that does not depend on the score: the score's gradient, unchanged."""
+    import cutlass.cute as cute
 
     @cute.jit
-    def relative_bias_backward(grad, score, batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
+    def gradient_through(grad, score, batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
         return grad
 
-    return relative_bias, relative_bias_backward
+    return gradient_through
 
 
 def block_sparse_tensors(lists: tuple[torch.Tensor, ...], block_size: tuple[int, int]):

@@ -248,7 +248,7 @@ def _precompile_once(what: str, q, k, v, params: dict, build) -> float:
     key = (what, q.dtype, *hints((*q.shape[2:], k.shape[2], v.shape[-1], params["softcap"])), params["causal"],
            params["window_left"], params["window_right"],
            params["seqused_k"] is None, params.get("key_padding") is None, params.get("segment_ids") is None,
-           _route(what, q, k, v, params),
+           masking_route(what, q, k, v, params),
            split_count(q, k, v, params) if what == "forward" else torch.are_deterministic_algorithms_enabled())
     return precompile_once(key, what, _describe(q, k, params), build)
 
@@ -263,7 +263,7 @@ def precompile_once(key: tuple, what: str, describe: str, build) -> float:
     return timed_precompile(what, describe, lambda: _in_fresh_fake_mode(build))
 
 
-def _route(what: str, q, k, v, params: dict):
+def masking_route(what: str, q, k, v, params: dict):
     """The masking route a (possibly symbolic) call takes, by the sizes' hints: its sparse block size or None."""
     sizes = hints((*q.shape, k.shape[1]))
     if not _masked_by_data(params) or None in sizes:

@@ -283,9 +283,7 @@ def _batch_dependent(b, h, q_idx, kv_idx):
     (_alibi_symmetric, None, "score_mod uses abs"),
     (_alibi_quadratic, _causal, "not a slope per head times kv_idx"),
     (_relative_table_short, _causal, "outside its 400 entries"),
-    (_alibi_slopes, _padded_causal, "ALiBi beside key padding"),
-], ids=["prefix_lm", "batch_dependent", "alibi_symmetric", "alibi_quadratic", "relative_table_too_short",
-        "alibi_with_padding"])
+], ids=["prefix_lm", "batch_dependent", "alibi_symmetric", "alibi_quadratic", "relative_table_too_short"])
 def test_mods_fa4_cannot_express_stay_with_flex_attention(score_mod, mask_mod, reason):
     q, k, v = (t.detach() for t in _qkv())
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
@@ -365,17 +363,21 @@ def _alibi_scaled_key_positions(score, b, h, q_idx, kv_idx):
 @pytest.mark.parametrize("score_mod, mask_mod, heads_kv", [
     (_alibi_slopes, _causal, H), (_alibi_slopes, _window, 2), (_alibi_slopes, None, H),
     (_alibi_scaled_key_positions, _causal, 2), (_alibi_attention_gym, _causal, 2), (_alibi_from_head_index, None, H),
-], ids=["causal", "window_gqa", "no_mask", "scaled_key_positions_gqa", "attention_gym_gqa", "from_head_index"])
+    (_alibi_slopes, _padded_causal, 2),
+], ids=["causal", "window_gqa", "no_mask", "scaled_key_positions_gqa", "attention_gym_gqa", "from_head_index",
+        "padded_causal_gqa"])
 def test_alibi_score_mods_run_fa4_alibi_and_match(score_mod, mask_mod, heads_kv, cpu_backward):
     """ALiBi read from a captured slopes tensor becomes FA4's ALiBi score_mod (fa4.flash_attn_alibi_fwd), forward
     and backward, at every position."""
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
         assert_matches_eager(lambda q, k, v: reference(q, k, v, score_mod, mask_mod, scale=0.3)[0],
                              torch.compile(_flex(mask_mod, score_mod, scale=0.3), fullgraph=True), _qkv(heads_kv))
-    _only_site({"alibi": True, "causal": mask_mod is _causal})
+    _only_site({"alibi": True, "causal": mask_mod in (_causal, _padded_causal),
+                "padding": mask_mod is _padded_causal})
 
 
-@pytest.mark.parametrize("mask_mod, heads_kv", [(_causal, 2), (None, H)], ids=["causal_gqa", "no_mask"])
+@pytest.mark.parametrize("mask_mod, heads_kv", [(_causal, 2), (None, H), (_documents, H)],
+                         ids=["causal_gqa", "no_mask", "documents"])
 def test_relative_table_score_mods_run_fa4_relative_bias_and_match(mask_mod, heads_kv, cpu_backward):
     """A relative-position table read at [h, kv_idx - q_idx + c] becomes FA4's relative-bias op, the table sliced to
     the offsets, forward and backward."""
@@ -383,4 +385,4 @@ def test_relative_table_score_mods_run_fa4_relative_bias_and_match(mask_mod, hea
         assert_matches_eager(lambda q, k, v: reference(q, k, v, _relative_table, mask_mod, scale=0.3)[0],
                              torch.compile(_flex(mask_mod, _relative_table, scale=0.3), fullgraph=True),
                              _qkv(heads_kv))
-    _only_site({"relative_bias": True, "causal": mask_mod is _causal})
+    _only_site({"relative_bias": True, "causal": mask_mod is _causal, "documents": mask_mod is _documents})

@@ -86,6 +86,7 @@ ALIBI_PROGRAMS = {
     "slopes_buffer_causal_gqa": (_eager(_slopes_buffer_bias), 2, True),
     "key_positions_window": (_eager(_key_positions_bias, _window_hidden), H, False),
     "head_index_no_mask": (_eager(_head_index_bias, None), H, False),
+    "slopes_buffer_padded_causal_gqa": (_eager(_slopes_buffer_bias, lambda q, k: _padding_hidden(q, k)), 2, True),
 }
 
 
@@ -167,7 +168,6 @@ def _padding_hidden(q, k):
 REFUSED = {
     "table_times_query_position": (_eager(lambda q, k: _table_bias(q, k) * torch.arange(q.shape[2])[:, None]),
                                    "depends on q_idx besides the head and kv_idx - q_idx"),
-    "beside_key_padding": (_eager(_slopes_buffer_bias, _padding_hidden), "ALiBi beside key padding"),
 }
 
 

@@ -32,28 +32,31 @@ OPS = {"alibi": (torch.ops.fa4.flash_attn_alibi_fwd, _alibi),
        "relative_bias": (torch.ops.fa4.flash_attn_relative_bias_fwd, _relative_table)}
 
 
-@pytest.mark.parametrize("causal, window, sq, sk, heads_kv", [
-    (True, (-1, -1), 1024, 1024, 4), (False, (255, 0), 1024, 1024, 16), (False, (-1, -1), 1000, 1200, 16)])
+@pytest.mark.parametrize("causal, window, sq, sk, heads_kv, padded", [
+    (True, (-1, -1), 1024, 1024, 4, False), (False, (255, 0), 1024, 1024, 16, False),
+    (False, (-1, -1), 1000, 1200, 16, False), (True, (-1, -1), 1024, 1024, 4, True)])
 @pytest.mark.parametrize("name", list(OPS))
-def test_op_equals_float64_with_the_bias_written_out(name, causal, window, sq, sk, heads_kv):
+def test_op_equals_float64_with_the_bias_written_out(name, causal, window, sq, sk, heads_kv, padded):
     torch.manual_seed(0)
     op, make_bias = OPS[name]
     b, h, d = 2, 16, 128
     q = torch.randn(b, sq, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(b, sk, heads_kv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
     aux, bias = make_bias(h, sq, sk)
-    out, _ = op(q, k, v, aux, d ** -0.5, causal, *window)
+    # key padding: row 1 keeps its first 700 keys (FA4's mask_mod and block sparsity beside the bias)
+    keys = torch.arange(sk, device="cuda")[None, :] < torch.tensor([sk, 700], device="cuda")[:, None]
+    out, _ = op(q, k, v, aux, d ** -0.5, causal, *window, key_padding=keys if padded else None)
     q64, k64, v64 = (t.detach().double().transpose(1, 2).requires_grad_() for t in (q, k, v))
     group = h // heads_kv
     scores = q64 @ k64.repeat_interleave(group, 1).transpose(-1, -2) * d ** -0.5 + bias
-    keep = band(sq, sk, causal=causal, window=window).cuda()
+    keep = band(sq, sk, causal=causal, window=window).cuda() & (keys[:, None, None, :] if padded else True)
     ref = (torch.softmax(scores.masked_fill(~keep, float("-inf")), -1) @ v64.repeat_interleave(group, 1))
     ref = ref.transpose(1, 2)
     dout = torch.randn_like(out)
     got = _grads(out, [q, k, v], dout)
     want = _grads(ref, [q64, k64, v64], dout.double())
     errors = [((g.double() - w).norm() / w.norm()).item() for g, w in zip([out, *got], [ref, *want])]
-    _report(f"{name}_causal{causal}_window{window[0]}_{sq}x{sk}", rel_errors=errors)
+    _report(f"{name}_causal{causal}_window{window[0]}_{sq}x{sk}_padded{padded}", rel_errors=errors)
     assert max(errors) < 2e-2, errors
 
 

@@ -168,17 +168,16 @@ def test_flex_attention_models_run_fa4_and_match_eager(name, padded, dynamic, mo
 
 
 @pytest.mark.parametrize("name, impl, padded, reason", [
-    ("mpt", "eager", True, "ALiBi beside key padding"),
     ("falcon_alibi", "sdpa", False, "bfloat16, which rounds"),
     # older transformers scale Falcon's scores after adding the ALiBi, which the pattern does not follow
     ("falcon_alibi", "eager", False, "bfloat16, which rounds|no attention scores under the mask addition"),
     ("bloom", "eager", False, "Bloom's baddbmm form"),
 ])
 def test_alibi_models_fall_back_where_fa4_would_not_be_exact(name, impl, padded, reason):
-    """MPT's ALiBi beside padding (FA4's ALiBi op takes causal and windows only); Falcon and Bloom round
-    ``slope * position`` to bfloat16 (up to a few units at long positions), which FA4's float32 ALiBi would not
-    reproduce (Bloom's scores also go from (B * H, S, S) to 4-D and back, which the pattern does not follow). Every
-    site says so, and the model still matches eager."""
+    """Falcon and Bloom count their ALiBi positions from the attention mask (``cumsum``: a bias per batch row, not
+    a function of the head and kv - q) and round ``slope * position`` to bfloat16; Bloom's scores also go from
+    (B * H, S, S) to 4-D and back, which the pattern does not follow. Every site says so, and the model still
+    matches eager."""
     torch.manual_seed(0)
     model = _build(name, impl).to(torch.bfloat16).eval()
     kwargs = {"attention_mask": _padding_mask("left")} if padded else {}
@@ -190,6 +189,24 @@ def test_alibi_models_fall_back_where_fa4_would_not_be_exact(name, impl, padded,
     assert len(records) == 2 and all(r.decision == "fallback" and re.search(reason, r.reason) for r in records), \
         [r.reason for r in records]
     valid = kwargs["attention_mask"].bool() if padded else torch.ones(ids.shape, dtype=torch.bool)
+    assert relative_error(got[valid], want[valid]) < 2e-2
+    assert_parameter_grads_close(got_grads, want_grads)
+
+
+def test_mpt_left_padded_batch_runs_fa4_alibi_with_key_padding():
+    """MPT's ALiBi beside a left-padded batch's causal mask: FA4's ALiBi op with key padding (its mask_mod and block
+    sparsity beside the ALiBi score_mod), logits and gradients equal eager's on the real tokens."""
+    torch.manual_seed(0)
+    model = _build("mpt", "eager").to(torch.bfloat16).eval()
+    kwargs = {"attention_mask": _padding_mask("left")}
+    ids = torch.randint(0, 128, (2, 16))
+    want, want_grads = _logits_and_grads(model, ids, kwargs)
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got, got_grads = _logits_and_grads(model, ids, kwargs, call=torch.compile(model))
+    records = stats.site_records()
+    assert [r.decision for r in records] == ["fa4", "fa4"], [r.reason for r in records]
+    assert all(r.features["alibi"] and r.features["padding"] and r.features["causal"] for r in records)
+    valid = kwargs["attention_mask"].bool()
     assert relative_error(got[valid], want[valid]) < 2e-2
     assert_parameter_grads_close(got_grads, want_grads)
 

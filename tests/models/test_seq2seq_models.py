@@ -72,9 +72,9 @@ def _expected(name: str, padded: bool, training: bool = True) -> list[tuple[str,
     if name == "whisper":  # no encoder mask; the padding mask is the decoder's
         return [{"encoder": (FA4, False, False), "self": (FA4, True, padded), "cross": (FA4, False, False)}[kind]
                 for kind in ENCODER_DECODER]
-    if name == "t5":  # relative-position bias in self-attention (learned: PyTorch's in training, and beside the
-        # encoder's padding, FA4's relative-bias op otherwise); cross-attention's bias is zeros
-        encoder = (BIAS, False, False) if training or padded else (FA4, False, False)
+    if name == "t5":  # relative-position bias in self-attention (learned: PyTorch's in training, FA4's relative-bias
+        # op otherwise, beside the encoder's padding too); cross-attention's bias is zeros
+        encoder = (BIAS, False, False) if training else (FA4, False, padded)
         decoder = (BIAS, False, False) if training else (FA4, True, False)
         return [{"encoder": encoder, "self": decoder, "cross": (FA4, False, padded)}[kind] for kind in ENCODER_DECODER]
     return [{"encoder": (FA4, False, padded), "self": (FA4, True, False), "cross": (FA4, False, padded)}[kind]
@@ -82,9 +82,8 @@ def _expected(name: str, padded: bool, training: bool = True) -> list[tuple[str,
 
 
 def _decision(record) -> str:
-    reason = record.reason or ""
-    bias = reason.startswith(("attn_mask not expressible", "a relative-position bias beside key padding"))
-    return FA4 if record.decision == "fa4" else BIAS if bias else reason
+    return FA4 if record.decision == "fa4" else BIAS if (record.reason or "").startswith(
+        "attn_mask not expressible") else record.reason
 
 
 def _inputs(name: str, padded: bool) -> dict:
@@ -141,8 +140,8 @@ def test_training_forward_is_one_graph_with_every_site_on_fa4(name, impl, padded
 
 @pytest.mark.parametrize("name", ["opt", "bart", "mbart", "marian", "whisper", "t5"])
 def test_inference_runs_the_same_sites_on_fa4(name):
-    """``eval()`` under ``no_grad``, padded: the decisions of training but T5's decoder self-attention, whose
-    relative-position bias needs no gradient there (FA4's relative-bias op; the encoder's sits beside its padding),
+    """``eval()`` under ``no_grad``, padded: the decisions of training but T5's self-attention, whose
+    relative-position bias needs no gradient there (FA4's relative-bias op, beside the encoder's key padding too),
     logits as close to the float32 model's as bf16 eager's."""
     torch.manual_seed(0)
     model_fp32 = _build(name, "sdpa").eval()

@@ -10,8 +10,8 @@ window, head dim 256, a deterministic backward), the masking routes (block
 sparsity for key padding, documents and both with a band; the mask_mod on
 every tile for a small padding-only call), softcap on both and, on sm90,
 split-KV decoding, the varlen ops (packed sequences: causal GQA, a window with softcap, seqused_k, decoding) and
-the position-bias score_mods (ALiBi: causal GQA, a window; a relative-position table: d64, causal GQA). Prints one
-JSON line.
+the position-bias score_mods (ALiBi: causal GQA, a window, beside key padding; a relative-position table: d64,
+causal GQA, beside key padding and documents). Prints one JSON line.
 """
 
 import json
@@ -169,24 +169,30 @@ def precompile_varlen() -> dict:
     return results
 
 
-# (name, bias, heads, heads_kv, head dim, causal, window): the position-bias ops' score_mod kernels.
+# (name, bias, heads, heads_kv, head dim, causal, window, padded, documents): the position-bias ops' score_mod
+# kernels, alone and beside the block-sparse mask_mod of key padding or documents.
 POSITION_BIASES = (
-    ("alibi_causal_gqa", position_bias.ALIBI, 8, 2, 128, True, (-1, -1)),
-    ("alibi_window_d64", position_bias.ALIBI, 8, 8, 64, False, (255, 0)),
-    ("relative_bias_d64", position_bias.RELATIVE_BIAS, 8, 8, 64, False, (-1, -1)),
-    ("relative_bias_causal_gqa", position_bias.RELATIVE_BIAS, 8, 2, 128, True, (-1, -1)),
+    ("alibi_causal_gqa", position_bias.ALIBI, 8, 2, 128, True, (-1, -1), False, False),
+    ("alibi_window_d64", position_bias.ALIBI, 8, 8, 64, False, (255, 0), False, False),
+    ("alibi_padded_causal_gqa", position_bias.ALIBI, 8, 2, 128, True, (-1, -1), True, False),
+    ("relative_bias_d64", position_bias.RELATIVE_BIAS, 8, 8, 64, False, (-1, -1), False, False),
+    ("relative_bias_causal_gqa", position_bias.RELATIVE_BIAS, 8, 2, 128, True, (-1, -1), False, False),
+    ("relative_bias_padded", position_bias.RELATIVE_BIAS, 8, 8, 64, False, (-1, -1), True, False),
+    ("relative_bias_documents_causal", position_bias.RELATIVE_BIAS, 8, 8, 128, True, (-1, -1), False, True),
 )
 
 
 def precompile_position_biases() -> dict:
     """Precompile each of :data:`POSITION_BIASES` (fwd + bwd); {name: seconds}."""
     results = {}
-    for name, bias, heads, heads_kv, head_dim, causal, window in POSITION_BIASES:
+    for name, bias, heads, heads_kv, head_dim, causal, window, padded, documents in POSITION_BIASES:
         with fresh_fake_mode():
             q, k, v = _qkv(2, 1000, heads, heads_kv, head_dim=head_dim)
             lse = torch.empty(2, heads, 1000, dtype=torch.float32, device="cuda")
             aux = torch.empty(bias.aux_shape(q, k), dtype=torch.float32, device="cuda")
-        options = (head_dim ** -0.5, causal, *window)
+            masks = (torch.empty(2, 1000, dtype=torch.bool, device="cuda") if padded else None,
+                     torch.empty(2, 1000, dtype=torch.int64, device="cuda") if documents else None)
+        options = (head_dim ** -0.5, causal, *window, *masks)
         results[name] = round(position_bias.precompile(bias, "forward", (q, k, v, aux), options)
                               + position_bias.precompile(bias, "backward", (q, q, k, v, q, lse, aux), options), 2)
     return results

@@ -11,13 +11,14 @@ import fa4_inductor  # noqa: F401
 from tests.compare import band
 
 
-def _explicit(q, k, v, bias, scale, causal=False, window=(-1, -1)):
-    """float64 SDPA of B,S,H,D tensors with ``bias`` (H, S_q, S_k) added to the scaled scores."""
+def _explicit(q, k, v, bias, scale, causal=False, window=(-1, -1), keep=True):
+    """float64 SDPA of B,S,H,D tensors with ``bias`` (H, S_q, S_k) added to the scaled scores, keys kept where
+    ``keep`` (B, 1, S_q, S_k) and the band allow."""
     group = q.shape[2] // k.shape[2]
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
     kh, vh = kh.repeat_interleave(group, 1), vh.repeat_interleave(group, 1)
     scores = qh @ kh.transpose(-1, -2) * scale + bias.to(q.dtype)
-    keep = band(q.shape[1], k.shape[1], causal=causal, window=window)
+    keep = band(q.shape[1], k.shape[1], causal=causal, window=window) & keep
     scores = scores.masked_fill(~keep, float("-inf"))
     return (torch.softmax(scores, -1) @ vh).transpose(1, 2)
 
@@ -60,6 +61,30 @@ def test_ops_match_explicit_float64_forward_and_backward(name, case):
     want = _explicit(q, k, v, bias, scale, causal, window)
     torch.testing.assert_close(out, want)
     assert lse.shape == (2, 4, sq) and lse.dtype == torch.float32
+    cotangent = torch.randn_like(out)
+    for got, expected in zip(torch.autograd.grad(out, (q, k, v), cotangent),
+                             torch.autograd.grad(want, (q, k, v), cotangent)):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("masks", ["key_padding", "segment_ids"])
+@pytest.mark.parametrize("name", list(OPS))
+def test_ops_beside_key_padding_and_documents_match_explicit_float64(name, masks):
+    """The bias beside the masks the plain op takes from data (key padding, document ids), causal, GQA."""
+    torch.manual_seed(4)
+    op, make_bias = OPS[name]
+    q = torch.randn(2, 10, 4, 16, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 10, 2, 16, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    (aux, bias), scale = make_bias(10, 10), 16 ** -0.5
+    if masks == "key_padding":
+        data = torch.arange(10)[None, :] < torch.tensor([10, 6])[:, None]
+        keep = data[:, None, None, :]
+    else:
+        data = torch.tensor([[0] * 4 + [1] * 6, [0] * 7 + [1] * 3])
+        keep = (data[:, :, None] == data[:, None, :])[:, None]
+    out, _ = op(q, k, v, aux, scale, True, **{masks: data})
+    want = _explicit(q, k, v, bias, scale, True, keep=keep)
+    torch.testing.assert_close(out, want)
     cotangent = torch.randn_like(out)
     for got, expected in zip(torch.autograd.grad(out, (q, k, v), cotangent),
                              torch.autograd.grad(want, (q, k, v), cotangent)):

@@ -145,7 +145,7 @@ def decide(
     ``node``). A site whose rewrite would miss an in-place write falls back (:mod:`fa4_inductor.compile.graph_mutations`);
     ``read_inputs`` are the inputs of ``node`` whose values the rewrite reads (default: all); ``replaced`` are nodes
     the rewrite may leave dead; ``position_bias`` ALiBi or a relative-position bias on the scores (FA4's score_mod for
-    it takes no softcap and no mask read from tensors beside it); a bias ``attn_mask`` carries is found here.
+    it takes no softcap and no mask given as data beside it); a bias ``attn_mask`` carries is found here.
     """
     query, key, value = (_operand(t) for t in (query, key, value))
     key, k_repeats = _strip_repeat(key)
@@ -223,8 +223,8 @@ def decide(
     if position_bias is not None and reason is None:
         kind = "ALiBi" if isinstance(position_bias, Alibi) else "a relative-position bias"
         features["alibi" if isinstance(position_bias, Alibi) else "relative_bias"] = True
-        if any(masks.get(name) is not None for name in ("key_padding", "key_lengths", "segment_ids", "data_mask")):
-            reason = f"{kind} beside key padding, documents or a mask given as data: FA4's op for it takes neither"
+        if masks.get("data_mask") is not None:
+            reason = f"{kind} beside a mask given as data: FA4's op for it takes masks the graph builds"
         elif constants["softcap"]:
             reason = f"{kind} with softcap: FA4 takes one score_mod"
     if reason and not_a_bias:
