@@ -25,7 +25,7 @@ from fa4_inductor.compile import graph_mutations, mask_analysis, modeled_ops
 from fa4_inductor.compile.fx_utils import example_value, op_name
 from fa4_inductor.compile.mask_analysis import INDICES, IsAMask, NotAnalyzable, Opaque, evaluate_values
 from fa4_inductor.compile.score_mod_analysis import HEAD, SLOPE
-from fa4_inductor.compile.sites import Alibi, OffsetChain, PositionBias, RelativeBias
+from fa4_inductor.compile.sites import Alibi, KeyBias, OffsetChain, PositionBias, RelativeBias
 
 
 def alibi_bias(term: Node, shape: tuple, *, reader: Node | None = None,
@@ -177,19 +177,31 @@ def _depends_on(node: Node, source: Node) -> bool:
     return False
 
 
+def key_bias(term: Node, shape: tuple, *, reader: Node | None = None,
+             mutations: graph_mutations.Mutations | None = None) -> KeyBias:
+    """``term`` as a bias that is the same for every query (a function of the batch row, the head and ``kv_idx``);
+    raises :class:`.mask_analysis.NotAnalyzable` saying otherwise."""
+    values = evaluate_values(term, shape, reader=reader, mutations=mutations)
+    if INDICES[2] in values.expanded(values.expr).free_symbols:
+        raise NotAnalyzable("the bias differs between queries")
+    return KeyBias(term)
+
+
 def position_bias(term: Node, shape: tuple, *, reader: Node | None = None,
                   mutations: graph_mutations.Mutations | None = None) -> PositionBias:
-    """``term`` as ALiBi (:func:`alibi_bias`), else as a relative-position bias (:func:`relative_bias`); raises
-    :class:`.mask_analysis.NotAnalyzable` saying why it is neither (:class:`.mask_analysis.IsAMask` for a mask)."""
-    try:
-        return alibi_bias(term, shape, reader=reader, mutations=mutations)
-    except IsAMask:
-        raise
-    except NotAnalyzable as not_alibi:
+    """``term`` as ALiBi (:func:`alibi_bias`), else as a relative-position bias (:func:`relative_bias`), else as a
+    bias per key (:func:`key_bias`); raises :class:`.mask_analysis.NotAnalyzable` saying why it is none of these
+    (:class:`.mask_analysis.IsAMask` for a mask)."""
+    refusals = []
+    for kind, analysis in (("ALiBi", alibi_bias), ("a relative-position bias", relative_bias),
+                           ("a bias per key", key_bias)):
         try:
-            return relative_bias(term, shape, reader=reader, mutations=mutations)
-        except NotAnalyzable as not_relative:
-            raise NotAnalyzable(f"not ALiBi ({not_alibi}); not a relative-position bias ({not_relative})") from None
+            return analysis(term, shape, reader=reader, mutations=mutations)
+        except IsAMask:
+            raise
+        except NotAnalyzable as exc:
+            refusals.append(f"not {kind} ({exc})")
+    raise NotAnalyzable("; ".join(refusals))
 
 
 @dataclasses.dataclass(frozen=True)

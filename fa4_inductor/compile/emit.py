@@ -20,8 +20,8 @@ from torch.fx import Graph, Node
 
 import fa4_inductor.runtime.ops  # noqa: F401  (defines torch.ops.fa4)
 from fa4_inductor.compile.fx_utils import example_value
-from fa4_inductor.compile.sites import (FA4Params, FixedBlocks, GraphScale, OffsetChain, Operand, RelativeBias,
-                                        SiteDecision)
+from fa4_inductor.compile.sites import (FA4Params, FixedBlocks, GraphScale, KeyBias, OffsetChain, Operand,
+                                        RelativeBias, SiteDecision)
 
 
 def call_with_meta(graph: Graph, target, args: tuple, kwargs: dict | None = None, *, like: Node | None = None) -> Node:
@@ -255,6 +255,15 @@ def _relative_table(graph: Graph, bias: RelativeBias, query: Node, key: Node) ->
     return call_with_meta(graph, torch.Tensor.to, (table, torch.float32))
 
 
+def _key_table(graph: Graph, bias: KeyBias, query: Node, key: Node) -> Node:
+    """The (B, H, S_kv) float32 table of a bias that is the same for every query: its first query row."""
+    sizes = [_size(graph, query, 0), _size(graph, query, 1), _size(graph, query, 2), _size(graph, key, 2)]
+    values = bias.values if bias.dtype is None else call_with_meta(graph, torch.Tensor.to, (bias.values, bias.dtype))
+    values = call_with_meta(graph, torch.select, (call_with_meta(graph, torch.Tensor.expand, (values, *sizes)), 2, 0))
+    return call_with_meta(graph, torch.Tensor.contiguous, (call_with_meta(graph, torch.Tensor.to,
+                                                                          (values, torch.float32)),))
+
+
 def _on_offsets(graph: Graph, chain: OffsetChain, offsets: Node) -> Node:
     """``chain``'s ops run again with its (S_q, S_kv) relative positions replaced by the (1, S_q + S_kv - 1) row
     ``offsets + start``: the bias with a query axis of size 1 and the offsets along the keys."""
@@ -277,6 +286,8 @@ def _position_bias_attention(graph: Graph, query: Node, key: Node, value: Node, 
     bias = params.position_bias
     if isinstance(bias, RelativeBias):
         op, aux = torch.ops.fa4.flash_attn_relative_bias_fwd.default, _relative_table(graph, bias, query, key)
+    elif isinstance(bias, KeyBias):
+        op, aux = torch.ops.fa4.flash_attn_key_bias_fwd.default, _key_table(graph, bias, query, key)
     else:
         heads = call_with_meta(graph, torch.arange, (_size(graph, query, 1),),
                                {"dtype": torch.float32, "device": example_value(query).device}, like=query)

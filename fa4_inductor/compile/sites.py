@@ -128,7 +128,18 @@ class RelativeBias:
     table_start: int | None = None
 
 
-PositionBias = Alibi | RelativeBias
+@dataclasses.dataclass(frozen=True)
+class KeyBias:
+    """A bias on the scores that depends on the batch row, the head and ``kv_idx`` only (the same for every query):
+    ``values``, the graph tensor that holds it, broadcasting to (B, H, S_q, S_kv); emission reads its first query
+    row, rounded to ``dtype`` where the graph rounds the bias before the scores read it, into the table
+    ``fa4.flash_attn_key_bias_fwd`` takes."""
+
+    values: Node
+    dtype: torch.dtype | None = None
+
+
+PositionBias = Alibi | RelativeBias | KeyBias
 
 
 @dataclasses.dataclass(frozen=True)

@@ -300,6 +300,24 @@ def relative_bias_score_mods(aux_index: int = 0):
 
 
 @functools.lru_cache(maxsize=None)
+def key_bias_score_mods(aux_index: int = 0):
+    """FA4 (``score_mod``, ``score_mod_bwd``) adding a bias per key to the scaled scores: ``aux[aux_index][batch,
+    head, kv_idx]`` (as :func:`.reference.key_bias`), the key clamped into the table for the positions past the
+    sequence end that a tile also covers (those scores are masked). Its backward passes the score's gradient
+    through, as :func:`alibi_score_mods`' does."""
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute.utils import scalar_to_ssa
+
+    @cute.jit
+    def key_bias(score, batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
+        key = cutlass.min(kv_idx[0], seqlen_info.seqlen_k - 1)
+        return score + scalar_to_ssa(aux_tensors[aux_index][batch[0], head[0], key], cutlass.Float32)
+
+    return key_bias, _gradient_through()
+
+
+@functools.lru_cache(maxsize=None)
 def _gradient_through():
     """A ``score_mod_bwd`` for a bias that does not depend on the score: the score's gradient, unchanged."""
     import cutlass.cute as cute

@@ -13,6 +13,9 @@ scores key ``j`` as ``softmax_scale * q_i·k_j + bias(h, i, j)``:
   exactly this bias.
 - ``torch.ops.fa4.flash_attn_relative_bias_fwd(q, k, v, table, ...)``, ``table`` (H_q, S_q + S_k - 1) float32: a
   relative-position bias table (T5's buckets evaluated once per offset), ``table[h, j - i + S_q - 1]``.
+- ``torch.ops.fa4.flash_attn_key_bias_fwd(q, k, v, table, ...)``, ``table`` (B, H_q, S_k) float32: a bias per key,
+  ``table[b, h, j]`` for every query (Falcon's ALiBi over positions counted from the attention mask, rounded to
+  bf16: exact as the values themselves).
 
 FA4's backward gives the bias's tensor no gradient. As :mod:`.ops`: each ``*_fwd`` is ``CompositeImplicitAutograd``;
 AOTAutograd traces it into its ``*_fwd_kernel`` and ``*_bwd``; the fake impls compile FA4's kernels while the graph
@@ -51,6 +54,8 @@ ALIBI = PositionBias("flash_attn_alibi", "slopes", lambda q, k: (q.shape[2],), f
                      reference.alibi_bias)
 RELATIVE_BIAS = PositionBias("flash_attn_relative_bias", "table", lambda q, k: (q.shape[2], q.shape[1] + k.shape[1] - 1),
                              fa4_binding.relative_bias_score_mods, reference.relative_bias)
+KEY_BIAS = PositionBias("flash_attn_key_bias", "table", lambda q, k: (q.shape[0], q.shape[2], k.shape[1]),
+                        fa4_binding.key_bias_score_mods, reference.key_bias)
 
 
 def validate(bias: PositionBias, q: Tensor, k: Tensor, v: Tensor, aux: Tensor) -> None:
@@ -210,3 +215,4 @@ def precompile(bias: PositionBias, what: str, tensors: tuple, options: tuple) ->
 
 flash_attn_alibi_fwd = _ops(ALIBI)
 flash_attn_relative_bias_fwd = _ops(RELATIVE_BIAS)
+flash_attn_key_bias_fwd = _ops(KEY_BIAS)

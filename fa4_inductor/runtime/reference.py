@@ -92,9 +92,14 @@ def relative_bias(table: torch.Tensor, seqlen_q: int, seqlen_k: int, dtype: torc
     return table.to(dtype)[:, offsets + seqlen_q - 1]
 
 
+def key_bias(table: torch.Tensor, seqlen_q: int, seqlen_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """A bias per key (B, H, S_k) as the fa4 ops add it: ``table[b, h, j]`` for every query (B, H, 1, S_k)."""
+    return table.to(dtype)[:, :, None, :]
+
+
 def _scores(q, k, softmax_scale, softcap, bias=None):
-    """B,S,H,D inputs (compute dtype) -> (scaled, capped scores B,H,S_q,S_k plus the bias (H, S_q, S_k); tanh of
-    the capped scores)."""
+    """B,S,H,D inputs (compute dtype) -> (scaled, capped scores B,H,S_q,S_k plus the bias (H, S_q, S_k) or
+    (B, H, 1, S_k); tanh of the capped scores)."""
     group = q.shape[2] // k.shape[2]
     kh = k.transpose(1, 2).repeat_interleave(group, dim=1)
     scores = (q.transpose(1, 2) @ kh.transpose(-1, -2)) * softmax_scale
@@ -146,8 +151,8 @@ def attention_forward(
     segment_ids: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference forward: (out B,S,H,Dv in q's dtype, lse B,H,S float32); ``bias`` (H_q, S_q, S_k) is added to the
-    scaled scores (:func:`alibi_bias`, :func:`relative_bias`)."""
+    """Reference forward: (out B,S,H,Dv in q's dtype, lse B,H,S float32); ``bias`` (H_q, S_q, S_k) or (B, H_q, 1,
+    S_k) is added to the scaled scores (:func:`alibi_bias`, :func:`relative_bias`, :func:`key_bias`)."""
     ct = _compute_dtype(q.dtype)
     visible = _visible(q, k, causal, window_left, window_right, seqused_k, key_padding, segment_ids)
     out, lse = _attention(q.to(ct), k.to(ct), v.to(ct), softmax_scale, softcap, visible, bias)

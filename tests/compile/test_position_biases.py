@@ -284,3 +284,20 @@ def test_t5_relative_bias_under_dynamic_shapes_keeps_one_graph():
     assert counters["stats"]["unique_graphs"] == 1
     # (Dynamo restarts its analysis once for the embedding's float norm_type: the pass may run on both attempts.)
     assert all(r.decision == "fa4" and r.features["relative_bias"] for r in stats.site_records())
+
+
+def _positions_counted_from_the_mask(q, k):
+    """Bloom's and Falcon's ALiBi: positions counted from the padding mask (``cumsum``), ``slope * position`` in
+    bfloat16: per batch row, head and key, the same for every query."""
+    kept = (~PADDED_KEYS).long()
+    positions = ((kept.cumsum(-1) - 1) * kept)[:, None, :]
+    return (SLOPES.bfloat16()[:, None] * positions)[:, :, None, :]
+
+
+def test_alibi_counted_from_the_padding_mask_runs_the_key_bias_op():
+    program = _eager(_positions_counted_from_the_mask, _padding_hidden)
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        assert_matches_eager(program, torch.compile(program, fullgraph=True), _qkv())
+    (record,) = stats.site_records()
+    assert record.decision == "fa4", record.reason
+    assert record.features["key_bias"] and record.features["padding"] and record.features["causal"]

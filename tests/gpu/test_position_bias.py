@@ -28,8 +28,15 @@ def _relative_table(h: int, sq: int, sk: int):
     return table, table.double()[:, offsets]
 
 
+def _key_table(h: int, sq: int, sk: int):
+    """A random table per (batch row, head, key) and its bias, the same for every query, float64 (B, H, 1, S_k)."""
+    table = torch.randn(2, h, sk, device="cuda")
+    return table, table.double()[:, :, None, :]
+
+
 OPS = {"alibi": (torch.ops.fa4.flash_attn_alibi_fwd, _alibi),
-       "relative_bias": (torch.ops.fa4.flash_attn_relative_bias_fwd, _relative_table)}
+       "relative_bias": (torch.ops.fa4.flash_attn_relative_bias_fwd, _relative_table),
+       "key_bias": (torch.ops.fa4.flash_attn_key_bias_fwd, _key_table)}
 
 
 @pytest.mark.parametrize("causal, window, sq, sk, heads_kv, padded", [

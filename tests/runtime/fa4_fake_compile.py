@@ -11,7 +11,7 @@ sparsity for key padding, documents and both with a band; the mask_mod on
 every tile for a small padding-only call), softcap on both and, on sm90,
 split-KV decoding, the varlen ops (packed sequences: causal GQA, a window with softcap, seqused_k, decoding) and
 the position-bias score_mods (ALiBi: causal GQA, a window, beside key padding; a relative-position table: d64,
-causal GQA, beside key padding and documents). Prints one JSON line.
+causal GQA, beside key padding and documents; a bias per key: causal GQA, beside key padding). Prints one JSON line.
 """
 
 import json
@@ -179,6 +179,8 @@ POSITION_BIASES = (
     ("relative_bias_causal_gqa", position_bias.RELATIVE_BIAS, 8, 2, 128, True, (-1, -1), False, False),
     ("relative_bias_padded", position_bias.RELATIVE_BIAS, 8, 8, 64, False, (-1, -1), True, False),
     ("relative_bias_documents_causal", position_bias.RELATIVE_BIAS, 8, 8, 128, True, (-1, -1), False, True),
+    ("key_bias_causal_gqa", position_bias.KEY_BIAS, 8, 2, 128, True, (-1, -1), False, False),
+    ("key_bias_padded_causal", position_bias.KEY_BIAS, 8, 8, 64, True, (-1, -1), True, False),
 )
 
 

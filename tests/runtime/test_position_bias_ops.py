@@ -1,6 +1,6 @@
-"""The position-bias fa4 ops: ALiBi (a linear bias per head) and a relative-position table (FA4 score_mods on the
-GPU), forward and backward, against float64 attention with the bias written out; compiled against eager; bad
-input."""
+"""The position-bias fa4 ops: ALiBi (a linear bias per head), a relative-position table and a bias per key (FA4
+score_mods on the GPU), forward and backward, against float64 attention with the bias written out; compiled against
+eager; bad input."""
 
 import math
 
@@ -41,8 +41,15 @@ def _relative_table(sq: int, sk: int):
     return table, bias
 
 
+def _key_table(sq: int, sk: int):
+    """A random table per (batch row, head, key) and its bias, the same for every query."""
+    table = torch.randn(2, 4, sk)
+    return table, table[:, :, None, :].expand(2, 4, sq, sk)
+
+
 OPS = {"alibi": (torch.ops.fa4.flash_attn_alibi_fwd, _alibi),
-       "relative_bias": (torch.ops.fa4.flash_attn_relative_bias_fwd, _relative_table)}
+       "relative_bias": (torch.ops.fa4.flash_attn_relative_bias_fwd, _relative_table),
+       "key_bias": (torch.ops.fa4.flash_attn_key_bias_fwd, _key_table)}
 
 
 @pytest.mark.parametrize("case", [dict(causal=True), dict(), dict(window=(3, 0)), dict(causal=True, heads_kv=2),

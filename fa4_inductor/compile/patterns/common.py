@@ -16,8 +16,8 @@ from fa4_inductor.compile.bias_analysis import bias_in_mask
 from fa4_inductor.compile.fx_utils import example_value, op_name
 
 from fa4_inductor.compile.mask_analysis import MaskStructure, NotAnalyzable, ReadsData, analyze_mask
-from fa4_inductor.compile.sites import (AddedMasks, Alibi, FA4Params, GraphScale, Operand, PositionBias,
-                                        RewriteContext, SiteDecision, SiteOperands)
+from fa4_inductor.compile.sites import (AddedMasks, Alibi, FA4Params, GraphScale, KeyBias, Operand, PositionBias,
+                                        RelativeBias, RewriteContext, SiteDecision, SiteOperands)
 from fa4_inductor.runtime.support import AttentionCall, is_dtensor, unsupported_reason
 
 
@@ -221,8 +221,9 @@ def decide(
         features["padding"] = mask_structure.key_padding is not None or mask_structure.key_lengths is not None
         features["documents"] = mask_structure.segment_ids is not None
     if position_bias is not None and reason is None:
-        kind = "ALiBi" if isinstance(position_bias, Alibi) else "a relative-position bias"
-        features["alibi" if isinstance(position_bias, Alibi) else "relative_bias"] = True
+        kind, feature = {Alibi: ("ALiBi", "alibi"), RelativeBias: ("a relative-position bias", "relative_bias"),
+                         KeyBias: ("a bias per key", "key_bias")}[type(position_bias)]
+        features[feature] = True
         if masks.get("data_mask") is not None:
             reason = f"{kind} beside a mask given as data: FA4's op for it takes masks the graph builds"
         elif constants["softcap"]:
