@@ -1,11 +1,13 @@
 """Attention with a position bias in model code on one GPU: the plugin's FA4 ops vs stock torch.compile, FA4 called
-by hand and FlexAttention FLASH with the same score_mod.
+by hand and FlexAttention FLASH with the same score_mod (per-key bias included).
 
 Problems (bf16, D=128), side by side in one process, median of 5 rounds of ``triton.testing.do_bench`` in which the
 variants take turns:
 
 - ``alibi_*``: an MPT-style layer, ``softmax(q·kᵀ·s + slopes[h] * arange(1 - S, 1)).masked_fill(causal)`` with the
   slopes computed in the step, forward + backward;
+- ``falcon_*``: Falcon's ALiBi, ``slope * position`` in bfloat16 over positions counted from the attention mask
+  (``cumsum``) laid into the causal mask, forward + backward (the plugin: its per-key bias op);
 - ``t5_*``: a T5 self-attention layer, unscaled scores plus its bucketed relative-position bias (an embedding of 32
   buckets), decoder (causal) and encoder: forward only with the learned table under ``no_grad`` (in training the
   table's gradient keeps PyTorch's attention), forward + backward with the table frozen.
@@ -42,6 +44,7 @@ PROBLEMS = {
     "t5_decoder_inference_s2k": ("t5", 4, 16, 2048, True, False),
     "t5_encoder_inference_s2k": ("t5", 4, 16, 2048, False, False),
     "t5_decoder_frozen_table_s2k": ("t5", 4, 16, 2048, True, True),
+    "falcon_key_bias_s4k": ("falcon", 2, 16, 4096, True, True),
 }
 
 
@@ -59,6 +62,19 @@ def _alibi_layer(q, k, v):
     hidden = torch.ones(q.shape[2], seqlen, dtype=torch.bool, device=q.device).triu(1)
     scores = scores.masked_fill(hidden, torch.finfo(q.dtype).min)
     return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+
+
+def _falcon_positions(batch: int, seqlen: int, device) -> torch.Tensor:
+    kept = torch.ones(batch, seqlen, dtype=torch.long, device=device)
+    return ((kept.cumsum(-1) - 1) * kept)[:, None, :]
+
+
+def _falcon_layer(q, k, v):
+    """Falcon's attention with ALiBi: the bf16 bias over mask-counted positions, the causal mask laid over it."""
+    alibi = (_slopes(q.shape[1], q.device)[:, None].bfloat16() * _falcon_positions(q.shape[0], k.shape[2], q.device))
+    hidden = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
+    mask = torch.masked_fill(alibi[:, :, None, :] / math.sqrt(D), hidden, torch.finfo(q.dtype).min)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def _buckets(relative_position: torch.Tensor, bidirectional: bool) -> torch.Tensor:
@@ -82,7 +98,7 @@ def _t5_table(table: torch.nn.Embedding, causal: bool, seqlen: int) -> torch.Ten
     return table(_buckets(offsets, not causal)).t().float().contiguous()
 
 
-def _peers(kind: str, heads: int, seqlen: int, causal: bool, table=None):
+def _peers(kind: str, batch: int, heads: int, seqlen: int, causal: bool, table=None):
     """(fa4_direct, flex_flash) programs on B,H,S,D tensors."""
     from flash_attn.cute import flash_attn_func
 
@@ -93,13 +109,20 @@ def _peers(kind: str, heads: int, seqlen: int, causal: bool, table=None):
 
         def flex_mod(score, b, h, q_idx, kv_idx):
             return score + aux[h] * (kv_idx - q_idx)
+    elif kind == "falcon":
+        aux = ((_slopes(heads, device)[:, None].bfloat16() * _falcon_positions(batch, seqlen, device)).float()
+               / math.sqrt(D)).contiguous()
+        score_mod, _ = fa4_binding.key_bias_score_mods()
+
+        def flex_mod(score, b, h, q_idx, kv_idx):
+            return score + aux[b, h, kv_idx]
     else:
         aux = _t5_table(table, causal, seqlen)
         score_mod, _ = fa4_binding.relative_bias_score_mods()
 
         def flex_mod(score, b, h, q_idx, kv_idx):
             return score + aux[h, kv_idx - q_idx + seqlen - 1]
-    scale = 1 / math.sqrt(D) if kind == "alibi" else 1.0
+    scale = 1.0 if kind == "t5" else 1 / math.sqrt(D)
     block_mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, seqlen, seqlen,
                                    device=device) if causal else None
 
@@ -121,12 +144,12 @@ def run(name: str) -> dict:
     q, k, v = (torch.randn(batch, heads, seqlen, D, device="cuda", dtype=torch.bfloat16, requires_grad=training)
                for _ in range(3))
     table = None
-    if kind == "alibi":
-        layer = _alibi_layer
+    if kind in ("alibi", "falcon"):
+        layer = _alibi_layer if kind == "alibi" else _falcon_layer
     else:
         table = torch.nn.Embedding(BUCKETS, heads, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
         layer = _t5_layer(table, causal)
-    fa4_direct, flex_flash = _peers(kind, heads, seqlen, causal, table)
+    fa4_direct, flex_flash = _peers(kind, batch, heads, seqlen, causal, table)
     row: dict = {"problem": name, "shape": f"B{batch} H{heads} S{seqlen} D{D}",
                  "step": "fwd+bwd" if training else "fwd", "ms": {}, "errors": {}}
     outputs, steps = {}, {}
