@@ -1,4 +1,4 @@
-"""Prove that a tensor added to attention scores in model code is ALiBi or a relative-position bias.
+"""Prove that a tensor added to attention scores in model code is ALiBi, a relative-position bias or a bias per key.
 
 MPT adds ``slopes * arange(1 - S, 1)`` (slopes shaped (1, H, 1, 1), computed with ``pow``) to its scaled scores,
 other code ``slopes[h] * (kv - q)`` from ``arange`` differences or a slopes buffer. The term's values are evaluated
@@ -10,7 +10,9 @@ opaque tensor read at the head (or at one entry, shared by every head). Anything
 relative position, as T5's bias is; a bias rounded to 16 bits; a slope per batch row; learned slopes, whose gradient
 FA4 does not give) is not ALiBi. A bias that depends on the head and ``kv_idx - q_idx`` only, however computed
 (T5's buckets: ``log`` of the relative position, ``where``, an embedding lookup), is a relative-position bias, which
-FA4 adds from a table of one entry per offset; a bias that depends on anything else is refused, naming it.
+FA4 adds from a table of one entry per offset. A bias that is the same for every query (Falcon's ALiBi over positions
+counted from the attention mask, rounded to bf16) is a bias per key, which FA4 adds from its first query row. A bias
+that depends on anything else is refused, naming it.
 """
 
 from __future__ import annotations
@@ -130,8 +132,8 @@ def _row_shaped(chain: OffsetChain, shape: tuple) -> bool:
             values = {chain.positions: torch.empty((1, row_shape[3]), dtype=positions.dtype, device=positions.device)}
             for node in chain.ops:
                 target = node.target if node.op == "call_function" else getattr(torch.Tensor, node.target)
-                args, kwargs = (torch.fx.node.map_aggregate(torch.fx.node.map_arg(
-                    a, lambda n: values.get(n, example_value(n))), lambda x: x) for a in (node.args, node.kwargs))
+                args, kwargs = (torch.fx.node.map_arg(a, lambda n: values.get(n, example_value(n)))
+                                for a in (node.args, node.kwargs))
                 values[node] = target(*args, **kwargs)
             result = values[chain.ops[-1]]
             return tuple(torch.broadcast_shapes(tuple(result.shape), row_shape)) == row_shape
@@ -258,14 +260,18 @@ def _rounds(cast: Node) -> bool:
 
 
 def _rounded(carried: MaskWithBias | None, cast: Node, shape: tuple, mutations) -> MaskWithBias | None:
-    """``carried`` as read through ``cast``: a relative-position bias rounded to its dtype (0 and -inf, the mask's
-    values, round to themselves, and a bias plus 0 to the bias rounded); ALiBi, which FA4 computes in float32, as
-    the relative-position bias of its rounded values."""
+    """``carried`` as read through ``cast``: a table bias rounded to its dtype (0 and -inf, the mask's values, round to
+    themselves, and a bias plus 0 to the bias rounded); ALiBi, which FA4 computes in float32, as the relative-position
+    bias or the bias per key of its rounded values."""
     if carried is None:
         return None
     bias = carried.bias
     if isinstance(bias, Alibi):
-        bias = relative_bias(carried.term, shape, reader=carried.mask_reader or cast, mutations=mutations)
+        reader = carried.mask_reader or cast
+        try:
+            bias = relative_bias(carried.term, shape, reader=reader, mutations=mutations)
+        except NotAnalyzable:
+            bias = key_bias(carried.term, shape, reader=reader, mutations=mutations)
     return dataclasses.replace(carried, bias=dataclasses.replace(bias, dtype=example_value(cast).dtype))
 
 

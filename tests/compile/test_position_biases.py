@@ -301,3 +301,15 @@ def test_alibi_counted_from_the_padding_mask_runs_the_key_bias_op():
     (record,) = stats.site_records()
     assert record.decision == "fa4", record.reason
     assert record.features["key_bias"] and record.features["padding"] and record.features["causal"]
+
+
+def test_alibi_over_the_keys_rounded_in_an_sdpa_mask_runs_the_key_bias_op():
+    """MPT's ``slope * (kv - (S - 1))`` rounded to q's dtype in an SDPA mask: not a function of kv - q once rounded,
+    the same for every query: the key-bias op adds those rounded values."""
+    def program(q, k, v):
+        bias = _mpt_bias(q, k).masked_fill(_causal_hidden(q, k), float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        assert_matches_eager(program, torch.compile(program, fullgraph=True), _qkv())
+    (record,) = stats.site_records()
+    assert record.decision == "fa4" and record.features["key_bias"] and record.features["causal"], record.reason
