@@ -218,7 +218,8 @@ class T5Attention(torch.nn.Module):
     def __init__(self, causal: bool, sdpa: bool = False):
         super().__init__()
         self.causal, self.sdpa = causal, sdpa
-        self.relative_attention_bias = torch.nn.Embedding(NUM_BUCKETS, H).to(torch.bfloat16)
+        table = torch.randn(NUM_BUCKETS, H, generator=torch.Generator().manual_seed(0))
+        self.relative_attention_bias = torch.nn.Embedding(NUM_BUCKETS, H, _weight=table).to(torch.bfloat16)
 
     def forward(self, q, k, v):
         relative_position = _relative_positions(q, k)
@@ -228,7 +229,7 @@ class T5Attention(torch.nn.Module):
         if self.sdpa:  # Hugging Face's SDPA route: the bias under the causal mask, in q's dtype
             mask = bias if not self.causal else torch.where(~_causal_hidden(q, k), bias, torch.finfo(q.dtype).min)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.contiguous(), scale=1.0)
-        scores = torch.matmul(q, k.transpose(-1, -2)).float() + bias.float()
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) + bias.float()  # float32, as FA4 computes
         if self.causal:
             scores = scores + torch.zeros(q.shape[2], k.shape[2], device=q.device).masked_fill(
                 _causal_hidden(q, k), float("-inf"))
