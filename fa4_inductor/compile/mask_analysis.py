@@ -1125,7 +1125,10 @@ def evaluate_values(node: Node, shape: tuple, *, reader: Node | None = None,
     unknown size), as ``reader`` reads it: index arithmetic modeled as masks are, and every float tensor the model
     can't follow an :class:`Opaque` read. Raises :class:`NotAnalyzable` for a mask (0/-inf or boolean) or what
     can't be read so."""
-    if _example(node).requires_grad:
+    example = _example(node)
+    if not isinstance(example, torch.Tensor) or not example.is_floating_point():
+        raise IsAMask("a bool or integer tensor: a mask, not a bias (SDPA adds only float masks)")
+    if example.requires_grad:
         raise NotAnalyzable(f"'{node.name}' needs a gradient (a learned bias, slopes or table), which the attention "
                             "kernels do not give")
     evaluator = _Evaluator(mutations, opaque_values=True)
