@@ -1139,7 +1139,20 @@ def evaluate_values(node: Node, shape: tuple, *, reader: Node | None = None,
         raise NotAnalyzable(f"a bias of {value.ndim} axes on scores of {len(shape)}")
     expr = _aligned(value, tuple(2 if size is None else size for size in shape))
     expr = sympy.sympify(expr).xreplace({_axis(k): s for k, s in enumerate(INDICES)})
-    return Values(expr, evaluator.opaque, evaluator.why_opaque, evaluator.definitions, dict(evaluator.cache))
+    values = Values(expr, evaluator.opaque, evaluator.why_opaque, evaluator.definitions, dict(evaluator.cache))
+    if _is_given_as_data(values.expanded(expr), evaluator.opaque):
+        raise IsAMask("a tensor given as data (a mask read at run time), not a bias the graph computes")
+    return values
+
+
+def _is_given_as_data(expr, opaque: dict[str, Node]) -> bool:
+    """Is ``expr`` a graph input or attribute read as it is (at the attention's indices or fixed ones, not at computed
+    ones as an embedding reads its weight), through casts at most: a mask passed in?"""
+    while isinstance(expr, Elementwise) and len(expr.args) == 2 \
+            and op_name(opaque[expr.args[0].name]) in modeled_ops.DTYPE_CASTS:
+        expr = expr.args[1]
+    return (isinstance(expr, Opaque) and opaque[expr.args[0].name].op in ("placeholder", "get_attr")
+            and all(index in INDICES or index.is_Integer for index in expr.args[1:]))
 
 
 def analyze_mask_mod(mask_mod: torch.fx.GraphModule, buffers: tuple, q_len, kv_len) -> MaskStructure:

@@ -314,3 +314,22 @@ def test_alibi_over_the_keys_rounded_in_an_sdpa_mask_runs_the_key_bias_op():
         assert_matches_eager(program, torch.compile(program, fullgraph=True), _qkv())
     (record,) = stats.site_records()
     assert record.decision == "fa4" and record.features["key_bias"] and record.features["causal"], record.reason
+
+
+@pytest.mark.parametrize("mask", ["bool", "float", "float_cast"])
+def test_a_mask_given_as_data_is_never_read_as_a_bias(mask):
+    """A padding mask passed in (bool, or additive float, or cast to q's dtype) is a mask read at run time, not a
+    bias: 0/1 or its values are never added to the scores as a per-key table."""
+    kept = ~PADDED_KEYS[:, None, None, :]
+    given = {"bool": kept, "float": torch.zeros(kept.shape).masked_fill(~kept, float("-inf")),
+             "float_cast": torch.zeros(kept.shape).masked_fill(~kept, float("-inf"))}[mask]
+
+    def program(q, k, v, given):
+        attn_mask = given.to(q.dtype) if mask == "float_cast" else given
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    q, k, v = (t.detach() for t in _qkv())
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        got = torch.compile(program, fullgraph=True)(q, k, v, given)
+    torch.testing.assert_close(got, program(q, k, v, given), atol=2e-2, rtol=2e-2)
+    (record,) = stats.site_records()
+    assert not any(record.features.get(name) for name in ("alibi", "relative_bias", "key_bias")), record.features
