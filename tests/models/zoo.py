@@ -109,15 +109,15 @@ ZOO: tuple[Architecture, ...] = (
     _encoder("bert"), _encoder("roberta"), _encoder("distilbert", dim=64, hidden_dim=128, n_layers=1, n_heads=4),
     _encoder("electra", embedding_size=64), _encoder("albert", embedding_size=64),
     _encoder("modernbert", global_attn_every_n_layers=1), _encoder("megatron-bert", {"eager": (FA4,)}),
-    _encoder("mpnet", {"eager": (MASK,)}),  # a learned relative-position bias, then the padding mask
+    _encoder("mpnet", {"eager": (LEARNED_BIAS,)}),  # a learned relative-position bias, then the padding mask
     _encoder("deberta-v2", {"eager": (UNMATCHED,)}),  # disentangled attention: position terms in the scores
     _vision("vit"), _vision("deit"), _vision("dinov2"), _vision("beit"),
     _vision("yolos", image_size=[32, 32], num_detection_tokens=2),
     _vision("clip_vision_model"), _vision("siglip_vision_model", (FA4, FA4)),  # the pooling head's attention too
     _seq2seq("bart"), _seq2seq("mbart"), _seq2seq("marian"), _seq2seq("pegasus"), _seq2seq("blenderbot"),
     _seq2seq("m2m_100"),
-    # T5's self-attention adds a learned position bias (cross-attention's is zeros).
-    Architecture("t5", "seq2seq", (MASK, MASK, FA4),
+    # T5's self-attention adds a learned position bias (cross-attention's is zeros): in training, it needs a gradient.
+    Architecture("t5", "seq2seq", (LEARNED_BIAS, LEARNED_BIAS, FA4),
                  dict(d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4, vocab_size=128,
                       decoder_start_token_id=0)),
     Architecture("whisper", "speech", (FA4, FA4, FA4), {**SEQ2SEQ, "num_mel_bins": 8, "max_source_positions": 32,

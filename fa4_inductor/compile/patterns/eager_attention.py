@@ -294,8 +294,8 @@ def _peel_scale(node: Node) -> dict[str, Any]:
         else:
             raise NoMatch(f"the scores' right operand is not a {rank}-D kᵀ")
     elif _is(node, "view", "reshape") and _is(node.args[0], "baddbmm", "bmm") and example_value(node).dim() == 4:
-        raise NotServed("the scores go from (B * H, S, S) to 4-D (Bloom's baddbmm form), which the pattern does not "
-                        "follow")
+        raise NotServed("not attention as written: the scores go from (B * H, S, S) to 4-D (Bloom's baddbmm form), "
+                        "which the pattern does not follow")
     else:
         raise NoMatch("the scores are not q @ k^T")
     found["query"] = _peel_factors(query, factors, operand=True)
