@@ -31,10 +31,10 @@ from fa4_inductor.compile.sites import Alibi, KeyBias, OffsetChain, PositionBias
 
 
 def alibi_bias(term: Node, shape: tuple, *, reader: Node | None = None,
-               mutations: graph_mutations.Mutations | None = None) -> Alibi:
+               mutations: graph_mutations.Mutations | None = None, folded: bool = False) -> Alibi:
     """The ALiBi that ``term`` adds to scores of ``shape`` (B, H, S_q, S_kv) as ``reader`` reads it; raises
     :class:`.mask_analysis.NotAnalyzable` saying why it is not ALiBi."""
-    values = evaluate_values(term, shape, reader=reader, mutations=mutations)
+    values = evaluate_values(term, shape, reader=reader, mutations=mutations, folded=folded)
     batch, head, q_idx, kv_idx = INDICES
     expr = sympy.expand(values.expr)
     for read in expr.atoms(Opaque):
@@ -81,18 +81,18 @@ def _index_symbols(expr) -> set:
 
 
 def relative_bias(term: Node, shape: tuple, *, reader: Node | None = None,
-                  mutations: graph_mutations.Mutations | None = None) -> RelativeBias:
+                  mutations: graph_mutations.Mutations | None = None, folded: bool = False) -> RelativeBias:
     """``term`` as a bias that depends on the head and ``kv_idx - q_idx`` only (T5's buckets: ``log`` of the relative
     position, ``where``, an embedding lookup, ``permute``); raises :class:`.mask_analysis.NotAnalyzable` saying
     what else it depends on."""
-    values = evaluate_values(term, shape, reader=reader, mutations=mutations)
+    values = evaluate_values(term, shape, reader=reader, mutations=mutations, folded=folded)
     batch, head, q_idx, kv_idx = INDICES
     offset = sympy.Symbol("offset", integer=True)
     shifted = values.expanded(values.expr).xreplace({kv_idx: q_idx + offset})
     others = sorted(str(s) for s in shifted.free_symbols & {batch, q_idx})
     if others:
         raise NotAnalyzable(f"the bias depends on {', '.join(others)} besides the head and kv_idx - q_idx")
-    return RelativeBias(term, chain=_offset_chain(term, values, shape))
+    return RelativeBias(term, chain=None if folded else _offset_chain(term, values, shape), folded=folded)
 
 
 # What the ops between the relative positions and the bias may be for emission to run them on one row of offsets:
@@ -180,17 +180,17 @@ def _depends_on(node: Node, source: Node) -> bool:
 
 
 def key_bias(term: Node, shape: tuple, *, reader: Node | None = None,
-             mutations: graph_mutations.Mutations | None = None) -> KeyBias:
+             mutations: graph_mutations.Mutations | None = None, folded: bool = False) -> KeyBias:
     """``term`` as a bias that is the same for every query (a function of the batch row, the head and ``kv_idx``);
     raises :class:`.mask_analysis.NotAnalyzable` saying otherwise."""
-    values = evaluate_values(term, shape, reader=reader, mutations=mutations)
+    values = evaluate_values(term, shape, reader=reader, mutations=mutations, folded=folded)
     if INDICES[2] in values.expanded(values.expr).free_symbols:
         raise NotAnalyzable("the bias differs between queries")
-    return KeyBias(term)
+    return KeyBias(term, folded=folded)
 
 
 def position_bias(term: Node, shape: tuple, *, reader: Node | None = None,
-                  mutations: graph_mutations.Mutations | None = None) -> PositionBias:
+                  mutations: graph_mutations.Mutations | None = None, folded: bool = False) -> PositionBias:
     """``term`` as ALiBi (:func:`alibi_bias`), else as a relative-position bias (:func:`relative_bias`), else as a
     bias per key (:func:`key_bias`); raises :class:`.mask_analysis.NotAnalyzable` saying why it is none of these
     (:class:`.mask_analysis.IsAMask` for a mask)."""
@@ -198,7 +198,7 @@ def position_bias(term: Node, shape: tuple, *, reader: Node | None = None,
     for kind, analysis in (("ALiBi", alibi_bias), ("a relative-position bias", relative_bias),
                            ("a bias per key", key_bias)):
         try:
-            return analysis(term, shape, reader=reader, mutations=mutations)
+            return analysis(term, shape, reader=reader, mutations=mutations, folded=folded)
         except IsAMask:
             raise
         except NotAnalyzable as exc:
@@ -219,28 +219,29 @@ class MaskWithBias:
 
 
 def bias_in_mask(mask: Node, shape: tuple, *, reader: Node | None = None,
-                 mutations: graph_mutations.Mutations | None = None) -> MaskWithBias | None:
+                 mutations: graph_mutations.Mutations | None = None, folded: bool = False) -> MaskWithBias | None:
     """``mask`` as a position bias (:func:`position_bias`) and a mask where it is one of ``bias``, ``bias + mask``,
     ``masked_fill(bias, hidden, -inf)`` or ``where(kept, bias, -inf)`` (Falcon lays its causal mask over its ALiBi so,
     T5 adds its padding mask to its bias; -inf or a fill below -1e30); None where no part of it is a bias. Raises
     :class:`.mask_analysis.NotAnalyzable` where a part is a bias FA4 does not add."""
     if op_name(mask) in modeled_ops.COPIES and isinstance(mask.args[0], Node):  # Hugging Face's .contiguous()
-        return bias_in_mask(mask.args[0], shape, reader=mask, mutations=mutations)
+        return bias_in_mask(mask.args[0], shape, reader=mask, mutations=mutations, folded=folded)
     if op_name(mask) in modeled_ops.DTYPE_CASTS and isinstance(mask.args[0], Node) and _rounds(mask):
-        return _rounded(bias_in_mask(mask.args[0], shape, reader=mask, mutations=mutations), mask, shape, mutations)
+        return _rounded(bias_in_mask(mask.args[0], shape, reader=mask, mutations=mutations, folded=folded), mask,
+                        shape, mutations, folded)
     fill_index = {"masked_fill": 2, "masked_fill_": 2, "where": 2}.get(op_name(mask))
     if fill_index is not None and len(mask.args) > fill_index and _hides(mask.args[fill_index]):
         bias, condition = (mask.args[0], mask.args[1]) if op_name(mask) != "where" else (mask.args[1], mask.args[0])
         if isinstance(bias, Node) and isinstance(condition, Node):
-            found = _bias_or_none(bias, shape, mask, mutations)
+            found = _bias_or_none(bias, shape, mask, mutations, folded)
             return found and MaskWithBias(found, bias, condition, op_name(mask) != "where", mask)
     if op_name(mask) in ("add", "__add__") and all(isinstance(a, Node) for a in mask.args[:2]) \
             and not modeled_ops.unmodeled_argument(mask):
         refused = None
         for bias, rest in ((mask.args[0], mask.args[1]), (mask.args[1], mask.args[0])):
             try:
-                return MaskWithBias(position_bias(bias, shape, reader=mask, mutations=mutations), bias, rest,
-                                    mask_reader=mask)
+                return MaskWithBias(position_bias(bias, shape, reader=mask, mutations=mutations, folded=folded),
+                                    bias, rest, mask_reader=mask)
             except IsAMask:
                 continue
             except NotAnalyzable as exc:
@@ -248,7 +249,7 @@ def bias_in_mask(mask: Node, shape: tuple, *, reader: Node | None = None,
         if refused is not None:
             raise refused
         return None
-    found = _bias_or_none(mask, shape, reader, mutations)
+    found = _bias_or_none(mask, shape, reader, mutations, folded)
     return found and MaskWithBias(found, mask, None)
 
 
@@ -259,7 +260,7 @@ def _rounds(cast: Node) -> bool:
             and after.is_floating_point() and after.dtype.itemsize < before.dtype.itemsize)
 
 
-def _rounded(carried: MaskWithBias | None, cast: Node, shape: tuple, mutations) -> MaskWithBias | None:
+def _rounded(carried: MaskWithBias | None, cast: Node, shape: tuple, mutations, folded: bool) -> MaskWithBias | None:
     """``carried`` as read through ``cast``: a table bias rounded to its dtype (0 and -inf, the mask's values, round to
     themselves, and a bias plus 0 to the bias rounded); ALiBi, which FA4 computes in float32, as the relative-position
     bias or the bias per key of its rounded values."""
@@ -269,15 +270,15 @@ def _rounded(carried: MaskWithBias | None, cast: Node, shape: tuple, mutations) 
     if isinstance(bias, Alibi):
         reader = carried.mask_reader or cast
         try:
-            bias = relative_bias(carried.term, shape, reader=reader, mutations=mutations)
+            bias = relative_bias(carried.term, shape, reader=reader, mutations=mutations, folded=folded)
         except NotAnalyzable:
-            bias = key_bias(carried.term, shape, reader=reader, mutations=mutations)
+            bias = key_bias(carried.term, shape, reader=reader, mutations=mutations, folded=folded)
     return dataclasses.replace(carried, bias=dataclasses.replace(bias, dtype=example_value(cast).dtype))
 
 
-def _bias_or_none(bias: Node, shape: tuple, reader: Node | None, mutations) -> PositionBias | None:
+def _bias_or_none(bias: Node, shape: tuple, reader: Node | None, mutations, folded: bool) -> PositionBias | None:
     try:
-        return position_bias(bias, shape, reader=reader, mutations=mutations)
+        return position_bias(bias, shape, reader=reader, mutations=mutations, folded=folded)
     except IsAMask:
         return None
 

@@ -17,6 +17,7 @@ from typing import Any
 import sympy
 import torch
 from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import fa4_inductor.runtime.ops  # noqa: F401  (defines torch.ops.fa4)
 from fa4_inductor.compile.fx_utils import example_value
@@ -245,7 +246,7 @@ def _relative_table(graph: Graph, bias: RelativeBias, query: Node, key: Node) ->
         values = _on_offsets(graph, bias.chain, offsets)
         sizes[2:], query_rows, columns = [1, _size(graph, offsets, 0)], 0, slice(None)
     else:
-        values = bias.values
+        values = _unfolded_values(graph, bias, query)
         query_rows = call_with_meta(graph, torch.clamp_min, (call_with_meta(graph, torch.neg, (offsets,)), 0))
         columns = call_with_meta(graph, torch.clamp_min, (offsets, 0))
     if bias.dtype is not None:
@@ -258,10 +259,23 @@ def _relative_table(graph: Graph, bias: RelativeBias, query: Node, key: Node) ->
 def _key_table(graph: Graph, bias: KeyBias, query: Node, key: Node) -> Node:
     """The (B, H, S_kv) float32 table of a bias that is the same for every query: its first query row."""
     sizes = [_size(graph, query, 0), _size(graph, query, 1), _size(graph, query, 2), _size(graph, key, 2)]
-    values = bias.values if bias.dtype is None else call_with_meta(graph, torch.Tensor.to, (bias.values, bias.dtype))
+    values = _unfolded_values(graph, bias, query)
+    if bias.dtype is not None:
+        values = call_with_meta(graph, torch.Tensor.to, (values, bias.dtype))
     values = call_with_meta(graph, torch.select, (call_with_meta(graph, torch.Tensor.expand, (values, *sizes)), 2, 0))
     return call_with_meta(graph, torch.Tensor.contiguous, (call_with_meta(graph, torch.Tensor.to,
                                                                           (values, torch.float32)),))
+
+
+def _unfolded_values(graph: Graph, bias: RelativeBias | KeyBias, query: Node) -> Node:
+    """The bias's values broadcasting to (B, H, S_q, S_kv): a (B * H, ...) tensor whose heads are folded into its first
+    axis split into (B, H, ...) (one of size 1 given a head axis of size 1)."""
+    values, example = bias.values, example_value(bias.values)
+    if not bias.folded or example.dim() < 3:  # fewer axes than (B * H, S_q, S_kv): nothing folded
+        return values
+    if statically_known_true(example.shape[-3] == 1):
+        return call_with_meta(graph, torch.unsqueeze, (values, -3))
+    return call_with_meta(graph, torch.unflatten, (values, -3, (-1, _size(graph, query, 1))))
 
 
 def _on_offsets(graph: Graph, chain: OffsetChain, offsets: Node) -> Node:

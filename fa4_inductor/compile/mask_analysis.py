@@ -1120,11 +1120,12 @@ def analyze_mask(mask: Node | AddedMasks, q_len, kv_len, *, hides_where_true: bo
 
 
 def evaluate_values(node: Node, shape: tuple, *, reader: Node | None = None,
-                    mutations: graph_mutations.Mutations | None = None) -> Values:
+                    mutations: graph_mutations.Mutations | None = None, folded: bool = False) -> Values:
     """The values of ``node``, a float tensor that broadcasts to ``shape`` (the scores' (B, H, S_q, S_kv); None for an
     unknown size), as ``reader`` reads it: index arithmetic modeled as masks are, and every float tensor the model
-    can't follow an :class:`Opaque` read. Raises :class:`NotAnalyzable` for a mask (0/-inf or boolean) or what
-    can't be read so."""
+    can't follow an :class:`Opaque` read. With ``folded``, ``node`` broadcasts to (B * H, S_q, S_kv) instead, the
+    heads folded into its first axis (Bloom's ``baddbmm`` input): its entry ``[b * H + h, i, j]`` is the scores'
+    ``[b, h, i, j]``. Raises :class:`NotAnalyzable` for a mask (0/-inf or boolean) or what can't be read so."""
     example = _example(node)
     if not isinstance(example, torch.Tensor) or not example.is_floating_point():
         raise IsAMask("a bool or integer tensor: a mask, not a bias (SDPA adds only float masks)")
@@ -1135,24 +1136,27 @@ def evaluate_values(node: Node, shape: tuple, *, reader: Node | None = None,
     value = _evaluate(evaluator, node, reader)
     if value.additive or _is_boolean(value.expr):
         raise IsAMask("a mask, not a bias")
-    if value.ndim > len(shape):
-        raise NotAnalyzable(f"a bias of {value.ndim} axes on scores of {len(shape)}")
-    expr = _aligned(value, tuple(2 if size is None else size for size in shape))
-    expr = sympy.sympify(expr).xreplace({_axis(k): s for k, s in enumerate(INDICES)})
+    sizes = tuple(2 if size is None else size for size in shape)
+    indices = INDICES
+    if folded:  # (B * H, S_q, S_kv): its first axis read at b * H + h
+        sizes, indices = (sizes[0] * sizes[1], *sizes[2:]), (_B * _sym(sizes[1]) + _H, *INDICES[2:])
+    if value.ndim > len(sizes):
+        raise NotAnalyzable(f"a bias of {value.ndim} axes on scores of {len(sizes)}")
+    expr = sympy.sympify(_aligned(value, sizes)).xreplace({_axis(k): s for k, s in enumerate(indices)})
     values = Values(expr, evaluator.opaque, evaluator.why_opaque, evaluator.definitions, dict(evaluator.cache))
-    if _is_given_as_data(values.expanded(expr), evaluator.opaque):
+    if _is_given_as_data(values.expanded(expr), evaluator.opaque, indices):
         raise IsAMask("a tensor given as data (a mask read at run time), not a bias the graph computes")
     return values
 
 
-def _is_given_as_data(expr, opaque: dict[str, Node]) -> bool:
-    """Is ``expr`` a graph input or attribute read as it is (at the attention's indices or fixed ones, not at computed
-    ones as an embedding reads its weight), through casts at most: a mask passed in?"""
+def _is_given_as_data(expr, opaque: dict[str, Node], indices: tuple) -> bool:
+    """Is ``expr`` a graph input or attribute read as it is (at the attention's ``indices`` or fixed ones, not at
+    computed ones as an embedding reads its weight), through casts at most: a mask passed in?"""
     while isinstance(expr, Elementwise) and len(expr.args) == 2 \
             and op_name(opaque[expr.args[0].name]) in modeled_ops.DTYPE_CASTS:
         expr = expr.args[1]
     return (isinstance(expr, Opaque) and opaque[expr.args[0].name].op in ("placeholder", "get_attr")
-            and all(index in INDICES or index.is_Integer for index in expr.args[1:]))
+            and all(index in indices or index.is_Integer for index in expr.args[1:]))
 
 
 def analyze_mask_mod(mask_mod: torch.fx.GraphModule, buffers: tuple, q_len, kv_len) -> MaskStructure:

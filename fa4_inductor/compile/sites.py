@@ -126,6 +126,8 @@ class RelativeBias:
     # Where given, ``values`` is an (H, N) table read at [head, kv_idx - q_idx + table_start] (a FlexAttention
     # score_mod's), not the bias broadcast to the scores.
     table_start: int | None = None
+    # ``values`` broadcasts to (B * H, S_q, S_kv), the heads folded into its first axis (a ``baddbmm`` input).
+    folded: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +139,7 @@ class KeyBias:
 
     values: Node
     dtype: torch.dtype | None = None
+    folded: bool = False  # ``values`` broadcasts to (B * H, S_q, S_kv), the heads folded into its first axis
 
 
 PositionBias = Alibi | RelativeBias | KeyBias

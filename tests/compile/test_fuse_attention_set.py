@@ -122,6 +122,7 @@ PROGRAMS = {
     "additive_mask": (additive_mask, torch.bfloat16, True, False),
     "float32_softmax_half_cast": (float32_softmax_half_cast, torch.float16, False, False),
     "bmm_heads_in_batch": (bmm_heads_in_batch, torch.bfloat16, False, False),
+    "mbart_bmm": (mbart_bmm, torch.bfloat16, True, False),
     "bert_extended_mask": (bert_extended_mask, torch.bfloat16, False, True),
     "distilbert": (distilbert, torch.bfloat16, False, True),
     "distilbert_scaled_query": (distilbert_scaled_query, torch.bfloat16, False, True),
@@ -131,16 +132,6 @@ PROGRAMS = {
 }
 PERMUTED = {"float32_softmax_half_cast", "bert_extended_mask", "distilbert", "distilbert_scaled_query", "t5",
             "math_decomposition"}
-
-
-def test_mbart_bmm_form_is_a_site_with_its_reason():
-    """Pattern 24 folds the heads into the batch, adds the mask in 4-D and folds again: not followed yet, but
-    shown."""
-    qkv = [torch.randn(B, H, S, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
-    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
-        assert_matches_eager(mbart_bmm, torch.compile(mbart_bmm, fullgraph=True), qkv, (_keep(),))
-    (record,) = stats.site_records()
-    assert record.decision == "fallback" and "mBART's bmm form" in record.reason
 
 
 @pytest.mark.parametrize("name", PROGRAMS)

@@ -272,17 +272,22 @@ def test_t5_relative_bias_with_a_learned_table_in_training_stays_with_the_reason
     assert record.decision == "fallback" and "needs a gradient" in record.reason, record.reason
 
 
-def test_t5_relative_bias_under_dynamic_shapes_keeps_one_graph():
-    """dynamic=True: the table of S_q + S_kv - 1 offsets is sized by the graph's symbols; a new length recompiles
-    nothing."""
-    module = T5Attention(causal=True).requires_grad_(False)
-    compiled = torch.compile(module, fullgraph=True, dynamic=True)
+def _graphs_at_two_lengths(program) -> int:
+    """``program`` compiled with ``dynamic=True`` and the plugin, matched against eager at two lengths: the number of
+    graphs Dynamo made."""
+    compiled = torch.compile(program, fullgraph=True, dynamic=True)
     counters = torch._dynamo.utils.counters
     counters.clear()
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
         for length in (24, 40):
-            assert_matches_eager(module, compiled, _qkv(length=length), label=str(length))
-    assert counters["stats"]["unique_graphs"] == 1
+            assert_matches_eager(program, compiled, _qkv(length=length), label=str(length))
+    return counters["stats"]["unique_graphs"]
+
+
+def test_t5_relative_bias_under_dynamic_shapes_keeps_one_graph():
+    """dynamic=True: the table of S_q + S_kv - 1 offsets is sized by the graph's symbols; a new length recompiles
+    nothing."""
+    assert _graphs_at_two_lengths(T5Attention(causal=True).requires_grad_(False)) == 1
     # (Dynamo restarts its analysis once for the embedding's float norm_type: the pass may run on both attempts.)
     assert all(r.decision == "fa4" and r.features["relative_bias"] for r in stats.site_records())
 
@@ -333,3 +338,83 @@ def test_a_mask_given_as_data_is_never_read_as_a_bias(mask):
     torch.testing.assert_close(got, program(q, k, v, given), atol=2e-2, rtol=2e-2)
     (record,) = stats.site_records()
     assert not any(record.features.get(name) for name in ("alibi", "relative_bias", "key_bias")), record.features
+
+
+def _bloom_form(bias_of, hidden_of=_padding_hidden):
+    """Bloom's code: a bias over (B * H, 1 or S_q, S_kv) added by ``baddbmm`` to the scores of (B * H, S, D)
+    operands (the heads folded into the batch), viewed as (B, H, S_q, S_kv) for the mask and the softmax, folded
+    again for ``bmm`` with v."""
+    def program(q, k, v):
+        b, h, s, d = q.shape
+        q3, k3, v3 = (t.reshape(b * h, -1, d) for t in (q, k, v))
+        scores = bias_of(q, k).baddbmm(batch1=q3, batch2=k3.transpose(-1, -2), beta=1.0, alpha=1 / math.sqrt(d))
+        hidden = torch.zeros(hidden_of(q, k).shape, dtype=q.dtype).masked_fill(hidden_of(q, k), -3e38)
+        probs = F.softmax(scores.view(b, h, s, -1) + hidden, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.bmm(probs.view(b * h, s, -1), v3).view(b, h, s, d)
+    return program
+
+
+def _bloom_alibi(q, k):
+    """Bloom's ``build_alibi_tensor``: positions counted from the padding mask, ``slope * position`` shaped (B * H,
+    1, S_kv) and rounded to q's dtype."""
+    kept = (~PADDED_KEYS).long()
+    positions = ((kept.cumsum(-1) - 1) * kept)[:, None, :]
+    return (SLOPES[..., None] * positions).reshape(B * H, 1, S).to(q.dtype)
+
+
+def _slopes_per_folded_row(q, k):
+    """Slopes repeated for every batch row, then ``slope * kv_idx``; small, as eager's ``baddbmm`` rounds bias +
+    q·kᵀ to bfloat16 (FA4 adds in float32), an error that grows with the bias."""
+    return (SLOPES.repeat(B)[:, None, None] / 8 * torch.arange(k.shape[2], dtype=torch.float32)).to(q.dtype)
+
+
+def _symmetric_offsets(q, k):  # one (S_q, S_kv) bias every folded row shares
+    return (-0.125 * _relative_positions(q, k).abs()).to(q.dtype)
+
+
+BLOOM_FORM = {
+    "bloom_alibi_padded": (_bloom_form(_bloom_alibi), "key_bias", True),
+    "slopes_per_folded_row_causal": (_bloom_form(_slopes_per_folded_row, _causal_hidden), "key_bias", False),
+    "symmetric_offsets_padded": (_bloom_form(_symmetric_offsets), "relative_bias", True),
+}
+
+
+@pytest.mark.parametrize("name", list(BLOOM_FORM))
+def test_bias_added_by_baddbmm_over_folded_heads_runs_fa4(name):
+    """The bias's row ``b * H + h`` of the folded form is head ``h`` of batch row ``b``: FA4's key-bias op (or the
+    relative-bias op) reads it so, with the (B, H, S, D) tensors the operands fold as q, k and v."""
+    program, feature, padded = BLOOM_FORM[name]
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        assert_matches_eager(program, torch.compile(program, fullgraph=True), _qkv(), label=name)
+    (record,) = stats.site_records()
+    assert record.decision == "fa4", record.reason
+    assert record.features[feature] and record.features["causal"] and record.features["padding"] is padded
+
+
+def test_bloom_form_under_dynamic_shapes_keeps_one_graph():
+    assert _graphs_at_two_lengths(_bloom_form(_slopes_per_folded_row, _causal_hidden)) == 1
+    assert all(r.decision == "fa4" and r.features["key_bias"] for r in stats.site_records())
+
+
+def _query_dependent(q, k):  # differs per query and per folded row: no bias FA4 adds
+    return (torch.arange(B * H * S).view(B * H, S, 1) * 0.01 + torch.zeros(1, 1, k.shape[2])).to(q.dtype)
+
+
+def _heads_folded_otherwise(q, k, v):
+    """Scores viewed as (B, H, S, S) over k folded from (H, B, S, D): its rows are not the scores' (b, h)."""
+    b, h, s, d = q.shape
+    q3, v3 = (t.reshape(b * h, -1, d) for t in (q, v))
+    k3 = k.transpose(0, 1).reshape(h * b, -1, d)
+    probs = torch.softmax(torch.bmm(q3, k3.transpose(1, 2)).view(b, h, s, -1) / math.sqrt(d), dim=-1)
+    return torch.bmm(probs.view(b * h, s, -1), v3).view(b, h, s, d)
+
+
+@pytest.mark.parametrize("program, reason", [
+    (_bloom_form(_query_dependent), "a mask that baddbmm adds to scores with the heads folded"),
+    (_heads_folded_otherwise, "is not a (B, H, S, D) tensor with its heads folded"),
+], ids=["query_dependent_bias", "key_folded_from_other_axes"])
+def test_folded_heads_fa4_does_not_read_so_stay_with_the_reason(program, reason):
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        assert_matches_eager(program, torch.compile(program, fullgraph=True), _qkv())
+    (record,) = stats.site_records()
+    assert record.decision == "fallback" and reason in record.reason, record.reason

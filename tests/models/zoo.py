@@ -105,7 +105,7 @@ ZOO: tuple[Architecture, ...] = (
     _decoder("xglm", {"eager": (UNMATCHED,)}, d_model=64, ffn_dim=128, num_layers=1),
     _decoder("codegen", {"eager": (UNMATCHED,)}, (Change("5.25", "eager", (FA4,)),), n_embd=64, n_layer=1, n_head=4,
              rotary_dim=8),
-    _decoder("bloom", {"eager": (UNMATCHED,)}, n_embd=64, n_layer=1, n_head=4),  # ALiBi
+    _decoder("bloom", {"eager": (FA4,)}, n_embd=64, n_layer=1, n_head=4),  # ALiBi: a bias per key
     _encoder("bert"), _encoder("roberta"), _encoder("distilbert", dim=64, hidden_dim=128, n_layers=1, n_heads=4),
     _encoder("electra", embedding_size=64), _encoder("albert", embedding_size=64),
     _encoder("modernbert", global_attn_every_n_layers=1), _encoder("megatron-bert", {"eager": (FA4,)}),

@@ -2,7 +2,9 @@
 
 Matches: the code of Hugging Face's ``attn_implementation="eager"`` and its
 cousins, over (B, H, S, D) operands or (B * H, S, D) ones with ``bmm``/``baddbmm`` (diffusers' classic
-``AttnProcessor``, PyTorch's fuse_attention set), anchored on the softmax (``dim=-1``, optionally with
+``AttnProcessor``, PyTorch's fuse_attention set), their scores viewed as (B, H, S, S) for the mask and the softmax
+where the operands are (B, H, S, D) tensors with the heads folded into the batch (Bloom, with its ALiBi as the
+``baddbmm`` input; mBART, folded again before the softmax), anchored on the softmax (``dim=-1``, optionally with
 ``dtype=float32``), read backwards: an optional mask added to the scores
 (analyzed like an SDPA mask), an optional softcap ``tanh(x / c) * c``, an
 optional scale (``* s`` or ``/ s``, ``s`` a number or a 0-d constant tensor), and
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch._inductor.pattern_matcher import CallFunctionVarArgs, CallMethodVarArgs, Match
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fa4_inductor.compile import bias_analysis, mask_analysis, modeled_ops
 from fa4_inductor.compile.fx_utils import example_value, op_name
@@ -267,22 +270,27 @@ def _peel_scores(scores: Node, bias_of: _BiasTerms) -> dict[str, Any]:
         cap, inner = capped[1], capped[0].args[0]
         if not (_is(inner, "div", "truediv", "__truediv__") and inner.args[1] == cap and isinstance(inner.args[0], Node)):
             raise NoMatch("tanh that is not a softcap tanh(x / c) * c")
-        found = _peel_scale(inner.args[0])
+        found = _peel_scale(inner.args[0], bias_of)
         found["softcap"] = cap
         return found
-    return _peel_scale(node)
+    return _peel_scale(node, bias_of)
 
 
-def _peel_scale(node: Node) -> dict[str, Any]:
-    """``q @ kᵀ`` (``matmul``, ``@`` or ``einsum``) with scalar factors anywhere on the scores, q or k."""
-    factors: list = []
+def _peel_scale(node: Node, bias_of: _BiasTerms, factors: list | None = None, heads: Any = None) -> dict[str, Any]:
+    """``q @ kᵀ`` (``matmul``, ``@`` or ``einsum``) with scalar factors anywhere on the scores, q or k; or a
+    (B * H, S_q, S_kv) ``bmm``/``baddbmm`` of operands with the heads folded into the batch, viewed as (B, H, S_q,
+    S_kv) scores (Bloom, mBART): ``heads`` is then H, set in ``found["heads"]``, and the operands found are the (B, H,
+    S, D) tensors folded."""
+    factors = [] if factors is None else factors
     node = _peel_factors(node, factors)
-    found: dict[str, Any] = {"mask": None, "softcap": 0.0, "mask_hides_where_true": False, "bias": None}
+    found: dict[str, Any] = {"mask": None, "softcap": 0.0, "mask_hides_where_true": False, "bias": None,
+                             "heads": heads}
     einsum = _einsum(node)
     if einsum is not None and einsum[0] == "scores":
         query, key = einsum[1:]
     elif _is_matmul(node) or _is(node, "baddbmm"):
-        query, key_t = node.args[1:3] if _is(node, "baddbmm") else node.args[:2]
+        query, key_t = (_arg(node, 1, "batch1"), _arg(node, 2, "batch2")) if _is(node, "baddbmm") \
+            else (_arg(node, 0, "input"), _arg(node, 1, "mat2", _arg(node, 1, "other")))
         if _is(node, "baddbmm"):
             _peel_baddbmm(node, factors, found)
         key_t = _peel_factors(key_t, factors, operand=True, per_head=False)
@@ -293,16 +301,59 @@ def _peel_scale(node: Node) -> dict[str, Any]:
             key, found["key_transposed"] = None, key_t  # permute, .mT, ...: the rewrite transposes it back
         else:
             raise NoMatch(f"the scores' right operand is not a {rank}-D kᵀ")
-    elif _is(node, "view", "reshape") and _is(node.args[0], "baddbmm", "bmm") and example_value(node).dim() == 4:
-        raise NotServed("not attention as written: the scores go from (B * H, S, S) to 4-D (Bloom's baddbmm form), "
-                        "which the pattern does not follow")
+    elif heads is None and _is(node, "view", "reshape", "_unsafe_view") and _folded_heads(node.args[0], node):
+        return _peel_scale(node.args[0], bias_of, factors, _folded_heads(node.args[0], node))
     else:
         raise NoMatch("the scores are not q @ k^T")
     found["query"] = _peel_factors(query, factors, operand=True)
     found["key"] = _peel_factors(key, factors, operand=True, per_head=False) if key is not None else None
+    if heads is not None:
+        _unfold_scores(found, heads, bias_of, factors)
     found["scale"] = _scale(factors)
     found["head_scales"] = tuple(f for f in factors if isinstance(f, HeadScale))
     return found
+
+
+def _folded_heads(folded: Node, unfolded: Node) -> Any:
+    """H where ``folded`` is (B * H, ...) and ``unfolded`` is (B, H, ...), the rest of their shapes the same (a
+    ``view`` between them splits or folds the heads); else None."""
+    small, large = example_value(folded), example_value(unfolded)
+    if not (isinstance(small, torch.Tensor) and isinstance(large, torch.Tensor) and small.dim() == 3
+            and large.dim() == 4):
+        return None
+    same = [statically_known_true(small.shape[0] == large.shape[0] * large.shape[1])] + [
+        statically_known_true(a == b) for a, b in zip(small.shape[1:], large.shape[2:])]
+    return large.shape[1] if all(same) else None
+
+
+def _unfolded(operand: Node, heads: Any, factors: list, per_head: bool = True) -> Node:
+    """The (B, H, S, D) tensor that a (B * H, S, D) operand folds (``x.reshape(B * H, S, D)``), scalar factors on
+    it collected."""
+    if _is(operand, "view", "reshape", "_unsafe_view") and isinstance(operand.args[0], Node) \
+            and _folded_heads(operand, operand.args[0]) is not None \
+            and statically_known_true(_folded_heads(operand, operand.args[0]) == heads):
+        return _peel_factors(operand.args[0], factors, operand=True, per_head=per_head)
+    raise NotServed(f"not attention as written: the (B * H, S, D) operand '{operand.name}' is not a (B, H, S, D) "
+                    "tensor with its heads folded into the batch")
+
+
+def _unfold_scores(found: dict[str, Any], heads: Any, bias_of: _BiasTerms, factors: list) -> None:
+    """The (B, H, S, D) q and k of scores over operands with the heads folded; a term ``baddbmm`` adds (Bloom's
+    ALiBi) as the position bias it is, read over the folded heads."""
+    if found["key"] is None:
+        raise NotServed("not attention as written: the scores' right operand, with the heads folded into the batch, "
+                        "is not a transposed k times numbers")
+    found["query"] = _unfolded(found["query"], heads, factors)
+    found["key"] = _unfolded(found["key"], heads, factors, per_head=False)
+    term = found["mask"]
+    if term is None:
+        return
+    bias = bias_of(term, found["mask_reader"], folded=True)
+    if bias is None:
+        refused = f": {'; '.join(bias_of.refused)}" if bias_of.refused else ""
+        raise NotServed(f"a mask that baddbmm adds to scores with the heads folded into the batch, which FA4 can't "
+                        f"take as a mask per head{refused}")
+    found["bias"], found["bias_term"], found["mask"] = bias, term, None
 
 
 def _peel_baddbmm(node: Node, factors: list, found: dict[str, Any]) -> None:
@@ -318,14 +369,18 @@ def _peel_baddbmm(node: Node, factors: list, found: dict[str, Any]) -> None:
         found["mask"], found["mask_reader"] = node.args[0], node
 
 
-def _peel_output(softmax: Node) -> tuple[Node, Node, float]:
-    """Walk forward from the softmax to ``matmul(p, v)``: (output node, v, dropout p)."""
+def _peel_output(softmax: Node, heads: Any = None) -> tuple[Node, Node, float]:
+    """Walk forward from the softmax to ``matmul(p, v)``: (output node, v, dropout p). With ``heads``, the (B, H, S_q,
+    S_kv) probabilities may be folded into (B * H, S_q, S_kv) on the way (Bloom)."""
     probs, dropout_p, dropped = softmax, 0.0, False
     node = _single_user(probs)
     while True:
         # Casts and copies keep the probabilities and their gradient (not detach: it would cut the gradient).
         if (_is(node, *_CASTS) and _is_float_cast(node)) or _is(node, *modeled_ops.COPIES):
             probs, node = node, _single_user(node)
+        elif heads is not None and _is(node, "view", "reshape", "_unsafe_view") \
+                and _folded_heads(node, probs) is not None:
+            probs, node, heads = node, _single_user(node), None
         elif _is(node, "dropout") and not dropped:
             p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
             if _scalar(p) is None or not isinstance(training, bool):
@@ -355,12 +410,18 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
     shape = example_value(softmax).shape if isinstance(example_value(softmax), torch.Tensor) else ()
     if len(shape) not in (3, 4) or dim not in (-1, len(shape) - 1):
         return None
-    if len(shape) == 3 and _is(softmax.args[0], "view", "reshape") and example_value(softmax.args[0].args[0]).dim() == 4:
-        return SiteDecision(softmax, "not attention as written: the scores go from (B * H, S, S) to 4-D and back "
-                                     "(mBART's bmm form), which the pattern does not follow", {})
+    scores_node, folded_softmax = softmax.args[0], None
+    if len(shape) == 3 and _is(scores_node, "view", "reshape", "_unsafe_view") and isinstance(scores_node.args[0], Node):
+        # mBART: scores over folded heads viewed as (B, H, S, S) for the mask, folded again for the softmax
+        folded_softmax = _folded_heads(scores_node, scores_node.args[0])
+        if folded_softmax is not None:
+            scores_node, shape = scores_node.args[0], example_value(scores_node.args[0]).shape
     bias_of = _BiasTerms(tuple(shape), context.mutations)
     try:
-        scores = _peel_scores(softmax.args[0], bias_of)
+        scores = _peel_scores(scores_node, bias_of)
+        if folded_softmax is not None and not statically_known_true(scores["heads"] == folded_softmax):
+            raise NotServed("not attention as written: (B, H, S, S) scores folded into (B * H, S, S) for the softmax "
+                            "are not q @ kᵀ of operands with the heads folded so")
     except NotServed as exc:
         return SiteDecision(softmax, str(exc), {})
     except NoMatch as exc:
@@ -369,8 +430,11 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
     unmodeled = modeled_ops.unmodeled_argument(softmax)
     if unmodeled is not None:
         return SiteDecision(softmax, f"the attention uses {unmodeled}", {})
+    folded = scores["heads"]
     try:
-        output, value, dropout_p = _peel_output(softmax)
+        output, value, dropout_p = _peel_output(softmax, folded if folded_softmax is None else None)
+        if folded is not None and example_value(output).dim() == 3:  # p @ v over the folded heads
+            value = _unfolded(value, folded, [])
     except NotServed as exc:
         return SiteDecision(softmax, str(exc), {})
     except NoMatch as exc:
@@ -403,12 +467,14 @@ class _BiasTerms:
     def __init__(self, shape: tuple, mutations):
         self.shape, self.mutations, self.refused = shape, mutations, []
 
-    def __call__(self, term: Node, reader: Node) -> PositionBias | None:
+    def __call__(self, term: Node, reader: Node, folded: bool = False) -> PositionBias | None:
+        """The position bias ``term`` is (over (B * H, S_q, S_kv), the heads folded, with ``folded``), else None."""
         value = example_value(term)
         if len(self.shape) != 4 or not isinstance(value, torch.Tensor) or not value.is_floating_point():
             return None
         try:
-            carried = bias_analysis.bias_in_mask(term, self.shape, reader=reader, mutations=self.mutations)
+            carried = bias_analysis.bias_in_mask(term, self.shape, reader=reader, mutations=self.mutations,
+                                                 folded=folded)
         except mask_analysis.IsAMask:
             return None
         except mask_analysis.NotAnalyzable as exc:
@@ -423,9 +489,11 @@ def rewrite(match: Match, decision: SiteDecision) -> None:
     if example_value(decision.node).dim() == 4:
         replace_with_fa4(decision, decision.node)
         return
-    out, _ = emit_fa4(decision, decision.node)  # (B * H, 1, S, D): the one head squeezed back out
+    # (B * H, 1, S, D): the one head squeezed back out; (B, H, S, D) of operands with their heads folded: folded back
+    out, _ = emit_fa4(decision, decision.node)
     with decision.node.graph.inserting_before(decision.node):
-        out = call_with_meta(decision.node.graph, torch.squeeze, (out, 1))
+        out = call_with_meta(decision.node.graph, torch.squeeze, (out, 1)) if decision.operands.query.one_head \
+            else call_with_meta(decision.node.graph, torch.flatten, (out, 0, 1))
     replace_output(decision, decision.node, out)
 
 
