@@ -95,6 +95,8 @@ TABLE: Mapping[str, ModeledOp] = MappingProxyType({
     **{name: _UNARY for name in ("invert", "__invert__", "logical_not", "bitwise_not", "abs", "__abs__", "neg",
                                  "__neg__", "tanh", "exp2")},
     **{name: _BINARY for name in ("pow", "__pow__")},
+    **{name: _op("self other", "the larger of self and other, entry by entry", "self other")
+       for name in ("max", "maximum")},
     # arithmetic
     **{name: _op("self other", "self + alpha * other", "self other", alpha=1) for name in ("add", "__add__",
                                                                                           "__radd__")},

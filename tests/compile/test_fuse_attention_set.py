@@ -107,6 +107,15 @@ def mbart_bmm(q, k, v, keep):  # pattern 24: (B * H, S, D) bmm with a (B, 1, S, 
     return torch.bmm(weights, v3).view(B, H, S, D)
 
 
+def xglm_bmm(q, k, v, keep):  # pattern 24 as XGLM writes it: the masked scores clamped at finfo.min, p viewed 4-D/3-D
+    mask = torch.where(_causal(S), 0.0, torch.finfo(torch.float32).min)[None, None]
+    q3, k3, v3 = (t.reshape(B * H, -1, D) for t in (q, k, v))
+    weights = torch.bmm(q3, k3.transpose(1, 2)).view(B, H, S, -1) + mask.to(q.dtype)
+    weights = torch.max(weights, torch.full((), torch.finfo(q.dtype).min))
+    weights = F.softmax(weights.view(B * H, S, -1), dim=-1)
+    return torch.bmm(weights.view(B, H, S, -1).view(B * H, S, -1), v3).view(B, H, S, D)
+
+
 def math_decomposition(q, k, v, keep):  # patterns 29, 30: the scale split as sqrt over q and k, aten._safe_softmax
     q, k, v = _bshd(q, k, v)
     root = 1 / math.sqrt(SCALE)
@@ -123,6 +132,7 @@ PROGRAMS = {
     "float32_softmax_half_cast": (float32_softmax_half_cast, torch.float16, False, False),
     "bmm_heads_in_batch": (bmm_heads_in_batch, torch.bfloat16, False, False),
     "mbart_bmm": (mbart_bmm, torch.bfloat16, True, False),
+    "xglm_bmm": (xglm_bmm, torch.bfloat16, True, False),
     "bert_extended_mask": (bert_extended_mask, torch.bfloat16, False, True),
     "distilbert": (distilbert, torch.bfloat16, False, True),
     "distilbert_scaled_query": (distilbert_scaled_query, torch.bfloat16, False, True),
@@ -145,3 +155,15 @@ def test_fuse_attention_spelling_runs_fa4_and_matches_eager(name):
     (record,) = stats.site_records()
     assert record.decision == "fa4", record.reason
     assert (record.features["causal"], record.features["padding"]) == (causal, padding)
+
+
+def test_a_floor_on_the_scores_that_changes_them_keeps_the_site():
+    """``max(scores, c)`` is XGLM's no-op only for ``c`` at or below -1e30 (a hidden key stays hidden); a higher floor
+    changes the scores it raises: the site stays, with its reason."""
+    def floored(q, k, v, keep):
+        return F.softmax(torch.max(q @ k.transpose(-1, -2) / SCALE, torch.full((), -0.5)), dim=-1) @ v
+    qkv = [torch.randn(B, H, S, D, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        assert_matches_eager(floored, torch.compile(floored, fullgraph=True), qkv, (_keep(),))
+    (record,) = stats.site_records()
+    assert record.decision == "fallback" and "not attention" in record.reason, record.reason

@@ -102,7 +102,7 @@ ZOO: tuple[Architecture, ...] = (
     _decoder("falcon", new_decoder_architecture=True), _decoder("olmo"), _decoder("olmo2"), _decoder("cohere"),
     _decoder("stablelm"), _decoder("starcoder2"), _decoder("biogpt"),
     _decoder("gpt_neo", {"eager": (UNMATCHED,)}, num_layers=1, num_heads=4, attention_types=[[["global"], 1]]),
-    _decoder("xglm", {"eager": (UNMATCHED,)}, d_model=64, ffn_dim=128, num_layers=1),
+    _decoder("xglm", {"eager": (FA4,)}, d_model=64, ffn_dim=128, num_layers=1),
     _decoder("codegen", {"eager": (UNMATCHED,)}, (Change("5.25", "eager", (FA4,)),), n_embd=64, n_layer=1, n_head=4,
              rotary_dim=8),
     _decoder("bloom", {"eager": (FA4,)}, n_embd=64, n_layer=1, n_head=4),  # ALiBi: a bias per key

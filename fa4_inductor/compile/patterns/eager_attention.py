@@ -249,6 +249,11 @@ def _peel_scores(scores: Node, bias_of: _BiasTerms) -> dict[str, Any]:
                 inner["mask_reader"] = node
                 return inner
         raise not_served or NoMatch("no attention scores under the mask addition")
+    floor = _scalar(node.args[1]) if _is(node, "max", "maximum") and len(node.args) == 2 else None
+    if isinstance(floor, (int, float)) and floor <= -1e30 and isinstance(node.args[0], Node):
+        # XGLM keeps masked scores finite, max(scores + mask, finfo.min): every score stays as it is but a hidden
+        # key's, which stays hidden (a fill at or below -1e30 hides a key here)
+        return _peel_scores(node.args[0], bias_of)
     fill = _scalar(node.args[2]) if _is(node, "masked_fill", "masked_fill_", "where") else None
     if isinstance(fill, (int, float)) and fill <= -1e30 and all(isinstance(a, Node) for a in node.args[:2]):
         # masked_fill(scores, hidden, fill), or where(kept, scores, fill) (GPT-2)
@@ -370,8 +375,9 @@ def _peel_baddbmm(node: Node, factors: list, found: dict[str, Any]) -> None:
 
 
 def _peel_output(softmax: Node, heads: Any = None) -> tuple[Node, Node, float]:
-    """Walk forward from the softmax to ``matmul(p, v)``: (output node, v, dropout p). With ``heads``, the (B, H, S_q,
-    S_kv) probabilities may be folded into (B * H, S_q, S_kv) on the way (Bloom)."""
+    """Walk forward from the softmax to ``matmul(p, v)``: (output node, v, dropout p). With ``heads`` (scores over
+    operands with the heads folded into the batch), the probabilities may be viewed between (B, H, S_q, S_kv) and
+    (B * H, S_q, S_kv) on the way (Bloom folds them for ``bmm``, XGLM unfolds and folds them again)."""
     probs, dropout_p, dropped = softmax, 0.0, False
     node = _single_user(probs)
     while True:
@@ -379,8 +385,9 @@ def _peel_output(softmax: Node, heads: Any = None) -> tuple[Node, Node, float]:
         if (_is(node, *_CASTS) and _is_float_cast(node)) or _is(node, *modeled_ops.COPIES):
             probs, node = node, _single_user(node)
         elif heads is not None and _is(node, "view", "reshape", "_unsafe_view") \
-                and _folded_heads(node, probs) is not None:
-            probs, node, heads = node, _single_user(node), None
+                and any(statically_known_true(h == heads) for h in (_folded_heads(node, probs),
+                                                                    _folded_heads(probs, node)) if h is not None):
+            probs, node = node, _single_user(node)
         elif _is(node, "dropout") and not dropped:
             p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
             if _scalar(p) is None or not isinstance(training, bool):
@@ -432,7 +439,7 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
         return SiteDecision(softmax, f"the attention uses {unmodeled}", {})
     folded = scores["heads"]
     try:
-        output, value, dropout_p = _peel_output(softmax, folded if folded_softmax is None else None)
+        output, value, dropout_p = _peel_output(softmax, folded)
         if folded is not None and example_value(output).dim() == 3:  # p @ v over the folded heads
             value = _unfolded(value, folded, [])
     except NotServed as exc:
