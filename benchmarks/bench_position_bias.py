@@ -8,6 +8,9 @@ variants take turns:
   slopes computed in the step, forward + backward;
 - ``falcon_*``: Falcon's ALiBi, ``slope * position`` in bfloat16 over positions counted from the attention mask
   (``cumsum``) laid into the causal mask, forward + backward (the plugin: its per-key bias op);
+- ``bloom_*``: Bloom's layer, the same bias over (B * H, 1, S) added by ``baddbmm`` to the scores of operands with the
+  heads folded into the batch, viewed as (B, H, S, S) for the additive causal mask and the softmax, folded again for
+  ``bmm``, forward + backward (the plugin: its per-key bias op on the unfolded tensors);
 - ``t5_*``: a T5 self-attention layer, unscaled scores plus its bucketed relative-position bias (an embedding of 32
   buckets), decoder (causal) and encoder: forward only with the learned table under ``no_grad`` (in training the
   table's gradient keeps PyTorch's attention), forward + backward with the table frozen.
@@ -45,6 +48,7 @@ PROBLEMS = {
     "t5_encoder_inference_s2k": ("t5", 4, 16, 2048, False, False),
     "t5_decoder_frozen_table_s2k": ("t5", 4, 16, 2048, True, True),
     "falcon_key_bias_s4k": ("falcon", 2, 16, 4096, True, True),
+    "bloom_key_bias_s4k": ("bloom", 2, 16, 4096, True, True),
 }
 
 
@@ -75,6 +79,24 @@ def _falcon_layer(q, k, v):
     hidden = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).triu(1)
     mask = torch.masked_fill(alibi[:, :, None, :] / math.sqrt(D), hidden, torch.finfo(q.dtype).min)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _bloom_alibi(batch: int, heads: int, seqlen: int, device) -> torch.Tensor:
+    """Bloom's ``build_alibi_tensor``: ``slope * position`` over mask-counted positions, (B * H, 1, S) in bf16."""
+    alibi = _slopes(heads, device)[..., None] * _falcon_positions(batch, seqlen, device)
+    return alibi.reshape(batch * heads, 1, seqlen).to(torch.bfloat16)
+
+
+def _bloom_layer(q, k, v):
+    """Bloom's attention: ``alibi.baddbmm(q, kᵀ, beta=1, alpha=s)`` over folded heads, viewed 4-D for the mask."""
+    batch, heads, seqlen, _ = q.shape
+    q3, k3, v3 = (t.reshape(batch * heads, -1, D) for t in (q, k, v))
+    scores = _bloom_alibi(batch, heads, seqlen, q.device).baddbmm(batch1=q3, batch2=k3.transpose(-1, -2), beta=1.0,
+                                                                   alpha=1 / math.sqrt(D))
+    hidden = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)
+    mask = torch.zeros(seqlen, seqlen, dtype=q.dtype, device=q.device).masked_fill(hidden, torch.finfo(q.dtype).min)
+    probs = torch.softmax(scores.view(batch, heads, seqlen, -1) + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.bmm(probs.view(batch * heads, seqlen, -1), v3).view(batch, heads, seqlen, D)
 
 
 def _buckets(relative_position: torch.Tensor, bidirectional: bool) -> torch.Tensor:
@@ -109,9 +131,11 @@ def _peers(kind: str, batch: int, heads: int, seqlen: int, causal: bool, table=N
 
         def flex_mod(score, b, h, q_idx, kv_idx):
             return score + aux[h] * (kv_idx - q_idx)
-    elif kind == "falcon":
+    elif kind in ("falcon", "bloom"):  # Falcon's bias is scaled with the scores, Bloom's is not
         aux = ((_slopes(heads, device)[:, None].bfloat16() * _falcon_positions(batch, seqlen, device)).float()
-               / math.sqrt(D)).contiguous()
+               / math.sqrt(D)) if kind == "falcon" else _bloom_alibi(batch, heads, seqlen, device).view(
+            batch, heads, seqlen).float()
+        aux = aux.contiguous()
         score_mod, _ = fa4_binding.key_bias_score_mods()
 
         def flex_mod(score, b, h, q_idx, kv_idx):
@@ -144,8 +168,8 @@ def run(name: str) -> dict:
     q, k, v = (torch.randn(batch, heads, seqlen, D, device="cuda", dtype=torch.bfloat16, requires_grad=training)
                for _ in range(3))
     table = None
-    if kind in ("alibi", "falcon"):
-        layer = _alibi_layer if kind == "alibi" else _falcon_layer
+    if kind in ("alibi", "falcon", "bloom"):
+        layer = {"alibi": _alibi_layer, "falcon": _falcon_layer, "bloom": _bloom_layer}[kind]
     else:
         table = torch.nn.Embedding(BUCKETS, heads, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
         layer = _t5_layer(table, causal)

@@ -18,8 +18,8 @@
 #   plan_check what checking a launch plan on its first replay costs
 #   stock_probe stock torch.compile's SDPA gradients on transposed views vs float64
 #   vit_mha    a ViT-B/16 train step with nn.MultiheadAttention: stock compile vs the plugin (results named by FA4)
-#   position_bias an MPT-style ALiBi layer and T5 layers (learned table: forward; frozen: fwd+bwd) vs stock, FA4
-#              direct and Flex FLASH with the same score_mod (results named by FA4)
+#   position_bias MPT-style ALiBi, Falcon- and Bloom-style per-key ALiBi layers and T5 layers (learned table: forward;
+#              frozen: fwd+bwd) vs stock, FA4 direct and Flex FLASH with the same score_mod (results named by FA4)
 #   library_calls HF Llama/Mistral train steps with attn_implementation="flash_attention_4" compiled with the plugin
 #              vs without it, the plugin on the sdpa model and stock; the packed documents problem through HF's packed
 #              path vs FA4 varlen direct and the plugin's document-mask route (results named by FA4)

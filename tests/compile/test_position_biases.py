@@ -348,7 +348,7 @@ def _bloom_form(bias_of, hidden_of=_padding_hidden):
         b, h, s, d = q.shape
         q3, k3, v3 = (t.reshape(b * h, -1, d) for t in (q, k, v))
         scores = bias_of(q, k).baddbmm(batch1=q3, batch2=k3.transpose(-1, -2), beta=1.0, alpha=1 / math.sqrt(d))
-        hidden = torch.zeros(hidden_of(q, k).shape, dtype=q.dtype).masked_fill(hidden_of(q, k), -3e38)
+        hidden = torch.zeros(hidden_of(q, k).shape, dtype=q.dtype, device=q.device).masked_fill(hidden_of(q, k), -3e38)
         probs = F.softmax(scores.view(b, h, s, -1) + hidden, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.bmm(probs.view(b * h, s, -1), v3).view(b, h, s, d)
     return program

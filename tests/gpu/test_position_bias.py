@@ -1,7 +1,7 @@
 """The position-bias fa4 ops on a GPU: FA4's score_mods adding ``slopes[h] * (j - i)`` (ALiBi) or ``table[h, j - i +
 S_q - 1]`` (a relative-position table), forward and backward, against float64 attention with the bias written out
-(causal GQA and a window; one-row-constant equivalence means the ALiBi reference may use ``slopes[h] * j``); and a
-T5-style layer compiled with the plugin against stock."""
+(causal GQA and a window; one-row-constant equivalence means the ALiBi reference may use ``slopes[h] * j``); and
+T5-style and Bloom-style layers compiled with the plugin against stock."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.compare import band
-from tests.gpu.common import _grads, _report, require_fa4_gpu
+from tests.gpu.common import _grads, _leaves, _report, require_fa4_gpu
 
 pytestmark = pytest.mark.gpu
 require_fa4_gpu()
@@ -85,3 +85,32 @@ def test_t5_layer_compiled_with_the_plugin_equals_stock():
     error = ((got.double() - want.double()).norm() / want.double().norm()).item()
     _report("t5_layer_plugin_vs_stock", rel_errors=[error])
     assert error < 2e-2
+
+
+def test_bloom_layer_compiled_with_the_plugin_equals_stock_forward_and_backward():
+    """Bloom's folded-heads form (``baddbmm`` of its bf16 ALiBi over (B * H, 1, S), the causal mask added in 4-D):
+    FA4's key-bias op on the unfolded tensors, output and q/k/v gradients against stock compile."""
+    import fa4_inductor
+    from fa4_inductor import stats
+    from tests.compile.test_position_biases import _bloom_form, _causal_hidden
+
+    def alibi(q, k):
+        b, h = q.shape[:2]
+        slopes = torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)], device=q.device)
+        return (slopes.repeat(b)[:, None, None] * torch.arange(k.shape[2], device=q.device)).to(q.dtype)
+
+    program = _bloom_form(alibi, _causal_hidden)
+    torch.manual_seed(3)
+    q, k, v = _leaves(*[(2, 8, 2048, 64)] * 3)
+    dout = torch.randn(2, 8, 2048, 64, device="cuda", dtype=torch.bfloat16)
+    want = torch.compile(program)(q, k, v)
+    want_grads = _grads(want, (q, k, v), dout)
+    torch._dynamo.reset()
+    with fa4_inductor.enabled(eager=False):
+        got = torch.compile(program)(q, k, v)
+    got_grads = _grads(got, (q, k, v), dout)
+    assert [r.decision for r in stats.site_records()] == ["fa4"]
+    errors = [((a.double() - b.double()).norm() / b.double().norm()).item()
+              for a, b in zip((got, *got_grads), (want, *want_grads))]
+    _report("bloom_layer_plugin_vs_stock", rel_errors=errors)
+    assert max(errors) < 2e-2
