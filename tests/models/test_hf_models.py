@@ -202,6 +202,23 @@ def test_alibi_counted_from_the_attention_mask(name, impl, padded):
     assert_parameter_grads_close(got_grads, want_grads)
 
 
+def test_bloom_under_dynamic_shapes_keeps_one_graph_on_fa4():
+    """dynamic=True makes Bloom's float ``beta`` and ``alpha`` graph scalars: ``beta`` is decided (guarded) and
+    ``alpha`` is the scale; new batch sizes and lengths reuse the one graph, every site on FA4."""
+    torch.manual_seed(0)
+    model = _build("bloom", "eager").to(torch.bfloat16).eval()
+    compiled = torch.compile(model, dynamic=True)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)), torch.no_grad():
+        for batch, length in ((2, 24), (3, 40)):
+            ids = torch.randint(0, 128, (batch, length))
+            assert relative_error(compiled(ids).logits.float(), model(ids).logits.float()) < 2e-2
+    assert counters["stats"]["unique_graphs"] == 1
+    records = stats.site_records()  # (Dynamo restarts its analysis once: the pass may run on both attempts)
+    assert records and all(r.decision == "fa4" and r.features["key_bias"] for r in records), records
+
+
 def test_mpt_left_padded_batch_runs_fa4_alibi_with_key_padding():
     """MPT's ALiBi beside a left-padded batch's causal mask: FA4's ALiBi op with key padding (its mask_mod and block
     sparsity beside the ALiBi score_mod), logits and gradients equal eager's on the real tokens."""

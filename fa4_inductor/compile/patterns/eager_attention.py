@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch._inductor.pattern_matcher import CallFunctionVarArgs, CallMethodVarArgs, Match
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_known_true
 
 from fa4_inductor.compile import bias_analysis, mask_analysis, modeled_ops
 from fa4_inductor.compile.fx_utils import example_value, op_name
@@ -365,6 +365,9 @@ def _peel_baddbmm(node: Node, factors: list, found: dict[str, Any]) -> None:
     """``baddbmm(input, q, kᵀ, beta=b, alpha=a)`` = ``b * input + a * (q @ kᵀ)``: ``input`` ignored at b=0 (an
     ``empty`` tensor, diffusers' AttnProcessor), an additive mask at b=1; ``a`` is a factor of the scale."""
     beta, alpha = _scalar(_arg(node, 3, "beta", 1)), _scalar(_arg(node, 4, "alpha", 1))
+    if isinstance(beta, Node):  # a float attribute under dynamic=True (Bloom's self.beta): decided, with a guard
+        value = example_value(beta)
+        beta = 0 if guard_or_false(value == 0) else 1 if guard_or_false(value == 1) else None
     if not isinstance(beta, (int, float)) or alpha is None:
         raise NoMatch("baddbmm with a computed beta or alpha")
     if beta not in (0, 1):
