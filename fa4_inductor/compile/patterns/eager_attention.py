@@ -436,7 +436,7 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
         return SiteDecision(softmax, str(exc), {})
     except NoMatch as exc:
         # A 3-D softmax is attention only over q @ kᵀ (bmm); others (routers, classifiers) are no site at all.
-        return None if len(shape) == 3 else SiteDecision(softmax, f"not attention: {exc}", {})
+        return None if example_value(softmax).dim() == 3 else SiteDecision(softmax, f"not attention: {exc}", {})
     unmodeled = modeled_ops.unmodeled_argument(softmax)
     if unmodeled is not None:
         return SiteDecision(softmax, f"the attention uses {unmodeled}", {})
