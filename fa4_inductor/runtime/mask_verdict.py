@@ -4,7 +4,11 @@ A mask the compiled code did not build (a buffer, a mask made in an earlier grap
 has values compile time cannot know. At run time they are known: :func:`verdict` reads every element once and
 says whether the mask is exactly ``band & key_padding`` — a band of diagonals ``d_min <= j - i <= d_max`` (full,
 causal top-left or bottom-right, a sliding window) and-ed with keys kept per batch row — the same for every head,
-and if so FA4's ``causal``/``window`` and ``key_padding`` for it. Any other mask is not served, with the reason.
+and if so FA4's ``causal``/``window`` and ``key_padding`` for it. An additive mask whose kept entries hold other
+values is served too where those values are the same for every query (a bias per key, per head: an ALiBi a model
+caches or builds outside the compiled graph) and its hidden entries are such a band with no left window: FA4's
+key-bias op adds them, read from the last query row, which sees every kept key. Any other mask is not served, with
+the reason.
 
 Reading the verdict costs one host sync. :class:`VerdictCache` remembers it per tensor and version counter, so a
 mask shared by every layer of a step, or a buffer, is read once until it is written.
@@ -31,17 +35,19 @@ class MaskVerdict:
     window_left: int = -1
     window_right: int = -1
     padded: bool = False
+    key_bias: bool = False  # the kept entries' values are a bias per key (:func:`key_bias_table`)
 
 
 def kept_keys(mask: torch.Tensor, hides_where_true: bool) -> tuple[torch.Tensor | None, str | None]:
-    """The kept keys of a bool mask (True keeps, or hides with ``hides_where_true``) or a 0/-inf additive one."""
+    """The kept keys of a bool mask (True keeps, or hides with ``hides_where_true``) or an additive one (every entry
+    not -inf or finfo.min)."""
     if mask.dtype == torch.bool:
         return (~mask if hides_where_true else mask), None
     if not mask.is_floating_point():
         return None, f"a {mask.dtype} mask"
     if hides_where_true:
         return None, "a float mask used as a condition"
-    return mask == 0, None
+    return ~_hidden(mask), None
 
 
 def _hidden(mask: torch.Tensor) -> torch.Tensor:
@@ -54,6 +60,14 @@ def _rows(keep: torch.Tensor, seqlen_q: int, seqlen_k: int) -> torch.Tensor:
     """A kept-keys mask as (B or 1, H or 1, S_q, S_kv), broadcast axes expanded only along the queries and keys."""
     keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
     return keep.expand(keep.shape[0], keep.shape[1], seqlen_q, seqlen_k)
+
+
+def key_bias_table(mask: torch.Tensor, batch: int, heads: int, seqlen_q: int, seqlen_k: int) -> torch.Tensor:
+    """The (B, H, S_kv) float32 bias per key of a mask served with ``key_bias``: its last query row, hidden keys 0
+    (FA4's key padding hides them)."""
+    last = _rows(mask, seqlen_q, seqlen_k)[:, :, -1]
+    last = torch.where(_hidden(last), 0.0, last.float())
+    return last.expand(batch, heads, seqlen_k).contiguous()
 
 
 def key_padding(mask: torch.Tensor, hides_where_true: bool, batch: int, seqlen_k: int) -> torch.Tensor:
@@ -77,8 +91,11 @@ def verdict(mask: torch.Tensor, hides_where_true: bool, batch: int, seqlen_q: in
         return MaskVerdict(False, reason)
     device = mask.device
     not_a_mask = torch.zeros((), dtype=torch.bool, device=device)
+    rows_differ = torch.zeros((), dtype=torch.bool, device=device)
     if mask.is_floating_point():
         not_a_mask = ~((mask == 0) | _hidden(mask)).all()
+        values = _rows(mask, seqlen_q, seqlen_k)  # a bias per key: every kept entry equals its last row's
+        rows_differ = ~(_hidden(values) | (values == values[:, :, -1:])).all()
     keep = _rows(keep, seqlen_q, seqlen_k)
     if keep.shape[0] not in (1, batch):
         return MaskVerdict(False, f"a mask of {keep.shape[0]} batch rows for {batch}")
@@ -97,17 +114,23 @@ def verdict(mask: torch.Tensor, hides_where_true: bool, batch: int, seqlen_q: in
     start, stop = (query + low).clamp(0, seqlen_k), (query + high + 1).clamp(0, seqlen_k)
     expected = torch.where(stop > start, prefix[:, stop] - prefix[:, start], 0)
     differs = (keep.sum(dim=-1) != expected).any()
-    flags = torch.stack([not_a_mask.long(), heads_differ.long(), differs.long(), low, high]).tolist()
-    not_a_mask, heads_differ, differs, low, high = flags
-    if not_a_mask:
-        return MaskVerdict(False, "values other than 0, -inf and finfo.min in an additive mask")
+    flags = torch.stack([not_a_mask.long(), rows_differ.long(), heads_differ.long(), differs.long(), low,
+                         high]).tolist()
+    not_a_mask, rows_differ, heads_differ, differs, low, high = flags
+    if not_a_mask and rows_differ:
+        return MaskVerdict(False, "values other than 0, -inf and finfo.min in an additive mask that differ between "
+                                  "queries (not a bias per key)")
     if heads_differ:
         return MaskVerdict(False, "the mask differs between heads")
     if differs:
         return MaskVerdict(False, "not a band of diagonals and-ed with key padding")
     if low > high:  # no key kept anywhere: every row gives zeros, as a padding that hides every key
         return MaskVerdict(True, padded=True)
-    return _band(low, high, seqlen_q, seqlen_k, padded=not bool(key_kept.all()))
+    decided = _band(low, high, seqlen_q, seqlen_k, padded=not bool(key_kept.all()))
+    if not_a_mask and decided.served and decided.window_left >= 0:
+        return MaskVerdict(False, "a bias per key beside a window on the left: the last query row does not see "
+                                  "every kept key")
+    return dataclasses.replace(decided, key_bias=bool(not_a_mask)) if decided.served else decided
 
 
 def _band(low: int, high: int, seqlen_q: int, seqlen_k: int, padded: bool) -> MaskVerdict:

@@ -20,6 +20,9 @@ def _masks():
     return {"causal": (causal, True), "causal_padding": (causal & padding, True),
             "window_additive": (torch.zeros(SQ, SK).masked_fill(~(causal & (j >= i + 10)), float("-inf")), True),
             "random": (torch.rand(B, 1, SQ, SK) > 0.3, False),
+            # an ALiBi given as data: a bias per head and key under the causal mask and the padding (FA4's key bias)
+            "key_bias_causal_padding": (torch.where(causal & padding, -0.1 * torch.arange(1.0, H + 1).view(1, H, 1, 1)
+                                                    * j, float("-inf")), True),
             "bias": ((j - i).float() * -0.05, False)}
 
 

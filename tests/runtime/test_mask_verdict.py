@@ -105,3 +105,38 @@ def test_a_served_verdict_is_exact_on_random_bands_and_their_perturbations():
             assert torch.equal(_fa4_mask(v, keep, False, sq, sk).expand(B, 1, sq, sk), keep.expand(B, 1, sq, sk)), \
                 (trial, v)
     assert served >= 60  # many random bands sit off FA4's bottom-right diagonal, which no window expresses
+
+
+def _key_bias_mask(keep: torch.Tensor, heads: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float mask holding a bias per batch row, head and key where ``keep`` (B or 1, 1, S_q, S_kv) keeps, -inf
+    elsewhere; and that bias (B, H, S_kv)."""
+    bias = torch.randn(B, heads, keep.shape[-1], generator=torch.Generator().manual_seed(1))
+    return torch.where(keep, bias[:, :, None, :], float("-inf")), bias
+
+
+@pytest.mark.parametrize("band", ["full", "causal_bottom_right"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_bias_per_key_under_a_band_is_served_with_its_values(band, padded):
+    """An additive mask whose kept entries hold a bias per key (per head: an ALiBi given as data) is FA4's mask from
+    the verdict's parameters, with the bias read from its last row wherever a key is kept."""
+    keep = _bands(SQ, SK)[band][None, None] & (_padding()[:, None, None, :] if padded else True)
+    mask, bias = _key_bias_mask(keep)
+    v = mask_verdict.verdict(mask, False, B, SQ, SK)
+    assert v.served and v.key_bias and v.padded == padded, v
+    assert torch.equal(_fa4_mask(v, mask, False, SQ, SK).expand(B, 1, SQ, SK), keep.expand(B, 1, SQ, SK))
+    table = mask_verdict.key_bias_table(mask, B, 3, SQ, SK)
+    seen = keep.any(dim=2).expand(B, 3, SK)
+    assert torch.equal(table[seen], bias[seen])
+
+
+@pytest.mark.parametrize("name", ["differs_per_query", "left_window", "finite_fill"])
+def test_a_bias_that_is_not_one_per_key_or_beside_a_left_window_is_refused(name):
+    i, j = _i_j()
+    keep = _bands(SQ, SK)["window" if name == "left_window" else "causal_bottom_right"][None, None]
+    mask, _ = _key_bias_mask(keep)
+    if name == "differs_per_query":
+        mask = mask + 0.01 * i
+    if name == "finite_fill":
+        mask = torch.where(keep, mask, -1e4)
+    v = mask_verdict.verdict(mask, False, B, SQ, SK)
+    assert not v.served and v.reason, v
