@@ -1,5 +1,6 @@
-"""Masks given as data on a GPU: a causal + padding mask made outside the graph runs FA4's kernels (and no other
-attention kernel) once its verdict is remembered, within bf16 noise of float64; a mask FA4 can't express runs
+"""Masks given as data on a GPU: a causal + padding mask made outside the graph (and an ALiBi laid under it, FA4's
+key-bias op) runs FA4's kernels (and no other attention kernel) once its verdict is remembered, within bf16 noise of
+float64; a mask FA4 can't express runs
 PyTorch's kernel; CUDA-graph capture takes PyTorch's route and replays right after the mask changes."""
 
 from __future__ import annotations
@@ -36,8 +37,17 @@ def _relative(got, want):
     return ((got.double() - want).norm() / want.norm()).item()
 
 
-def test_a_causal_padding_mask_given_as_data_runs_fa4_kernels():
+def _alibi_under(mask: torch.Tensor) -> torch.Tensor:
+    """An ALiBi per head and key under a kept-keys mask, -inf where it hides, in bf16 (B, H, S, S)."""
+    slopes = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], device="cuda").view(1, H, 1, 1)
+    alibi = slopes * torch.arange(S, device="cuda")
+    return torch.where(mask, alibi, float("-inf")).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("alibi", [False, True], ids=["causal_padding", "alibi_causal_padding"])
+def test_a_causal_padding_mask_given_as_data_runs_fa4_kernels(alibi):
     (q, k, v), mask = _inputs()
+    mask = _alibi_under(mask) if alibi else mask
     mask_verdict.CACHE.clear()
     stats.reset()
     torch._dynamo.reset()
@@ -52,13 +62,14 @@ def test_a_causal_padding_mask_given_as_data_runs_fa4_kernels():
     attention = _attention_kernels(names)
     assert attention and all("flash" in n.lower() or "fmha" in n.lower() for n in attention), attention
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    want = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask)
+    want = F.scaled_dot_product_attention(q64, k64, v64, attn_mask=mask if mask.dtype == torch.bool else mask.double())
     want_grads = torch.autograd.grad(want, (q64, k64, v64), dout.double())
     bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     bf16_grads = torch.autograd.grad(bf16, (q, k, v), dout)
     errors = [_relative(out, want)] + [_relative(g, w) for g, w in zip(grads, want_grads)]
     floors = [_relative(bf16, want)] + [_relative(g, w) for g, w in zip(bf16_grads, want_grads)]
-    _report("data_mask_causal_padding", errors=errors, bf16_errors=floors)
+    _report("data_mask_alibi_causal_padding" if alibi else "data_mask_causal_padding", errors=errors,
+            bf16_errors=floors)
     assert all(e <= 3 * f + 1e-3 for e, f in zip(errors, floors)), (errors, floors)
 
 
