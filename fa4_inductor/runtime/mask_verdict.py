@@ -5,10 +5,11 @@ has values compile time cannot know. At run time they are known: :func:`verdict`
 says whether the mask is exactly ``band & key_padding`` — a band of diagonals ``d_min <= j - i <= d_max`` (full,
 causal top-left or bottom-right, a sliding window) and-ed with keys kept per batch row — the same for every head,
 and if so FA4's ``causal``/``window`` and ``key_padding`` for it. An additive mask whose kept entries hold other
-values is served too where those values are the same for every query (a bias per key, per head: an ALiBi a model
-caches or builds outside the compiled graph) and its hidden entries are such a band with no left window: FA4's
-key-bias op adds them, read from the last query row, which sees every kept key. Any other mask is not served, with
-the reason.
+values, its hidden entries such a band, is served too where those values are a bias FA4 adds: the same for every
+query (a bias per key, per head: an ALiBi a model caches or builds outside the compiled graph), with no left window,
+FA4's key-bias op reading them from the last query row, which sees every kept key; or a function of the head and
+``j - i`` alone (a symmetric ALiBi), FA4's relative-bias op reading them from the first batch row's first column and
+first row. Any other mask is not served, with the reason.
 
 Reading the verdict costs one host sync. :class:`VerdictCache` remembers it per tensor and version counter, so a
 mask shared by every layer of a step, or a buffer, is read once until it is written.
@@ -35,7 +36,9 @@ class MaskVerdict:
     window_left: int = -1
     window_right: int = -1
     padded: bool = False
-    key_bias: bool = False  # the kept entries' values are a bias per key (:func:`key_bias_table`)
+    # "key": the kept entries' values are a bias per key (:func:`key_bias_table`); "relative": a bias of the head and
+    # the key's offset from the query (:func:`relative_bias_table`)
+    bias: str | None = None
 
 
 def kept_keys(mask: torch.Tensor, hides_where_true: bool) -> tuple[torch.Tensor | None, str | None]:
@@ -70,6 +73,24 @@ def key_bias_table(mask: torch.Tensor, batch: int, heads: int, seqlen_q: int, se
     return last.expand(batch, heads, seqlen_k).contiguous()
 
 
+def relative_bias_table(mask: torch.Tensor, heads: int, seqlen_q: int, seqlen_k: int) -> torch.Tensor:
+    """The (H, S_q + S_kv - 1) float32 table of a mask served with a relative bias, entry ``j - i + S_q - 1``: its
+    first batch row's first column and first row, hidden offsets 0 (no query sees them)."""
+    table = _offset_table(_rows(mask, seqlen_q, seqlen_k)[0])
+    return torch.where(_hidden(table), 0.0, table.float()).expand(heads, -1).contiguous()
+
+
+def _offset_table(values: torch.Tensor) -> torch.Tensor:
+    """(H, S_q, S_kv) values read once per offset ``j - i`` (entry ``j - i + S_q - 1``): the first column's, then
+    the first row's."""
+    return torch.cat([values[:, :, 0].flip(-1), values[:, 0, 1:]], dim=-1)
+
+
+def _offsets(seqlen_q: int, seqlen_k: int, device) -> torch.Tensor:
+    """The (S_q, S_kv) table entries ``j - i + S_q - 1``."""
+    return torch.arange(seqlen_k, device=device)[None, :] - torch.arange(seqlen_q, device=device)[:, None] + seqlen_q - 1
+
+
 def key_padding(mask: torch.Tensor, hides_where_true: bool, batch: int, seqlen_k: int) -> torch.Tensor:
     """The (B, S_kv) key padding of a served mask: the keys some query sees (one pass over the mask, no sync)."""
     keep, _ = kept_keys(mask, hides_where_true)
@@ -91,11 +112,8 @@ def verdict(mask: torch.Tensor, hides_where_true: bool, batch: int, seqlen_q: in
         return MaskVerdict(False, reason)
     device = mask.device
     not_a_mask = torch.zeros((), dtype=torch.bool, device=device)
-    rows_differ = torch.zeros((), dtype=torch.bool, device=device)
     if mask.is_floating_point():
         not_a_mask = ~((mask == 0) | _hidden(mask)).all()
-        values = _rows(mask, seqlen_q, seqlen_k)  # a bias per key: every kept entry equals its last row's
-        rows_differ = ~(_hidden(values) | (values == values[:, :, -1:])).all()
     keep = _rows(keep, seqlen_q, seqlen_k)
     if keep.shape[0] not in (1, batch):
         return MaskVerdict(False, f"a mask of {keep.shape[0]} batch rows for {batch}")
@@ -114,12 +132,8 @@ def verdict(mask: torch.Tensor, hides_where_true: bool, batch: int, seqlen_q: in
     start, stop = (query + low).clamp(0, seqlen_k), (query + high + 1).clamp(0, seqlen_k)
     expected = torch.where(stop > start, prefix[:, stop] - prefix[:, start], 0)
     differs = (keep.sum(dim=-1) != expected).any()
-    flags = torch.stack([not_a_mask.long(), rows_differ.long(), heads_differ.long(), differs.long(), low,
-                         high]).tolist()
-    not_a_mask, rows_differ, heads_differ, differs, low, high = flags
-    if not_a_mask and rows_differ:
-        return MaskVerdict(False, "values other than 0, -inf and finfo.min in an additive mask that differ between "
-                                  "queries (not a bias per key)")
+    flags = torch.stack([not_a_mask.long(), heads_differ.long(), differs.long(), low, high]).tolist()
+    not_a_mask, heads_differ, differs, low, high = flags
     if heads_differ:
         return MaskVerdict(False, "the mask differs between heads")
     if differs:
@@ -127,10 +141,25 @@ def verdict(mask: torch.Tensor, hides_where_true: bool, batch: int, seqlen_q: in
     if low > high:  # no key kept anywhere: every row gives zeros, as a padding that hides every key
         return MaskVerdict(True, padded=True)
     decided = _band(low, high, seqlen_q, seqlen_k, padded=not bool(key_kept.all()))
-    if not_a_mask and decided.served and decided.window_left >= 0:
-        return MaskVerdict(False, "a bias per key beside a window on the left: the last query row does not see "
-                                  "every kept key")
-    return dataclasses.replace(decided, key_bias=bool(not_a_mask)) if decided.served else decided
+    return _with_bias(decided, mask, seqlen_q, seqlen_k) if not_a_mask and decided.served else decided
+
+
+def _with_bias(decided: MaskVerdict, mask: torch.Tensor, seqlen_q: int, seqlen_k: int) -> MaskVerdict:
+    """``decided`` (the band of a float mask's hidden entries) for a mask whose kept entries hold values other than
+    0: served with the bias they are, or not served; one more host sync."""
+    values = _rows(mask, seqlen_q, seqlen_k)
+    hidden = _hidden(values)
+    rows_differ = ~(hidden | (values == values[:, :, -1:])).all()  # a bias per key: each entry its last row's
+    # a bias of the head and j - i: each entry its offset's in the first batch row's first column and first row
+    offsets_differ = ~(hidden | (values == _offset_table(values[0])[:, _offsets(seqlen_q, seqlen_k, mask.device)])).all()
+    rows_differ, offsets_differ = torch.stack([rows_differ, offsets_differ]).tolist()
+    # The last query row sees every kept key unless a window bounds the band on the left.
+    if not rows_differ and decided.window_left < 0:
+        return dataclasses.replace(decided, bias="key")
+    if not offsets_differ:
+        return dataclasses.replace(decided, bias="relative")
+    return MaskVerdict(False, "values other than 0, -inf and finfo.min in an additive mask that are neither the same "
+                              "for every query (with no window on the left) nor a function of the head and j - i")
 
 
 def _band(low: int, high: int, seqlen_q: int, seqlen_k: int, padded: bool) -> MaskVerdict:

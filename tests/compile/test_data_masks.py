@@ -150,19 +150,30 @@ def test_a_buffer_written_in_place_is_read_again():
     assert stats.counters["data_mask.read"] == 2 and stats.counters["data_mask.pytorch"] == 1
 
 
+def _sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 @pytest.mark.parametrize("form", ["random_bool", "finite_fill", "bias"])
 def test_masks_fa4_does_not_express_take_the_dense_route_exactly(form):
     torch.manual_seed(1)
     i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
     mask = {"random_bool": (torch.rand(B, 1, S, S) > 0.3) | (i == j),
-            "finite_fill": torch.zeros(S, S, dtype=torch.bfloat16).masked_fill(j > i, -1e4),
-            "bias": ((j - i) * 0.1).to(torch.bfloat16)}[form]
-
-    def fn(q, k, v, mask):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-    _compile_and_compare(fn, _qkv(), (mask,))
+            "finite_fill": torch.zeros(S, S, dtype=torch.bfloat16).masked_fill(torch.rand(S, S) > 0.5, -1e4),
+            "bias": ((j * i) * 0.01).to(torch.bfloat16)}[form]
+    _compile_and_compare(_sdpa, _qkv(), (mask,))
     assert stats.counters["data_mask.pytorch"] >= 2 and stats.counters["data_mask.fa4"] == 0
+
+
+@pytest.mark.parametrize("form", ["finite_fill", "bias"])
+def test_a_finite_fill_or_bias_of_the_offset_runs_fa4s_relative_bias_op(form):
+    """-1e4 above the diagonal, or a bias of j - i: values FA4's relative-bias op adds as they are (the finite fill's
+    keys keep the weight the program gives them), at run time."""
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    mask = {"finite_fill": torch.zeros(S, S, dtype=torch.bfloat16).masked_fill(j > i, -1e4),
+            "bias": ((j - i) * 0.1).to(torch.bfloat16)}[form]
+    _compile_and_compare(_sdpa, _qkv(), (mask,))
+    assert stats.counters["data_mask.fa4"] >= 2 and stats.counters["data_mask.pytorch"] == 0
 
 
 class OpenClipTextTower(torch.nn.Module):

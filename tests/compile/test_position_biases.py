@@ -420,18 +420,27 @@ def test_folded_heads_fa4_does_not_read_so_stay_with_the_reason(program, reason)
     assert record.decision == "fallback" and reason in record.reason, record.reason
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_alibi_given_as_data_runs_the_key_bias_op_at_run_time(padded):
-    """An ALiBi a model caches or builds outside the compiled graph, passed in with the causal mask (and the padding)
-    laid over it, (B, H, S, S) in q's dtype: the data route reads it at run time, finds a bias per head and key under
-    a causal band and runs FA4's key-bias op, forward and backward (no dense attention)."""
-    hidden = _causal_hidden(*_qkv()[:2]) | (PADDED_KEYS[:, None, None, :] if padded else False)
-    given = (SLOPES.view(1, H, 1, 1) * torch.arange(S)).expand(B, H, S, S).masked_fill(hidden, float("-inf"))
+def _given_alibi(name: str) -> torch.Tensor:
+    """An ALiBi given as data, (B, H, S, S) in bf16: over the keys under the causal mask (and the padding), or
+    symmetric (an encoder's) with no mask."""
+    offsets = _relative_positions(*_qkv()[:2])
+    if name == "symmetric":
+        return (-SLOPES.view(1, H, 1, 1) * offsets.abs()).expand(B, H, S, S).to(torch.bfloat16)
+    hidden = _causal_hidden(*_qkv()[:2]) | (PADDED_KEYS[:, None, None, :] if name == "keys_padded" else False)
+    alibi = SLOPES.view(1, H, 1, 1) * torch.arange(S)
+    return alibi.expand(B, H, S, S).masked_fill(hidden, float("-inf")).to(torch.bfloat16)
 
+
+@pytest.mark.parametrize("name", ["keys", "keys_padded", "symmetric"])
+def test_alibi_given_as_data_runs_a_bias_op_at_run_time(name):
+    """An ALiBi a model caches or builds outside the compiled graph, passed in (with the causal mask and the padding
+    laid over it) in q's dtype: the data route reads it at run time, finds a bias per head and key under a causal
+    band (FA4's key-bias op) or a function of the head and j - i (the relative-bias op), forward and backward, no
+    dense attention."""
     def program(q, k, v, given):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=given)
     with fa4_inductor.enabled(eager=False, devices=("cpu",)):
-        assert_matches_eager(program, torch.compile(program, fullgraph=True), _qkv(), (given.to(torch.bfloat16),))
+        assert_matches_eager(program, torch.compile(program, fullgraph=True), _qkv(), (_given_alibi(name),))
     (record,) = stats.site_records()
     assert record.decision == "fa4" and record.features["mask"] == "data, checked at run time", record
     assert stats.counters["data_mask.fa4"] >= 2 and stats.counters["data_mask.pytorch"] == 0

@@ -181,9 +181,11 @@ POSITION_BIASES = (
     ("relative_bias_documents_causal", position_bias.RELATIVE_BIAS, 8, 8, 128, True, (-1, -1), False, True),
     ("key_bias_causal_gqa", position_bias.KEY_BIAS, 8, 2, 128, True, (-1, -1), False, False),
     ("key_bias_padded_causal", position_bias.KEY_BIAS, 8, 8, 64, True, (-1, -1), True, False),
-    # a bias per key given as data, decided at run time (runtime/data_mask.py): no causal band, padded or not
+    # biases given as data, decided at run time (runtime/data_mask.py): per key with no causal band, padded or not;
+    # of the offset under a sliding window
     ("key_bias_d64", position_bias.KEY_BIAS, 8, 8, 64, False, (-1, -1), False, False),
     ("key_bias_padded", position_bias.KEY_BIAS, 8, 8, 64, False, (-1, -1), True, False),
+    ("relative_bias_window_d64", position_bias.RELATIVE_BIAS, 8, 8, 64, False, (255, 0), False, False),
 )
 
 

@@ -23,7 +23,8 @@ def _masks():
             # an ALiBi given as data: a bias per head and key under the causal mask and the padding (FA4's key bias)
             "key_bias_causal_padding": (torch.where(causal & padding, -0.1 * torch.arange(1.0, H + 1).view(1, H, 1, 1)
                                                     * j, float("-inf")), True),
-            "bias": ((j - i).float() * -0.05, False)}
+            "relative_bias": ((j - i).float() * -0.05, True),  # FA4's relative-bias op
+            "bias": ((j * i).float() * -0.005, False)}
 
 
 def _sdpa(q, k, v, mask, scale):

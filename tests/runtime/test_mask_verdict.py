@@ -61,8 +61,8 @@ def test_other_masks_are_refused_with_a_reason(name):
     i, j = _i_j()
     mask = {"random": torch.rand(SQ, SK) > 0.5,
             "per_head": torch.stack([j <= i, j <= i + 1])[None],
-            "finite_fill": torch.zeros(SQ, SK).masked_fill(j > i, -1e4),
-            "bias": (j - i).float() * 0.1,
+            "finite_fill": torch.zeros(SQ, SK).masked_fill(torch.rand(SQ, SK) > 0.5, -1e4),
+            "bias": (j * i).float() * 0.1,
             "strict_causal": (j < i)[None, None].expand(B, 1, SQ, SK),
             "int": (j <= i).long()}[name]
     v = mask_verdict.verdict(mask, False, B, SQ, SK)
@@ -122,7 +122,7 @@ def test_a_bias_per_key_under_a_band_is_served_with_its_values(band, padded):
     keep = _bands(SQ, SK)[band][None, None] & (_padding()[:, None, None, :] if padded else True)
     mask, bias = _key_bias_mask(keep)
     v = mask_verdict.verdict(mask, False, B, SQ, SK)
-    assert v.served and v.key_bias and v.padded == padded, v
+    assert v.served and v.bias == "key" and v.padded == padded, v
     assert torch.equal(_fa4_mask(v, mask, False, SQ, SK).expand(B, 1, SQ, SK), keep.expand(B, 1, SQ, SK))
     table = mask_verdict.key_bias_table(mask, B, 3, SQ, SK)
     seen = keep.any(dim=2).expand(B, 3, SK)
@@ -140,3 +140,21 @@ def test_a_bias_that_is_not_one_per_key_or_beside_a_left_window_is_refused(name)
         mask = torch.where(keep, mask, -1e4)
     v = mask_verdict.verdict(mask, False, B, SQ, SK)
     assert not v.served and v.reason, v
+
+
+@pytest.mark.parametrize("name", ["offset_bias", "finite_causal_fill", "symmetric_alibi_causal"])
+def test_a_bias_of_the_head_and_the_offset_is_served_with_its_values(name):
+    """A mask shared by every batch row whose kept entries are a function of the head and j - i (a finite fill of
+    the offset included: FA4 adds those very values) is served with FA4's relative-bias table."""
+    i, j = _i_j()
+    slopes = torch.tensor([0.5, 0.25, 0.125]).view(3, 1, 1)
+    mask = {"offset_bias": (j - i).float() * 0.1 + slopes,
+            "finite_causal_fill": torch.zeros(SQ, SK).masked_fill(j > i + (SK - SQ), -1e4),
+            "symmetric_alibi_causal": torch.where(j <= i + (SK - SQ), -slopes * (j - i).abs(), float("-inf"))}[name]
+    v = mask_verdict.verdict(mask, False, B, SQ, SK)
+    assert v.served and v.bias == "relative" and v.causal == (name == "symmetric_alibi_causal"), v
+    heads = mask.shape[0] if mask.dim() == 3 else 1
+    table = mask_verdict.relative_bias_table(mask, heads, SQ, SK)
+    kept = ~torch.isinf(mask.expand(heads, SQ, SK))
+    rebuilt = table[:, j - i + SQ - 1]
+    assert torch.equal(rebuilt[kept], mask.expand(heads, SQ, SK)[kept])
