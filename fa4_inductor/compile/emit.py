@@ -253,18 +253,25 @@ def _relative_table(graph: Graph, bias: RelativeBias, query: Node, key: Node) ->
         values = call_with_meta(graph, torch.Tensor.to, (values, bias.dtype))
     values = call_with_meta(graph, torch.select, (call_with_meta(graph, torch.Tensor.expand, (values, *sizes)), 0, 0))
     table = call_with_meta(graph, operator.getitem, (values, (slice(None), query_rows, columns)))
-    return call_with_meta(graph, torch.Tensor.to, (table, torch.float32))
+    return _scaled(graph, call_with_meta(graph, torch.Tensor.to, (table, torch.float32)), bias.scale)
+
+
+def _scaled(graph: Graph, table: Node, scale: float) -> Node:
+    return table if scale == 1.0 else call_with_meta(graph, operator.mul, (table, scale))
 
 
 def _key_table(graph: Graph, bias: KeyBias, query: Node, key: Node) -> Node:
-    """The (B, H, S_kv) float32 table of a bias that is the same for every query: its first query row."""
+    """The (B, H, S_kv) float32 table of a bias that is the same for every query: its first query row (summed with
+    the first rows of the biases added with it)."""
     sizes = [_size(graph, query, 0), _size(graph, query, 1), _size(graph, query, 2), _size(graph, key, 2)]
     values = _unfolded_values(graph, bias, query)
     if bias.dtype is not None:
         values = call_with_meta(graph, torch.Tensor.to, (values, bias.dtype))
     values = call_with_meta(graph, torch.select, (call_with_meta(graph, torch.Tensor.expand, (values, *sizes)), 2, 0))
-    return call_with_meta(graph, torch.Tensor.contiguous, (call_with_meta(graph, torch.Tensor.to,
-                                                                          (values, torch.float32)),))
+    table = _scaled(graph, call_with_meta(graph, torch.Tensor.to, (values, torch.float32)), bias.scale)
+    for part in bias.plus:
+        table = call_with_meta(graph, operator.add, (table, _key_table(graph, part, query, key)))
+    return call_with_meta(graph, torch.Tensor.contiguous, (table,))
 
 
 def _unfolded_values(graph: Graph, bias: RelativeBias | KeyBias, query: Node) -> Node:

@@ -128,6 +128,7 @@ class RelativeBias:
     table_start: int | None = None
     # ``values`` broadcasts to (B * H, S_q, S_kv), the heads folded into its first axis (a ``baddbmm`` input).
     folded: bool = False
+    scale: float = 1.0  # the bias times this number (a scale applied to the scores after the bias is added)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +141,8 @@ class KeyBias:
     values: Node
     dtype: torch.dtype | None = None
     folded: bool = False  # ``values`` broadcasts to (B * H, S_q, S_kv), the heads folded into its first axis
+    scale: float = 1.0  # the bias times this number (a scale applied to the scores after the bias is added)
+    plus: tuple[KeyBias, ...] = ()  # other biases per key the scores add (Falcon's ALiBi, twice before 5.23)
 
 
 PositionBias = Alibi | RelativeBias | KeyBias
@@ -171,8 +174,10 @@ class FA4Params:
     def mask_sources(self) -> tuple[Node, ...]:
         """The graph tensors the call reads its masks and bias from."""
         bias = self.position_bias
-        bias_source = bias.slopes if isinstance(bias, Alibi) else bias.values if bias is not None else None
-        return tuple(n for n in (self.key_padding, self.key_lengths, self.segment_ids, self.data_mask, bias_source)
+        bias_sources = (bias.slopes,) if isinstance(bias, Alibi) else (bias.values,) if bias is not None else ()
+        if isinstance(bias, KeyBias):
+            bias_sources += tuple(part.values for part in bias.plus)
+        return tuple(n for n in (self.key_padding, self.key_lengths, self.segment_ids, self.data_mask, *bias_sources)
                      if isinstance(n, Node))
 
 

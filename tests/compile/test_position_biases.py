@@ -444,3 +444,45 @@ def test_alibi_given_as_data_runs_a_bias_op_at_run_time(name):
     (record,) = stats.site_records()
     assert record.decision == "fa4" and record.features["mask"] == "data, checked at run time", record
     assert stats.counters["data_mask.fa4"] >= 2 and stats.counters["data_mask.pytorch"] == 0
+
+
+def _scaled_after(bias_of, hidden_of=_causal_hidden, carried_of=None):
+    """Falcon's eager code before transformers 5.23: the bias added to the unscaled float32 scores (viewed to their
+    own shape), the sum scaled in place, then the mask (carrying ``carried_of``'s bias, where given) added."""
+    def program(q, k, v):
+        b, h, s, _ = q.shape
+        scores = torch.matmul(q, k.transpose(-1, -2)).view(b, h, s, -1).float() + bias_of(q, k)
+        scores *= 1 / math.sqrt(D)
+        carried = carried_of(q, k) if carried_of is not None else torch.zeros(())
+        mask = carried.masked_fill(hidden_of(q, k), torch.finfo(torch.float32).min)
+        return torch.matmul(torch.softmax(scores + mask, dim=-1).to(v.dtype).view(b, h, s, -1), v)
+    return program
+
+
+SCALED_AFTER = {
+    "alibi": (_scaled_after(_slopes_buffer_bias), "alibi"),
+    "symmetric": (_scaled_after(_symmetric_bias), "relative_bias"),
+    "key_bias_padded": (_scaled_after(_positions_counted_from_the_mask, _padding_hidden), "key_bias"),
+    "two_key_biases_padded": (_scaled_after(_positions_counted_from_the_mask, _padding_hidden,
+                                            lambda q, k: _positions_counted_from_the_mask(q, k).float() / 4), "key_bias"),
+}
+
+
+@pytest.mark.parametrize("name", list(SCALED_AFTER))
+def test_a_scale_after_the_bias_scales_the_bias_and_biases_per_key_add_up(name):
+    """``(q·kᵀ + bias) * s`` is ``q·kᵀ * s + bias * s``: FA4's op with the bias scaled; a second bias per key carried
+    in the mask is summed into the same table (Falcon's ALiBi, twice in its older eager code)."""
+    program, feature = SCALED_AFTER[name]
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        assert_matches_eager(program, torch.compile(program, fullgraph=True), _qkv(), label=name)
+    (record,) = stats.site_records()
+    assert record.decision == "fa4" and record.features[feature] and record.features["causal"], record.reason
+
+
+def test_two_biases_that_do_not_add_as_one_stay_with_the_reason():
+    program = _scaled_after(_slopes_buffer_bias, _padding_hidden,
+                            lambda q, k: _positions_counted_from_the_mask(q, k).float())
+    with fa4_inductor.enabled(eager=False, devices=("cpu",)):
+        assert_matches_eager(program, torch.compile(program, fullgraph=True), _qkv())
+    (record,) = stats.site_records()
+    assert record.decision == "fallback" and "two position biases" in record.reason, record.reason

@@ -167,13 +167,6 @@ def test_flex_attention_models_run_fa4_and_match_eager(name, padded, dynamic, mo
     assert_parameter_grads_close(got_grads, want_grads)
 
 
-def _scales_falcon_scores_after_the_alibi() -> bool:
-    """Older transformers scale Falcon's scores after adding its ALiBi (``(q·k + alibi) * s``), which the pattern
-    does not follow; newer ones lay the ALiBi into the mask."""
-    import inspect
-    return "attention_logits *= self.inv_norm_factor" in inspect.getsource(transformers.models.falcon.modeling_falcon)
-
-
 @pytest.mark.parametrize("name, impl, padded", [
     ("falcon_alibi", "sdpa", False), ("falcon_alibi", "sdpa", True), ("falcon_alibi", "eager", False),
     ("falcon_alibi", "eager", True), ("bloom", "eager", False), ("bloom", "eager", True)])
@@ -182,7 +175,9 @@ def test_alibi_counted_from_the_attention_mask(name, impl, padded):
     position`` to bfloat16: a bias per batch row, head and key, the same for every query, which FA4's key-bias op adds
     as those very values, beside causal and key padding. Bloom writes it over (B * H, S, S) scores (``baddbmm`` of
     operands with the heads folded into the batch, viewed as (B, H, S, S) for the mask and the softmax, folded again
-    for ``bmm``): the same FA4 call. Logits and gradients match eager."""
+    for ``bmm``); Falcon's eager code before transformers 5.23 adds it twice, ``(q·kᵀ + alibi) * s`` and ``alibi * s``
+    laid in the mask (two biases per key, summed, the first scaled): the same FA4 call. Logits and gradients match
+    eager."""
     torch.manual_seed(0)
     model = _build(name, impl).to(torch.bfloat16).eval()
     kwargs = {"attention_mask": _padding_mask("left")} if padded else {}
@@ -192,11 +187,8 @@ def test_alibi_counted_from_the_attention_mask(name, impl, padded):
         got, got_grads = _logits_and_grads(model, ids, kwargs, call=torch.compile(model))
     records = stats.site_records()
     assert len(records) == 2, records
-    if name == "falcon_alibi" and impl == "eager" and _scales_falcon_scores_after_the_alibi():
-        assert all(r.decision == "fallback" and "no attention scores" in r.reason for r in records)
-    else:
-        assert all(r.decision == "fa4" and r.features["key_bias"] and r.features["causal"]
-                   and r.features["padding"] == padded for r in records), [r.reason for r in records]
+    assert all(r.decision == "fa4" and r.features["key_bias"] and r.features["causal"]
+               and r.features["padding"] == padded for r in records), [r.reason for r in records]
     valid = kwargs["attention_mask"].bool() if padded else torch.ones(ids.shape, dtype=torch.bool)
     assert relative_error(got[valid], want[valid]) < 2e-2
     assert_parameter_grads_close(got_grads, want_grads)

@@ -183,7 +183,7 @@ def decide(
     causal, window = bool(constants["is_causal"]), (-1, -1)
     modeled, data_mask = None, {}
     not_a_bias = None  # why a bias in the mask is not one FA4 adds, should the mask not be served otherwise either
-    if isinstance(attn_mask, Node) and position_bias is None and reason is None and not query.one_head:
+    if isinstance(attn_mask, Node) and reason is None and not query.one_head:
         try:
             carried = bias_in_mask(attn_mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]),
                                    reader=mask_reader or node, mutations=context.mutations)
@@ -191,8 +191,10 @@ def decide(
             carried, not_a_bias = None, str(exc)
         if carried is not None:
             operands = dataclasses.replace(operands, replaced=(*operands.replaced, attn_mask))
-            position_bias, attn_mask = carried.bias, carried.mask
+            position_bias, attn_mask = _added(position_bias, carried.bias), carried.mask
             mask_hides_where_true, mask_reader = carried.hides_where_true, carried.mask_reader
+            if position_bias is None:
+                reason = "two position biases on the scores that FA4 does not add as one (only biases per key sum)"
     if attn_mask is not None and reason is None:
         try:
             mask_structure, mask_nodes, modeled = analyze_mask(
@@ -252,6 +254,15 @@ def decide(
             + list(params.mask_sources), modeled, read_inputs)
     features.update(causal=causal, window=None if window == (-1, -1) else window)
     return SiteDecision(node, reason, features, params if reason is None else None, operands)
+
+
+def _added(bias: PositionBias | None, other: PositionBias) -> PositionBias | None:
+    """``other``, or the two biases as one where both are biases per key (their tables summed); else None."""
+    if bias is None:
+        return other
+    if isinstance(bias, KeyBias) and isinstance(other, KeyBias):
+        return dataclasses.replace(bias, plus=(*bias.plus, other, *other.plus))
+    return None
 
 
 def _data_mask_blocker(mask: Node | AddedMasks, q, k, one_head: bool, is_causal) -> str | None:

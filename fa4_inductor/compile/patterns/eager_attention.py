@@ -32,8 +32,8 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false, statically_kno
 from fa4_inductor.compile import bias_analysis, mask_analysis, modeled_ops
 from fa4_inductor.compile.fx_utils import example_value, op_name
 from fa4_inductor.compile.emit import call_with_meta, emit_fa4, replace_output, replace_with_fa4
-from fa4_inductor.compile.sites import (AddedMasks, AttentionPattern, GraphScale, HeadScale, Operand, PositionBias,
-                                        RewriteContext, SiteDecision, register)
+from fa4_inductor.compile.sites import (AddedMasks, Alibi, AttentionPattern, GraphScale, HeadScale, Operand,
+                                        PositionBias, RewriteContext, SiteDecision, register)
 
 from .common import decide, guarded_value
 
@@ -185,8 +185,19 @@ def _peel_factors(node: Any, factors: list, operand: bool = False, per_head: boo
                 and (head := _head_factor(node)) is not None:
             factors.append(HeadScale(head[1], divides=not _is(node, "mul", "__mul__")))
             node = head[0]
+        elif _is_identity_view(node):  # Falcon's matmul_result.view(B, H, S_q, S_kv)
+            node = node.args[0]
         else:
             return node
+
+
+def _is_identity_view(node: Any) -> bool:
+    """Is ``node`` a ``view``/``reshape`` to its input's own shape?"""
+    if not (_is(node, "view", "reshape", "_unsafe_view") and isinstance(node.args[0], Node)):
+        return False
+    before, after = example_value(node.args[0]), example_value(node)
+    return isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dim() == after.dim() \
+        and all(statically_known_true(a == b) for a, b in zip(before.shape, after.shape))
 
 
 def _scale(factors: list) -> Any:
@@ -220,6 +231,9 @@ def _einsum(node: Node) -> tuple[str, Node, Node] | None:
 def _peel_scores(scores: Node, bias_of: _BiasTerms) -> dict[str, Any]:
     """Walk back from the softmax input to ``q @ kᵀ``; ``bias_of`` tells a position bias added to the scores."""
     node = _peel_casts(scores)
+    scaled = _scaled_after_a_term(node)
+    if scaled is not None:
+        return _times(_peel_scores(scaled[0], bias_of), scaled[1])
     # In-place spellings (``scores += mask``, ``scores.masked_fill_(m, -inf).softmax(-1)``) read as their out-of-place
     # twins: the site falls back where another reader would see the write (fa4_inductor.compile.graph_mutations).
     if _is(node, "add", "__add__", "iadd", "add_", "__iadd__") and all(isinstance(a, Node) for a in node.args[:2]):
@@ -279,6 +293,41 @@ def _peel_scores(scores: Node, bias_of: _BiasTerms) -> dict[str, Any]:
         found["softcap"] = cap
         return found
     return _peel_scale(node, bias_of)
+
+
+# What a scale after the scores' masks and biases may wrap: the scores with a term added, filled or floored.
+_TERMS = ("add", "__add__", "iadd", "add_", "__iadd__", "masked_fill", "masked_fill_", "where", "max", "maximum")
+
+
+def _scaled_after_a_term(node: Node) -> tuple[Node, float] | None:
+    """(x, c) for ``x * c``, ``c * x`` or ``x / (1 / c)`` (in place too) with ``c`` a positive number and ``x``
+    (through casts) scores with a term added, filled or floored (Falcon's ``(q·kᵀ + alibi) * s`` before transformers
+    5.23); else None. ``(s + t) * c = s * c + t * c``, and a hidden key stays hidden for ``c > 0``."""
+    if _is(node, "mul", "__mul__", "mul_", "imul", "__imul__"):
+        pair = _constant_operand(node)
+    elif _is(node, "div", "truediv", "__truediv__", "div_", "itruediv", "__itruediv__") \
+            and isinstance(_scalar(node.args[1]), (int, float)) and _scalar(node.args[1]) > 0:
+        pair = (node.args[0], 1.0 / _scalar(node.args[1]))
+    else:
+        return None
+    if pair is None or not isinstance(pair[0], Node) or not isinstance(pair[1], (int, float)) or pair[1] <= 0:
+        return None
+    return (pair[0], float(pair[1])) if op_name(_peel_casts(pair[0])) in _TERMS else None
+
+
+def _times(found: dict[str, Any], factor: float) -> dict[str, Any]:
+    """``found`` scores with everything on them (the scale, a position bias) multiplied by ``factor`` > 0."""
+    if found["softcap"]:
+        raise NotServed("not attention as written: a scale after the softcap, which FA4 applies last")
+    scale = found["scale"]
+    found["scale"] = dataclasses.replace(scale, number=scale.number * factor) if isinstance(scale, GraphScale) \
+        else scale * factor
+    bias = found["bias"]
+    if isinstance(bias, Alibi):
+        found["bias"] = dataclasses.replace(bias, slope=bias.slope * factor)
+    elif bias is not None:
+        found["bias"] = dataclasses.replace(bias, scale=bias.scale * factor)
+    return found
 
 
 def _peel_scale(node: Node, bias_of: _BiasTerms, factors: list | None = None, heads: Any = None) -> dict[str, Any]:
@@ -386,6 +435,8 @@ def _peel_output(softmax: Node, heads: Any = None) -> tuple[Node, Node, float]:
     while True:
         # Casts and copies keep the probabilities and their gradient (not detach: it would cut the gradient).
         if (_is(node, *_CASTS) and _is_float_cast(node)) or _is(node, *modeled_ops.COPIES):
+            probs, node = node, _single_user(node)
+        elif _is_identity_view(node):  # Falcon's attention_probs.view(B, H, S_q, S_kv)
             probs, node = node, _single_user(node)
         elif heads is not None and _is(node, "view", "reshape", "_unsafe_view") \
                 and any(statically_known_true(h == heads) for h in (_folded_heads(node, probs),
