@@ -31,17 +31,6 @@ REASON_CLASSES = {"needs a gradient": LEARNED_BIAS, "not attention": UNMATCHED, 
 
 
 @dataclasses.dataclass(frozen=True)
-class Change:
-    """Decisions that differ from transformers ``since`` on (its modeling code changed): with ``impl``, on padded
-    or unpadded batches (``padded`` None: both)."""
-
-    since: str
-    impl: str
-    sites: tuple[str, ...]
-    padded: bool | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class Architecture:
     """One architecture: its ``model_type``, the kind of inputs it takes, config values over the family's tiny
     defaults, and the decision expected at each site in graph order, per attention implementation (``sites``: one
@@ -52,15 +41,9 @@ class Architecture:
     sites: tuple[str, ...] | dict[str, tuple[str, ...]]
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     padded: bool = True  # whether the model takes an attention mask
-    changes: tuple[Change, ...] = ()
 
-    def expected(self, impl: str, padded: bool | None = None) -> tuple[str, ...] | None:
-        """The expected decision per site with ``impl`` attention on the installed transformers (its pinned
-        version's where ``padded`` is None), or None where the model does not support it."""
-        for change in self.changes:
-            if padded is not None and change.impl == impl and change.padded in (None, padded) \
-                    and _installed_at_least(change.since):
-                return change.sites
+    def expected(self, impl: str) -> tuple[str, ...] | None:
+        """The expected decision per site with ``impl`` attention, or None where the model does not support it."""
         return self.sites.get(impl) if isinstance(self.sites, dict) else self.sites
 
     @property
@@ -68,19 +51,12 @@ class Architecture:
         return tuple(self.sites) if isinstance(self.sites, dict) else ("sdpa", "eager")
 
 
-def _installed_at_least(version: str) -> bool:
-    import transformers
-
-    installed = tuple(int(part) for part in transformers.__version__.split(".")[:2])
-    return installed >= tuple(int(part) for part in version.split("."))
+def _decoder(model_type: str, sites=(FA4,), **config) -> Architecture:
+    return Architecture(model_type, "decoder", sites, config)
 
 
-def _decoder(model_type: str, sites=(FA4,), changes=(), **config) -> Architecture:
-    return Architecture(model_type, "decoder", sites, config, changes=changes)
-
-
-def _encoder(model_type: str, sites=(FA4,), changes=(), **config) -> Architecture:
-    return Architecture(model_type, "encoder", sites, config, changes=changes)
+def _encoder(model_type: str, sites=(FA4,), **config) -> Architecture:
+    return Architecture(model_type, "encoder", sites, config)
 
 
 def _vision(model_type: str, sites=(FA4,), **config) -> Architecture:
@@ -103,8 +79,7 @@ ZOO: tuple[Architecture, ...] = (
     _decoder("stablelm"), _decoder("starcoder2"), _decoder("biogpt"),
     _decoder("gpt_neo", {"eager": (UNMATCHED,)}, num_layers=1, num_heads=4, attention_types=[[["global"], 1]]),
     _decoder("xglm", {"eager": (FA4,)}, d_model=64, ffn_dim=128, num_layers=1),
-    _decoder("codegen", {"eager": (UNMATCHED,)}, (Change("5.25", "eager", (FA4,)),), n_embd=64, n_layer=1, n_head=4,
-             rotary_dim=8),
+    _decoder("codegen", {"eager": (FA4,)}, n_embd=64, n_layer=1, n_head=4, rotary_dim=8),  # 5.17: scaled after the mask
     _decoder("bloom", {"eager": (FA4,)}, n_embd=64, n_layer=1, n_head=4),  # ALiBi: a bias per key
     _decoder("mpt", {"eager": (FA4,)}, d_model=64, n_heads=4, n_layers=1, expansion_ratio=2, max_seq_len=64),  # ALiBi
     _encoder("bert"), _encoder("roberta"), _encoder("distilbert", dim=64, hidden_dim=128, n_layers=1, n_heads=4),
