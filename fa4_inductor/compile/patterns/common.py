@@ -261,7 +261,7 @@ def _added(bias: PositionBias | None, other: PositionBias) -> PositionBias | Non
     if bias is None:
         return other
     if isinstance(bias, KeyBias) and isinstance(other, KeyBias):
-        return dataclasses.replace(bias, plus=(*bias.plus, other, *other.plus))
+        return dataclasses.replace(bias, plus=(*bias.plus, other))  # (the table of ``other`` sums its own)
     return None
 
 
