@@ -2,9 +2,9 @@
 
 The mask's verdict (:mod:`.mask_verdict`, remembered per tensor version) sends a call to FA4 with the causal,
 window and key-padding parameters its values are (FA4's key-bias or relative-bias op where the kept entries hold
-such a bias), or
-to PyTorch's SDPA on the mask itself when they are not a mask FA4 expresses. Under CUDA-graph capture, which can't read the mask, a call takes PyTorch's route: a captured graph
-is replayed with whatever values the mask holds then. A backward takes its forward's route (remembered by the
+such a bias), or to PyTorch's SDPA on the mask itself when they are not a mask FA4 expresses. Under CUDA-graph
+capture, which can't read the mask, a call takes PyTorch's route: a captured graph is replayed with whatever values
+the mask holds then. A backward takes its forward's route (remembered by the
 forward's logsumexp tensor), or PyTorch's, recomputed, when that is not known; PyTorch's route needs neither the
 forward's output nor its logsumexp, so every backward is exact.
 """
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fa4_inductor import stats
-from fa4_inductor.runtime import position_bias  # noqa: F401  (defines the key-bias ops)
+from fa4_inductor.runtime import position_bias  # noqa: F401  (defines the position-bias ops)
 from fa4_inductor.runtime.mask_verdict import (CACHE, MaskVerdict, TensorKeyed, kept_keys, key_bias_table, key_padding,
                                                relative_bias_table)
 
