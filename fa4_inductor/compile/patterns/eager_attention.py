@@ -355,8 +355,9 @@ def _peel_scale(node: Node, bias_of: _BiasTerms, factors: list | None = None, he
             key, found["key_transposed"] = None, key_t  # permute, .mT, ...: the rewrite transposes it back
         else:
             raise NoMatch(f"the scores' right operand is not a {rank}-D kᵀ")
-    elif heads is None and _is(node, "view", "reshape", "_unsafe_view") and _folded_heads(node.args[0], node):
-        return _peel_scale(node.args[0], bias_of, factors, _folded_heads(node.args[0], node))
+    elif heads is None and _is(node, "view", "reshape", "_unsafe_view") \
+            and (split := _folded_heads(node.args[0], node)) is not None:
+        return _peel_scale(node.args[0], bias_of, factors, split)
     else:
         raise NoMatch("the scores are not q @ k^T")
     found["query"] = _peel_factors(query, factors, operand=True)
@@ -380,12 +381,16 @@ def _folded_heads(folded: Node, unfolded: Node) -> Any:
     return large.shape[1] if all(same) else None
 
 
+def _same_heads(found: Any, heads: Any) -> bool:
+    """Is ``found`` (a :func:`_folded_heads` result, None for no fold) the same head count as ``heads``?"""
+    return found is not None and statically_known_true(found == heads)
+
+
 def _unfolded(operand: Node, heads: Any, factors: list, per_head: bool = True) -> Node:
     """The (B, H, S, D) tensor that a (B * H, S, D) operand folds (``x.reshape(B * H, S, D)``), scalar factors on
     it collected."""
     if _is(operand, "view", "reshape", "_unsafe_view") and isinstance(operand.args[0], Node) \
-            and _folded_heads(operand, operand.args[0]) is not None \
-            and statically_known_true(_folded_heads(operand, operand.args[0]) == heads):
+            and _same_heads(_folded_heads(operand, operand.args[0]), heads):
         return _peel_factors(operand.args[0], factors, operand=True, per_head=per_head)
     raise NotServed(f"not attention as written: the (B * H, S, D) operand '{operand.name}' is not a (B, H, S, D) "
                     "tensor with its heads folded into the batch")
@@ -439,8 +444,7 @@ def _peel_output(softmax: Node, heads: Any = None) -> tuple[Node, Node, float]:
         elif _is_identity_view(node):  # Falcon's attention_probs.view(B, H, S_q, S_kv)
             probs, node = node, _single_user(node)
         elif heads is not None and _is(node, "view", "reshape", "_unsafe_view") \
-                and any(statically_known_true(h == heads) for h in (_folded_heads(node, probs),
-                                                                    _folded_heads(probs, node)) if h is not None):
+                and (_same_heads(_folded_heads(node, probs), heads) or _same_heads(_folded_heads(probs, node), heads)):
             probs, node = node, _single_user(node)
         elif _is(node, "dropout") and not dropped:
             p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
@@ -472,7 +476,8 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
     if len(shape) not in (3, 4) or dim not in (-1, len(shape) - 1):
         return None
     scores_node, folded_softmax = softmax.args[0], None
-    if len(shape) == 3 and _is(scores_node, "view", "reshape", "_unsafe_view") and isinstance(scores_node.args[0], Node):
+    if len(shape) == 3 and _is(scores_node, "view", "reshape", "_unsafe_view") \
+            and isinstance(scores_node.args[0], Node):
         # mBART: scores over folded heads viewed as (B, H, S, S) for the mask, folded again for the softmax
         folded_softmax = _folded_heads(scores_node, scores_node.args[0])
         if folded_softmax is not None:
@@ -480,7 +485,7 @@ def analyze(match: Match, context: RewriteContext) -> SiteDecision | None:
     bias_of = _BiasTerms(tuple(shape), context.mutations)
     try:
         scores = _peel_scores(scores_node, bias_of)
-        if folded_softmax is not None and not statically_known_true(scores["heads"] == folded_softmax):
+        if folded_softmax is not None and not _same_heads(scores["heads"], folded_softmax):
             raise NotServed("not attention as written: (B, H, S, S) scores folded into (B * H, S, S) for the softmax "
                             "are not q @ kᵀ of operands with the heads folded so")
     except NotServed as exc:
